@@ -1,0 +1,223 @@
+//! Engine configuration: `configs/default.toml` is compiled in; a user file overrides any subset.
+
+use std::net::SocketAddr;
+use std::path::Path;
+
+use serde::Deserialize;
+
+use crate::proto::DeliveryMode;
+
+/// The embedded default configuration, documented key by key.
+pub const DEFAULT_TOML: &str = include_str!("../configs/default.toml");
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("config {origin}: {message}")]
+    Parse { origin: String, message: String },
+    #[error("config {origin}: {message}")]
+    Invalid { origin: String, message: String },
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    pub server: ServerConfig,
+    pub limits: LimitsConfig,
+    pub keepalive: KeepaliveConfig,
+    pub delivery: DeliveryConfig,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerConfig {
+    pub listen: SocketAddr,
+    pub threads: usize,
+    pub pin_threads: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitsConfig {
+    pub max_connections: usize,
+    pub max_frame_bytes: usize,
+    pub max_topic_bytes: usize,
+    pub max_subscriptions_per_connection: usize,
+    pub handshake_timeout_ms: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KeepaliveConfig {
+    pub default_ms: u32,
+    pub min_ms: u32,
+    pub max_ms: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeliveryConfig {
+    pub default_mode: DeliveryMode,
+    pub queue_max_bytes: usize,
+    pub queue_max_messages: usize,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        // The embedded file is checked by a unit test, so parsing it cannot fail here.
+        Config::from_toml_str(DEFAULT_TOML, "<embedded default>")
+            .expect("embedded default config parses")
+    }
+}
+
+impl Config {
+    /// Parses `text` as a complete-or-partial config: keys it sets override the defaults.
+    pub fn from_toml_str(text: &str, origin: &str) -> Result<Config, ConfigError> {
+        let parse_err = |e: toml::de::Error| ConfigError::Parse {
+            origin: origin.to_string(),
+            message: e.to_string().trim_end().to_string(),
+        };
+        let mut merged: toml::Table = if origin == "<embedded default>" {
+            toml::Table::new()
+        } else {
+            DEFAULT_TOML
+                .parse()
+                .expect("embedded default config is valid TOML")
+        };
+        let user: toml::Table = text.parse().map_err(parse_err)?;
+        merge(&mut merged, user);
+        let config: Config = toml::Value::Table(merged).try_into().map_err(parse_err)?;
+        config.validate(origin)?;
+        Ok(config)
+    }
+
+    pub fn from_file(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
+        Config::from_toml_str(&text, &path.display().to_string())
+    }
+
+    /// Reactor threads to run: `server.threads`, or one per core when it is 0.
+    pub fn reactor_threads(&self) -> usize {
+        match self.server.threads {
+            0 => std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(1),
+            n => n,
+        }
+    }
+
+    fn validate(&self, origin: &str) -> Result<(), ConfigError> {
+        let invalid = |message: String| {
+            Err(ConfigError::Invalid {
+                origin: origin.to_string(),
+                message,
+            })
+        };
+        let l = &self.limits;
+        if l.max_frame_bytes < 64 || l.max_frame_bytes > u32::MAX as usize {
+            return invalid(format!(
+                "limits.max_frame_bytes = {} is outside 64 ..= {}",
+                l.max_frame_bytes,
+                u32::MAX
+            ));
+        }
+        if l.max_topic_bytes == 0 || l.max_topic_bytes > crate::proto::MAX_TOPIC_BYTES {
+            return invalid(format!(
+                "limits.max_topic_bytes = {} is outside 1 ..= 65535",
+                l.max_topic_bytes
+            ));
+        }
+        if l.max_connections == 0 {
+            return invalid("limits.max_connections must be at least 1".into());
+        }
+        let k = &self.keepalive;
+        if k.min_ms == 0 || k.min_ms > k.max_ms || !(k.min_ms..=k.max_ms).contains(&k.default_ms) {
+            return invalid(format!(
+                "keepalive: need 0 < min_ms <= default_ms <= max_ms, have min_ms = {}, default_ms = {}, max_ms = {}",
+                k.min_ms, k.default_ms, k.max_ms
+            ));
+        }
+        let d = &self.delivery;
+        if d.default_mode == DeliveryMode::Default {
+            return invalid(
+                "delivery.default_mode must be \"all\", \"latest\" or \"disconnect\"".into(),
+            );
+        }
+        if d.queue_max_bytes < l.max_frame_bytes.min(65536) || d.queue_max_messages == 0 {
+            return invalid(format!(
+                "delivery.queue_max_bytes = {} must be at least 64 KiB (or max_frame_bytes if smaller) and queue_max_messages at least 1",
+                d.queue_max_bytes
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Overlays `user` onto `base`, table by table, so a partial file keeps the other defaults.
+fn merge(base: &mut toml::Table, user: toml::Table) {
+    for (key, value) in user {
+        match (base.get_mut(&key), value) {
+            (Some(toml::Value::Table(b)), toml::Value::Table(u)) => merge(b, u),
+            (_, value) => {
+                base.insert(key, value);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn embedded_default_parses_and_is_valid() {
+        let c = Config::default();
+        assert_eq!(c.delivery.default_mode, DeliveryMode::All);
+        assert_eq!(c.limits.max_frame_bytes, 1 << 20);
+    }
+
+    #[test]
+    fn every_file_in_configs_parses() {
+        let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/configs");
+        let mut seen = 0;
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.extension().is_some_and(|e| e == "toml") {
+                Config::from_file(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+                seen += 1;
+            }
+        }
+        assert!(seen >= 1);
+    }
+
+    #[test]
+    fn partial_file_overrides_only_its_keys() {
+        let c = Config::from_toml_str("[server]\nthreads = 3\n", "test").unwrap();
+        assert_eq!(c.server.threads, 3);
+        assert_eq!(c.limits, Config::default().limits);
+    }
+
+    #[test]
+    fn unknown_key_is_named() {
+        let err = Config::from_toml_str("[limits]\nmax_framebytes = 3\n", "test").unwrap_err();
+        assert!(err.to_string().contains("max_framebytes"), "{err}");
+        let err = Config::from_toml_str("[nope]\n", "test").unwrap_err();
+        assert!(err.to_string().contains("nope"), "{err}");
+    }
+
+    #[test]
+    fn invalid_values_are_refused_with_the_key() {
+        let err = Config::from_toml_str("[keepalive]\nmin_ms = 0\n", "test").unwrap_err();
+        assert!(err.to_string().contains("min_ms"), "{err}");
+        let err = Config::from_toml_str("[delivery]\ndefault_mode = \"sometimes\"\n", "test")
+            .unwrap_err();
+        assert!(err.to_string().contains("sometimes"), "{err}");
+    }
+}

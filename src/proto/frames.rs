@@ -1,0 +1,235 @@
+//! Frame values. Control frames are bincode-encoded structs; PUBLISH and DATA are borrowed views
+//! over the receive buffer so that decoding them allocates nothing.
+
+use bincode::{Decode, Encode};
+
+/// DATA flag: this value comes from the retained snapshot sent after SUBSCRIBE.
+pub const DATA_FLAG_SNAPSHOT: u8 = 0b0000_0001;
+/// DATA flag: this value was replayed from the engine's ring after a resume.
+pub const DATA_FLAG_REPLAY: u8 = 0b0000_0010;
+
+/// Numeric codes carried by ERROR frames. Stable: clients match on them.
+pub mod error_code {
+    /// The frame could not be decoded (bad kind, truncated body, bad UTF-8, ...).
+    pub const MALFORMED: u16 = 1;
+    /// The frame's length prefix exceeds the engine's `max_frame_bytes`.
+    pub const FRAME_TOO_LARGE: u16 = 2;
+    /// The first frame was not HELLO, or HELLO came twice.
+    pub const HANDSHAKE: u16 = 3;
+    /// The client's protocol version is not supported.
+    pub const VERSION: u16 = 4;
+    /// No HELLO within the handshake timeout.
+    pub const HANDSHAKE_TIMEOUT: u16 = 5;
+    /// Nothing heard from the peer for 1.5x its keep-alive.
+    pub const KEEPALIVE_TIMEOUT: u16 = 6;
+    /// Invalid topic or pattern.
+    pub const BAD_TOPIC: u16 = 7;
+    /// Too many subscriptions on this connection.
+    pub const TOO_MANY_SUBSCRIPTIONS: u16 = 8;
+    /// The engine is at `max_connections`.
+    pub const TOO_MANY_CONNECTIONS: u16 = 9;
+    /// The subscriber fell too far behind and its policy is `disconnect`.
+    pub const SLOW_CONSUMER: u16 = 10;
+    /// UNSUBSCRIBE named a subscription id that does not exist, or SUBSCRIBE reused one.
+    pub const UNKNOWN_SUBSCRIPTION: u16 = 11;
+    /// The engine is shutting down.
+    pub const SHUTTING_DOWN: u16 = 12;
+    /// The frame kind is valid but not allowed from a client (e.g. DATA, WELCOME).
+    pub const UNEXPECTED_FRAME: u16 = 13;
+}
+
+/// First frame from a client.
+#[derive(Debug, Clone, PartialEq, Eq, Encode, Decode)]
+pub struct Hello {
+    pub version: u16,
+    /// Free-form name used in logs and stats (e.g. `plc-gw-7`).
+    pub client_id: String,
+    /// How often the client promises to send something (a PING at least); 0 asks for the
+    /// engine's default.
+    pub keepalive_ms: u32,
+}
+
+/// The engine's answer to HELLO: what it accepted and its limits.
+#[derive(Debug, Clone, PartialEq, Eq, Encode, Decode)]
+pub struct Welcome {
+    pub version: u16,
+    /// The keep-alive in force; the engine closes the connection after 1.5x this of silence.
+    pub keepalive_ms: u32,
+    pub max_frame_bytes: u32,
+    pub max_subscriptions: u32,
+    /// Index of the reactor thread that owns this connection (diagnostics and tests).
+    pub reactor: u16,
+    /// Engine-wide connection id.
+    pub connection_id: u64,
+}
+
+/// How a subscription wants its messages when it cannot keep up.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Encode, Decode, serde::Serialize, serde::Deserialize,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum DeliveryMode {
+    /// The engine's configured default.
+    Default,
+    /// Every message in per-topic order; on overflow catch up from the replay ring or get a GAP.
+    All,
+    /// Per-topic conflation: the newest value always arrives, superseded ones may be skipped.
+    Latest,
+    /// Cut the connection with SLOW_CONSUMER on overflow.
+    Disconnect,
+}
+
+/// A resume position: the last sequence number the client saw on a topic.
+#[derive(Debug, Clone, PartialEq, Eq, Encode, Decode)]
+pub struct TopicPosition {
+    pub topic: String,
+    pub last_seq: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Encode, Decode)]
+pub struct Subscribe {
+    /// Client-chosen id, unique on the connection; UNSUBSCRIBE and SUBACK name it.
+    pub sub_id: u32,
+    pub pattern: String,
+    pub mode: DeliveryMode,
+    /// Positions to resume from. Empty: send the retained snapshot, then live.
+    pub resume: Vec<TopicPosition>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Encode, Decode)]
+pub struct Unsubscribe {
+    pub sub_id: u32,
+}
+
+/// Sent once a subscription is in the index: every later publish that matches will arrive.
+#[derive(Debug, Clone, PartialEq, Eq, Encode, Decode)]
+pub struct SubAck {
+    pub sub_id: u32,
+    pub mode: DeliveryMode,
+}
+
+/// Messages `from_seq ..= to_seq` of `topic` are lost for this subscriber.
+#[derive(Debug, Clone, PartialEq, Eq, Encode, Decode)]
+pub struct Gap {
+    pub topic: String,
+    pub from_seq: u64,
+    pub to_seq: u64,
+}
+
+/// ERROR: a numeric code from [`error_code`] and a reason for humans.
+#[derive(Debug, Clone, PartialEq, Eq, Encode, Decode)]
+pub struct WireError {
+    pub code: u16,
+    pub reason: String,
+}
+
+/// A PUBLISH frame, borrowed from the receive buffer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PublishRef<'a> {
+    pub topic: &'a str,
+    /// Source timestamp, ns since the UNIX epoch (0 if the source has no clock).
+    pub source_ts_ns: u64,
+    /// Quality flag as the source reports it (OPC-style: 0 bad .. 192 good); opaque to the engine.
+    pub quality: u8,
+    pub payload: &'a [u8],
+}
+
+/// The fixed header of a DATA frame.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct DataHeader {
+    /// Per-topic sequence number, 1 for the first message the engine saw on the topic.
+    pub seq: u64,
+    pub source_ts_ns: u64,
+    /// When the engine took the message in, ns since the UNIX epoch.
+    pub ingest_ts_ns: u64,
+    pub quality: u8,
+    /// `DATA_FLAG_*` bits.
+    pub flags: u8,
+}
+
+/// One decoded frame. Hot-path frames borrow from the input; control frames own their fields.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Frame<'a> {
+    Hello(Hello),
+    Welcome(Welcome),
+    Subscribe(Subscribe),
+    Unsubscribe(Unsubscribe),
+    SubAck(SubAck),
+    Publish(PublishRef<'a>),
+    Data {
+        header: DataHeader,
+        topic: &'a str,
+        payload: &'a [u8],
+    },
+    Ping {
+        nonce: u64,
+    },
+    Pong {
+        nonce: u64,
+    },
+    Error(WireError),
+    Gap(Gap),
+    StatsRequest,
+    /// Engine counters as a JSON document (UTF-8).
+    Stats(String),
+}
+
+/// Why a topic or pattern is refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TopicError {
+    #[error("topic is empty")]
+    Empty,
+    #[error("topic is {len} bytes, more than the limit of {max}")]
+    TooLong { len: usize, max: usize },
+    #[error("topic contains a NUL byte")]
+    Nul,
+    #[error("wildcards '+' and '#' are not allowed in a published topic")]
+    WildcardInTopic,
+    #[error("'{0}' must occupy a whole level (e.g. 'a/+/b', 'a/#')")]
+    WildcardNotWholeLevel(char),
+    #[error("'#' may only be the last level")]
+    HashNotLast,
+}
+
+fn validate_common(s: &str, max_bytes: usize) -> Result<(), TopicError> {
+    if s.is_empty() {
+        return Err(TopicError::Empty);
+    }
+    if s.len() > max_bytes {
+        return Err(TopicError::TooLong {
+            len: s.len(),
+            max: max_bytes,
+        });
+    }
+    if s.as_bytes().contains(&0) {
+        return Err(TopicError::Nul);
+    }
+    Ok(())
+}
+
+/// A topic a message is published on: `/`-separated levels, no wildcards.
+pub fn validate_topic(topic: &str, max_bytes: usize) -> Result<(), TopicError> {
+    validate_common(topic, max_bytes)?;
+    if topic.bytes().any(|b| b == b'+' || b == b'#') {
+        return Err(TopicError::WildcardInTopic);
+    }
+    Ok(())
+}
+
+/// A subscription pattern: `+` matches exactly one level, `#` (last level only) the rest,
+/// including nothing (`a/#` matches `a`).
+pub fn validate_pattern(pattern: &str, max_bytes: usize) -> Result<(), TopicError> {
+    validate_common(pattern, max_bytes)?;
+    let mut levels = pattern.split('/').peekable();
+    while let Some(level) = levels.next() {
+        for wildcard in ['+', '#'] {
+            if level.contains(wildcard) && level.len() != 1 {
+                return Err(TopicError::WildcardNotWholeLevel(wildcard));
+            }
+        }
+        if level == "#" && levels.peek().is_some() {
+            return Err(TopicError::HashNotLast);
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,60 @@
+//! The lanpush wire protocol: frames and the sans-IO codec.
+//!
+//! Every frame on the wire is
+//!
+//! ```text
+//! u32 LE  len    number of bytes that follow (kind + body), 1 ..= max_frame_bytes
+//! u8      kind   one of the `KIND_*` constants
+//! ...     body   fixed little-endian header (PUBLISH, DATA, PING, PONG) or bincode 2 (control)
+//! ```
+//!
+//! The hot-path frames (PUBLISH, DATA) have a fixed little-endian header so that the engine can
+//! turn a PUBLISH into a DATA frame with one copy of the payload and no parsing library; control
+//! frames (HELLO, SUBSCRIBE, ERROR, ...) use bincode 2 with its `standard()` configuration.
+//! A DATA frame is self-contained: the same bytes can be written to any number of TCP
+//! subscribers or packed into a UDP datagram.
+//!
+//! Nothing here touches a socket or reads a clock: encoders append to a caller-owned `Vec<u8>`,
+//! [`decode_frame`] reads a byte slice and says how much it consumed. See `docs/PROTOCOL.md`.
+
+mod codec;
+mod frames;
+
+pub use codec::{
+    decode_frame, encode_control, encode_data, encode_data_from_publish, encode_frame, encode_ping,
+    encode_pong, encode_publish, frame_len_hint, DecodeError, Decoded,
+};
+pub use frames::{
+    error_code, validate_pattern, validate_topic, DataHeader, DeliveryMode, Frame, Gap, Hello,
+    PublishRef, SubAck, Subscribe, TopicError, TopicPosition, Unsubscribe, Welcome, WireError,
+    DATA_FLAG_REPLAY, DATA_FLAG_SNAPSHOT,
+};
+
+/// Protocol version spoken by this build; HELLO carries the client's, WELCOME the engine's.
+pub const PROTOCOL_VERSION: u16 = 1;
+
+/// Bytes of the length prefix.
+pub const LEN_PREFIX_BYTES: usize = 4;
+/// Bytes of the frame header: length prefix and kind.
+pub const FRAME_HEADER_BYTES: usize = LEN_PREFIX_BYTES + 1;
+/// Fixed part of a PUBLISH body: source_ts_ns u64, quality u8, topic_len u16.
+pub const PUBLISH_FIXED_BYTES: usize = 8 + 1 + 2;
+/// Fixed part of a DATA body: seq u64, source_ts_ns u64, ingest_ts_ns u64, quality u8, flags u8,
+/// topic_len u16.
+pub const DATA_FIXED_BYTES: usize = 8 + 8 + 8 + 1 + 1 + 2;
+/// The largest topic the wire format can carry (its length is a u16).
+pub const MAX_TOPIC_BYTES: usize = u16::MAX as usize;
+
+pub const KIND_HELLO: u8 = 0x01;
+pub const KIND_WELCOME: u8 = 0x02;
+pub const KIND_SUBSCRIBE: u8 = 0x03;
+pub const KIND_UNSUBSCRIBE: u8 = 0x04;
+pub const KIND_SUBACK: u8 = 0x05;
+pub const KIND_PUBLISH: u8 = 0x10;
+pub const KIND_DATA: u8 = 0x11;
+pub const KIND_PING: u8 = 0x20;
+pub const KIND_PONG: u8 = 0x21;
+pub const KIND_ERROR: u8 = 0x30;
+pub const KIND_GAP: u8 = 0x31;
+pub const KIND_STATS_REQUEST: u8 = 0x40;
+pub const KIND_STATS: u8 = 0x41;
