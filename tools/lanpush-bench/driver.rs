@@ -1,0 +1,37 @@
+//! What the benchmark needs from a broker client, so one scenario runs against lanpush, MQTT,
+//! NATS and Redis alike.
+//!
+//! Latency is measured from the payload: the first 8 bytes of every benchmark payload are the
+//! *intended* send time (ns since the UNIX epoch, little-endian), so the same measurement works
+//! through any broker and is free of coordinated omission. Topics and patterns are given in
+//! lanpush syntax (`a/b/c`, `+`, `#`); each driver translates them to its broker's syntax.
+
+use std::io;
+use std::time::Duration;
+
+/// One publishing connection.
+pub trait PubConn: Send {
+    /// Queues one message; may buffer. The driver must not block for long on a slow broker
+    /// beyond what its socket does.
+    fn publish(&mut self, topic: &str, payload: &[u8]) -> io::Result<()>;
+    /// Writes everything buffered.
+    fn flush(&mut self) -> io::Result<()>;
+}
+
+/// One subscribing connection.
+pub trait SubConn: Send {
+    /// Subscribes to a lanpush-syntax pattern and waits until the broker confirmed it (or, for a
+    /// protocol without confirmation, until a round trip proves it was processed).
+    fn subscribe(&mut self, pattern: &str) -> io::Result<()>;
+    /// Waits up to `timeout` for data and calls `on_message(topic, payload)` for every message
+    /// read; returns how many it delivered (0 on timeout).
+    fn poll(&mut self, timeout: Duration, on_message: &mut dyn FnMut(&str, &[u8])) -> io::Result<usize>;
+}
+
+/// A broker target: makes connections.
+pub trait Driver: Send + Sync {
+    /// Short name for tables: "lanpush", "mqtt", "nats", "redis".
+    fn name(&self) -> &str;
+    fn publisher(&self, client_id: &str) -> io::Result<Box<dyn PubConn>>;
+    fn subscriber(&self, client_id: &str) -> io::Result<Box<dyn SubConn>>;
+}
