@@ -1,9 +1,32 @@
-//! The engine: reactor threads, routing between them, and the handle an embedding process holds.
-//! (Work in progress: the public surface below is the contract the CLI and embedders use.)
+//! The engine: reactor threads ("shards"), the hand-off between them, and the handle an
+//! embedding process holds.
+//!
+//! `Engine::start` binds one listening socket (socket2), starts N shard threads (each pinned to a
+//! core when `server.pin_threads` is on) and returns. Shard 0 also accepts connections and deals
+//! them round-robin to the shards, so every shard gets an even share of long-lived connections
+//! (the kernel's SO_REUSEPORT hash can leave one shard with most of a handful of connections).
+//! Everything after accept lives in `shard.rs`.
+
+mod notify;
+pub mod outbox;
+mod shard;
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+use mio::Poll;
 
 use crate::config::Config;
+use crate::proto::{self, PublishRef};
+use notify::{Inbox, Mailbox, Notifier};
+use shard::{Shard, ShardMsg, WAKER_TOKEN};
+
+/// Bound of each shard's inbox, in messages (each message is a batch from one loop turn).
+const INBOX_CAPACITY: usize = 4096;
+/// At most this many shards: subscription snapshot state is a u64 bitmask of shards.
+pub const MAX_SHARDS: usize = 64;
 
 #[derive(Debug, thiserror::Error)]
 pub enum EngineError {
@@ -14,30 +37,215 @@ pub enum EngineError {
     },
     #[error("cannot start reactor thread: {0}")]
     Thread(std::io::Error),
-    #[error("engine I/O error: {0}")]
-    Io(#[from] std::io::Error),
+    #[error("threads = {0}: the engine runs 1 ..= {MAX_SHARDS} reactor threads")]
+    Threads(usize),
+    #[error("a reactor thread failed: {0}")]
+    Reactor(std::io::Error),
+    #[error("a reactor thread panicked")]
+    Panicked,
 }
 
 #[derive(Debug, thiserror::Error)]
 pub enum PublishError {
-    #[error("invalid topic: {0}")]
-    Topic(#[from] crate::proto::TopicError),
+    #[error("invalid topic {topic:?}: {source}")]
+    Topic {
+        topic: String,
+        source: proto::TopicError,
+    },
+    #[error("payload of {len} bytes exceeds max_frame_bytes")]
+    TooLarge { len: usize },
+    #[error("the engine is overloaded: the owner shard's inbox is full")]
+    Overloaded,
     #[error("the engine has shut down")]
     ShutDown,
 }
 
-/// A running engine. Dropping it does not stop it; call [`Engine::shutdown`] then [`Engine::join`].
+/// Counters one shard publishes once per loop turn; read by STATS from any thread.
+#[derive(Default)]
+pub(crate) struct ShardStats {
+    pub connections: AtomicUsize,
+    pub subscriptions: AtomicUsize,
+    pub topics_owned: AtomicUsize,
+    pub accepted: AtomicU64,
+    pub publishes_in: AtomicU64,
+    pub delivered: AtomicU64,
+    pub bytes_written: AtomicU64,
+    pub writes: AtomicU64,
+    pub dropped_all: AtomicU64,
+    pub conflated: AtomicU64,
+    pub slow_disconnects: AtomicU64,
+    pub protocol_errors: AtomicU64,
+    pub keepalive_timeouts: AtomicU64,
+    pub handshake_timeouts: AtomicU64,
+}
+
+/// State every shard and handle can see.
+pub(crate) struct EngineShared {
+    pub open_connections: AtomicUsize,
+    pub next_conn_id: AtomicU64,
+    pub shards: Vec<ShardStats>,
+    pub started_unix_ns: u64,
+}
+
+impl EngineShared {
+    /// The engine's counters as a JSON document: totals, then one object per shard.
+    pub fn stats_json(&self) -> String {
+        let fields: [(&str, fn(&ShardStats) -> u64); 14] = [
+            ("connections", |s| {
+                s.connections.load(Ordering::Relaxed) as u64
+            }),
+            ("subscriptions", |s| {
+                s.subscriptions.load(Ordering::Relaxed) as u64
+            }),
+            ("topics", |s| s.topics_owned.load(Ordering::Relaxed) as u64),
+            ("accepted", |s| s.accepted.load(Ordering::Relaxed)),
+            ("publishes_in", |s| s.publishes_in.load(Ordering::Relaxed)),
+            ("delivered", |s| s.delivered.load(Ordering::Relaxed)),
+            ("bytes_written", |s| s.bytes_written.load(Ordering::Relaxed)),
+            ("writes", |s| s.writes.load(Ordering::Relaxed)),
+            ("dropped_all", |s| s.dropped_all.load(Ordering::Relaxed)),
+            ("conflated", |s| s.conflated.load(Ordering::Relaxed)),
+            ("slow_disconnects", |s| {
+                s.slow_disconnects.load(Ordering::Relaxed)
+            }),
+            ("protocol_errors", |s| {
+                s.protocol_errors.load(Ordering::Relaxed)
+            }),
+            ("keepalive_timeouts", |s| {
+                s.keepalive_timeouts.load(Ordering::Relaxed)
+            }),
+            ("handshake_timeouts", |s| {
+                s.handshake_timeouts.load(Ordering::Relaxed)
+            }),
+        ];
+        let mut totals = serde_json::Map::new();
+        for (name, get) in fields {
+            totals.insert(name.into(), self.shards.iter().map(get).sum::<u64>().into());
+        }
+        let shards: Vec<serde_json::Value> = self
+            .shards
+            .iter()
+            .enumerate()
+            .map(|(i, s)| {
+                let mut m = serde_json::Map::new();
+                m.insert("reactor".into(), i.into());
+                for (name, get) in fields {
+                    m.insert(name.into(), get(s).into());
+                }
+                m.into()
+            })
+            .collect();
+        let doc = serde_json::json!({
+            "uptime_ms": now_unix_ns().saturating_sub(self.started_unix_ns) / 1_000_000,
+            "open_connections": self.open_connections.load(Ordering::Relaxed),
+            "totals": totals,
+            "reactors": shards,
+        });
+        doc.to_string()
+    }
+}
+
+/// Nanoseconds since the UNIX epoch: the clock of every timestamp on the wire.
+pub fn now_unix_ns() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0)
+}
+
+/// The shard that owns `topic`: assigns its sequence numbers and keeps its retained value.
+/// FNV-1a: cheap on short topics, and stable so tests can predict it.
+pub(crate) fn owner_of(topic: &str, n_shards: u16) -> u16 {
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for &b in topic.as_bytes() {
+        hash ^= b as u64;
+        hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    (hash % n_shards as u64) as u16
+}
+
+/// A running engine. Dropping it does not stop it; call [`ShutdownHandle::shutdown`] then
+/// [`Engine::join`].
 pub struct Engine {
     local_addr: SocketAddr,
+    mailboxes: Vec<Mailbox<ShardMsg>>,
+    threads: Vec<JoinHandle<std::io::Result<()>>>,
+    shared: Arc<EngineShared>,
+    config: Arc<Config>,
 }
 
 impl Engine {
     /// Binds the listener and starts the reactor threads.
     pub fn start(config: Config) -> Result<Engine, EngineError> {
-        let _ = config;
-        Err(EngineError::Io(std::io::Error::other(
-            "engine not implemented yet",
-        )))
+        let n = config.reactor_threads();
+        if n == 0 || n > MAX_SHARDS {
+            return Err(EngineError::Threads(n));
+        }
+        let addr = config.server.listen;
+        let listener =
+            bind_listener(addr).map_err(|source| EngineError::Listen { addr, source })?;
+        let local_addr = listener
+            .local_addr()
+            .map_err(|source| EngineError::Listen { addr, source })?;
+        let config = Arc::new(config);
+        let shared = Arc::new(EngineShared {
+            open_connections: AtomicUsize::new(0),
+            next_conn_id: AtomicU64::new(1),
+            shards: (0..n).map(|_| ShardStats::default()).collect(),
+            started_unix_ns: now_unix_ns(),
+        });
+
+        let mut polls = Vec::with_capacity(n);
+        let mut mailboxes = Vec::with_capacity(n);
+        let mut inboxes = Vec::with_capacity(n);
+        for _ in 0..n {
+            let poll = Poll::new().map_err(EngineError::Reactor)?;
+            let waker =
+                mio::Waker::new(poll.registry(), WAKER_TOKEN).map_err(EngineError::Reactor)?;
+            let notifier = Arc::new(Notifier::new(waker));
+            let (tx, rx) = crossbeam_channel::bounded(INBOX_CAPACITY);
+            mailboxes.push(Mailbox::new(tx, notifier.clone()));
+            inboxes.push(Inbox { rx, notifier });
+            polls.push(poll);
+        }
+        let cores = if config.server.pin_threads {
+            core_affinity::get_core_ids().unwrap_or_default()
+        } else {
+            Vec::new()
+        };
+        let mut listener = Some(mio::net::TcpListener::from_std(listener));
+        let mut threads = Vec::with_capacity(n);
+        for (id, (poll, inbox)) in polls.into_iter().zip(inboxes).enumerate() {
+            let shard = Shard::new(
+                id as u16,
+                n as u16,
+                config.clone(),
+                shared.clone(),
+                poll,
+                if id == 0 { listener.take() } else { None },
+                inbox,
+                mailboxes.clone(),
+            )
+            .map_err(EngineError::Reactor)?;
+            let core = (!cores.is_empty()).then(|| cores[id % cores.len()]);
+            let thread = std::thread::Builder::new()
+                .name(format!("lanpush-reactor-{id}"))
+                .spawn(move || {
+                    if let Some(core) = core {
+                        core_affinity::set_for_current(core);
+                    }
+                    shard.run()
+                })
+                .map_err(EngineError::Thread)?;
+            threads.push(thread);
+        }
+        Ok(Engine {
+            local_addr,
+            mailboxes,
+            threads,
+            shared,
+            config,
+        })
     }
 
     /// The address the listener is bound to (the real port when the config asked for port 0).
@@ -45,40 +253,73 @@ impl Engine {
         self.local_addr
     }
 
+    /// Reactor threads running.
+    pub fn reactor_count(&self) -> usize {
+        self.mailboxes.len()
+    }
+
     /// An in-process publisher: no socket, the lock-free queue path into the reactors.
     pub fn publisher(&self) -> LocalPublisher {
-        LocalPublisher {}
+        LocalPublisher {
+            mailboxes: self.mailboxes.clone(),
+            config: self.config.clone(),
+        }
     }
 
     /// A cloneable handle that can stop the engine from another thread (e.g. a signal handler).
     pub fn shutdown_handle(&self) -> ShutdownHandle {
-        ShutdownHandle {}
+        ShutdownHandle {
+            mailboxes: self.mailboxes.clone(),
+        }
     }
 
-    /// Engine counters, as `lanpush stats` shows them.
+    /// Engine counters, as `lanpush stats` shows them (a JSON document).
     pub fn stats_json(&self) -> String {
-        String::new()
+        self.shared.stats_json()
     }
 
     /// Waits for every reactor thread to finish (after a shutdown).
     pub fn join(self) -> Result<(), EngineError> {
-        Ok(())
+        drop(self.mailboxes);
+        let mut result = Ok(());
+        for thread in self.threads {
+            match thread.join() {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => result = Err(EngineError::Reactor(e)),
+                Err(_) => result = Err(EngineError::Panicked),
+            }
+        }
+        result
     }
 }
 
+/// Stops the engine: every reactor sends ERROR "shutting down" to its connections, closes them,
+/// and exits.
 #[derive(Clone)]
-pub struct ShutdownHandle {}
+pub struct ShutdownHandle {
+    mailboxes: Vec<Mailbox<ShardMsg>>,
+}
 
 impl ShutdownHandle {
     /// Asks every reactor to close its connections and exit. Returns at once.
-    pub fn shutdown(&self) {}
+    pub fn shutdown(&self) {
+        for mailbox in &self.mailboxes {
+            let _ = mailbox.send(ShardMsg::Shutdown);
+        }
+    }
 }
 
+/// Publishes from inside the engine's process: the message goes straight into its topic's owner
+/// shard's queue. Cloneable and `Send`; never blocks on subscribers.
 #[derive(Clone)]
-pub struct LocalPublisher {}
+pub struct LocalPublisher {
+    mailboxes: Vec<Mailbox<ShardMsg>>,
+    config: Arc<Config>,
+}
 
 impl LocalPublisher {
-    /// Publishes one message. Never blocks on subscribers.
+    /// Publishes one message. `Err(Overloaded)` if the owner shard is too far behind to take it
+    /// (the engine sheds rather than queue without bound).
     pub fn publish(
         &self,
         topic: &str,
@@ -86,7 +327,70 @@ impl LocalPublisher {
         quality: u8,
         source_ts_ns: u64,
     ) -> Result<(), PublishError> {
-        let _ = (topic, payload, quality, source_ts_ns);
-        Err(PublishError::ShutDown)
+        proto::validate_topic(topic, self.config.limits.max_topic_bytes).map_err(|source| {
+            PublishError::Topic {
+                topic: topic.to_string(),
+                source,
+            }
+        })?;
+        if payload.len() + topic.len() + proto::PUBLISH_FIXED_BYTES + 1
+            > self.config.limits.max_frame_bytes
+        {
+            return Err(PublishError::TooLarge { len: payload.len() });
+        }
+        let mut buf = Vec::with_capacity(
+            8 + proto::FRAME_HEADER_BYTES
+                + proto::PUBLISH_FIXED_BYTES
+                + topic.len()
+                + payload.len(),
+        );
+        buf.extend_from_slice(&now_unix_ns().to_le_bytes());
+        proto::encode_publish(
+            &mut buf,
+            &PublishRef {
+                topic,
+                source_ts_ns,
+                quality,
+                payload,
+            },
+        );
+        let owner = owner_of(topic, self.mailboxes.len() as u16) as usize;
+        self.mailboxes[owner]
+            .try_send(ShardMsg::Publish(buf))
+            .map_err(|e| match e {
+                crossbeam_channel::TrySendError::Full(_) => PublishError::Overloaded,
+                crossbeam_channel::TrySendError::Disconnected(_) => PublishError::ShutDown,
+            })
+    }
+}
+
+fn bind_listener(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
+    use socket2::{Domain, Socket, Type};
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
+    socket.set_reuse_address(true)?;
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(1024)?;
+    Ok(socket.into())
+}
+
+#[cfg(test)]
+mod tests;
+
+#[cfg(test)]
+mod owner_tests {
+    use super::*;
+
+    #[test]
+    fn owner_is_stable_and_spreads() {
+        let owners: Vec<u16> = (0..100)
+            .map(|i| owner_of(&format!("plant/line{i}/temp"), 2))
+            .collect();
+        assert!(owners.contains(&0) && owners.contains(&1));
+        assert_eq!(
+            owner_of("plant/line1/temp", 2),
+            owner_of("plant/line1/temp", 2)
+        );
+        assert_eq!(owner_of("anything", 1), 0);
     }
 }

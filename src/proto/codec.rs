@@ -358,3 +358,25 @@ pub fn encode_frame(out: &mut Vec<u8>, frame: &Frame<'_>) {
         other => encode_control(out, other),
     }
 }
+
+/// The topic of an encoded DATA frame (as built by [`encode_data`]), without decoding the rest.
+/// `None` if `frame` is not a well-formed DATA frame.
+pub fn data_frame_topic(frame: &[u8]) -> Option<&str> {
+    const TOPIC_LEN_AT: usize = FRAME_HEADER_BYTES + DATA_FIXED_BYTES - 2;
+    if frame.get(LEN_PREFIX_BYTES) != Some(&KIND_DATA) {
+        return None;
+    }
+    let len_bytes: [u8; 2] = frame.get(TOPIC_LEN_AT..TOPIC_LEN_AT + 2)?.try_into().ok()?;
+    let start = TOPIC_LEN_AT + 2;
+    let topic = frame.get(start..start + u16::from_le_bytes(len_bytes) as usize)?;
+    std::str::from_utf8(topic).ok()
+}
+
+/// A copy of an encoded DATA frame with `flags` replaced (e.g. to mark a retained value as
+/// snapshot). `frame` must be a DATA frame.
+pub fn data_frame_with_flags(frame: &[u8], flags: u8) -> Vec<u8> {
+    const FLAGS_AT: usize = FRAME_HEADER_BYTES + 8 + 8 + 8 + 1;
+    let mut copy = frame.to_vec();
+    copy[FLAGS_AT] = flags;
+    copy
+}

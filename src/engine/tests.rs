@@ -1,0 +1,248 @@
+//! In-process engine tests over loopback: the embedding path and the cross-shard hand-off.
+//! (The binary's behaviour is covered by the integration tests in `tests/`.)
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::time::{Duration, Instant};
+
+use super::*;
+use crate::proto::{decode_frame, encode_frame, Decoded, DeliveryMode, Frame, Hello, Subscribe};
+
+fn engine(threads: usize) -> Engine {
+    let mut config = Config::default();
+    config.server.listen = "127.0.0.1:0".parse().unwrap();
+    config.server.threads = threads;
+    config.server.pin_threads = false;
+    Engine::start(config).unwrap()
+}
+
+/// A raw protocol client that owns its decoded frames as (kind-name, topic, seq, payload).
+struct Raw {
+    stream: TcpStream,
+    buf: Vec<u8>,
+    reactor: u16,
+}
+
+#[derive(Debug, PartialEq)]
+enum Got {
+    Data {
+        topic: String,
+        seq: u64,
+        snapshot: bool,
+        payload: Vec<u8>,
+    },
+    Other(String),
+}
+
+impl Raw {
+    fn connect(addr: SocketAddr) -> Raw {
+        let stream = TcpStream::connect(addr).unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .unwrap();
+        let mut raw = Raw {
+            stream,
+            buf: Vec::new(),
+            reactor: 0,
+        };
+        raw.send(&Frame::Hello(Hello {
+            version: 1,
+            client_id: "test".into(),
+            keepalive_ms: 0,
+        }));
+        match raw.next_frame_kind() {
+            Got::Other(s) if s.starts_with("Welcome") => {
+                raw.reactor = s
+                    .split("reactor: ")
+                    .nth(1)
+                    .unwrap()
+                    .split(',')
+                    .next()
+                    .unwrap()
+                    .parse()
+                    .unwrap();
+            }
+            other => panic!("expected WELCOME, got {other:?}"),
+        }
+        raw
+    }
+
+    fn send(&mut self, frame: &Frame<'_>) {
+        let mut out = Vec::new();
+        encode_frame(&mut out, frame);
+        self.stream.write_all(&out).unwrap();
+    }
+
+    /// Subscribes and returns the snapshot: the DATA frames that precede SUBACK.
+    fn subscribe(&mut self, sub_id: u32, pattern: &str) -> Vec<(String, u64, bool, Vec<u8>)> {
+        self.send(&Frame::Subscribe(Subscribe {
+            sub_id,
+            pattern: pattern.into(),
+            mode: DeliveryMode::Default,
+            resume: vec![],
+        }));
+        let mut snapshot = Vec::new();
+        loop {
+            match self.next_frame_kind() {
+                Got::Other(s) if s.starts_with("SubAck") => return snapshot,
+                Got::Data {
+                    topic,
+                    seq,
+                    snapshot: flag,
+                    payload,
+                } => snapshot.push((topic, seq, flag, payload)),
+                other => panic!("expected SUBACK, got {other:?}"),
+            }
+        }
+    }
+
+    fn publish(&mut self, topic: &str, payload: &[u8]) {
+        self.send(&Frame::Publish(PublishRef {
+            topic,
+            source_ts_ns: 1,
+            quality: 192,
+            payload,
+        }));
+    }
+
+    fn next_frame_kind(&mut self) -> Got {
+        loop {
+            match decode_frame(&self.buf, 1 << 20).unwrap() {
+                Decoded::Frame(frame, used) => {
+                    let got = match frame {
+                        Frame::Data {
+                            header,
+                            topic,
+                            payload,
+                        } => Got::Data {
+                            topic: topic.into(),
+                            seq: header.seq,
+                            snapshot: header.flags & crate::proto::DATA_FLAG_SNAPSHOT != 0,
+                            payload: payload.into(),
+                        },
+                        other => Got::Other(format!("{other:?}")),
+                    };
+                    self.buf.drain(..used);
+                    return got;
+                }
+                Decoded::NeedMore(_) => {
+                    let mut chunk = [0u8; 65536];
+                    let n = self
+                        .stream
+                        .read(&mut chunk)
+                        .expect("read (timeout means a lost message)");
+                    assert!(n > 0, "engine closed the connection");
+                    self.buf.extend_from_slice(&chunk[..n]);
+                }
+            }
+        }
+    }
+
+    fn next_data(&mut self) -> (String, u64, bool, Vec<u8>) {
+        loop {
+            if let Got::Data {
+                topic,
+                seq,
+                snapshot,
+                payload,
+            } = self.next_frame_kind()
+            {
+                return (topic, seq, snapshot, payload);
+            }
+        }
+    }
+}
+
+/// Connects until it has one client on each of two different reactors.
+fn clients_on_two_reactors(addr: SocketAddr) -> (Raw, Raw) {
+    let first = Raw::connect(addr);
+    loop {
+        let second = Raw::connect(addr);
+        if second.reactor != first.reactor {
+            return (first, second);
+        }
+    }
+}
+
+#[test]
+fn publish_crosses_reactors_in_order_through_wildcards() {
+    let engine = engine(2);
+    let (mut publisher, mut subscriber) = clients_on_two_reactors(engine.local_addr());
+    subscriber.subscribe(1, "plant/+/temp");
+    subscriber.subscribe(2, "plant/#"); // overlaps: each message must still arrive once
+    for i in 0..500u32 {
+        for line in ["line1", "line2"] {
+            publisher.publish(&format!("plant/{line}/temp"), &i.to_le_bytes());
+        }
+    }
+    let mut next_seq = std::collections::HashMap::new();
+    for _ in 0..1000 {
+        let (topic, seq, snapshot, payload) = subscriber.next_data();
+        assert!(!snapshot);
+        let expected = next_seq.entry(topic.clone()).or_insert(1u64);
+        assert_eq!(seq, *expected, "{topic}: out of order or duplicated");
+        assert_eq!(payload, ((seq - 1) as u32).to_le_bytes());
+        *expected += 1;
+    }
+    engine.shutdown_handle().shutdown();
+    engine.join().unwrap();
+}
+
+#[test]
+fn local_publisher_reaches_socket_subscribers_and_snapshot_follows() {
+    let engine = engine(2);
+    let publisher = engine.publisher();
+    let mut early = Raw::connect(engine.local_addr());
+    early.subscribe(1, "a/#");
+    for i in 0..10u8 {
+        publisher.publish("a/b", &[i], 192, 0).unwrap();
+        publisher.publish("a/c", &[i], 192, 0).unwrap();
+    }
+    for _ in 0..20 {
+        early.next_data();
+    }
+    // A late subscriber gets the retained value of each topic, flagged snapshot, then live.
+    let mut late = Raw::connect(engine.local_addr());
+    let mut snap = late.subscribe(1, "a/+");
+    snap.sort();
+    assert_eq!(
+        snap,
+        vec![
+            ("a/b".into(), 10, true, vec![9]),
+            ("a/c".into(), 10, true, vec![9])
+        ]
+    );
+    publisher.publish("a/b", &[42], 192, 0).unwrap();
+    assert_eq!(late.next_data(), ("a/b".into(), 11, false, vec![42]));
+    assert!(matches!(
+        publisher.publish("a/+", b"x", 0, 0),
+        Err(PublishError::Topic { .. })
+    ));
+    engine.shutdown_handle().shutdown();
+    engine.join().unwrap();
+}
+
+#[test]
+fn garbage_gets_an_error_and_a_close_while_others_carry_on() {
+    let engine = engine(2);
+    let mut subscriber = Raw::connect(engine.local_addr());
+    subscriber.subscribe(1, "x");
+    let mut bad = TcpStream::connect(engine.local_addr()).unwrap();
+    bad.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    bad.write_all(&[5, 0, 0, 0, 0xee, 1, 2, 3, 4]).unwrap();
+    let mut reply = Vec::new();
+    let started = Instant::now();
+    bad.read_to_end(&mut reply).unwrap();
+    assert!(started.elapsed() < Duration::from_secs(4));
+    match decode_frame(&reply, 1 << 20).unwrap() {
+        Decoded::Frame(Frame::Error(e), _) => {
+            assert_eq!(e.code, crate::proto::error_code::MALFORMED)
+        }
+        other => panic!("expected ERROR, got {other:?}"),
+    }
+    let mut publisher = Raw::connect(engine.local_addr());
+    publisher.publish("x", b"still here");
+    assert_eq!(subscriber.next_data().3, b"still here");
+    engine.shutdown_handle().shutdown();
+    engine.join().unwrap();
+}
