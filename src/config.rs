@@ -30,6 +30,7 @@ pub struct Config {
     pub limits: LimitsConfig,
     pub keepalive: KeepaliveConfig,
     pub delivery: DeliveryConfig,
+    pub retained: RetainedConfig,
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -64,6 +65,12 @@ pub struct DeliveryConfig {
     pub default_mode: DeliveryMode,
     pub queue_max_bytes: usize,
     pub queue_max_messages: usize,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RetainedConfig {
+    pub ring_bytes: usize,
 }
 
 impl Default for Config {

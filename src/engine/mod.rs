@@ -10,6 +10,7 @@
 mod notify;
 pub mod outbox;
 mod shard;
+mod store;
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -77,6 +78,9 @@ pub(crate) struct ShardStats {
     pub protocol_errors: AtomicU64,
     pub keepalive_timeouts: AtomicU64,
     pub handshake_timeouts: AtomicU64,
+    pub ring_bytes: AtomicUsize,
+    /// Per-connection figures, refreshed by the shard every `CONN_STATS_EVERY`.
+    pub conns: std::sync::Mutex<Vec<serde_json::Value>>,
 }
 
 /// State every shard and handle can see.
@@ -85,12 +89,15 @@ pub(crate) struct EngineShared {
     pub next_conn_id: AtomicU64,
     pub shards: Vec<ShardStats>,
     pub started_unix_ns: u64,
+    /// HELLOs seen per client id: a client's reconnects are its count minus one. Touched once
+    /// per connection, never on the data path.
+    pub sessions: std::sync::Mutex<std::collections::HashMap<String, u64>>,
 }
 
 impl EngineShared {
     /// The engine's counters as a JSON document: totals, then one object per shard.
     pub fn stats_json(&self) -> String {
-        let fields: [(&str, fn(&ShardStats) -> u64); 14] = [
+        let fields: [(&str, fn(&ShardStats) -> u64); 15] = [
             ("connections", |s| {
                 s.connections.load(Ordering::Relaxed) as u64
             }),
@@ -117,6 +124,7 @@ impl EngineShared {
             ("handshake_timeouts", |s| {
                 s.handshake_timeouts.load(Ordering::Relaxed)
             }),
+            ("ring_bytes", |s| s.ring_bytes.load(Ordering::Relaxed) as u64),
         ];
         let mut totals = serde_json::Map::new();
         for (name, get) in fields {
@@ -135,11 +143,17 @@ impl EngineShared {
                 m.into()
             })
             .collect();
+        let connections: Vec<serde_json::Value> = self
+            .shards
+            .iter()
+            .flat_map(|s| s.conns.lock().map(|c| c.clone()).unwrap_or_default())
+            .collect();
         let doc = serde_json::json!({
             "uptime_ms": now_unix_ns().saturating_sub(self.started_unix_ns) / 1_000_000,
             "open_connections": self.open_connections.load(Ordering::Relaxed),
             "totals": totals,
             "reactors": shards,
+            "connections": connections,
         });
         doc.to_string()
     }
@@ -193,6 +207,7 @@ impl Engine {
             next_conn_id: AtomicU64::new(1),
             shards: (0..n).map(|_| ShardStats::default()).collect(),
             started_unix_ns: now_unix_ns(),
+            sessions: Default::default(),
         });
 
         let mut polls = Vec::with_capacity(n);

@@ -36,11 +36,12 @@ use super::outbox::{Outbox, SharedFrame};
 use super::{now_unix_ns, owner_of, EngineShared, ShardStats};
 use crate::config::Config;
 use crate::proto::{
-    self, data_frame_topic, data_frame_with_flags, decode_frame, error_code, Decoded, DeliveryMode,
-    Frame, Gap, PublishRef, SubAck, Subscribe, Welcome, WireError, DATA_FLAG_SNAPSHOT,
+    self, data_frame_topic, decode_frame, error_code, Decoded, DeliveryMode,
+    Frame, PublishRef, SubAck, Subscribe, Welcome, WireError,
     PROTOCOL_VERSION,
 };
-use crate::topic::{TopicIndex, TopicTree};
+use super::store::{Replay, TopicStore};
+use crate::topic::TopicIndex;
 
 pub(crate) const WAKER_TOKEN: Token = Token(usize::MAX - 1);
 const LISTENER_TOKEN: Token = Token(usize::MAX - 2);
@@ -65,6 +66,8 @@ const MAX_ACCEPTS: usize = 256;
 const TIMER_TICK: Duration = Duration::from_millis(25);
 /// How long a connection being closed with an ERROR may take to read it before it is dropped.
 const LINGER: Duration = Duration::from_secs(1);
+/// How often the per-connection figures that STATS shows are refreshed.
+const CONN_STATS_EVERY: Duration = Duration::from_millis(250);
 
 /// Messages between shards (and from the embedding handle into a shard).
 pub(crate) enum ShardMsg {
@@ -80,19 +83,44 @@ pub(crate) enum ShardMsg {
         from: u16,
         frames: Vec<SharedFrame>,
     },
-    /// Send the retained values matching `pattern` back to shard `from` for subscription `sub`.
+    /// Send the retained values matching `pattern` (or, with `resume`, the messages after the
+    /// given positions) back to shard `from` for subscription `sub`.
     SnapshotRequest {
         from: u16,
         sub: SubRef,
         pattern: String,
+        resume: Option<Arc<HashMap<String, u64>>>,
     },
     /// The answer to a `SnapshotRequest`; every frame `from` sent before it precedes it.
+    /// `lagged`: topics the reply's byte budget did not cover, with the seq to continue from.
     SnapshotReply {
         from: u16,
         sub: SubRef,
         frames: Vec<SharedFrame>,
+        lagged: Vec<(String, u64)>,
+    },
+    /// Replay these topics of the receiver's from the given sequence numbers to a connection that
+    /// fell behind (mode `all`).
+    ReplayRequest {
+        from: u16,
+        conn: ConnRef,
+        topics: Vec<(String, u64)>,
+    },
+    /// The answer to a `ReplayRequest`: the frames, and per topic `None` (caught up) or the seq to
+    /// continue from.
+    ReplayReply {
+        conn: ConnRef,
+        frames: Vec<SharedFrame>,
+        topics: Vec<(String, Option<u64>)>,
     },
     Shutdown,
+}
+
+/// A connection on a shard: its slot and its engine-wide id (slots are reused, ids are not).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct ConnRef {
+    slot: u32,
+    id: u64,
 }
 
 /// Where a subscription lives on a shard: a connection slot and a shard-unique key (never reused,
@@ -144,16 +172,30 @@ struct Conn {
     stamp: u64,
     /// `latest` mode overflow: newest frame per topic, waiting for room.
     conflated: HashMap<String, SharedFrame>,
-    /// `all` mode overflow: per topic the lost range, reported as GAP once there is room.
-    gaps: HashMap<String, (u64, u64)>,
+    /// `all` mode overflow: per topic the next sequence number it needs from the replay ring.
+    /// Live frames of a lagged topic are skipped: the replay will carry them.
+    lag: HashMap<String, Lag>,
+    stats: ConnCounters,
 }
 
-#[derive(Default)]
-struct TopicState {
-    seq: u64,
-    last: Option<SharedFrame>,
-    /// `last` with the SNAPSHOT flag, made on the first subscribe after each change.
-    snapshot: Option<SharedFrame>,
+#[derive(Debug, Clone, Copy)]
+struct Lag {
+    next_seq: u64,
+    /// A ReplayRequest is in flight for this topic.
+    requested: bool,
+}
+
+/// What `lanpush stats` shows for one connection.
+#[derive(Debug, Default, Clone, Copy)]
+pub(crate) struct ConnCounters {
+    pub delivered: u64,
+    pub conflated: u64,
+    /// Live frames skipped while the topic was being caught up from the ring.
+    pub lagged: u64,
+    pub replayed: u64,
+    pub gaps: u64,
+    /// Earlier connections with the same client id.
+    pub reconnects: u64,
 }
 
 /// Counters kept as plain integers on the hot path and published to [`ShardStats`] once a turn.
@@ -189,12 +231,13 @@ pub(crate) struct Shard {
     dirty: Vec<usize>,
     read_again: Vec<usize>,
     index: TopicIndex<SubRef>,
-    topics: TopicTree<TopicState>,
+    store: TopicStore,
     matches: Vec<SubRef>,
     scratch: Vec<u8>,
     next_sub_key: u64,
     stamp: u64,
     next_tick: Instant,
+    next_conn_stats: Instant,
     counters: Counters,
     published: Counters,
     shutting_down: bool,
@@ -232,7 +275,9 @@ impl Shard {
             poll.registry()
                 .register(l, LISTENER_TOKEN, Interest::READABLE)?;
         }
+        let store = TopicStore::new(config.retained.ring_bytes / n_shards as usize);
         Ok(Shard {
+            store,
             id,
             n_shards,
             config,
@@ -248,12 +293,12 @@ impl Shard {
             dirty: Vec::new(),
             read_again: Vec::new(),
             index: TopicIndex::new(),
-            topics: TopicTree::new(),
             matches: Vec::new(),
             scratch: Vec::with_capacity(4096),
             next_sub_key: 1,
             stamp: 0,
             next_tick: Instant::now(),
+            next_conn_stats: Instant::now(),
             counters: Counters::default(),
             published: Counters::default(),
             shutting_down: false,
@@ -300,6 +345,10 @@ impl Shard {
             if now >= self.next_tick {
                 self.check_timers(now);
                 self.next_tick = now + TIMER_TICK;
+                if now >= self.next_conn_stats {
+                    self.publish_conn_stats();
+                    self.next_conn_stats = now + CONN_STATS_EVERY;
+                }
             }
             self.flush_dirty(now);
             self.send_outgoing();
@@ -388,7 +437,8 @@ impl Shard {
             in_dirty: false,
             stamp: 0,
             conflated: HashMap::new(),
-            gaps: HashMap::new(),
+            lag: HashMap::new(),
+            stats: ConnCounters::default(),
         });
         // Data may have arrived before registration: edge-triggered readiness would not report it.
         self.read_again.push(slot);
@@ -564,7 +614,16 @@ impl Shard {
             reactor: self.id,
             connection_id: self.conn_mut(slot).id,
         };
+        let reconnects = if hello.client_id.is_empty() {
+            0
+        } else {
+            let mut sessions = self.shared.sessions.lock().unwrap_or_else(|e| e.into_inner());
+            let seen = sessions.entry(hello.client_id.clone()).or_insert(0);
+            *seen += 1;
+            *seen - 1
+        };
         let conn = self.conn_mut(slot);
+        conn.stats.reconnects = reconnects;
         conn.phase = Phase::Open;
         conn.client_id = hello.client_id;
         conn.keepalive = Duration::from_millis(keepalive_ms as u64);
@@ -618,19 +677,7 @@ impl Shard {
 
     /// The owner's half of a publish: sequence, encode once, retain, fan out.
     fn ingest(&mut self, publish: &PublishRef<'_>, ingest_ts_ns: u64) {
-        let state = match self.topics.get_mut(publish.topic) {
-            Some(state) => state,
-            None => {
-                self.topics.insert(publish.topic, TopicState::default());
-                self.topics.get_mut(publish.topic).expect("just inserted")
-            }
-        };
-        state.seq += 1;
-        self.scratch.clear();
-        proto::encode_data_from_publish(&mut self.scratch, publish, state.seq, ingest_ts_ns, 0);
-        let frame: SharedFrame = Arc::from(&self.scratch[..]);
-        state.last = Some(frame.clone());
-        state.snapshot = None;
+        let frame = self.store.ingest(publish, ingest_ts_ns, &mut self.scratch);
         for peer in 0..self.n_shards {
             if peer == self.id {
                 continue;
@@ -718,6 +765,18 @@ impl Shard {
             DeliveryMode::Default => self.config.delivery.default_mode,
             mode => mode,
         };
+        // A non-empty resume list makes this a resume (an entry with the empty topic, which no
+        // message can have, says "resuming, but nothing seen yet").
+        let resume = (!subscribe.resume.is_empty()).then(|| {
+            Arc::new(
+                subscribe
+                    .resume
+                    .iter()
+                    .filter(|p| !p.topic.is_empty())
+                    .map(|p| (p.topic.clone(), p.last_seq))
+                    .collect::<HashMap<String, u64>>(),
+            )
+        });
         let key = self.next_sub_key;
         self.next_sub_key += 1;
         let sub_ref = SubRef {
@@ -739,34 +798,39 @@ impl Shard {
                     from: self.id,
                     sub: sub_ref,
                     pattern: subscribe.pattern.clone(),
+                    resume: resume.clone(),
                 });
             }
         }
-        let frames = self.snapshot(&subscribe.pattern);
-        self.handle_snapshot_reply(self.id, sub_ref, frames);
+        let (frames, lagged) = self.snapshot(&subscribe.pattern, resume.as_deref());
+        self.handle_snapshot_reply(self.id, sub_ref, frames, lagged);
         Ok(())
     }
 
-    /// The retained values this shard owns that match `pattern`, flagged SNAPSHOT.
-    fn snapshot(&mut self, pattern: &str) -> Vec<SharedFrame> {
-        let mut topics = Vec::new();
-        self.topics
-            .for_each_matching(pattern, |topic, _| topics.push(topic.to_string()));
-        let mut frames = Vec::with_capacity(topics.len());
-        for topic in topics {
-            let Some(state) = self.topics.get_mut(&topic) else {
-                continue;
-            };
-            let Some(last) = &state.last else { continue };
-            let snap = state
-                .snapshot
-                .get_or_insert_with(|| Arc::from(data_frame_with_flags(last, DATA_FLAG_SNAPSHOT)));
-            frames.push(snap.clone());
+    /// This shard's answer to a subscription: retained values, or the replay after `resume`.
+    fn snapshot(
+        &mut self,
+        pattern: &str,
+        resume: Option<&HashMap<String, u64>>,
+    ) -> (Vec<SharedFrame>, Vec<(String, u64)>) {
+        let (mut frames, mut lagged) = (Vec::new(), Vec::new());
+        match resume {
+            None => self.store.snapshot(pattern, &mut frames),
+            Some(positions) => {
+                let mut budget = self.config.delivery.queue_max_bytes / 2;
+                self.store.resume(pattern, positions, &mut budget, &mut frames, &mut lagged);
+            }
         }
-        frames
+        (frames, lagged)
     }
 
-    fn handle_snapshot_reply(&mut self, from: u16, sub: SubRef, frames: Vec<SharedFrame>) {
+    fn handle_snapshot_reply(
+        &mut self,
+        from: u16,
+        sub: SubRef,
+        frames: Vec<SharedFrame>,
+        lagged: Vec<(String, u64)>,
+    ) {
         let slot = sub.slot as usize;
         let Some(conn) = self.conns.get_mut(slot).and_then(Option::as_mut) else {
             return;
@@ -776,19 +840,10 @@ impl Shard {
         };
         s.pending &= !(1u64 << from);
         let (mode, sub_id, complete) = (s.mode, s.sub_id, s.pending == 0);
-        let mut slow = false;
-        for frame in &frames {
-            let Some(topic) = data_frame_topic(frame) else {
-                continue;
-            };
-            if enqueue(conn, topic, frame, mode, &mut self.counters).is_err() {
-                slow = true;
-                break;
-            }
-        }
-        if slow {
-            self.slow_consumer(slot);
-            return;
+        // Bounded by the number of topics (snapshot) or the replay budget (resume).
+        queue_replayed(conn, frames);
+        for (topic, next_seq) in lagged {
+            conn.lag.insert(topic, Lag { next_seq, requested: false });
         }
         if complete {
             // SUBACK closes the snapshot: every snapshot frame of this subscription precedes it.
@@ -798,6 +853,73 @@ impl Shard {
         } else {
             mark_dirty(conn, slot, &mut self.dirty);
         }
+    }
+
+    /// Asks the owners of a lagging connection's topics for the messages it missed, once its
+    /// outbox has room again.
+    fn request_replays(&mut self, slot: usize) {
+        let conn = self.conns[slot].as_mut().expect("slot is live");
+        let mut by_owner: Vec<Vec<(String, u64)>> = vec![Vec::new(); self.n_shards as usize];
+        for (topic, lag) in conn.lag.iter_mut().filter(|(_, lag)| !lag.requested) {
+            lag.requested = true;
+            by_owner[owner_of(topic, self.n_shards) as usize].push((topic.clone(), lag.next_seq));
+        }
+        let conn_ref = ConnRef { slot: slot as u32, id: conn.id };
+        for (owner, topics) in by_owner.into_iter().enumerate() {
+            if topics.is_empty() {
+                continue;
+            }
+            if owner == self.id as usize {
+                let reply = self.replay(topics);
+                self.handle_replay_reply(conn_ref, reply.0, reply.1);
+            } else {
+                self.outgoing[owner].push(ShardMsg::ReplayRequest { from: self.id, conn: conn_ref, topics });
+            }
+        }
+    }
+
+    /// The owner's side of a catch-up: frames from the ring, within one outbox's worth of bytes.
+    fn replay(&self, topics: Vec<(String, u64)>) -> (Vec<SharedFrame>, Vec<(String, Option<u64>)>) {
+        let mut budget = self.config.delivery.queue_max_bytes / 2;
+        let mut frames = Vec::new();
+        let done = topics
+            .into_iter()
+            .map(|(topic, from_seq)| {
+                let next = match self.store.replay(&topic, from_seq, &mut budget, &mut frames) {
+                    Replay::CaughtUp => None,
+                    Replay::More(next) => Some(next),
+                };
+                (topic, next)
+            })
+            .collect();
+        (frames, done)
+    }
+
+    fn handle_replay_reply(
+        &mut self,
+        conn_ref: ConnRef,
+        frames: Vec<SharedFrame>,
+        topics: Vec<(String, Option<u64>)>,
+    ) {
+        let slot = conn_ref.slot as usize;
+        let Some(conn) = self.conns.get_mut(slot).and_then(Option::as_mut) else {
+            return;
+        };
+        if conn.id != conn_ref.id {
+            return;
+        }
+        queue_replayed(conn, frames);
+        for (topic, next) in topics {
+            match next {
+                None => {
+                    conn.lag.remove(&topic);
+                }
+                Some(next_seq) => {
+                    conn.lag.insert(topic, Lag { next_seq, requested: false });
+                }
+            }
+        }
+        mark_dirty(conn, slot, &mut self.dirty);
     }
 
     // ----- cross-shard messages -----
@@ -815,16 +937,20 @@ impl Shard {
                         self.deliver(from, frame);
                     }
                 }
-                ShardMsg::SnapshotRequest { from, sub, pattern } => {
-                    let frames = self.snapshot(&pattern);
-                    self.outgoing[from as usize].push(ShardMsg::SnapshotReply {
-                        from: self.id,
-                        sub,
-                        frames,
-                    });
+                ShardMsg::SnapshotRequest { from, sub, pattern, resume } => {
+                    let (frames, lagged) = self.snapshot(&pattern, resume.as_deref());
+                    let reply = ShardMsg::SnapshotReply { from: self.id, sub, frames, lagged };
+                    self.outgoing[from as usize].push(reply);
                 }
-                ShardMsg::SnapshotReply { from, sub, frames } => {
-                    self.handle_snapshot_reply(from, sub, frames)
+                ShardMsg::SnapshotReply { from, sub, frames, lagged } => {
+                    self.handle_snapshot_reply(from, sub, frames, lagged)
+                }
+                ShardMsg::ReplayRequest { from, conn, topics } => {
+                    let (frames, topics) = self.replay(topics);
+                    self.outgoing[from as usize].push(ShardMsg::ReplayReply { conn, frames, topics });
+                }
+                ShardMsg::ReplayReply { conn, frames, topics } => {
+                    self.handle_replay_reply(conn, frames, topics)
                 }
                 ShardMsg::Shutdown => self.shutting_down = true,
             }
@@ -900,9 +1026,14 @@ impl Shard {
             conn.in_dirty = false;
             match flush(conn, now, &mut self.counters) {
                 Ok(()) => {
+                    let needs_replay =
+                        conn.outbox.is_below_half() && conn.lag.values().any(|l| !l.requested);
                     if conn.writable && !conn.outbox.is_empty() {
                         conn.in_dirty = true;
                         still.push(slot);
+                    }
+                    if needs_replay {
+                        self.request_replays(slot);
                     }
                 }
                 Err(_) => self.close(slot),
@@ -1039,6 +1170,40 @@ impl Shard {
         self.conns[slot].as_mut().expect("slot is live")
     }
 
+    fn publish_conn_stats(&self) {
+        let list: Vec<serde_json::Value> = self
+            .conns
+            .iter()
+            .flatten()
+            .filter(|c| matches!(c.phase, Phase::Open))
+            .map(|c| {
+                let subs: Vec<serde_json::Value> = c
+                    .subs
+                    .iter()
+                    .map(|s| serde_json::json!({"id": s.sub_id, "pattern": s.pattern, "mode": s.mode}))
+                    .collect();
+                serde_json::json!({
+                    "id": c.id,
+                    "client_id": c.client_id,
+                    "reactor": self.id,
+                    "subscriptions": subs,
+                    "queue_frames": c.outbox.queued_frames(),
+                    "queue_bytes": c.outbox.queued_bytes(),
+                    "delivered": c.stats.delivered,
+                    "conflated": c.stats.conflated,
+                    "lagged": c.stats.lagged,
+                    "lagging_topics": c.lag.len(),
+                    "replayed": c.stats.replayed,
+                    "gaps": c.stats.gaps,
+                    "reconnects": c.stats.reconnects,
+                })
+            })
+            .collect();
+        let shard_stats = &self.shared.shards[self.id as usize];
+        shard_stats.ring_bytes.store(self.store.ring_bytes(), Ordering::Relaxed);
+        *shard_stats.conns.lock().unwrap_or_else(|e| e.into_inner()) = list;
+    }
+
     fn publish_stats(&mut self) {
         let c = self.counters;
         let p = &mut self.published;
@@ -1069,7 +1234,7 @@ impl Shard {
         s.connections
             .store(self.conns.len() - self.free_slots.len(), Ordering::Relaxed);
         s.subscriptions.store(self.index.len(), Ordering::Relaxed);
-        s.topics_owned.store(self.topics.len(), Ordering::Relaxed);
+        s.topics_owned.store(self.store.len(), Ordering::Relaxed);
         *p = c;
     }
 }
@@ -1091,65 +1256,44 @@ fn enqueue(
     counters: &mut Counters,
 ) -> Result<(), ()> {
     // A topic with overflow state must not overtake it: newer values go the same way.
-    let pending = match mode {
-        DeliveryMode::Latest => conn.conflated.contains_key(topic),
-        _ => false,
-    };
-    if !pending {
-        if let Some(&(from, to)) = conn.gaps.get(topic) {
-            if !conn.outbox.has_room(frame.len()) {
-                return record_gap(conn, topic, frame, counters);
-            }
-            conn.gaps.remove(topic);
-            push_gap(conn, topic, from, to);
-        }
-        if conn.outbox.push(frame.clone()).is_ok() {
-            counters.delivered += 1;
-            return Ok(());
-        }
+    if !conn.lag.is_empty() && conn.lag.contains_key(topic) {
+        conn.stats.lagged += 1;
+        return Ok(());
+    }
+    let conflating = mode == DeliveryMode::Latest && conn.conflated.contains_key(topic);
+    if !conflating && conn.outbox.push(frame.clone()).is_ok() {
+        counters.delivered += 1;
+        conn.stats.delivered += 1;
+        return Ok(());
     }
     match mode {
         DeliveryMode::Latest => {
-            if conn
-                .conflated
-                .insert(topic.to_string(), frame.clone())
-                .is_some()
-            {
+            if conn.conflated.insert(topic.to_string(), frame.clone()).is_some() {
                 counters.conflated += 1;
+                conn.stats.conflated += 1;
             }
             Ok(())
         }
-        DeliveryMode::All | DeliveryMode::Default => record_gap(conn, topic, frame, counters),
+        DeliveryMode::All | DeliveryMode::Default => {
+            counters.dropped_all += 1;
+            conn.stats.lagged += 1;
+            conn.lag.insert(topic.to_string(), Lag { next_seq: data_seq(frame), requested: false });
+            Ok(())
+        }
         DeliveryMode::Disconnect => Err(()),
     }
 }
 
-fn record_gap(
-    conn: &mut Conn,
-    topic: &str,
-    frame: &SharedFrame,
-    counters: &mut Counters,
-) -> Result<(), ()> {
-    let seq = data_seq(frame);
-    counters.dropped_all += 1;
-    conn.gaps
-        .entry(topic.to_string())
-        .and_modify(|range| range.1 = seq)
-        .or_insert((seq, seq));
-    Ok(())
-}
-
-fn push_gap(conn: &mut Conn, topic: &str, from_seq: u64, to_seq: u64) {
-    let mut buf = Vec::new();
-    proto::encode_control(
-        &mut buf,
-        &Frame::Gap(Gap {
-            topic: topic.to_string(),
-            from_seq,
-            to_seq,
-        }),
-    );
-    conn.outbox.push_unbounded(buf.into());
+/// Queues the frames of a snapshot, resume or catch-up reply (bounded by their producer).
+fn queue_replayed(conn: &mut Conn, frames: Vec<SharedFrame>) {
+    for frame in frames {
+        if frame.get(proto::LEN_PREFIX_BYTES) == Some(&proto::KIND_GAP) {
+            conn.stats.gaps += 1;
+        } else {
+            conn.stats.replayed += 1;
+        }
+        conn.outbox.push_unbounded(frame);
+    }
 }
 
 fn data_seq(frame: &[u8]) -> u64 {
@@ -1157,34 +1301,11 @@ fn data_seq(frame: &[u8]) -> u64 {
     u64::from_le_bytes(frame[at..at + 8].try_into().expect("DATA frame has a seq"))
 }
 
-/// After a flush made room: conflated values and pending gap reports go out, oldest state first.
-fn refill(conn: &mut Conn, counters: &mut Counters) {
-    if !conn.outbox.is_below_half() {
-        return;
-    }
-    let gaps: Vec<(String, (u64, u64))> = conn.gaps.drain().collect();
-    for (topic, (from, to)) in gaps {
-        push_gap(conn, &topic, from, to);
-    }
-    let conflated: Vec<(String, SharedFrame)> = conn.conflated.drain().collect();
-    for (_topic, frame) in conflated {
-        conn.outbox.push_unbounded(frame);
-        counters.delivered += 1;
-    }
-}
-
 /// Writes as much of the outbox as the socket takes, in vectored writes.
 fn flush(conn: &mut Conn, now: Instant, counters: &mut Counters) -> io::Result<()> {
     for _ in 0..MAX_WRITES_PER_FLUSH {
-        if !conn.writable {
+        if !conn.writable || conn.outbox.is_empty() {
             break;
-        }
-        if conn.outbox.is_empty() {
-            if conn.gaps.is_empty() && conn.conflated.is_empty() {
-                break;
-            }
-            refill(conn, counters);
-            continue;
         }
         let result = {
             let mut slices = [IoSlice::new(&[]); MAX_IOVECS];
@@ -1204,8 +1325,12 @@ fn flush(conn: &mut Conn, now: Instant, counters: &mut Counters) -> io::Result<(
             Err(e) => return Err(e),
         }
     }
-    if !conn.gaps.is_empty() || !conn.conflated.is_empty() {
-        refill(conn, counters);
+    if conn.outbox.is_below_half() && !conn.conflated.is_empty() {
+        for (_topic, frame) in conn.conflated.drain() {
+            conn.outbox.push_unbounded(frame);
+            counters.delivered += 1;
+            conn.stats.delivered += 1;
+        }
     }
     Ok(())
 }

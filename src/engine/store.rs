@@ -1,0 +1,279 @@
+//! The owner shard's record of its topics: sequence numbers, retained values and the replay ring.
+//!
+//! Sans-IO. Each topic has one owner shard, so this needs no synchronisation. The replay ring is
+//! bounded in bytes across all of the shard's topics: frames are evicted oldest first, whatever
+//! their topic. Frames are shared (`Arc`), so a frame in the ring, the retained slot and a dozen
+//! outboxes is one allocation.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+
+use super::outbox::SharedFrame;
+use crate::proto::{self, Frame, Gap, PublishRef, DATA_FLAG_REPLAY, DATA_FLAG_SNAPSHOT};
+use crate::topic::TopicTree;
+
+struct TopicEntry {
+    /// Sequence number of the newest message; 0 before the first.
+    seq: u64,
+    /// The newest DATA frame: the retained value.
+    last: Option<SharedFrame>,
+    /// `last` flagged SNAPSHOT, made on demand and dropped on the next message.
+    snapshot: Option<SharedFrame>,
+    /// Recent frames, oldest first, with consecutive sequence numbers ending at `seq`.
+    ring: VecDeque<SharedFrame>,
+}
+
+impl TopicEntry {
+    /// Sequence number of the oldest frame still in the ring (`seq + 1` when it is empty).
+    fn oldest_seq(&self) -> u64 {
+        self.seq + 1 - self.ring.len() as u64
+    }
+}
+
+/// How far a replay got for one topic.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Replay {
+    /// Everything up to the newest message was produced: live delivery can take over.
+    CaughtUp,
+    /// The byte budget ran out; continue from this sequence number.
+    More(u64),
+}
+
+pub struct TopicStore {
+    ids: TopicTree<u32>,
+    topics: Vec<TopicEntry>,
+    /// Topic id of every frame in the rings, in arrival order: the eviction order.
+    order: VecDeque<u32>,
+    ring_bytes: usize,
+    max_ring_bytes: usize,
+}
+
+impl TopicStore {
+    pub fn new(max_ring_bytes: usize) -> TopicStore {
+        TopicStore {
+            ids: TopicTree::new(),
+            topics: Vec::new(),
+            order: VecDeque::new(),
+            ring_bytes: 0,
+            max_ring_bytes,
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.topics.len()
+    }
+
+    pub fn ring_bytes(&self) -> usize {
+        self.ring_bytes
+    }
+
+    /// Takes a publish in: next sequence number, the DATA frame encoded once (into `scratch`, then
+    /// one shared allocation), retained and put in the ring. Returns the shared frame.
+    pub fn ingest(
+        &mut self,
+        publish: &PublishRef<'_>,
+        ingest_ts_ns: u64,
+        scratch: &mut Vec<u8>,
+    ) -> SharedFrame {
+        let id = match self.ids.get(publish.topic) {
+            Some(&id) => id,
+            None => {
+                let id = self.topics.len() as u32;
+                self.ids.insert(publish.topic, id);
+                self.topics.push(TopicEntry {
+                    seq: 0,
+                    last: None,
+                    snapshot: None,
+                    ring: VecDeque::new(),
+                });
+                id
+            }
+        };
+        let entry = &mut self.topics[id as usize];
+        entry.seq += 1;
+        scratch.clear();
+        proto::encode_data_from_publish(scratch, publish, entry.seq, ingest_ts_ns, 0);
+        let frame: SharedFrame = Arc::from(&scratch[..]);
+        entry.last = Some(frame.clone());
+        entry.snapshot = None;
+        if self.max_ring_bytes > 0 {
+            entry.ring.push_back(frame.clone());
+            self.order.push_back(id);
+            self.ring_bytes += frame.len();
+            self.evict();
+        }
+        frame
+    }
+
+    fn evict(&mut self) {
+        while self.ring_bytes > self.max_ring_bytes {
+            let Some(id) = self.order.pop_front() else { return };
+            let oldest = self.topics[id as usize].ring.pop_front();
+            self.ring_bytes -= oldest.map_or(0, |f| f.len());
+        }
+    }
+
+    /// The retained value of every topic matching `pattern`, flagged SNAPSHOT.
+    pub fn snapshot(&mut self, pattern: &str, out: &mut Vec<SharedFrame>) {
+        let mut ids = Vec::new();
+        self.ids.for_each_matching(pattern, |_, &id| ids.push(id));
+        for id in ids {
+            let entry = &mut self.topics[id as usize];
+            let Some(last) = &entry.last else { continue };
+            let snap = entry.snapshot.get_or_insert_with(|| {
+                Arc::from(proto::data_frame_with_flags(last, DATA_FLAG_SNAPSHOT))
+            });
+            out.push(snap.clone());
+        }
+    }
+
+    /// Every message of `topic` from `from_seq` on, flagged REPLAY, up to `budget` bytes (at least
+    /// one frame). Messages no longer in the ring are named by a GAP frame first.
+    pub fn replay(
+        &self,
+        topic: &str,
+        from_seq: u64,
+        budget: &mut usize,
+        out: &mut Vec<SharedFrame>,
+    ) -> Replay {
+        let Some(&id) = self.ids.get(topic) else {
+            return Replay::CaughtUp;
+        };
+        let entry = &self.topics[id as usize];
+        let from_seq = from_seq.max(1);
+        if from_seq > entry.seq {
+            return Replay::CaughtUp;
+        }
+        let oldest = entry.oldest_seq();
+        if from_seq < oldest {
+            out.push(gap_frame(topic, from_seq, oldest - 1));
+        }
+        let start = from_seq.max(oldest);
+        for (i, frame) in entry.ring.iter().enumerate().skip((start - oldest) as usize) {
+            if *budget < frame.len() && i as u64 > start - oldest {
+                return Replay::More(oldest + i as u64);
+            }
+            *budget = budget.saturating_sub(frame.len());
+            out.push(Arc::from(proto::data_frame_with_flags(frame, DATA_FLAG_REPLAY)));
+        }
+        Replay::CaughtUp
+    }
+
+    /// A resuming subscription: for every topic matching `pattern`, replay from after the
+    /// position the client gave (from the first message for topics it did not name). Topics the
+    /// budget did not cover are appended to `lagged` with the sequence number to continue from.
+    pub fn resume(
+        &self,
+        pattern: &str,
+        positions: &HashMap<String, u64>,
+        budget: &mut usize,
+        out: &mut Vec<SharedFrame>,
+        lagged: &mut Vec<(String, u64)>,
+    ) {
+        let mut topics = Vec::new();
+        self.ids.for_each_matching(pattern, |topic, _| topics.push(topic.to_string()));
+        for topic in topics {
+            let from_seq = positions.get(&topic).map_or(1, |last| last + 1);
+            if let Replay::More(next) = self.replay(&topic, from_seq, budget, out) {
+                lagged.push((topic, next));
+            }
+        }
+    }
+}
+
+/// An encoded GAP frame: messages `from_seq ..= to_seq` of `topic` are lost.
+pub fn gap_frame(topic: &str, from_seq: u64, to_seq: u64) -> SharedFrame {
+    let mut buf = Vec::new();
+    proto::encode_control(
+        &mut buf,
+        &Frame::Gap(Gap { topic: topic.to_string(), from_seq, to_seq }),
+    );
+    buf.into()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::proto::{decode_frame, Decoded};
+
+    fn publish(store: &mut TopicStore, topic: &str, payload: &[u8]) -> SharedFrame {
+        let p = PublishRef { topic, source_ts_ns: 7, quality: 192, payload };
+        store.ingest(&p, 9, &mut Vec::new())
+    }
+
+    /// (kind, topic, seq or range) of each frame, for compact assertions.
+    fn describe(frames: &[SharedFrame]) -> Vec<String> {
+        frames
+            .iter()
+            .map(|f| match decode_frame(f, 1 << 20).unwrap() {
+                Decoded::Frame(Frame::Data { header, topic, .. }, _) => {
+                    format!("{topic}#{} f{}", header.seq, header.flags)
+                }
+                Decoded::Frame(Frame::Gap(g), _) => format!("gap {} {}..={}", g.topic, g.from_seq, g.to_seq),
+                other => format!("{other:?}"),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn sequences_are_per_topic_and_the_snapshot_is_the_latest() {
+        let mut store = TopicStore::new(1 << 20);
+        publish(&mut store, "a/x", b"1");
+        publish(&mut store, "a/x", b"2");
+        publish(&mut store, "a/y", b"1");
+        publish(&mut store, "b", b"1");
+        let mut out = Vec::new();
+        store.snapshot("a/+", &mut out);
+        let mut got = describe(&out);
+        got.sort();
+        assert_eq!(got, ["a/x#2 f1", "a/y#1 f1"]);
+    }
+
+    #[test]
+    fn replay_names_evicted_messages_in_a_gap_then_replays_the_rest() {
+        let frame_len = publish(&mut TopicStore::new(0), "t", b"p").len();
+        // Room for exactly 3 frames across topics.
+        let mut store = TopicStore::new(3 * frame_len);
+        for _ in 0..4 {
+            publish(&mut store, "t", b"p");
+        }
+        publish(&mut store, "u", b"p"); // evicts t#2: ring holds t#3, t#4, u#1
+        assert_eq!(store.ring_bytes(), 3 * frame_len);
+        let mut out = Vec::new();
+        let mut budget = usize::MAX;
+        assert_eq!(store.replay("t", 1, &mut budget, &mut out), Replay::CaughtUp);
+        assert_eq!(describe(&out), ["gap t 1..=2", "t#3 f2", "t#4 f2"]);
+        out.clear();
+        assert_eq!(store.replay("t", 5, &mut budget, &mut out), Replay::CaughtUp);
+        assert!(out.is_empty());
+    }
+
+    #[test]
+    fn replay_stops_at_the_budget_and_says_where_to_continue() {
+        let mut store = TopicStore::new(1 << 20);
+        let len = (0..10).map(|_| publish(&mut store, "t", b"p").len()).last().unwrap();
+        let mut out = Vec::new();
+        let mut budget = 3 * len;
+        assert_eq!(store.replay("t", 2, &mut budget, &mut out), Replay::More(5));
+        assert_eq!(describe(&out), ["t#2 f2", "t#3 f2", "t#4 f2"]);
+        // At least one frame even when the budget is spent, so a replay always progresses.
+        out.clear();
+        assert_eq!(store.replay("t", 5, &mut 0, &mut out), Replay::More(6));
+        assert_eq!(out.len(), 1);
+    }
+
+    #[test]
+    fn resume_replays_unnamed_topics_from_their_first_message() {
+        let mut store = TopicStore::new(1 << 20);
+        for topic in ["a/x", "a/x", "a/y", "a/x"] {
+            publish(&mut store, topic, b"p");
+        }
+        let positions = HashMap::from([("a/x".to_string(), 2u64)]);
+        let (mut out, mut lagged) = (Vec::new(), Vec::new());
+        store.resume("a/#", &positions, &mut usize::MAX.clone(), &mut out, &mut lagged);
+        let mut got = describe(&out);
+        got.sort();
+        assert_eq!(got, ["a/x#3 f2", "a/y#1 f2"]);
+        assert!(lagged.is_empty());
+    }
+}
