@@ -124,7 +124,9 @@ impl EngineShared {
             ("handshake_timeouts", |s| {
                 s.handshake_timeouts.load(Ordering::Relaxed)
             }),
-            ("ring_bytes", |s| s.ring_bytes.load(Ordering::Relaxed) as u64),
+            ("ring_bytes", |s| {
+                s.ring_bytes.load(Ordering::Relaxed) as u64
+            }),
         ];
         let mut totals = serde_json::Map::new();
         for (name, get) in fields {

@@ -33,14 +33,13 @@ use mio::{Events, Interest, Poll, Token};
 
 use super::notify::{Inbox, Mailbox};
 use super::outbox::{Outbox, SharedFrame};
+use super::store::{Replay, TopicStore};
 use super::{now_unix_ns, owner_of, EngineShared, ShardStats};
 use crate::config::Config;
 use crate::proto::{
-    self, data_frame_topic, decode_frame, error_code, Decoded, DeliveryMode,
-    Frame, PublishRef, SubAck, Subscribe, Welcome, WireError,
-    PROTOCOL_VERSION,
+    self, data_frame_topic, decode_frame, error_code, Decoded, DeliveryMode, Frame, PublishRef,
+    SubAck, Subscribe, Welcome, WireError, PROTOCOL_VERSION,
 };
-use super::store::{Replay, TopicStore};
 use crate::topic::TopicIndex;
 
 pub(crate) const WAKER_TOKEN: Token = Token(usize::MAX - 1);
@@ -617,7 +616,11 @@ impl Shard {
         let reconnects = if hello.client_id.is_empty() {
             0
         } else {
-            let mut sessions = self.shared.sessions.lock().unwrap_or_else(|e| e.into_inner());
+            let mut sessions = self
+                .shared
+                .sessions
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
             let seen = sessions.entry(hello.client_id.clone()).or_insert(0);
             *seen += 1;
             *seen - 1
@@ -818,7 +821,8 @@ impl Shard {
             None => self.store.snapshot(pattern, &mut frames),
             Some(positions) => {
                 let mut budget = self.config.delivery.queue_max_bytes / 2;
-                self.store.resume(pattern, positions, &mut budget, &mut frames, &mut lagged);
+                self.store
+                    .resume(pattern, positions, &mut budget, &mut frames, &mut lagged);
             }
         }
         (frames, lagged)
@@ -843,7 +847,13 @@ impl Shard {
         // Bounded by the number of topics (snapshot) or the replay budget (resume).
         queue_replayed(conn, frames);
         for (topic, next_seq) in lagged {
-            conn.lag.insert(topic, Lag { next_seq, requested: false });
+            conn.lag.insert(
+                topic,
+                Lag {
+                    next_seq,
+                    requested: false,
+                },
+            );
         }
         if complete {
             // SUBACK closes the snapshot: every snapshot frame of this subscription precedes it.
@@ -864,7 +874,10 @@ impl Shard {
             lag.requested = true;
             by_owner[owner_of(topic, self.n_shards) as usize].push((topic.clone(), lag.next_seq));
         }
-        let conn_ref = ConnRef { slot: slot as u32, id: conn.id };
+        let conn_ref = ConnRef {
+            slot: slot as u32,
+            id: conn.id,
+        };
         for (owner, topics) in by_owner.into_iter().enumerate() {
             if topics.is_empty() {
                 continue;
@@ -873,7 +886,11 @@ impl Shard {
                 let reply = self.replay(topics);
                 self.handle_replay_reply(conn_ref, reply.0, reply.1);
             } else {
-                self.outgoing[owner].push(ShardMsg::ReplayRequest { from: self.id, conn: conn_ref, topics });
+                self.outgoing[owner].push(ShardMsg::ReplayRequest {
+                    from: self.id,
+                    conn: conn_ref,
+                    topics,
+                });
             }
         }
     }
@@ -885,7 +902,10 @@ impl Shard {
         let done = topics
             .into_iter()
             .map(|(topic, from_seq)| {
-                let next = match self.store.replay(&topic, from_seq, &mut budget, &mut frames) {
+                let next = match self
+                    .store
+                    .replay(&topic, from_seq, &mut budget, &mut frames)
+                {
                     Replay::CaughtUp => None,
                     Replay::More(next) => Some(next),
                 };
@@ -915,7 +935,13 @@ impl Shard {
                     conn.lag.remove(&topic);
                 }
                 Some(next_seq) => {
-                    conn.lag.insert(topic, Lag { next_seq, requested: false });
+                    conn.lag.insert(
+                        topic,
+                        Lag {
+                            next_seq,
+                            requested: false,
+                        },
+                    );
                 }
             }
         }
@@ -937,21 +963,40 @@ impl Shard {
                         self.deliver(from, frame);
                     }
                 }
-                ShardMsg::SnapshotRequest { from, sub, pattern, resume } => {
+                ShardMsg::SnapshotRequest {
+                    from,
+                    sub,
+                    pattern,
+                    resume,
+                } => {
                     let (frames, lagged) = self.snapshot(&pattern, resume.as_deref());
-                    let reply = ShardMsg::SnapshotReply { from: self.id, sub, frames, lagged };
+                    let reply = ShardMsg::SnapshotReply {
+                        from: self.id,
+                        sub,
+                        frames,
+                        lagged,
+                    };
                     self.outgoing[from as usize].push(reply);
                 }
-                ShardMsg::SnapshotReply { from, sub, frames, lagged } => {
-                    self.handle_snapshot_reply(from, sub, frames, lagged)
-                }
+                ShardMsg::SnapshotReply {
+                    from,
+                    sub,
+                    frames,
+                    lagged,
+                } => self.handle_snapshot_reply(from, sub, frames, lagged),
                 ShardMsg::ReplayRequest { from, conn, topics } => {
                     let (frames, topics) = self.replay(topics);
-                    self.outgoing[from as usize].push(ShardMsg::ReplayReply { conn, frames, topics });
+                    self.outgoing[from as usize].push(ShardMsg::ReplayReply {
+                        conn,
+                        frames,
+                        topics,
+                    });
                 }
-                ShardMsg::ReplayReply { conn, frames, topics } => {
-                    self.handle_replay_reply(conn, frames, topics)
-                }
+                ShardMsg::ReplayReply {
+                    conn,
+                    frames,
+                    topics,
+                } => self.handle_replay_reply(conn, frames, topics),
                 ShardMsg::Shutdown => self.shutting_down = true,
             }
         }
@@ -1200,7 +1245,9 @@ impl Shard {
             })
             .collect();
         let shard_stats = &self.shared.shards[self.id as usize];
-        shard_stats.ring_bytes.store(self.store.ring_bytes(), Ordering::Relaxed);
+        shard_stats
+            .ring_bytes
+            .store(self.store.ring_bytes(), Ordering::Relaxed);
         *shard_stats.conns.lock().unwrap_or_else(|e| e.into_inner()) = list;
     }
 
@@ -1268,7 +1315,11 @@ fn enqueue(
     }
     match mode {
         DeliveryMode::Latest => {
-            if conn.conflated.insert(topic.to_string(), frame.clone()).is_some() {
+            if conn
+                .conflated
+                .insert(topic.to_string(), frame.clone())
+                .is_some()
+            {
                 counters.conflated += 1;
                 conn.stats.conflated += 1;
             }
@@ -1277,7 +1328,13 @@ fn enqueue(
         DeliveryMode::All | DeliveryMode::Default => {
             counters.dropped_all += 1;
             conn.stats.lagged += 1;
-            conn.lag.insert(topic.to_string(), Lag { next_seq: data_seq(frame), requested: false });
+            conn.lag.insert(
+                topic.to_string(),
+                Lag {
+                    next_seq: data_seq(frame),
+                    requested: false,
+                },
+            );
             Ok(())
         }
         DeliveryMode::Disconnect => Err(()),

@@ -107,7 +107,9 @@ impl TopicStore {
 
     fn evict(&mut self) {
         while self.ring_bytes > self.max_ring_bytes {
-            let Some(id) = self.order.pop_front() else { return };
+            let Some(id) = self.order.pop_front() else {
+                return;
+            };
             let oldest = self.topics[id as usize].ring.pop_front();
             self.ring_bytes -= oldest.map_or(0, |f| f.len());
         }
@@ -149,12 +151,20 @@ impl TopicStore {
             out.push(gap_frame(topic, from_seq, oldest - 1));
         }
         let start = from_seq.max(oldest);
-        for (i, frame) in entry.ring.iter().enumerate().skip((start - oldest) as usize) {
+        for (i, frame) in entry
+            .ring
+            .iter()
+            .enumerate()
+            .skip((start - oldest) as usize)
+        {
             if *budget < frame.len() && i as u64 > start - oldest {
                 return Replay::More(oldest + i as u64);
             }
             *budget = budget.saturating_sub(frame.len());
-            out.push(Arc::from(proto::data_frame_with_flags(frame, DATA_FLAG_REPLAY)));
+            out.push(Arc::from(proto::data_frame_with_flags(
+                frame,
+                DATA_FLAG_REPLAY,
+            )));
         }
         Replay::CaughtUp
     }
@@ -171,7 +181,8 @@ impl TopicStore {
         lagged: &mut Vec<(String, u64)>,
     ) {
         let mut topics = Vec::new();
-        self.ids.for_each_matching(pattern, |topic, _| topics.push(topic.to_string()));
+        self.ids
+            .for_each_matching(pattern, |topic, _| topics.push(topic.to_string()));
         for topic in topics {
             let from_seq = positions.get(&topic).map_or(1, |last| last + 1);
             if let Replay::More(next) = self.replay(&topic, from_seq, budget, out) {
@@ -186,7 +197,11 @@ pub fn gap_frame(topic: &str, from_seq: u64, to_seq: u64) -> SharedFrame {
     let mut buf = Vec::new();
     proto::encode_control(
         &mut buf,
-        &Frame::Gap(Gap { topic: topic.to_string(), from_seq, to_seq }),
+        &Frame::Gap(Gap {
+            topic: topic.to_string(),
+            from_seq,
+            to_seq,
+        }),
     );
     buf.into()
 }
@@ -197,7 +212,12 @@ mod tests {
     use crate::proto::{decode_frame, Decoded};
 
     fn publish(store: &mut TopicStore, topic: &str, payload: &[u8]) -> SharedFrame {
-        let p = PublishRef { topic, source_ts_ns: 7, quality: 192, payload };
+        let p = PublishRef {
+            topic,
+            source_ts_ns: 7,
+            quality: 192,
+            payload,
+        };
         store.ingest(&p, 9, &mut Vec::new())
     }
 
@@ -209,7 +229,9 @@ mod tests {
                 Decoded::Frame(Frame::Data { header, topic, .. }, _) => {
                     format!("{topic}#{} f{}", header.seq, header.flags)
                 }
-                Decoded::Frame(Frame::Gap(g), _) => format!("gap {} {}..={}", g.topic, g.from_seq, g.to_seq),
+                Decoded::Frame(Frame::Gap(g), _) => {
+                    format!("gap {} {}..={}", g.topic, g.from_seq, g.to_seq)
+                }
                 other => format!("{other:?}"),
             })
             .collect()
@@ -241,17 +263,26 @@ mod tests {
         assert_eq!(store.ring_bytes(), 3 * frame_len);
         let mut out = Vec::new();
         let mut budget = usize::MAX;
-        assert_eq!(store.replay("t", 1, &mut budget, &mut out), Replay::CaughtUp);
+        assert_eq!(
+            store.replay("t", 1, &mut budget, &mut out),
+            Replay::CaughtUp
+        );
         assert_eq!(describe(&out), ["gap t 1..=2", "t#3 f2", "t#4 f2"]);
         out.clear();
-        assert_eq!(store.replay("t", 5, &mut budget, &mut out), Replay::CaughtUp);
+        assert_eq!(
+            store.replay("t", 5, &mut budget, &mut out),
+            Replay::CaughtUp
+        );
         assert!(out.is_empty());
     }
 
     #[test]
     fn replay_stops_at_the_budget_and_says_where_to_continue() {
         let mut store = TopicStore::new(1 << 20);
-        let len = (0..10).map(|_| publish(&mut store, "t", b"p").len()).last().unwrap();
+        let len = (0..10)
+            .map(|_| publish(&mut store, "t", b"p").len())
+            .last()
+            .unwrap();
         let mut out = Vec::new();
         let mut budget = 3 * len;
         assert_eq!(store.replay("t", 2, &mut budget, &mut out), Replay::More(5));
@@ -270,7 +301,13 @@ mod tests {
         }
         let positions = HashMap::from([("a/x".to_string(), 2u64)]);
         let (mut out, mut lagged) = (Vec::new(), Vec::new());
-        store.resume("a/#", &positions, &mut usize::MAX.clone(), &mut out, &mut lagged);
+        store.resume(
+            "a/#",
+            &positions,
+            &mut usize::MAX.clone(),
+            &mut out,
+            &mut lagged,
+        );
         let mut got = describe(&out);
         got.sort();
         assert_eq!(got, ["a/x#3 f2", "a/y#1 f2"]);

@@ -290,7 +290,10 @@ fn overflow_then_drain(ring_bytes: usize, messages: u64) -> Vec<Result<u64, (u64
         }
     }
     let stats: serde_json::Value = serde_json::from_str(&engine.stats_json()).unwrap();
-    assert!(stats["totals"]["dropped_all"].as_u64().unwrap() > 0, "the outbox never overflowed: {stats}");
+    assert!(
+        stats["totals"]["dropped_all"].as_u64().unwrap() > 0,
+        "the outbox never overflowed: {stats}"
+    );
     engine.shutdown_handle().shutdown();
     engine.join().unwrap();
     got
@@ -301,7 +304,12 @@ fn all_mode_overflow_catches_up_from_the_ring_exactly_once_in_order() {
     let messages = 30_000;
     let got = overflow_then_drain(64 << 20, messages);
     let expected: Vec<_> = (1..=messages).map(Ok).collect();
-    assert!(got == expected, "received {} items, first mismatch at {:?}", got.len(), got.iter().zip(&expected).position(|(a, b)| a != b));
+    assert!(
+        got == expected,
+        "received {} items, first mismatch at {:?}",
+        got.len(),
+        got.iter().zip(&expected).position(|(a, b)| a != b)
+    );
 }
 
 #[test]
@@ -324,5 +332,115 @@ fn all_mode_overflow_past_the_ring_reports_exact_gaps() {
         }
     }
     assert_eq!(next, messages + 1);
-    assert!(got.iter().any(|i| i.is_err()), "a ring this small must have lost something");
+    assert!(
+        got.iter().any(|i| i.is_err()),
+        "a ring this small must have lost something"
+    );
+}
+
+#[test]
+fn snapshot_then_live_has_no_gap_and_no_duplicate_while_publishers_run() {
+    let engine = engine(2);
+    let addr = engine.local_addr();
+    const TOPICS: usize = 8;
+    const ROUNDS: u32 = 3000;
+    let publisher = std::thread::spawn(move || {
+        let mut p = Raw::connect(addr);
+        for round in 0..ROUNDS {
+            for t in 0..TOPICS {
+                p.publish(&format!("s/{t}"), &round.to_le_bytes());
+            }
+        }
+        p.send(&Frame::Ping { nonce: 9 });
+        while !matches!(p.next_frame_kind(), Got::Other(s) if s.starts_with("Pong")) {}
+    });
+    // Subscribe at staggered moments while the publisher runs; each must see, per topic, the
+    // snapshot value (or the first message) then every later sequence number exactly once.
+    let mut subscribers = Vec::new();
+    for i in 0..6 {
+        let mut s = Raw::connect(addr);
+        let snapshot = s.subscribe(1, "s/#");
+        subscribers.push((s, snapshot));
+        std::thread::sleep(Duration::from_millis(2 * i));
+    }
+    publisher.join().unwrap();
+    for (mut s, snapshot) in subscribers {
+        // Live frames from an owner that already answered may precede SUBACK, so the frames
+        // before it and after it are checked alike.
+        let mut last: std::collections::HashMap<String, u64> = Default::default();
+        let check = |last: &mut std::collections::HashMap<String, u64>,
+                     topic: String,
+                     seq: u64,
+                     flag: bool| match last.insert(topic.clone(), seq) {
+            None => assert!(
+                flag || seq == 1,
+                "{topic}: first frame is neither snapshot nor seq 1"
+            ),
+            Some(prev) => {
+                assert!(!flag, "{topic}: a second snapshot frame");
+                assert_eq!(
+                    seq,
+                    prev + 1,
+                    "{topic}: gap or duplicate between snapshot and live"
+                );
+            }
+        };
+        for (topic, seq, flag, _) in snapshot {
+            check(&mut last, topic, seq, flag);
+        }
+        while last.len() < TOPICS || last.values().any(|&seq| seq < ROUNDS as u64) {
+            let (topic, seq, flag, _) = s.next_data();
+            check(&mut last, topic, seq, flag);
+        }
+    }
+    engine.shutdown_handle().shutdown();
+    engine.join().unwrap();
+}
+
+#[test]
+fn latest_mode_slow_reader_ends_with_the_final_value_of_every_topic() {
+    let mut config = Config::default();
+    config.server.listen = "127.0.0.1:0".parse().unwrap();
+    config.server.threads = 2;
+    config.server.pin_threads = false;
+    config.delivery.queue_max_messages = 16;
+    let engine = Engine::start(config).unwrap();
+    let (mut publisher, mut subscriber) = clients_on_two_reactors(engine.local_addr());
+    subscriber.send(&Frame::Subscribe(Subscribe {
+        sub_id: 1,
+        pattern: "l/+".into(),
+        mode: DeliveryMode::Latest,
+        resume: vec![],
+    }));
+    while !matches!(subscriber.next_frame_kind(), Got::Other(s) if s.starts_with("SubAck")) {}
+    const TOPICS: u32 = 20;
+    const ROUNDS: u32 = 2000;
+    for round in 1..=ROUNDS {
+        for t in 0..TOPICS {
+            publisher.publish(
+                &format!("l/{t}"),
+                &[0u8; 200][..100 + (round % 100) as usize],
+            );
+        }
+    }
+    let mut newest: std::collections::HashMap<String, u64> = Default::default();
+    let mut received = 0u64;
+    while newest.len() < TOPICS as usize || newest.values().any(|&seq| seq < ROUNDS as u64) {
+        let (topic, seq, _, _) = subscriber.next_data();
+        let prev = newest.insert(topic.clone(), seq).unwrap_or(0);
+        assert!(
+            seq > prev,
+            "{topic}: {seq} after {prev}: conflation must keep per-topic order"
+        );
+        received += 1;
+    }
+    let total = (TOPICS * ROUNDS) as u64;
+    let stats: serde_json::Value = serde_json::from_str(&engine.stats_json()).unwrap();
+    let conflated = stats["totals"]["conflated"].as_u64().unwrap();
+    assert!(
+        received < total && conflated > 0,
+        "nothing was conflated ({received} of {total}): the test did not overflow"
+    );
+    engine.shutdown_handle().shutdown();
+    engine.join().unwrap();
 }
