@@ -25,7 +25,7 @@ use notify::{Inbox, Mailbox, Notifier};
 use shard::{Shard, ShardMsg, WAKER_TOKEN};
 
 /// Bound of each shard's inbox, in messages (each message is a batch from one loop turn).
-const INBOX_CAPACITY: usize = 4096;
+const INBOX_CAPACITY: usize = 256;
 /// At most this many shards: subscription snapshot state is a u64 bitmask of shards.
 pub const MAX_SHARDS: usize = 64;
 
@@ -79,6 +79,7 @@ pub(crate) struct ShardStats {
     pub keepalive_timeouts: AtomicU64,
     pub handshake_timeouts: AtomicU64,
     pub ring_bytes: AtomicUsize,
+    pub throttled_turns: AtomicU64,
     /// Per-connection figures, refreshed by the shard every `CONN_STATS_EVERY`.
     pub conns: std::sync::Mutex<Vec<serde_json::Value>>,
 }
@@ -97,7 +98,7 @@ pub(crate) struct EngineShared {
 impl EngineShared {
     /// The engine's counters as a JSON document: totals, then one object per shard.
     pub fn stats_json(&self) -> String {
-        let fields: [(&str, fn(&ShardStats) -> u64); 15] = [
+        let fields: [(&str, fn(&ShardStats) -> u64); 16] = [
             ("connections", |s| {
                 s.connections.load(Ordering::Relaxed) as u64
             }),
@@ -127,6 +128,7 @@ impl EngineShared {
             ("ring_bytes", |s| {
                 s.ring_bytes.load(Ordering::Relaxed) as u64
             }),
+            ("throttled_turns", |s| s.throttled_turns.load(Ordering::Relaxed)),
         ];
         let mut totals = serde_json::Map::new();
         for (name, get) in fields {

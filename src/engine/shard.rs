@@ -20,7 +20,7 @@
 //! per connection, `MAX_INBOX_MSGS` cross-shard messages and `MAX_WRITES_PER_FLUSH` writes per
 //! connection; whatever is left is resumed on the next turn without sleeping.
 
-use std::collections::HashMap;
+use ahash::HashMap;
 use std::io::{self, IoSlice, Read, Write};
 use std::net::Shutdown;
 use std::sync::atomic::Ordering;
@@ -47,18 +47,23 @@ const LISTENER_TOKEN: Token = Token(usize::MAX - 2);
 
 /// Readiness events taken per `poll` call.
 const MAX_EVENTS: usize = 1024;
-/// Bytes read from one connection per loop turn before moving on to the others.
-const READ_BUDGET_BYTES: usize = 256 * 1024;
+/// Bytes read from one connection per loop turn before moving on to the others. Small enough
+/// that one turn's fan-out leaves every subscriber's frames for a single vectored write.
+const READ_BUDGET_BYTES: usize = 64 * 1024;
 /// Size of a connection's read buffer; grows to the largest frame in flight, shrinks back.
 const READ_BUFFER_BYTES: usize = 64 * 1024;
-/// Cross-shard messages handled per loop turn.
+/// Cross-shard messages handled per loop turn, and frames (in publish and delivery batches):
+/// whichever bound is reached first ends the turn's share of the inbox.
 const MAX_INBOX_MSGS: usize = 256;
+const MAX_INBOX_FRAMES: usize = 16 * 1024;
 /// Vectored writes per connection per flush; a connection with more left stays dirty.
 const MAX_WRITES_PER_FLUSH: usize = 4;
 /// Slices per vectored write (Linux IOV_MAX is 1024).
-const MAX_IOVECS: usize = 256;
+const MAX_IOVECS: usize = 1024;
 /// Bytes per vectored write.
-const MAX_WRITE_BYTES: usize = 256 * 1024;
+const MAX_WRITE_BYTES: usize = 512 * 1024;
+/// Longest sleep while reads are held back for a peer shard whose inbox is full.
+const THROTTLE_NAP: Duration = Duration::from_micros(200);
 /// Connections accepted per loop turn.
 const MAX_ACCEPTS: usize = 256;
 /// How often keep-alive and handshake deadlines are checked.
@@ -211,6 +216,8 @@ struct Counters {
     keepalive_timeouts: u64,
     handshake_timeouts: u64,
     accepted: u64,
+    /// Loop turns that held socket reads back because a peer shard's inbox was full.
+    throttled_turns: u64,
 }
 
 pub(crate) struct Shard {
@@ -240,6 +247,10 @@ pub(crate) struct Shard {
     counters: Counters,
     published: Counters,
     shutting_down: bool,
+    /// A peer's inbox was full at the end of the last turn: socket reads wait (the publishers
+    /// feel TCP backpressure) until it has taken this shard's backlog. Bounds what the engine
+    /// holds for a peer to about one turn of input.
+    throttled: bool,
 }
 
 /// A fatal error on a connection: the ERROR frame to send before closing.
@@ -301,6 +312,7 @@ impl Shard {
             counters: Counters::default(),
             published: Counters::default(),
             shutting_down: false,
+            throttled: false,
         })
     }
 
@@ -308,9 +320,11 @@ impl Shard {
     pub(crate) fn run(mut self) -> io::Result<()> {
         let mut events = Events::with_capacity(MAX_EVENTS);
         while !self.shutting_down {
-            let busy = !self.dirty.is_empty() || !self.read_again.is_empty();
+            let busy = !self.dirty.is_empty() || (!self.read_again.is_empty() && !self.throttled);
             let timeout = if busy || !self.inbox.arm_and_check_empty() {
                 Duration::ZERO
+            } else if self.throttled {
+                THROTTLE_NAP
             } else {
                 self.next_tick.saturating_duration_since(Instant::now())
             };
@@ -332,13 +346,19 @@ impl Shard {
                             }
                         }
                         if event.is_readable() || event.is_read_closed() || event.is_error() {
-                            self.handle_readable(slot, now);
+                            if self.throttled {
+                                self.read_again.push(slot);
+                            } else {
+                                self.handle_readable(slot, now);
+                            }
                         }
                     }
                 }
             }
-            for slot in std::mem::take(&mut self.read_again) {
-                self.handle_readable(slot, now);
+            if !self.throttled {
+                for slot in std::mem::take(&mut self.read_again) {
+                    self.handle_readable(slot, now);
+                }
             }
             self.drain_inbox(now);
             if now >= self.next_tick {
@@ -435,8 +455,8 @@ impl Shard {
             writable: false,
             in_dirty: false,
             stamp: 0,
-            conflated: HashMap::new(),
-            lag: HashMap::new(),
+            conflated: HashMap::default(),
+            lag: HashMap::default(),
             stats: ConnCounters::default(),
         });
         // Data may have arrived before registration: edge-triggered readiness would not report it.
@@ -951,10 +971,24 @@ impl Shard {
     // ----- cross-shard messages -----
 
     fn drain_inbox(&mut self, now: Instant) {
+        let mut frames_budget = MAX_INBOX_FRAMES;
         for _ in 0..MAX_INBOX_MSGS {
+            if frames_budget == 0 {
+                return;
+            }
             let Ok(msg) = self.inbox.rx.try_recv() else {
                 return;
             };
+            match &msg {
+                // A publish batch holds frames of at least PUBLISH_FIXED_BYTES each.
+                ShardMsg::Publish(buf) => {
+                    frames_budget = frames_budget.saturating_sub(buf.len() / 64 + 1)
+                }
+                ShardMsg::Deliver { frames, .. } => {
+                    frames_budget = frames_budget.saturating_sub(frames.len())
+                }
+                _ => {}
+            }
             match msg {
                 ShardMsg::NewConn { stream, conn_id } => self.add_conn(stream, conn_id, now),
                 ShardMsg::Publish(buf) => self.handle_publish_batch(&buf),
@@ -1036,6 +1070,10 @@ impl Shard {
             }
             // A full inbox means the peer is behind; keep the rest, in order, for the next turn.
             self.outgoing[peer] = kept;
+        }
+        self.throttled = self.outgoing.iter().any(|q| !q.is_empty());
+        if self.throttled {
+            self.counters.throttled_turns += 1;
         }
     }
 
@@ -1259,6 +1297,7 @@ impl Shard {
             && c.writes == p.writes
             && c.protocol_errors == p.protocol_errors
             && c.accepted == p.accepted
+            && c.throttled_turns == p.throttled_turns
         {
             return;
         }
@@ -1278,6 +1317,7 @@ impl Shard {
         s.handshake_timeouts
             .store(c.handshake_timeouts, Ordering::Relaxed);
         s.accepted.store(c.accepted, Ordering::Relaxed);
+        s.throttled_turns.store(c.throttled_turns, Ordering::Relaxed);
         s.connections
             .store(self.conns.len() - self.free_slots.len(), Ordering::Relaxed);
         s.subscriptions.store(self.index.len(), Ordering::Relaxed);

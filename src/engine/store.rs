@@ -5,11 +5,13 @@
 //! their topic. Frames are shared (`Arc`), so a frame in the ring, the retained slot and a dozen
 //! outboxes is one allocation.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
+
+use ahash::HashMap;
 use std::sync::Arc;
 
 use super::outbox::SharedFrame;
-use crate::proto::{self, Frame, Gap, PublishRef, DATA_FLAG_REPLAY, DATA_FLAG_SNAPSHOT};
+use crate::proto::{self, Frame, Gap, PublishRef, DATA_FLAG_SNAPSHOT};
 use crate::topic::TopicTree;
 
 struct TopicEntry {
@@ -129,8 +131,9 @@ impl TopicStore {
         }
     }
 
-    /// Every message of `topic` from `from_seq` on, flagged REPLAY, up to `budget` bytes (at least
-    /// one frame). Messages no longer in the ring are named by a GAP frame first.
+    /// Every message of `topic` from `from_seq` on, up to `budget` bytes (at least one frame).
+    /// Messages no longer in the ring are named by a GAP frame first. The frames are the very ones
+    /// sent live (shared, not copied): a replayed message is byte-identical to the original.
     pub fn replay(
         &self,
         topic: &str,
@@ -161,10 +164,7 @@ impl TopicStore {
                 return Replay::More(oldest + i as u64);
             }
             *budget = budget.saturating_sub(frame.len());
-            out.push(Arc::from(proto::data_frame_with_flags(
-                frame,
-                DATA_FLAG_REPLAY,
-            )));
+            out.push(frame.clone());
         }
         Replay::CaughtUp
     }
@@ -267,7 +267,7 @@ mod tests {
             store.replay("t", 1, &mut budget, &mut out),
             Replay::CaughtUp
         );
-        assert_eq!(describe(&out), ["gap t 1..=2", "t#3 f2", "t#4 f2"]);
+        assert_eq!(describe(&out), ["gap t 1..=2", "t#3 f0", "t#4 f0"]);
         out.clear();
         assert_eq!(
             store.replay("t", 5, &mut budget, &mut out),
@@ -286,7 +286,7 @@ mod tests {
         let mut out = Vec::new();
         let mut budget = 3 * len;
         assert_eq!(store.replay("t", 2, &mut budget, &mut out), Replay::More(5));
-        assert_eq!(describe(&out), ["t#2 f2", "t#3 f2", "t#4 f2"]);
+        assert_eq!(describe(&out), ["t#2 f0", "t#3 f0", "t#4 f0"]);
         // At least one frame even when the budget is spent, so a replay always progresses.
         out.clear();
         assert_eq!(store.replay("t", 5, &mut 0, &mut out), Replay::More(6));
@@ -299,7 +299,7 @@ mod tests {
         for topic in ["a/x", "a/x", "a/y", "a/x"] {
             publish(&mut store, topic, b"p");
         }
-        let positions = HashMap::from([("a/x".to_string(), 2u64)]);
+        let positions: HashMap<String, u64> = [("a/x".to_string(), 2u64)].into_iter().collect();
         let (mut out, mut lagged) = (Vec::new(), Vec::new());
         store.resume(
             "a/#",
@@ -310,7 +310,7 @@ mod tests {
         );
         let mut got = describe(&out);
         got.sort();
-        assert_eq!(got, ["a/x#3 f2", "a/y#1 f2"]);
+        assert_eq!(got, ["a/x#3 f0", "a/y#1 f0"]);
         assert!(lagged.is_empty());
     }
 }

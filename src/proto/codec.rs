@@ -262,9 +262,39 @@ impl<'a> Body<'a> {
     }
 }
 
+/// Before it allocates a string or a vector, bincode claims `length * size_of::<element>()`
+/// bytes against its configured limit (and every integer at its in-memory size). With no limit,
+/// a 14-byte HELLO whose client_id length says 2^40 makes it allocate that much: the process
+/// aborts. An honest body claims at most 16 bytes per body byte (a `TopicPosition` is 32 bytes
+/// in memory and at least 2 on the wire), so this many per body byte, plus the slack, never
+/// refuses a valid frame.
+const CLAIM_BYTES_PER_BODY_BYTE: usize = 32;
+const CLAIM_SLACK_BYTES: usize = 256;
+
+/// Decodes a bincode control body. Its length fields cannot make bincode allocate more than the
+/// limit tier holding the body's budget (`CLAIM_BYTES_PER_BODY_BYTE` per byte plus the slack),
+/// which is less than 64 times that budget.
 fn control<T: Decode<()>>(kind: &'static str, body: &[u8]) -> Result<T, DecodeError> {
-    let (value, used) = bincode::decode_from_slice(body, bincode_config())
-        .map_err(|e| malformed(kind, e.to_string()))?;
+    let budget = body
+        .len()
+        .saturating_mul(CLAIM_BYTES_PER_BODY_BYTE)
+        .saturating_add(CLAIM_SLACK_BYTES);
+    // bincode takes its limit as a const generic: use the smallest tier that holds the budget.
+    // The limit only affects decoding; the wire format is `bincode_config()`'s.
+    let config = bincode::config::standard();
+    let decoded = if budget <= 1 << 12 {
+        bincode::decode_from_slice(body, config.with_limit::<{ 1 << 12 }>())
+    } else if budget <= 1 << 18 {
+        bincode::decode_from_slice(body, config.with_limit::<{ 1 << 18 }>())
+    } else if budget <= 1 << 24 {
+        bincode::decode_from_slice(body, config.with_limit::<{ 1 << 24 }>())
+    } else if budget <= 1 << 30 {
+        bincode::decode_from_slice(body, config.with_limit::<{ 1 << 30 }>())
+    } else {
+        // A body is at most u32::MAX bytes, so its budget is below 2^38.
+        bincode::decode_from_slice(body, config.with_limit::<{ 1 << 38 }>())
+    };
+    let (value, used) = decoded.map_err(|e| malformed(kind, e.to_string()))?;
     if used != body.len() {
         return Err(malformed(
             kind,

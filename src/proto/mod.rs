@@ -19,6 +19,8 @@
 
 mod codec;
 mod frames;
+#[cfg(test)]
+mod tests;
 
 pub use codec::{
     data_frame_topic, data_frame_with_flags, decode_frame, encode_control, encode_data,

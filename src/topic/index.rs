@@ -1,6 +1,6 @@
 //! [`TopicIndex`]: the subscription trie, matched against every published topic.
 
-use std::collections::HashMap;
+use ahash::HashMap;
 use std::str::Split;
 
 use super::{levels, split_pattern};
@@ -39,7 +39,7 @@ struct Node<V> {
 impl<V> Default for Node<V> {
     fn default() -> Self {
         Node {
-            children: HashMap::new(),
+            children: HashMap::default(),
             plus: None,
             values: Vec::new(),
             hash_values: Vec::new(),

@@ -99,7 +99,10 @@ proptest! {
     #![proptest_config(ProptestConfig::with_cases(512))]
 
     #[test]
-    fn index_matches_equal_the_naive_definition(ops in ops(), topics in prop::collection::vec(topic(), 1..10)) {
+    fn index_matches_equal_the_naive_definition(
+        ops in ops(),
+        topics in prop::collection::vec(topic(), 1..10),
+    ) {
         let (index, model) = apply(&ops);
         for topic in &topics {
             let expected = naive_matches(&model, topic);

@@ -1,6 +1,6 @@
 //! [`TopicTree`]: values keyed by topic, walked by pattern (the retained values).
 
-use std::collections::HashMap;
+use ahash::HashMap;
 use std::str::Split;
 
 /// A map from topic to `T`, stored as a trie of levels so that the topics matching a pattern
@@ -23,7 +23,7 @@ struct Node<T> {
 impl<T> Default for Node<T> {
     fn default() -> Self {
         Node {
-            children: HashMap::new(),
+            children: HashMap::default(),
             entry: None,
         }
     }
