@@ -1,1 +1,329 @@
-fn main() {}
+//! `lanpush-bench`: latency and throughput of a push broker under a plant-like load, measured
+//! free of coordinated omission (see `bench/README.md`).
+//!
+//! ```text
+//! lanpush-bench fanout --subscribers 100 --rate 10000 --duration 10
+//! lanpush-bench fanin  --publishers 100 --rate 100000 --json fanin.json
+//! lanpush-bench plant  --scenario bench/scenarios/plant.toml --hgrm plant.hgrm
+//! lanpush-bench run bench/scenarios/fanout-100.toml --target mqtt://127.0.0.1:1883
+//! lanpush-bench plot a.json b.json --out ab.svg
+//! ```
+
+mod clock;
+mod driver;
+mod engine;
+mod error;
+mod hgrm;
+mod lanpush_driver;
+mod params;
+mod peers;
+mod plot;
+mod publisher;
+mod recorder;
+mod report;
+mod runner;
+mod scenario;
+mod subscriber;
+mod sys;
+#[cfg(test)]
+mod testutil;
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+use crate::driver::Driver;
+use crate::engine::EngineProcess;
+use crate::error::BenchError;
+use crate::params::{ParamArgs, Params, ScenarioKind};
+use crate::report::{RunResult, TargetInfo};
+
+#[derive(Parser)]
+#[command(
+    name = "lanpush-bench",
+    version,
+    about = "Latency (free of coordinated omission) and throughput of lanpush and its peers",
+    long_about = "Latency is measured from the time each message was scheduled to be sent (written \
+                  into its payload) to the time it arrived, so stalls count against every message \
+                  they delay. By default the tool starts `lanpush serve` on 127.0.0.1 itself."
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// P publishers (default 1) to S subscribers (default 10) on one topic.
+    Fanout(RunArgs),
+    /// P publishers (default 10), one topic each, to S subscribers (default 1) on a wildcard.
+    Fanin(RunArgs),
+    /// G gateways publish T tags every C ms as a burst; H HMIs watch overlapping patterns.
+    Plant(RunArgs),
+    /// Runs the scenario a file names (its `scenario` key); flags override the file.
+    Run {
+        /// A scenario file, e.g. bench/scenarios/fanout-100.toml.
+        file: PathBuf,
+        #[command(flatten)]
+        args: RunArgs,
+    },
+    /// Plots saved results (--json files) into one latency-by-percentile chart.
+    Plot {
+        /// Result files written by --json.
+        #[arg(required = true)]
+        results: Vec<PathBuf>,
+        /// The SVG to write.
+        #[arg(long, short)]
+        out: PathBuf,
+        /// Chart title.
+        #[arg(long, default_value = "Latency by percentile")]
+        title: String,
+    },
+}
+
+#[derive(clap::Args, Clone)]
+struct RunArgs {
+    #[command(flatten)]
+    params: ParamArgs,
+    /// Scenario file (TOML, same keys as the flags); flags override it.
+    #[arg(long, value_name = "FILE")]
+    scenario: Option<PathBuf>,
+    /// A lanpush engine that is already running (host:port); default: start one on loopback.
+    #[arg(long, value_name = "ADDR", conflicts_with = "target")]
+    server: Option<String>,
+    /// Another broker: mqtt://host:port, nats://host:port, redis://host:port
+    /// (or lanpush://host:port, the same as --server).
+    #[arg(long, value_name = "URL")]
+    target: Option<String>,
+    /// The lanpush binary to start (default: `lanpush` next to this executable).
+    #[arg(long, value_name = "PATH")]
+    engine_bin: Option<PathBuf>,
+    /// Write the latency histogram as HdrHistogram percentile-distribution text (µs).
+    #[arg(long, value_name = "FILE")]
+    hgrm: Option<PathBuf>,
+    /// Write parameters, counts, rates, percentiles and the histogram as JSON.
+    #[arg(long, value_name = "FILE")]
+    json: Option<PathBuf>,
+    /// Write a latency-by-percentile SVG of this run and any --overlay runs.
+    #[arg(long, value_name = "FILE.svg")]
+    plot: Option<PathBuf>,
+    /// Earlier results (--json files, comma-separated) to draw on the --plot chart too.
+    #[arg(
+        long,
+        value_name = "A.json,B.json",
+        value_delimiter = ',',
+        requires = "plot"
+    )]
+    overlay: Vec<PathBuf>,
+    /// No progress line.
+    #[arg(long, short)]
+    quiet: bool,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let outcome = match cli.command {
+        Command::Fanout(args) => run_command(ScenarioKind::Fanout, None, args),
+        Command::Fanin(args) => run_command(ScenarioKind::Fanin, None, args),
+        Command::Plant(args) => run_command(ScenarioKind::Plant, None, args),
+        Command::Run { file, args } => match ParamArgs::from_file(&file) {
+            Ok(from_file) => match from_file.scenario {
+                Some(kind) => run_command(kind, Some(from_file), args),
+                None => Err(BenchError::Scenario(format!(
+                    "{}: no `scenario = \"fanout\" | \"fanin\" | \"plant\"` key",
+                    file.display()
+                ))),
+            },
+            Err(e) => Err(e),
+        },
+        Command::Plot {
+            results,
+            out,
+            title,
+        } => plot_command(&results, &out, &title),
+    };
+    match outcome {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("lanpush-bench: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// What a run talks to.
+struct Target {
+    driver: Box<dyn Driver>,
+    info: TargetInfo,
+    /// The engine the tool started, if it did; dropping it stops the engine.
+    engine: Option<EngineProcess>,
+}
+
+/// The driver for the target the flags name, and the engine process if the tool started one.
+fn make_target(args: &RunArgs, params: &Params) -> Result<Target, BenchError> {
+    let lanpush = |addr: &str, engine_started: bool| -> Result<_, BenchError> {
+        let driver = lanpush_driver::LanpushDriver::new(addr)
+            .map_err(BenchError::connect(format!("resolving {addr}")))?;
+        Ok((
+            Box::new(driver) as Box<dyn Driver>,
+            TargetInfo {
+                driver: "lanpush".into(),
+                address: addr.to_string(),
+                engine_started,
+            },
+        ))
+    };
+    if let Some(url) = &args.target {
+        if let Some(addr) = url.strip_prefix("lanpush://") {
+            let (driver, info) = lanpush(addr, false)?;
+            return Ok(Target {
+                driver,
+                info,
+                engine: None,
+            });
+        }
+        return match peers::driver_for_url(url) {
+            Some(Ok(driver)) => {
+                let info = TargetInfo {
+                    driver: driver.name().to_string(),
+                    address: url.clone(),
+                    engine_started: false,
+                };
+                Ok(Target {
+                    driver,
+                    info,
+                    engine: None,
+                })
+            }
+            Some(Err(e)) => Err(BenchError::connect(format!("target {url}"))(e)),
+            None => Err(BenchError::Usage(format!(
+                "--target {url}: expected mqtt://, nats://, redis:// or lanpush://"
+            ))),
+        };
+    }
+    if let Some(addr) = &args.server {
+        let (driver, info) = lanpush(addr, false)?;
+        return Ok(Target {
+            driver,
+            info,
+            engine: None,
+        });
+    }
+    let binary = match &args.engine_bin {
+        Some(path) => path.clone(),
+        None => engine::default_binary()?,
+    };
+    let engine = EngineProcess::start(&binary, params.engine_threads)?;
+    if !args.quiet {
+        eprintln!(
+            "started {} on {}{}",
+            engine.binary.display(),
+            engine.addr,
+            params
+                .engine_threads
+                .map_or(String::new(), |n| format!(" with {n} threads"))
+        );
+    }
+    let (driver, info) = lanpush(&engine.addr.clone(), true)?;
+    Ok(Target {
+        driver,
+        info,
+        engine: Some(engine),
+    })
+}
+
+fn run_command(
+    kind: ScenarioKind,
+    preloaded: Option<ParamArgs>,
+    args: RunArgs,
+) -> Result<(), BenchError> {
+    let from_file = match (&args.scenario, preloaded) {
+        (Some(_), Some(_)) => {
+            return Err(BenchError::Usage(
+                "`run FILE` already names a scenario file; drop --scenario".into(),
+            ))
+        }
+        (Some(path), None) => ParamArgs::from_file(path)?,
+        (None, Some(loaded)) => loaded,
+        (None, None) => ParamArgs::default(),
+    };
+    let params = Params::resolve(kind, args.params.clone().over(from_file))?;
+    // Best effort: without it, 1,000 subscribers may hit the default limit of 1,024 descriptors.
+    if let Err(e) = sys::raise_nofile_limit() {
+        eprintln!("note: could not raise the open-file limit: {e}");
+    }
+    let overlays = args
+        .overlay
+        .iter()
+        .map(|path| RunResult::load(path))
+        .collect::<Result<Vec<_>, _>>()?;
+
+    let target = make_target(&args, &params)?;
+    let engine_pid = target.engine.as_ref().map(|e| e.pid());
+    let result = runner::run(
+        &params,
+        &*target.driver,
+        target.info,
+        engine_pid,
+        args.quiet,
+    );
+    // Connections close before the engine is stopped.
+    drop(target.driver);
+    drop(target.engine);
+    let result = result?;
+
+    print!("{}", result.table());
+    if let Some(path) = &args.json {
+        result.save(path)?;
+    }
+    if let Some(path) = &args.hgrm {
+        let histogram =
+            result
+                .histogram
+                .to_histogram()
+                .map_err(|reason| BenchError::BadResult {
+                    path: path.display().to_string(),
+                    reason,
+                })?;
+        let title = format!(
+            "lanpush-bench {} | latency from intended send time",
+            result.label
+        );
+        write_file(path, &hgrm::percentile_distribution(&histogram, &title))?;
+    }
+    if let Some(path) = &args.plot {
+        let mut runs = vec![result];
+        runs.extend(overlays);
+        let title = format!("Latency by percentile: {}", runs[0].params.scenario.name());
+        write_plot(&runs, path, &title)?;
+    }
+    Ok(())
+}
+
+fn plot_command(results: &[PathBuf], out: &Path, title: &str) -> Result<(), BenchError> {
+    let runs = results
+        .iter()
+        .map(|path| RunResult::load(path))
+        .collect::<Result<Vec<_>, _>>()?;
+    write_plot(&runs, out, title)
+}
+
+fn write_plot(runs: &[RunResult], out: &Path, title: &str) -> Result<(), BenchError> {
+    let mut series = Vec::with_capacity(runs.len());
+    for run in runs {
+        let histogram = run
+            .histogram
+            .to_histogram()
+            .map_err(|reason| BenchError::BadResult {
+                path: run.label.clone(),
+                reason,
+            })?;
+        series.push(plot::Series::from_histogram(run.label.clone(), &histogram));
+    }
+    write_file(out, &plot::render(title, &series))
+}
+
+fn write_file(path: &Path, text: &str) -> Result<(), BenchError> {
+    std::fs::write(path, text).map_err(BenchError::io(format!("writing {}", path.display())))
+}
