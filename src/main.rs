@@ -1,1 +1,533 @@
-fn main() {}
+//! The `lanpush` command: run the engine, print or check its config, publish, subscribe, and
+//! read its counters.
+
+use std::io::{self, BufRead, BufWriter, Write};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use lanpush::client::{
+    self, now_ns, ClientError, ClientOptions, EventRef, MessageRef, Publisher, Subscriber,
+    SubscriptionSpec, DEFAULT_SERVER, QUALITY_GOOD,
+};
+use lanpush::config::{Config, ConfigError, DEFAULT_TOML};
+use lanpush::engine::{Engine, EngineError};
+use lanpush::proto::{validate_pattern, validate_topic, DeliveryMode};
+
+#[derive(Parser)]
+#[command(
+    name = "lanpush",
+    version,
+    about = "A push engine for industrial LANs, and its command-line client."
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the engine. Prints `listening on <ip:port>` first; stops cleanly on SIGTERM/SIGINT.
+    Serve(ServeArgs),
+    /// Print the embedded default configuration, or check a config file.
+    Config(ConfigArgs),
+    /// Publish VALUE, one message per stdin line, or --count synthetic messages.
+    Pub(PubArgs),
+    /// Subscribe to patterns (`+` one level, `#` the rest) and print one line per message.
+    Sub(SubArgs),
+    /// Print the engine's counters.
+    Stats(StatsArgs),
+}
+
+#[derive(Args)]
+struct ServeArgs {
+    /// Config file; keys it leaves out keep their defaults (see `lanpush config`).
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Listen address, overriding server.listen (port 0 picks a free port).
+    #[arg(long, value_name = "ADDR")]
+    listen: Option<SocketAddr>,
+    /// Reactor threads, overriding server.threads (0: one per core).
+    #[arg(long, value_name = "N")]
+    threads: Option<usize>,
+}
+
+#[derive(Args)]
+struct ConfigArgs {
+    /// Validate FILE instead of printing the default.
+    #[arg(long, value_name = "FILE")]
+    check: Option<PathBuf>,
+}
+
+#[derive(Args)]
+struct ConnectArgs {
+    /// Engine address, host:port.
+    #[arg(long, value_name = "ADDR", default_value = DEFAULT_SERVER)]
+    server: String,
+    /// Client id shown in the engine's logs and stats.
+    #[arg(long, value_name = "ID")]
+    client_id: Option<String>,
+}
+
+impl ConnectArgs {
+    fn options(&self, role: &str) -> ClientOptions {
+        let id = self
+            .client_id
+            .clone()
+            .unwrap_or_else(|| format!("lanpush-{role}-{}", std::process::id()));
+        ClientOptions::new(self.server.clone()).client_id(id)
+    }
+}
+
+#[derive(Args)]
+struct PubArgs {
+    #[command(flatten)]
+    connect: ConnectArgs,
+    /// Topic to publish on (no wildcards).
+    topic: String,
+    /// The value; without it (and without --count) each stdin line is one message.
+    #[arg(conflicts_with = "count")]
+    value: Option<String>,
+    /// Publish N synthetic messages: the counter 1..=N as decimal text.
+    #[arg(long, value_name = "N")]
+    count: Option<u64>,
+    /// With --count: messages per second, on a fixed schedule (default: as fast as possible).
+    #[arg(long, value_name = "R", requires = "count")]
+    rate: Option<f64>,
+    /// With --count: pad each payload with leading zeros to at least B bytes.
+    #[arg(long, value_name = "B", requires = "count")]
+    size: Option<usize>,
+    /// Quality flag sent with every message (OPC scale: 0 bad .. 192 good).
+    #[arg(long, value_name = "Q", default_value_t = QUALITY_GOOD)]
+    quality: u8,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum ModeArg {
+    All,
+    Latest,
+    Disconnect,
+}
+
+impl From<ModeArg> for DeliveryMode {
+    fn from(mode: ModeArg) -> Self {
+        match mode {
+            ModeArg::All => DeliveryMode::All,
+            ModeArg::Latest => DeliveryMode::Latest,
+            ModeArg::Disconnect => DeliveryMode::Disconnect,
+        }
+    }
+}
+
+#[derive(Args)]
+struct SubArgs {
+    #[command(flatten)]
+    connect: ConnectArgs,
+    /// Patterns to subscribe to.
+    #[arg(required = true, value_name = "PATTERN")]
+    patterns: Vec<String>,
+    /// Exit 0 after N messages (retained snapshot values count).
+    #[arg(long, value_name = "N")]
+    count: Option<u64>,
+    /// One JSON object per line.
+    #[arg(long)]
+    json: bool,
+    /// Delivery mode (default: the engine's delivery.default_mode).
+    #[arg(long, value_enum)]
+    mode: Option<ModeArg>,
+    /// Give up after SECS; exit non-zero if --count messages have not arrived by then.
+    #[arg(long, value_name = "SECS")]
+    timeout: Option<f64>,
+}
+
+#[derive(Args)]
+struct StatsArgs {
+    #[command(flatten)]
+    connect: ConnectArgs,
+    /// Print the engine's JSON as is, on one line.
+    #[arg(long)]
+    json: bool,
+}
+
+/// Why a command failed; printed on stderr as `lanpush: error: ...`.
+#[derive(Debug, thiserror::Error)]
+enum CliError {
+    #[error("{0}")]
+    Config(#[from] ConfigError),
+    #[error("engine: {0}")]
+    Engine(#[from] EngineError),
+    #[error("{0}")]
+    Client(#[from] ClientError),
+    #[error("{context}: {source}")]
+    Io {
+        context: &'static str,
+        source: io::Error,
+    },
+    #[error("{0}")]
+    Usage(String),
+    #[error("timed out after {secs} s: received {received} of {expected} messages")]
+    Timeout {
+        secs: f64,
+        received: u64,
+        expected: u64,
+    },
+}
+
+fn io_err(context: &'static str) -> impl FnOnce(io::Error) -> CliError {
+    move |source| CliError::Io { context, source }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Serve(args) => serve(args),
+        Command::Config(args) => config(args),
+        Command::Pub(args) => publish(args),
+        Command::Sub(args) => subscribe(args),
+        Command::Stats(args) => stats(args),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("lanpush: error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn serve(args: ServeArgs) -> Result<(), CliError> {
+    use signal_hook::consts::{SIGINT, SIGTERM};
+    let mut config = match &args.config {
+        Some(path) => Config::from_file(path)?,
+        None => Config::default(),
+    };
+    if let Some(listen) = args.listen {
+        config.server.listen = listen;
+    }
+    if let Some(threads) = args.threads {
+        config.server.threads = threads;
+    }
+    // Registered before the engine starts, so a signal sent as soon as the "listening on" line
+    // is read is already ours (queued until the watcher thread takes it), never the default
+    // action.
+    let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT])
+        .map_err(io_err("cannot install signal handlers"))?;
+    let engine = Engine::start(config)?;
+    {
+        let mut out = io::stdout().lock();
+        writeln!(out, "listening on {}", engine.local_addr())
+            .and_then(|()| out.flush())
+            .map_err(io_err("cannot write to stdout"))?;
+    }
+    let shutdown = engine.shutdown_handle();
+    std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || {
+            if let Some(signal) = signals.forever().next() {
+                eprintln!("lanpush: signal {signal} received, shutting down");
+                shutdown.shutdown();
+            }
+        })
+        .map_err(io_err("cannot start the signal thread"))?;
+    engine.join()?;
+    Ok(())
+}
+
+fn config(args: ConfigArgs) -> Result<(), CliError> {
+    match args.check {
+        None => print!("{DEFAULT_TOML}"),
+        Some(path) => {
+            Config::from_file(&path)?;
+            println!("{}: ok", path.display());
+        }
+    }
+    Ok(())
+}
+
+fn publish(args: PubArgs) -> Result<(), CliError> {
+    let opts = args.connect.options("pub");
+    // Checked before connecting, so the message is about the topic whatever the network does.
+    validate_topic(&args.topic, opts.max_topic_bytes).map_err(|source| ClientError::Topic {
+        topic: args.topic.clone(),
+        source,
+    })?;
+    if let Some(rate) = args.rate {
+        if !(rate.is_finite() && rate > 0.0) {
+            return Err(CliError::Usage(format!(
+                "--rate must be a positive number, got {rate}"
+            )));
+        }
+    }
+    let mut publisher = Publisher::connect(opts)?;
+    let (topic, quality) = (args.topic.as_str(), args.quality);
+    match (&args.value, args.count) {
+        (Some(value), _) => publisher.publish_with(topic, value.as_bytes(), quality, now_ns())?,
+        (None, Some(count)) => {
+            let started = Instant::now();
+            publish_synthetic(&mut publisher, topic, quality, count, args.rate, args.size)?;
+            publisher.confirm(CONFIRM_TIMEOUT)?;
+            let secs = started.elapsed().as_secs_f64();
+            eprintln!(
+                "published {count} messages in {secs:.3} s ({:.0} msg/s)",
+                count as f64 / secs.max(1e-9)
+            );
+            return Ok(());
+        }
+        (None, None) => {
+            // Our own BufReader, to see whether more input is already buffered.
+            let mut reader = io::BufReader::with_capacity(64 * 1024, io::stdin().lock());
+            let mut line = String::new();
+            loop {
+                line.clear();
+                if reader
+                    .read_line(&mut line)
+                    .map_err(io_err("cannot read stdin"))?
+                    == 0
+                {
+                    break;
+                }
+                let value = line.trim_end_matches(['\n', '\r']);
+                publisher.publish_with(topic, value.as_bytes(), quality, now_ns())?;
+                // Nothing more is buffered on stdin: send now rather than wait for more lines.
+                if reader.buffer().is_empty() {
+                    publisher.flush()?;
+                }
+            }
+        }
+    }
+    // The round trip makes an ERROR about any of our publishes arrive before we exit.
+    publisher.confirm(CONFIRM_TIMEOUT)?;
+    Ok(())
+}
+
+const CONFIRM_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Publishes 1..=count, padded to `size` bytes, at `rate` messages/s on a fixed schedule
+/// (message i is due at start + i/rate, so a late message does not delay the ones after it).
+fn publish_synthetic(
+    publisher: &mut Publisher,
+    topic: &str,
+    quality: u8,
+    count: u64,
+    rate: Option<f64>,
+    size: Option<usize>,
+) -> Result<(), CliError> {
+    let start = Instant::now();
+    let width = size.unwrap_or(0);
+    let mut payload = String::new();
+    for i in 0..count {
+        if let Some(rate) = rate {
+            let due = start + Duration::from_secs_f64(i as f64 / rate);
+            let now = Instant::now();
+            if due > now {
+                publisher.flush()?;
+                std::thread::sleep(due - now);
+            }
+        }
+        payload.clear();
+        use std::fmt::Write as _;
+        write!(payload, "{:0>width$}", i + 1).expect("writing to a String cannot fail");
+        publisher.publish_with(topic, payload.as_bytes(), quality, now_ns())?;
+    }
+    Ok(())
+}
+
+/// How often the subscribe loop wakes without traffic (it must poll within half a keep-alive).
+const SUB_POLL: Duration = Duration::from_secs(1);
+
+fn subscribe(args: SubArgs) -> Result<(), CliError> {
+    let opts = args.connect.options("sub");
+    for pattern in &args.patterns {
+        validate_pattern(pattern, opts.max_topic_bytes).map_err(|source| ClientError::Pattern {
+            pattern: pattern.clone(),
+            source,
+        })?;
+    }
+    let timeout = match args.timeout {
+        Some(secs) if secs.is_finite() && secs >= 0.0 => Some(Duration::from_secs_f64(secs)),
+        Some(secs) => {
+            return Err(CliError::Usage(format!(
+                "--timeout must be a non-negative number of seconds, got {secs}"
+            )))
+        }
+        None => None,
+    };
+    let mode = args.mode.map_or(DeliveryMode::Default, DeliveryMode::from);
+    let specs = args
+        .patterns
+        .iter()
+        .map(|p| SubscriptionSpec::new(p.clone(), mode))
+        .collect();
+    let started = Instant::now();
+    let mut sub = Subscriber::connect(opts, specs)?;
+    // Scripts and tests wait for this line before publishing.
+    eprintln!(
+        "subscribed: {} (reactor {})",
+        args.patterns.join(" "),
+        sub.welcome().map_or(0, |w| w.reactor)
+    );
+    let deadline = timeout.map(|t| started + t);
+    let mut out = BufWriter::with_capacity(64 * 1024, io::stdout().lock());
+    let mut received = 0u64;
+    let mut write_error: Option<io::Error> = None;
+    loop {
+        if args.count.is_some_and(|n| received >= n) {
+            break;
+        }
+        let wait = match deadline {
+            None => SUB_POLL,
+            Some(deadline) => {
+                let now = Instant::now();
+                if now >= deadline {
+                    out.flush().ok();
+                    return match args.count {
+                        Some(expected) => Err(CliError::Timeout {
+                            secs: args.timeout.unwrap_or(0.0),
+                            received,
+                            expected,
+                        }),
+                        None => Ok(()),
+                    };
+                }
+                (deadline - now).min(SUB_POLL)
+            }
+        };
+        sub.next_batch(wait, |event| {
+            if args.count.is_some_and(|n| received >= n) || write_error.is_some() {
+                return;
+            }
+            if let EventRef::Message(_) = event {
+                received += 1;
+            }
+            if let Err(e) = print_event(&mut out, &event, args.json) {
+                write_error = Some(e);
+            }
+        })?;
+        if let Some(e) = write_error.take().or_else(|| out.flush().err()) {
+            if e.kind() == io::ErrorKind::BrokenPipe {
+                // `lanpush sub ... | head`: the reader has what it wanted.
+                return Ok(());
+            }
+            return Err(CliError::Io {
+                context: "cannot write to stdout",
+                source: e,
+            });
+        }
+    }
+    out.flush().map_err(io_err("cannot write to stdout"))?;
+    Ok(())
+}
+
+/// One output line per event. Plain:
+/// `TOPIC seq=N src_ts=NS ingest_ts=NS q=Q [snapshot] [replay] VALUE`, where VALUE is the
+/// payload as text if it is UTF-8 without control characters, else `hex:` and its hex digits;
+/// `GAP TOPIC FROM..=TO` for a gap. JSON: an object per message with topic, seq, source_ts_ns,
+/// ingest_ts_ns, quality, snapshot, replay and value (UTF-8) or value_hex; `{"gap":{...}}`.
+/// Reconnections go to stderr.
+fn print_event(out: &mut impl Write, event: &EventRef<'_>, json: bool) -> io::Result<()> {
+    match (event, json) {
+        (EventRef::Message(m), false) => print_plain(out, m),
+        (EventRef::Message(m), true) => {
+            let text = std::str::from_utf8(m.payload).ok();
+            let line = JsonMessage {
+                topic: m.topic,
+                seq: m.seq,
+                source_ts_ns: m.source_ts_ns,
+                ingest_ts_ns: m.ingest_ts_ns,
+                quality: m.quality,
+                snapshot: m.snapshot,
+                replay: m.replay,
+                value: text,
+                value_hex: text.is_none().then(|| hex(m.payload)),
+            };
+            serde_json::to_writer(&mut *out, &line)?;
+            out.write_all(b"\n")
+        }
+        (
+            EventRef::Gap {
+                topic,
+                from_seq,
+                to_seq,
+            },
+            false,
+        ) => writeln!(out, "GAP {topic} {from_seq}..={to_seq}"),
+        (
+            EventRef::Gap {
+                topic,
+                from_seq,
+                to_seq,
+            },
+            true,
+        ) => {
+            let line = serde_json::json!({
+                "gap": { "topic": topic, "from_seq": from_seq, "to_seq": to_seq }
+            });
+            serde_json::to_writer(&mut *out, &line)?;
+            out.write_all(b"\n")
+        }
+        (EventRef::Reconnected { attempt }, _) => {
+            eprintln!("lanpush: reconnected and resumed (attempt {attempt})");
+            Ok(())
+        }
+    }
+}
+
+#[derive(serde::Serialize)]
+struct JsonMessage<'a> {
+    topic: &'a str,
+    seq: u64,
+    source_ts_ns: u64,
+    ingest_ts_ns: u64,
+    quality: u8,
+    snapshot: bool,
+    replay: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    value: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    value_hex: Option<String>,
+}
+
+fn print_plain(out: &mut impl Write, m: &MessageRef<'_>) -> io::Result<()> {
+    write!(
+        out,
+        "{} seq={} src_ts={} ingest_ts={} q={}",
+        m.topic, m.seq, m.source_ts_ns, m.ingest_ts_ns, m.quality
+    )?;
+    if m.snapshot {
+        out.write_all(b" snapshot")?;
+    }
+    if m.replay {
+        out.write_all(b" replay")?;
+    }
+    match std::str::from_utf8(m.payload) {
+        Ok(text) if !text.chars().any(char::is_control) => writeln!(out, " {text}"),
+        _ => writeln!(out, " hex:{}", hex(m.payload)),
+    }
+}
+
+fn hex(bytes: &[u8]) -> String {
+    use std::fmt::Write as _;
+    let mut s = String::with_capacity(bytes.len() * 2);
+    for b in bytes {
+        write!(s, "{b:02x}").expect("writing to a String cannot fail");
+    }
+    s
+}
+
+fn stats(args: StatsArgs) -> Result<(), CliError> {
+    let json = client::stats(&args.connect.options("stats"))?;
+    let text = if args.json {
+        json
+    } else {
+        match serde_json::from_str::<serde_json::Value>(&json) {
+            Ok(value) => serde_json::to_string_pretty(&value).unwrap_or(json),
+            Err(_) => json,
+        }
+    };
+    let mut out = io::stdout().lock();
+    writeln!(out, "{text}").map_err(io_err("cannot write to stdout"))?;
+    Ok(())
+}

@@ -95,10 +95,13 @@ pub(crate) struct EngineShared {
     pub sessions: std::sync::Mutex<std::collections::HashMap<String, u64>>,
 }
 
+/// Reads one counter of a shard, for the stats document.
+type StatField = fn(&ShardStats) -> u64;
+
 impl EngineShared {
     /// The engine's counters as a JSON document: totals, then one object per shard.
     pub fn stats_json(&self) -> String {
-        let fields: [(&str, fn(&ShardStats) -> u64); 16] = [
+        let fields: [(&str, StatField); 16] = [
             ("connections", |s| {
                 s.connections.load(Ordering::Relaxed) as u64
             }),
