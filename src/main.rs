@@ -422,10 +422,10 @@ fn subscribe(args: SubArgs) -> Result<(), CliError> {
 }
 
 /// One output line per event. Plain:
-/// `TOPIC seq=N src_ts=NS ingest_ts=NS q=Q [snapshot] [replay] VALUE`, where VALUE is the
+/// `TOPIC seq=N src_ts=NS ingest_ts=NS q=Q [snapshot] VALUE`, where VALUE is the
 /// payload as text if it is UTF-8 without control characters, else `hex:` and its hex digits;
 /// `GAP TOPIC FROM..=TO` for a gap. JSON: an object per message with topic, seq, source_ts_ns,
-/// ingest_ts_ns, quality, snapshot, replay and value (UTF-8) or value_hex; `{"gap":{...}}`.
+/// ingest_ts_ns, quality, snapshot and value (UTF-8) or value_hex; `{"gap":{...}}`.
 /// Reconnections go to stderr.
 fn print_event(out: &mut impl Write, event: &EventRef<'_>, json: bool) -> io::Result<()> {
     match (event, json) {
@@ -439,7 +439,6 @@ fn print_event(out: &mut impl Write, event: &EventRef<'_>, json: bool) -> io::Re
                 ingest_ts_ns: m.ingest_ts_ns,
                 quality: m.quality,
                 snapshot: m.snapshot,
-                replay: m.replay,
                 value: text,
                 value_hex: text.is_none().then(|| hex(m.payload)),
             };
@@ -468,8 +467,15 @@ fn print_event(out: &mut impl Write, event: &EventRef<'_>, json: bool) -> io::Re
             serde_json::to_writer(&mut *out, &line)?;
             out.write_all(b"\n")
         }
-        (EventRef::Reconnected { attempt }, _) => {
+        (EventRef::Reconnected { attempt, engine_restarted: false }, _) => {
             eprintln!("lanpush: reconnected and resumed (attempt {attempt})");
+            Ok(())
+        }
+        (EventRef::Reconnected { attempt, engine_restarted: true }, _) => {
+            eprintln!(
+                "lanpush: reconnected (attempt {attempt}) to a restarted engine: its sequence \
+                 numbers started again; messages published while it was down are unknown"
+            );
             Ok(())
         }
     }
@@ -483,7 +489,6 @@ struct JsonMessage<'a> {
     ingest_ts_ns: u64,
     quality: u8,
     snapshot: bool,
-    replay: bool,
     #[serde(skip_serializing_if = "Option::is_none")]
     value: Option<&'a str>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -498,9 +503,6 @@ fn print_plain(out: &mut impl Write, m: &MessageRef<'_>) -> io::Result<()> {
     )?;
     if m.snapshot {
         out.write_all(b" snapshot")?;
-    }
-    if m.replay {
-        out.write_all(b" replay")?;
     }
     match std::str::from_utf8(m.payload) {
         Ok(text) if !text.chars().any(char::is_control) => writeln!(out, " {text}"),

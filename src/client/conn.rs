@@ -58,6 +58,7 @@ impl Conn {
                 max_subscriptions: 0,
                 reactor: 0,
                 connection_id: 0,
+                engine_id: 0,
             },
             buf: vec![0; read_buffer_bytes.max(LEN_PREFIX_BYTES * 64)],
             start: 0,

@@ -9,7 +9,7 @@ use super::options::Reconnect;
 use super::{deadline_after, ping_interval, ClientError, ClientOptions};
 use crate::proto::{
     decode_frame, encode_control, encode_ping, encode_pong, validate_pattern, DecodeError, Decoded,
-    DeliveryMode, Frame, Subscribe, TopicPosition, Welcome, WireError, DATA_FLAG_REPLAY,
+    DeliveryMode, Frame, Subscribe, TopicPosition, Welcome, WireError,
     DATA_FLAG_SNAPSHOT,
 };
 
@@ -40,8 +40,6 @@ pub struct Message {
     pub quality: u8,
     /// The retained value sent on subscribe, not a live update.
     pub snapshot: bool,
-    /// Replayed from the engine's ring after a resume.
-    pub replay: bool,
     pub payload: Vec<u8>,
 }
 
@@ -54,7 +52,6 @@ pub struct MessageRef<'a> {
     pub ingest_ts_ns: u64,
     pub quality: u8,
     pub snapshot: bool,
-    pub replay: bool,
     pub payload: &'a [u8],
 }
 
@@ -67,7 +64,6 @@ impl MessageRef<'_> {
             ingest_ts_ns: self.ingest_ts_ns,
             quality: self.quality,
             snapshot: self.snapshot,
-            replay: self.replay,
             payload: self.payload.to_vec(),
         }
     }
@@ -85,9 +81,13 @@ pub enum Event {
         to_seq: u64,
     },
     /// The connection broke and was re-established on attempt number `attempt` (1-based);
-    /// every subscription was resumed from the last positions seen.
+    /// every subscription was resumed from the last positions seen. `engine_restarted`: the
+    /// engine is another run than before (WELCOME's `engine_id` changed), so the old positions
+    /// meant nothing to it: everything its replay ring holds was requested from the start, and
+    /// what was published while it was down is unknown to both sides.
     Reconnected {
         attempt: u32,
+        engine_restarted: bool,
     },
 }
 
@@ -102,6 +102,7 @@ pub enum EventRef<'a> {
     },
     Reconnected {
         attempt: u32,
+        engine_restarted: bool,
     },
 }
 
@@ -118,7 +119,13 @@ impl EventRef<'_> {
                 from_seq,
                 to_seq,
             },
-            EventRef::Reconnected { attempt } => Event::Reconnected { attempt },
+            EventRef::Reconnected {
+                attempt,
+                engine_restarted,
+            } => Event::Reconnected {
+                attempt,
+                engine_restarted,
+            },
         }
     }
 }
@@ -133,7 +140,6 @@ impl Event {
                 ingest_ts_ns: m.ingest_ts_ns,
                 quality: m.quality,
                 snapshot: m.snapshot,
-                replay: m.replay,
                 payload: &m.payload,
             }),
             Event::Gap {
@@ -145,7 +151,13 @@ impl Event {
                 from_seq: *from_seq,
                 to_seq: *to_seq,
             },
-            Event::Reconnected { attempt } => EventRef::Reconnected { attempt: *attempt },
+            Event::Reconnected {
+                attempt,
+                engine_restarted,
+            } => EventRef::Reconnected {
+                attempt: *attempt,
+                engine_restarted: *engine_restarted,
+            },
         }
     }
 }
@@ -190,9 +202,9 @@ pub fn pattern_matches(pattern: &str, topic: &str) -> bool {
 /// connection would not cure (a refused pattern, a version mismatch) is returned as `Err`, and
 /// the next poll tries again.
 ///
-/// Known limit: positions are per-topic sequence numbers; an engine restarted without its
-/// state starts again at 1, and this client would drop those messages as duplicates until the
-/// sequence passes the old position (the protocol has no engine epoch yet).
+/// Positions are per-topic sequence numbers of one engine run: when a reconnect lands on a
+/// restarted engine (another `engine_id` in WELCOME), they are dropped and everything the new
+/// run holds is asked for from the start; the `Reconnected` event says so.
 ///
 /// [`next_event`]: Subscriber::next_event
 /// [`next_batch`]: Subscriber::next_batch
@@ -208,6 +220,10 @@ pub struct Subscriber {
     reconnect: Reconnect,
     last_disconnect: Option<String>,
     nonce: u64,
+    /// `engine_id` of the run the positions belong to.
+    engine_id: Option<u64>,
+    /// The last (re)connection found another engine run than before.
+    engine_restarted: bool,
 }
 
 /// What the frame handler mutates, apart from the connection it reads from.
@@ -255,6 +271,8 @@ impl Subscriber {
             reconnect,
             last_disconnect: None,
             nonce: 0,
+            engine_id: None,
+            engine_restarted: false,
         };
         let events = sub.establish(false)?;
         sub.pending.extend(events);
@@ -333,7 +351,10 @@ impl Subscriber {
                 let Some((attempt, events)) = self.reconnect_until(deadline)? else {
                     return Ok(0);
                 };
-                sink(EventRef::Reconnected { attempt });
+                sink(EventRef::Reconnected {
+                    attempt,
+                    engine_restarted: self.engine_restarted,
+                });
                 for event in &events {
                     sink(event.as_event_ref());
                 }
@@ -472,6 +493,14 @@ impl Subscriber {
     /// replays what was missed (or names it in a GAP) instead.
     fn establish(&mut self, resuming: bool) -> Result<Vec<Event>, ClientError> {
         let mut conn = Conn::open(&self.opts, self.opts.read_buffer_bytes)?;
+        let engine_id = conn.welcome.engine_id;
+        self.engine_restarted = self.engine_id.is_some_and(|previous| previous != engine_id);
+        if self.engine_restarted {
+            // Sequence numbers restarted with the engine: old positions would make the
+            // duplicate guard drop new messages.
+            self.state.positions.clear();
+        }
+        self.engine_id = Some(engine_id);
         let deadline = Instant::now() + self.opts.connect_timeout;
         let mut out = Vec::new();
         self.state.awaiting_subacks.clear();
@@ -595,7 +624,6 @@ fn drain(
                     ingest_ts_ns: header.ingest_ts_ns,
                     quality: header.quality,
                     snapshot: header.flags & DATA_FLAG_SNAPSHOT != 0,
-                    replay: header.flags & DATA_FLAG_REPLAY != 0,
                     payload,
                 }));
             }

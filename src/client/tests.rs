@@ -84,6 +84,11 @@ impl FakeConn {
 
     /// Reads HELLO and answers WELCOME with the keep-alive asked for.
     fn handshake(&mut self) -> Hello {
+        self.handshake_as(77)
+    }
+
+    /// As `handshake`, for an engine run with the given `engine_id`.
+    fn handshake_as(&mut self, engine_id: u64) -> Hello {
         let Got::Hello(hello) = self.read() else {
             panic!("expected HELLO")
         };
@@ -94,6 +99,7 @@ impl FakeConn {
             max_subscriptions: 100,
             reactor: 0,
             connection_id: 1,
+            engine_id,
         })]);
         hello
     }
@@ -155,7 +161,6 @@ fn message(topic: &str, seq: u64, snapshot: bool) -> Event {
         ingest_ts_ns: 2,
         quality: 192,
         snapshot,
-        replay: false,
         payload: format!("{topic}#{seq}").into_bytes(),
     })
 }
@@ -236,7 +241,7 @@ fn subscriber_resumes_from_tracked_positions_and_drops_duplicates() {
             message("a/x", 1, true),
             message("a/x", 2, false),
             message("a/y", 5, false),
-            Event::Reconnected { attempt: 1 },
+            Event::Reconnected { attempt: 1, engine_restarted: false },
             message("a/x", 3, false),
             Event::Gap {
                 topic: "a/y".into(),
@@ -294,7 +299,7 @@ fn resume_positions_go_only_to_matching_subscriptions() {
     )
     .unwrap();
     let events = collect(&mut sub, 3);
-    assert_eq!(events[2], Event::Reconnected { attempt: 1 });
+    assert_eq!(events[2], Event::Reconnected { attempt: 1, engine_restarted: false });
     let (a, b, c) = engine.join().unwrap();
     // Nothing seen on r/#: the empty-topic position asks for a resume, not a snapshot.
     assert_eq!(
@@ -397,7 +402,7 @@ fn subscriber_answers_pings_keeps_alive_and_replaces_a_silent_engine() {
     let events = collect(&mut sub, 2);
     assert_eq!(
         events,
-        vec![Event::Reconnected { attempt: 1 }, message("k/a", 1, false)]
+        vec![Event::Reconnected { attempt: 1, engine_restarted: false }, message("k/a", 1, false)]
     );
     assert!(
         sub.last_disconnect_reason()
@@ -676,5 +681,53 @@ fn backoff_is_exponential_capped_and_fully_jittered() {
     assert!(
         (350..=650).contains(&early),
         "{early} of 1000 in the first half"
+    );
+}
+
+#[test]
+fn a_restarted_engine_voids_the_positions_instead_of_dropping_its_messages_as_duplicates() {
+    let (l, addr) = listener();
+    let engine = thread::spawn(move || {
+        let mut c1 = FakeConn::accept(&l);
+        c1.handshake_as(1);
+        let s = c1.expect_subscribe();
+        let mut out = suback(s.sub_id);
+        out.extend(data("t", 5, 0, b"t#5"));
+        c1.stream.write_all(&out).unwrap();
+        drop(c1);
+        // The engine restarted: its sequence numbers begin at 1 again.
+        let mut c2 = FakeConn::accept(&l);
+        c2.handshake_as(2);
+        let s2 = c2.expect_subscribe();
+        let mut out = suback(s2.sub_id);
+        out.extend(data("t", 1, 0, b"t#1"));
+        c2.stream.write_all(&out).unwrap();
+        let _ = c2.read(); // hold the connection until the client is done
+        s2
+    });
+    let mut sub = Subscriber::connect(
+        fast_opts(addr),
+        vec![SubscriptionSpec::new("t", DeliveryMode::All)],
+    )
+    .unwrap();
+    let events = collect(&mut sub, 3);
+    assert_eq!(events[0], message("t", 5, false));
+    assert_eq!(
+        events[1],
+        Event::Reconnected {
+            attempt: 1,
+            engine_restarted: true
+        }
+    );
+    assert_eq!(events[2], message("t", 1, false), "run 2's first message was dropped");
+    drop(sub);
+    let resubscribe = engine.join().unwrap();
+    assert_eq!(
+        resubscribe.resume,
+        vec![TopicPosition {
+            topic: String::new(),
+            last_seq: 0
+        }],
+        "positions of run 1 were sent to run 2"
     );
 }

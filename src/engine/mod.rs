@@ -90,6 +90,8 @@ pub(crate) struct EngineShared {
     pub next_conn_id: AtomicU64,
     pub shards: Vec<ShardStats>,
     pub started_unix_ns: u64,
+    /// Sent in WELCOME: changes at every start, so clients know when positions are void.
+    pub engine_id: u64,
     /// HELLOs seen per client id: a client's reconnects are its count minus one. Touched once
     /// per connection, never on the data path.
     pub sessions: std::sync::Mutex<std::collections::HashMap<String, u64>>,
@@ -214,6 +216,7 @@ impl Engine {
             next_conn_id: AtomicU64::new(1),
             shards: (0..n).map(|_| ShardStats::default()).collect(),
             started_unix_ns: now_unix_ns(),
+            engine_id: now_unix_ns() ^ (u64::from(std::process::id()) << 40),
             sessions: Default::default(),
         });
 

@@ -632,6 +632,7 @@ impl Shard {
             max_subscriptions: self.config.limits.max_subscriptions_per_connection as u32,
             reactor: self.id,
             connection_id: self.conn_mut(slot).id,
+            engine_id: self.shared.engine_id,
         };
         let reconnects = if hello.client_id.is_empty() {
             0

@@ -5,7 +5,8 @@ use bincode::{Decode, Encode};
 
 /// DATA flag: this value comes from the retained snapshot sent after SUBSCRIBE.
 pub const DATA_FLAG_SNAPSHOT: u8 = 0b0000_0001;
-/// DATA flag: this value was replayed from the engine's ring after a resume.
+/// DATA flag: reserved (bit 1); this engine never sets it — replayed frames are byte-identical
+/// to the live ones. TODO(lead): remove once src/metrics stops reading it.
 pub const DATA_FLAG_REPLAY: u8 = 0b0000_0010;
 
 /// Numeric codes carried by ERROR frames. Stable: clients match on them.
@@ -61,6 +62,10 @@ pub struct Welcome {
     pub reactor: u16,
     /// Engine-wide connection id.
     pub connection_id: u64,
+    /// Identifies this run of the engine (it changes at every start). Sequence numbers, the
+    /// retained values and the replay ring belong to one run: a client that reconnects and sees
+    /// another `engine_id` must not resume from its old positions.
+    pub engine_id: u64,
 }
 
 /// How a subscription wants its messages when it cannot keep up.

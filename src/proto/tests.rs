@@ -592,6 +592,7 @@ fn any_frame() -> impl Strategy<Value = Owned> {
             any::<u32>(),
             any::<u32>(),
             any::<u16>(),
+            any::<u64>(),
             any::<u64>()
         )
             .prop_map(
@@ -602,6 +603,7 @@ fn any_frame() -> impl Strategy<Value = Owned> {
                     max_subscriptions,
                     reactor,
                     connection_id,
+                    engine_id,
                 )| {
                     Frame::Welcome(Welcome {
                         version,
@@ -610,6 +612,7 @@ fn any_frame() -> impl Strategy<Value = Owned> {
                         max_subscriptions,
                         reactor,
                         connection_id,
+                        engine_id,
                     })
                 }
             ),

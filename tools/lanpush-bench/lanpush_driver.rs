@@ -486,6 +486,7 @@ mod tests {
                                 max_subscriptions: 4,
                                 reactor: 0,
                                 connection_id: 9,
+                                engine_id: 9,
                             }),
                         ),
                         Frame::Subscribe(s) => encode_control(

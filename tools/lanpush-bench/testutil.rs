@@ -95,6 +95,7 @@ fn serve(mut stream: TcpStream, shared: Arc<Shared>) {
                         max_subscriptions: 16,
                         reactor: 0,
                         connection_id: 1,
+                        engine_id: 1,
                     }),
                 ),
                 Frame::Subscribe(sub) => {
