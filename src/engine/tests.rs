@@ -444,3 +444,112 @@ fn latest_mode_slow_reader_ends_with_the_final_value_of_every_topic() {
     engine.shutdown_handle().shutdown();
     engine.join().unwrap();
 }
+
+fn engine_with(adjust: impl FnOnce(&mut Config)) -> Engine {
+    let mut config = Config::default();
+    config.server.listen = "127.0.0.1:0".parse().unwrap();
+    config.server.threads = 2;
+    config.server.pin_threads = false;
+    adjust(&mut config);
+    Engine::start(config).unwrap()
+}
+
+/// Reads until the engine closes the connection; returns the ERROR code it sent first.
+fn error_then_close(stream: &mut TcpStream) -> u16 {
+    let mut reply = Vec::new();
+    stream
+        .read_to_end(&mut reply)
+        .expect("the engine must close, not time out");
+    let mut at = 0;
+    loop {
+        match decode_frame(&reply[at..], 1 << 20).unwrap() {
+            Decoded::Frame(Frame::Error(e), _) => return e.code,
+            Decoded::Frame(_, used) => at += used,
+            Decoded::NeedMore(_) => panic!("closed without an ERROR frame"),
+        }
+    }
+}
+
+#[test]
+fn limits_are_enforced_with_the_right_error_codes() {
+    use crate::proto::error_code;
+    let engine = engine_with(|c| {
+        c.limits.max_connections = 3;
+        c.limits.handshake_timeout_ms = 100;
+        c.limits.max_subscriptions_per_connection = 2;
+    });
+    let addr = engine.local_addr();
+    // No HELLO within the handshake timeout.
+    let mut mute = TcpStream::connect(addr).unwrap();
+    mute.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    assert_eq!(error_then_close(&mut mute), error_code::HANDSHAKE_TIMEOUT);
+    drop(mute);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while engine
+        .shared
+        .open_connections
+        .load(std::sync::atomic::Ordering::Relaxed)
+        > 0
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the refused connection was never released"
+        );
+        std::thread::yield_now();
+    }
+    // A third subscription on one connection is refused; the connection stays usable.
+    let mut client = Raw::connect(addr);
+    client.subscribe(1, "a");
+    client.subscribe(2, "b");
+    client.send(&Frame::Subscribe(Subscribe {
+        sub_id: 3,
+        pattern: "c".into(),
+        mode: DeliveryMode::Default,
+        resume: vec![],
+    }));
+    match client.next_frame_kind() {
+        Got::Other(s) => assert!(
+            s.contains(&format!("code: {}", error_code::TOO_MANY_SUBSCRIPTIONS)),
+            "{s}"
+        ),
+        other => panic!("expected ERROR, got {other:?}"),
+    }
+    client.publish("a", b"still works");
+    assert_eq!(client.next_data().3, b"still works");
+    // A reused subscription id and a bad pattern are refused too, without closing.
+    client.send(&Frame::Unsubscribe(crate::proto::Unsubscribe { sub_id: 9 }));
+    match client.next_frame_kind() {
+        Got::Other(s) => assert!(
+            s.contains(&format!("code: {}", error_code::UNKNOWN_SUBSCRIPTION)),
+            "{s}"
+        ),
+        other => panic!("expected ERROR, got {other:?}"),
+    }
+    // Connections past max_connections get ERROR 9 and a close.
+    let _second = Raw::connect(addr);
+    let _third = Raw::connect(addr);
+    let mut fourth = TcpStream::connect(addr).unwrap();
+    fourth
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    assert_eq!(
+        error_then_close(&mut fourth),
+        error_code::TOO_MANY_CONNECTIONS
+    );
+    engine.shutdown_handle().shutdown();
+    engine.join().unwrap();
+}
+
+#[test]
+fn an_oversized_frame_is_refused_from_its_length_prefix_alone() {
+    let engine = engine_with(|c| c.limits.max_frame_bytes = 4096);
+    let mut raw = Raw::connect(engine.local_addr());
+    // Only the prefix: the engine must not wait for (or buffer) the 1 MiB body.
+    raw.stream.write_all(&(1u32 << 20).to_le_bytes()).unwrap();
+    assert_eq!(
+        error_then_close(&mut raw.stream),
+        crate::proto::error_code::FRAME_TOO_LARGE
+    );
+    engine.shutdown_handle().shutdown();
+    engine.join().unwrap();
+}
