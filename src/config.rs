@@ -31,6 +31,7 @@ pub struct Config {
     pub keepalive: KeepaliveConfig,
     pub delivery: DeliveryConfig,
     pub retained: RetainedConfig,
+    pub metrics: MetricsConfig,
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -65,12 +66,83 @@ pub struct DeliveryConfig {
     pub default_mode: DeliveryMode,
     pub queue_max_bytes: usize,
     pub queue_max_messages: usize,
+    pub conflate_always: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RetainedConfig {
     pub ring_bytes: usize,
+}
+
+/// Latency histograms and the Prometheus endpoint (`src/metrics/`).
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// Address of the HTTP endpoint serving `/metrics` and `/stats`; empty turns it off.
+    /// Must be loopback unless `prometheus_allow_remote` (checked by [`Config`] validation).
+    pub prometheus_listen: String,
+    pub prometheus_allow_remote: bool,
+    /// Topic levels that name a prefix for the per-prefix histograms (`plant/line1/x` -> 2 ->
+    /// `plant/line1`).
+    pub prefix_levels: usize,
+    /// Highest latency the histograms track; larger values are recorded as this one.
+    pub histogram_max_ms: u64,
+}
+
+impl MetricsConfig {
+    /// Largest accepted `prefix_levels`.
+    pub const MAX_PREFIX_LEVELS: usize = 32;
+    /// Largest accepted `histogram_max_ms`: one day.
+    pub const MAX_HISTOGRAM_MS: u64 = 86_400_000;
+
+    /// The endpoint's address, or `None` when it is off. Validation has checked that a
+    /// non-empty `prometheus_listen` parses.
+    pub fn prometheus_addr(&self) -> Option<SocketAddr> {
+        let text = self.prometheus_listen.trim();
+        if text.is_empty() {
+            None
+        } else {
+            text.parse().ok()
+        }
+    }
+
+    fn validate(&self) -> Result<(), String> {
+        let text = self.prometheus_listen.trim();
+        if !text.is_empty() {
+            let addr: SocketAddr = text.parse().map_err(|_| {
+                format!(
+                    "metrics.prometheus_listen = {text:?} is not a socket address such as \"127.0.0.1:9464\" (or \"\" for off)"
+                )
+            })?;
+            if !addr.ip().is_loopback() && !self.prometheus_allow_remote {
+                return Err(format!(
+                    "metrics.prometheus_listen = {text:?} is not a loopback address: the endpoint has no authentication; set metrics.prometheus_allow_remote = true to expose it anyway"
+                ));
+            }
+        }
+        if self.prefix_levels == 0 || self.prefix_levels > Self::MAX_PREFIX_LEVELS {
+            return Err(format!(
+                "metrics.prefix_levels = {} is outside 1 ..= {}",
+                self.prefix_levels,
+                Self::MAX_PREFIX_LEVELS
+            ));
+        }
+        if self.histogram_max_ms == 0 || self.histogram_max_ms > Self::MAX_HISTOGRAM_MS {
+            return Err(format!(
+                "metrics.histogram_max_ms = {} is outside 1 ..= {}",
+                self.histogram_max_ms,
+                Self::MAX_HISTOGRAM_MS
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        Config::default().metrics
+    }
 }
 
 impl Default for Config {
@@ -163,6 +235,9 @@ impl Config {
                 d.queue_max_bytes
             ));
         }
+        if let Err(message) = self.metrics.validate() {
+            return invalid(message);
+        }
         Ok(())
     }
 }
@@ -226,5 +301,65 @@ mod tests {
         let err = Config::from_toml_str("[delivery]\ndefault_mode = \"sometimes\"\n", "test")
             .unwrap_err();
         assert!(err.to_string().contains("sometimes"), "{err}");
+    }
+
+    #[test]
+    fn metrics_defaults() {
+        let m = Config::default().metrics;
+        assert_eq!(m.prometheus_listen, "");
+        assert_eq!(m.prometheus_addr(), None);
+        assert!(!m.prometheus_allow_remote);
+        assert_eq!(m.prefix_levels, 2);
+        assert_eq!(m.histogram_max_ms, 60_000);
+        assert_eq!(MetricsConfig::default(), m);
+    }
+
+    #[test]
+    fn metrics_loopback_listen_is_accepted() {
+        for addr in ["127.0.0.1:9464", "127.0.0.2:0", "[::1]:9464"] {
+            let text = format!("[metrics]\nprometheus_listen = \"{addr}\"\n");
+            let c = Config::from_toml_str(&text, "test").unwrap_or_else(|e| panic!("{addr}: {e}"));
+            assert_eq!(c.metrics.prometheus_addr(), Some(addr.parse().unwrap()));
+        }
+    }
+
+    #[test]
+    fn metrics_remote_listen_is_refused_unless_allowed() {
+        for addr in ["0.0.0.0:9464", "10.0.0.5:9464", "[::]:9464"] {
+            let text = format!("[metrics]\nprometheus_listen = \"{addr}\"\n");
+            let err = Config::from_toml_str(&text, "test")
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains("metrics.prometheus_listen"), "{err}");
+            assert!(err.contains("prometheus_allow_remote"), "{err}");
+            let allowed = format!("{text}prometheus_allow_remote = true\n");
+            let c = Config::from_toml_str(&allowed, "test").unwrap();
+            assert_eq!(c.metrics.prometheus_addr(), Some(addr.parse().unwrap()));
+        }
+    }
+
+    #[test]
+    fn metrics_invalid_values_are_refused_with_the_key() {
+        let cases = [
+            (
+                "prometheus_listen = \"localhost:9464\"",
+                "metrics.prometheus_listen",
+            ),
+            (
+                "prometheus_listen = \"127.0.0.1\"",
+                "metrics.prometheus_listen",
+            ),
+            ("prefix_levels = 0", "metrics.prefix_levels"),
+            ("prefix_levels = 33", "metrics.prefix_levels"),
+            ("histogram_max_ms = 0", "metrics.histogram_max_ms"),
+            ("histogram_max_ms = 86400001", "metrics.histogram_max_ms"),
+            ("prometheus_port = 1", "prometheus_port"),
+        ];
+        for (line, key) in cases {
+            let err = Config::from_toml_str(&format!("[metrics]\n{line}\n"), "test")
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(key), "{line}: {err}");
+        }
     }
 }

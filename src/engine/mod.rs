@@ -133,7 +133,9 @@ impl EngineShared {
             ("ring_bytes", |s| {
                 s.ring_bytes.load(Ordering::Relaxed) as u64
             }),
-            ("throttled_turns", |s| s.throttled_turns.load(Ordering::Relaxed)),
+            ("throttled_turns", |s| {
+                s.throttled_turns.load(Ordering::Relaxed)
+            }),
         ];
         let mut totals = serde_json::Map::new();
         for (name, get) in fields {

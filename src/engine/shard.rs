@@ -176,6 +176,8 @@ struct Conn {
     stamp: u64,
     /// `latest` mode overflow: newest frame per topic, waiting for room.
     conflated: HashMap<String, SharedFrame>,
+    /// `delivery.conflate_always`: `latest` subscriptions conflate even when the queue has room.
+    conflate_always: bool,
     /// `all` mode overflow: per topic the next sequence number it needs from the replay ring.
     /// Live frames of a lagged topic are skipped: the replay will carry them.
     lag: HashMap<String, Lag>,
@@ -457,6 +459,7 @@ impl Shard {
             stamp: 0,
             conflated: HashMap::default(),
             lag: HashMap::default(),
+            conflate_always: self.config.delivery.conflate_always,
             stats: ConnCounters::default(),
         });
         // Data may have arrived before registration: edge-triggered readiness would not report it.
@@ -1318,7 +1321,8 @@ impl Shard {
         s.handshake_timeouts
             .store(c.handshake_timeouts, Ordering::Relaxed);
         s.accepted.store(c.accepted, Ordering::Relaxed);
-        s.throttled_turns.store(c.throttled_turns, Ordering::Relaxed);
+        s.throttled_turns
+            .store(c.throttled_turns, Ordering::Relaxed);
         s.connections
             .store(self.conns.len() - self.free_slots.len(), Ordering::Relaxed);
         s.subscriptions.store(self.index.len(), Ordering::Relaxed);
@@ -1328,7 +1332,8 @@ impl Shard {
 }
 
 fn mark_dirty(conn: &mut Conn, slot: usize, dirty: &mut Vec<usize>) {
-    if !conn.in_dirty && conn.writable && !conn.outbox.is_empty() {
+    let pending = !conn.outbox.is_empty() || !conn.conflated.is_empty();
+    if !conn.in_dirty && conn.writable && pending {
         conn.in_dirty = true;
         dirty.push(slot);
     }
@@ -1348,7 +1353,8 @@ fn enqueue(
         conn.stats.lagged += 1;
         return Ok(());
     }
-    let conflating = mode == DeliveryMode::Latest && conn.conflated.contains_key(topic);
+    let conflating = mode == DeliveryMode::Latest
+        && (conn.conflate_always || conn.conflated.contains_key(topic));
     if !conflating && conn.outbox.push(frame.clone()).is_ok() {
         counters.delivered += 1;
         conn.stats.delivered += 1;
@@ -1401,6 +1407,7 @@ fn data_seq(frame: &[u8]) -> u64 {
 
 /// Writes as much of the outbox as the socket takes, in vectored writes.
 fn flush(conn: &mut Conn, now: Instant, counters: &mut Counters) -> io::Result<()> {
+    move_conflated(conn, counters);
     for _ in 0..MAX_WRITES_PER_FLUSH {
         if !conn.writable || conn.outbox.is_empty() {
             break;
@@ -1423,14 +1430,26 @@ fn flush(conn: &mut Conn, now: Instant, counters: &mut Counters) -> io::Result<(
             Err(e) => return Err(e),
         }
     }
-    if conn.outbox.is_below_half() && !conn.conflated.is_empty() {
+    move_conflated(conn, counters);
+    Ok(())
+}
+
+/// Moves the conflated values (newest per topic) into the outbox once it has drained far
+/// enough: below half its bounds after an overflow, or empty with `conflate_always` (a value
+/// then waits only for the previous write, and newer values of its topic replace it meanwhile).
+fn move_conflated(conn: &mut Conn, counters: &mut Counters) {
+    let ready = if conn.conflate_always {
+        conn.outbox.is_empty()
+    } else {
+        conn.outbox.is_below_half()
+    };
+    if ready && !conn.conflated.is_empty() {
         for (_topic, frame) in conn.conflated.drain() {
             conn.outbox.push_unbounded(frame);
             counters.delivered += 1;
             conn.stats.delivered += 1;
         }
     }
-    Ok(())
 }
 
 /// Makes room at the end of the read buffer: moves a partial frame to the front, and grows the

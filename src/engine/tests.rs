@@ -553,3 +553,61 @@ fn an_oversized_frame_is_refused_from_its_length_prefix_alone() {
     engine.shutdown_handle().shutdown();
     engine.join().unwrap();
 }
+
+/// Receives `latest`-mode DATA on topic "c" until seq `last`; returns how many frames came.
+fn latest_burst(conflate_always: bool, last: u64) -> (u64, u64) {
+    let engine = engine_with(|c| c.delivery.conflate_always = conflate_always);
+    let (mut publisher, mut subscriber) = clients_on_two_reactors(engine.local_addr());
+    subscriber.send(&Frame::Subscribe(Subscribe {
+        sub_id: 1,
+        pattern: "c".into(),
+        mode: DeliveryMode::Latest,
+        resume: vec![],
+    }));
+    while !matches!(subscriber.next_frame_kind(), Got::Other(s) if s.starts_with("SubAck")) {}
+    // One write carrying the whole burst: the engine takes it in within one loop turn.
+    let mut burst = Vec::new();
+    for i in 0..last {
+        let p = PublishRef {
+            topic: "c",
+            source_ts_ns: 1,
+            quality: 192,
+            payload: &i.to_le_bytes(),
+        };
+        crate::proto::encode_publish(&mut burst, &p);
+    }
+    publisher.stream.write_all(&burst).unwrap();
+    let mut received = 0;
+    loop {
+        let (_, seq, _, _) = subscriber.next_data();
+        received += 1;
+        if seq == last {
+            break;
+        }
+    }
+    // Counters are published at the end of the loop turn that wrote the last frame.
+    let conflated = || {
+        let stats: serde_json::Value = serde_json::from_str(&engine.stats_json()).unwrap();
+        stats["totals"]["conflated"].as_u64().unwrap()
+    };
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while received < last && conflated() == 0 && Instant::now() < deadline {
+        std::thread::yield_now();
+    }
+    let conflated = conflated();
+    engine.shutdown_handle().shutdown();
+    engine.join().unwrap();
+    (received, conflated)
+}
+
+#[test]
+fn conflate_always_collapses_a_burst_even_when_the_queue_has_room() {
+    let (received, conflated) = latest_burst(true, 1000);
+    assert!(
+        received < 1000 && conflated > 0,
+        "received {received}, conflated {conflated}"
+    );
+    // Without it, a queue with room takes every value.
+    let (received, conflated) = latest_burst(false, 1000);
+    assert_eq!((received, conflated), (1000, 0));
+}
