@@ -2,5 +2,6 @@
 pub mod client;
 pub mod config;
 pub mod engine;
+pub mod metrics;
 pub mod proto;
 pub mod topic;

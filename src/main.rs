@@ -150,6 +150,9 @@ struct StatsArgs {
     /// Print the engine's JSON as is, on one line.
     #[arg(long)]
     json: bool,
+    /// Print again every SECS seconds until interrupted (a live view).
+    #[arg(long, value_name = "SECS")]
+    watch: Option<f64>,
 }
 
 /// Why a command failed; printed on stderr as `lanpush: error: ...`.
@@ -232,7 +235,14 @@ fn serve(args: ServeArgs) -> Result<(), CliError> {
             }
         })
         .map_err(io_err("cannot start the signal thread"))?;
+    let metrics_server = engine
+        .start_metrics_server()
+        .map_err(io_err("cannot start the metrics endpoint"))?;
+    if let Some(server) = &metrics_server {
+        eprintln!("lanpush: metrics on http://{}/metrics", server.local_addr());
+    }
     engine.join()?;
+    drop(metrics_server);
     Ok(())
 }
 
@@ -467,11 +477,23 @@ fn print_event(out: &mut impl Write, event: &EventRef<'_>, json: bool) -> io::Re
             serde_json::to_writer(&mut *out, &line)?;
             out.write_all(b"\n")
         }
-        (EventRef::Reconnected { attempt, engine_restarted: false }, _) => {
+        (
+            EventRef::Reconnected {
+                attempt,
+                engine_restarted: false,
+            },
+            _,
+        ) => {
             eprintln!("lanpush: reconnected and resumed (attempt {attempt})");
             Ok(())
         }
-        (EventRef::Reconnected { attempt, engine_restarted: true }, _) => {
+        (
+            EventRef::Reconnected {
+                attempt,
+                engine_restarted: true,
+            },
+            _,
+        ) => {
             eprintln!(
                 "lanpush: reconnected (attempt {attempt}) to a restarted engine: its sequence \
                  numbers started again; messages published while it was down are unknown"
@@ -520,16 +542,92 @@ fn hex(bytes: &[u8]) -> String {
 }
 
 fn stats(args: StatsArgs) -> Result<(), CliError> {
-    let json = client::stats(&args.connect.options("stats"))?;
-    let text = if args.json {
-        json
-    } else {
-        match serde_json::from_str::<serde_json::Value>(&json) {
-            Ok(value) => serde_json::to_string_pretty(&value).unwrap_or(json),
-            Err(_) => json,
+    let opts = args.connect.options("stats");
+    loop {
+        let json = client::stats(&opts)?;
+        let text = if args.json {
+            json
+        } else {
+            match serde_json::from_str::<serde_json::Value>(&json) {
+                Ok(value) => render_stats(&value),
+                Err(_) => json,
+            }
+        };
+        let mut out = io::stdout().lock();
+        writeln!(out, "{text}")
+            .and_then(|()| out.flush())
+            .map_err(io_err("cannot write to stdout"))?;
+        match args.watch {
+            Some(secs) if secs > 0.0 => std::thread::sleep(Duration::from_secs_f64(secs)),
+            _ => return Ok(()),
         }
-    };
-    let mut out = io::stdout().lock();
-    writeln!(out, "{text}").map_err(io_err("cannot write to stdout"))?;
-    Ok(())
+    }
+}
+
+/// The stats document for people: engine totals, one line per connection, latency tables.
+fn render_stats(doc: &serde_json::Value) -> String {
+    use std::fmt::Write as _;
+    let mut out = String::new();
+    let num = |v: &serde_json::Value, key: &str| v.get(key).and_then(|x| x.as_u64()).unwrap_or(0);
+    let _ = writeln!(
+        out,
+        "uptime {} s, {} open connections",
+        num(doc, "uptime_ms") / 1000,
+        num(doc, "open_connections")
+    );
+    if let Some(totals) = doc.get("totals").and_then(|t| t.as_object()) {
+        for (name, value) in totals {
+            let _ = writeln!(out, "  {name:<20} {value}");
+        }
+    }
+    let conns = doc
+        .get("connections")
+        .and_then(|c| c.as_array())
+        .cloned()
+        .unwrap_or_default();
+    if !conns.is_empty() {
+        let _ = writeln!(
+            out,
+            "\n{:>6} {:<24} {:>3} {:>8} {:>10} {:>12} {:>10} {:>10} {:>8} {:>6} {:>6}  subscriptions",
+            "conn", "client", "rx", "queue", "queue_B", "delivered", "conflated", "lagged", "replay", "gaps", "recon"
+        );
+        for c in &conns {
+            let subs: Vec<String> = c
+                .get("subscriptions")
+                .and_then(|s| s.as_array())
+                .map(|s| {
+                    s.iter()
+                        .map(|s| {
+                            let field = |k: &str| {
+                                s.get(k).and_then(|v| v.as_str()).unwrap_or("?").to_string()
+                            };
+                            format!("{} ({})", field("pattern"), field("mode"))
+                        })
+                        .collect()
+                })
+                .unwrap_or_default();
+            let client_id = c.get("client_id").and_then(|v| v.as_str()).unwrap_or("");
+            let _ = writeln!(
+                out,
+                "{:>6} {:<24} {:>3} {:>8} {:>10} {:>12} {:>10} {:>10} {:>8} {:>6} {:>6}  {}",
+                num(c, "id"),
+                client_id,
+                num(c, "reactor"),
+                num(c, "queue_frames"),
+                num(c, "queue_bytes"),
+                num(c, "delivered"),
+                num(c, "conflated"),
+                num(c, "lagged"),
+                num(c, "replayed"),
+                num(c, "gaps"),
+                num(c, "reconnects"),
+                subs.join(", ")
+            );
+        }
+    }
+    if let Some(latency) = doc.get("latency") {
+        let _ = writeln!(out);
+        out.push_str(&lanpush::metrics::render_latency_table(latency));
+    }
+    out
 }

@@ -9,8 +9,7 @@ use super::options::Reconnect;
 use super::{deadline_after, ping_interval, ClientError, ClientOptions};
 use crate::proto::{
     decode_frame, encode_control, encode_ping, encode_pong, validate_pattern, DecodeError, Decoded,
-    DeliveryMode, Frame, Subscribe, TopicPosition, Welcome, WireError,
-    DATA_FLAG_SNAPSHOT,
+    DeliveryMode, Frame, Subscribe, TopicPosition, Welcome, WireError, DATA_FLAG_SNAPSHOT,
 };
 
 /// One subscription: a pattern (`+` one level, `#` the rest) and its delivery mode.

@@ -241,7 +241,10 @@ fn subscriber_resumes_from_tracked_positions_and_drops_duplicates() {
             message("a/x", 1, true),
             message("a/x", 2, false),
             message("a/y", 5, false),
-            Event::Reconnected { attempt: 1, engine_restarted: false },
+            Event::Reconnected {
+                attempt: 1,
+                engine_restarted: false
+            },
             message("a/x", 3, false),
             Event::Gap {
                 topic: "a/y".into(),
@@ -299,7 +302,13 @@ fn resume_positions_go_only_to_matching_subscriptions() {
     )
     .unwrap();
     let events = collect(&mut sub, 3);
-    assert_eq!(events[2], Event::Reconnected { attempt: 1, engine_restarted: false });
+    assert_eq!(
+        events[2],
+        Event::Reconnected {
+            attempt: 1,
+            engine_restarted: false
+        }
+    );
     let (a, b, c) = engine.join().unwrap();
     // Nothing seen on r/#: the empty-topic position asks for a resume, not a snapshot.
     assert_eq!(
@@ -402,7 +411,13 @@ fn subscriber_answers_pings_keeps_alive_and_replaces_a_silent_engine() {
     let events = collect(&mut sub, 2);
     assert_eq!(
         events,
-        vec![Event::Reconnected { attempt: 1, engine_restarted: false }, message("k/a", 1, false)]
+        vec![
+            Event::Reconnected {
+                attempt: 1,
+                engine_restarted: false
+            },
+            message("k/a", 1, false)
+        ]
     );
     assert!(
         sub.last_disconnect_reason()
@@ -719,7 +734,11 @@ fn a_restarted_engine_voids_the_positions_instead_of_dropping_its_messages_as_du
             engine_restarted: true
         }
     );
-    assert_eq!(events[2], message("t", 1, false), "run 2's first message was dropped");
+    assert_eq!(
+        events[2],
+        message("t", 1, false),
+        "run 2's first message was dropped"
+    );
     drop(sub);
     let resubscribe = engine.join().unwrap();
     assert_eq!(

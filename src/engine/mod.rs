@@ -92,6 +92,8 @@ pub(crate) struct EngineShared {
     pub started_unix_ns: u64,
     /// Sent in WELCOME: changes at every start, so clients know when positions are void.
     pub engine_id: u64,
+    /// Latency histograms, one slot per shard, refreshed every few hundred ms.
+    pub metrics: crate::metrics::MetricsBoard,
     /// HELLOs seen per client id: a client's reconnects are its count minus one. Touched once
     /// per connection, never on the data path.
     pub sessions: std::sync::Mutex<std::collections::HashMap<String, u64>>,
@@ -165,6 +167,7 @@ impl EngineShared {
             "totals": totals,
             "reactors": shards,
             "connections": connections,
+            "latency": self.metrics.merged().to_json(),
         });
         doc.to_string()
     }
@@ -219,6 +222,7 @@ impl Engine {
             shards: (0..n).map(|_| ShardStats::default()).collect(),
             started_unix_ns: now_unix_ns(),
             engine_id: now_unix_ns() ^ (u64::from(std::process::id()) << 40),
+            metrics: crate::metrics::MetricsBoard::new(n, &config.metrics),
             sessions: Default::default(),
         });
 
@@ -298,6 +302,20 @@ impl Engine {
         ShutdownHandle {
             mailboxes: self.mailboxes.clone(),
         }
+    }
+
+    /// Starts the HTTP endpoint (GET /metrics in the Prometheus format, GET /stats) when
+    /// `metrics.prometheus_listen` is set. The server stops when the returned value is dropped.
+    pub fn start_metrics_server(&self) -> std::io::Result<Option<crate::metrics::MetricsServer>> {
+        let Some(addr) = self.config.metrics.prometheus_addr() else {
+            return Ok(None);
+        };
+        let shared = Arc::clone(&self.shared);
+        crate::metrics::MetricsServer::start(addr, move || {
+            let stats = serde_json::from_str(&shared.stats_json()).unwrap_or_default();
+            (shared.metrics.merged(), stats)
+        })
+        .map(Some)
     }
 
     /// Engine counters, as `lanpush stats` shows them (a JSON document).

@@ -99,8 +99,14 @@ impl Outbox {
     }
 
     /// Drops what a write took: `written` bytes from the front.
-    pub fn consume(&mut self, mut written: usize) {
+    pub fn consume(&mut self, written: usize) {
+        self.consume_with(written, |_| {});
+    }
+
+    /// As [`Outbox::consume`], handing each frame the write completed to `done`.
+    pub fn consume_with(&mut self, mut written: usize, mut done: impl FnMut(&[u8])) {
         while written > 0 {
+            // The caller reports no more than it was given to write.
             let front_len = self
                 .frames
                 .front()
@@ -114,7 +120,9 @@ impl Outbox {
             written -= rest;
             self.queued_bytes -= front_len;
             self.front_written = 0;
-            self.frames.pop_front();
+            if let Some(frame) = self.frames.pop_front() {
+                done(&frame);
+            }
         }
     }
 

@@ -36,6 +36,7 @@ use super::outbox::{Outbox, SharedFrame};
 use super::store::{Replay, TopicStore};
 use super::{now_unix_ns, owner_of, EngineShared, ShardStats};
 use crate::config::Config;
+use crate::metrics::{data_frame_stamp, ShardMetrics};
 use crate::proto::{
     self, data_frame_topic, decode_frame, error_code, Decoded, DeliveryMode, Frame, PublishRef,
     SubAck, Subscribe, Welcome, WireError, PROTOCOL_VERSION,
@@ -58,8 +59,12 @@ const MAX_INBOX_MSGS: usize = 256;
 const MAX_INBOX_FRAMES: usize = 16 * 1024;
 /// Vectored writes per connection per flush; a connection with more left stays dirty.
 const MAX_WRITES_PER_FLUSH: usize = 4;
-/// Slices per vectored write (Linux IOV_MAX is 1024).
+/// Slices per vectored write (Linux IOV_MAX is 1024), and the smaller array used when few
+/// frames are queued.
 const MAX_IOVECS: usize = 1024;
+const SMALL_IOVECS: usize = 64;
+/// How often the latency histograms are handed to the metrics board.
+const METRICS_SNAPSHOT_EVERY: Duration = Duration::from_millis(250);
 /// Bytes per vectored write.
 const MAX_WRITE_BYTES: usize = 512 * 1024;
 /// Longest sleep while reads are held back for a peer shard whose inbox is full.
@@ -246,8 +251,9 @@ pub(crate) struct Shard {
     stamp: u64,
     next_tick: Instant,
     next_conn_stats: Instant,
+    metrics: ShardMetrics,
+    next_metrics: Instant,
     counters: Counters,
-    published: Counters,
     shutting_down: bool,
     /// A peer's inbox was full at the end of the last turn: socket reads wait (the publishers
     /// feel TCP backpressure) until it has taken this shard's backlog. Bounds what the engine
@@ -288,8 +294,10 @@ impl Shard {
                 .register(l, LISTENER_TOKEN, Interest::READABLE)?;
         }
         let store = TopicStore::new(config.retained.ring_bytes / n_shards as usize);
+        let metrics = ShardMetrics::new(&config.metrics);
         Ok(Shard {
             store,
+            metrics,
             id,
             n_shards,
             config,
@@ -311,8 +319,8 @@ impl Shard {
             stamp: 0,
             next_tick: Instant::now(),
             next_conn_stats: Instant::now(),
+            next_metrics: Instant::now(),
             counters: Counters::default(),
-            published: Counters::default(),
             shutting_down: false,
             throttled: false,
         })
@@ -369,6 +377,11 @@ impl Shard {
                 if now >= self.next_conn_stats {
                     self.publish_conn_stats();
                     self.next_conn_stats = now + CONN_STATS_EVERY;
+                }
+                if now >= self.next_metrics {
+                    let snapshot = self.metrics.snapshot();
+                    self.shared.metrics.publish(self.id as usize, snapshot);
+                    self.next_metrics = now + METRICS_SNAPSHOT_EVERY;
                 }
             }
             self.flush_dirty(now);
@@ -1111,7 +1124,7 @@ impl Shard {
                 continue;
             };
             conn.in_dirty = false;
-            match flush(conn, now, &mut self.counters) {
+            match flush(conn, now, &mut self.counters, &mut self.metrics) {
                 Ok(()) => {
                     let needs_replay =
                         conn.outbox.is_below_half() && conn.lag.values().any(|l| !l.requested);
@@ -1203,7 +1216,7 @@ impl Shard {
         let conn = self.conns[slot].as_mut().expect("slot is live");
         conn.outbox.push_unbounded(frame);
         conn.writable = true;
-        let _ = flush(conn, now, &mut self.counters);
+        let _ = flush(conn, now, &mut self.counters, &mut self.metrics);
         let _ = conn.stream.shutdown(Shutdown::Write);
         conn.phase = Phase::Closing {
             deadline: now + LINGER,
@@ -1231,6 +1244,7 @@ impl Shard {
         }
         self.remove_subs(slot);
         let mut conn = self.conns[slot].take().expect("checked above");
+        self.metrics.remove_conn(conn.id);
         let _ = self.poll.registry().deregister(&mut conn.stream);
         self.free_slots.push(slot);
         self.shared.open_connections.fetch_sub(1, Ordering::Relaxed);
@@ -1293,18 +1307,10 @@ impl Shard {
         *shard_stats.conns.lock().unwrap_or_else(|e| e.into_inner()) = list;
     }
 
+    /// Hands this turn's counters to readers on other threads: a few relaxed stores per turn,
+    /// cheaper than deciding whether anything changed.
     fn publish_stats(&mut self) {
         let c = self.counters;
-        let p = &mut self.published;
-        if c.publishes_in == p.publishes_in
-            && c.delivered == p.delivered
-            && c.writes == p.writes
-            && c.protocol_errors == p.protocol_errors
-            && c.accepted == p.accepted
-            && c.throttled_turns == p.throttled_turns
-        {
-            return;
-        }
         let s: &ShardStats = &self.shared.shards[self.id as usize];
         s.publishes_in.store(c.publishes_in, Ordering::Relaxed);
         s.delivered.store(c.delivered, Ordering::Relaxed);
@@ -1327,7 +1333,6 @@ impl Shard {
             .store(self.conns.len() - self.free_slots.len(), Ordering::Relaxed);
         s.subscriptions.store(self.index.len(), Ordering::Relaxed);
         s.topics_owned.store(self.store.len(), Ordering::Relaxed);
-        *p = c;
     }
 }
 
@@ -1406,21 +1411,38 @@ fn data_seq(frame: &[u8]) -> u64 {
 }
 
 /// Writes as much of the outbox as the socket takes, in vectored writes.
-fn flush(conn: &mut Conn, now: Instant, counters: &mut Counters) -> io::Result<()> {
+fn flush(
+    conn: &mut Conn,
+    now: Instant,
+    counters: &mut Counters,
+    metrics: &mut ShardMetrics,
+) -> io::Result<()> {
     move_conflated(conn, counters);
     for _ in 0..MAX_WRITES_PER_FLUSH {
         if !conn.writable || conn.outbox.is_empty() {
             break;
         }
-        let result = {
-            let mut slices = [IoSlice::new(&[]); MAX_IOVECS];
-            let n = conn.outbox.fill_slices(&mut slices, MAX_WRITE_BYTES);
-            conn.stream.write_vectored(&slices[..n])
+        // Most writes carry a few frames: a small slice array spares zeroing 16 KiB each time.
+        let result = if conn.outbox.queued_frames() <= SMALL_IOVECS {
+            write_queued::<SMALL_IOVECS>(conn)
+        } else {
+            write_queued::<MAX_IOVECS>(conn)
         };
         match result {
             Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
             Ok(written) => {
-                conn.outbox.consume(written);
+                let (conn_id, now_ns) = (conn.id, now_unix_ns());
+                conn.outbox.consume_with(written, |frame| {
+                    if let Some(s) = data_frame_stamp(frame) {
+                        metrics.record_delivery(
+                            conn_id,
+                            s.topic,
+                            s.ingest_ts_ns,
+                            s.source_ts_ns,
+                            now_ns,
+                        );
+                    }
+                });
                 counters.writes += 1;
                 counters.bytes_written += written as u64;
                 conn.last_sent = now;
@@ -1432,6 +1454,13 @@ fn flush(conn: &mut Conn, now: Instant, counters: &mut Counters) -> io::Result<(
     }
     move_conflated(conn, counters);
     Ok(())
+}
+
+/// One vectored write of up to `N` queued frames.
+fn write_queued<const N: usize>(conn: &mut Conn) -> io::Result<usize> {
+    let mut slices = [IoSlice::new(&[]); N];
+    let n = conn.outbox.fill_slices(&mut slices, MAX_WRITE_BYTES);
+    conn.stream.write_vectored(&slices[..n])
 }
 
 /// Moves the conflated values (newest per topic) into the outbox once it has drained far

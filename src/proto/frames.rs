@@ -5,9 +5,6 @@ use bincode::{Decode, Encode};
 
 /// DATA flag: this value comes from the retained snapshot sent after SUBSCRIBE.
 pub const DATA_FLAG_SNAPSHOT: u8 = 0b0000_0001;
-/// DATA flag: reserved (bit 1); this engine never sets it — replayed frames are byte-identical
-/// to the live ones. TODO(lead): remove once src/metrics stops reading it.
-pub const DATA_FLAG_REPLAY: u8 = 0b0000_0010;
 
 /// Numeric codes carried by ERROR frames. Stable: clients match on them.
 pub mod error_code {

@@ -30,7 +30,7 @@ pub use codec::{
 pub use frames::{
     error_code, validate_pattern, validate_topic, DataHeader, DeliveryMode, Frame, Gap, Hello,
     PublishRef, SubAck, Subscribe, TopicError, TopicPosition, Unsubscribe, Welcome, WireError,
-    DATA_FLAG_REPLAY, DATA_FLAG_SNAPSHOT,
+    DATA_FLAG_SNAPSHOT,
 };
 
 /// Protocol version spoken by this build; HELLO carries the client's, WELCOME the engine's.

@@ -1,0 +1,295 @@
+//! The Prometheus text exposition format, version 0.0.4.
+
+use std::collections::HashSet;
+use std::fmt::Write as _;
+
+use serde_json::Value;
+
+use super::snapshot::{LatencySummary, MetricsSnapshot, QUANTILES};
+
+/// Totals of the stats document that are levels, not running counts.
+const GAUGES: [&str; 4] = ["connections", "subscriptions", "topics", "ring_bytes"];
+
+/// HELP text of the engine counters the stats document is known to carry; others get a generic
+/// one.
+fn engine_help(name: &str) -> &'static str {
+    match name {
+        "connections" => "Connections held by the reactors.",
+        "subscriptions" => "Subscriptions held by the reactors.",
+        "topics" => "Topics owned by the reactors (each with a retained value).",
+        "accepted" => "Connections accepted.",
+        "publishes_in" => "Messages published into the engine.",
+        "delivered" => "DATA frames queued to subscribers.",
+        "bytes_written" => "Bytes written to client sockets.",
+        "writes" => "Vectored socket writes.",
+        "dropped_all" => "Messages lost to 'all' subscriptions whose queue overflowed.",
+        "conflated" => "Superseded values skipped by 'latest' subscriptions.",
+        "slow_disconnects" => "Connections closed as slow consumers.",
+        "protocol_errors" => "Connections that sent a malformed or forbidden frame.",
+        "keepalive_timeouts" => "Connections closed for silence past their keep-alive.",
+        "handshake_timeouts" => "Connections closed for not sending HELLO in time.",
+        "ring_bytes" => "Bytes held in the replay rings.",
+        "throttled_turns" => "Reactor turns that held reads back for a full peer inbox.",
+        _ => "Engine figure from the stats document.",
+    }
+}
+
+/// Renders the engine's counters (`stats`: the engine's `stats_json()` document, with `totals`,
+/// `reactors`, `open_connections`, `uptime_ms`) and the latency histograms of `snapshot` in the
+/// Prometheus text format 0.0.4 (`Content-Type: text/plain; version=0.0.4`).
+///
+/// - every numeric total `x` becomes `lanpush_x_total` (counter), or `lanpush_x` (gauge) for
+///   `connections`, `subscriptions`, `topics` and `ring_bytes`; the per-reactor values become
+///   `lanpush_reactor_x_total{reactor="N"}` / `lanpush_reactor_x{reactor="N"}`;
+/// - latencies are summaries in seconds: `lanpush_ingest_to_write_seconds`,
+///   `lanpush_source_to_write_seconds` (all prefixes), and `lanpush_prefix_*_seconds` with a
+///   `prefix` label, each with quantiles 0.5 … 0.9999, `_sum` (mean × count from the histogram,
+///   an approximation) and `_count`; an empty one has NaN quantiles. Per-connection histograms
+///   are left out (unbounded label cardinality): `/stats` has them.
+pub fn prometheus_text(snapshot: &MetricsSnapshot, stats: &Value) -> String {
+    let mut w = Writer {
+        out: String::with_capacity(8192),
+        families: HashSet::new(),
+    };
+    engine_metrics(&mut w, stats);
+    latency_metrics(&mut w, snapshot);
+    w.out
+}
+
+struct Writer {
+    out: String,
+    /// Families written so far: a name appears once, whatever the stats document holds.
+    families: HashSet<String>,
+}
+
+impl Writer {
+    /// Starts a family; false (write nothing) if one of that name was already written.
+    fn family(&mut self, name: &str, kind: &str, help: &str) -> bool {
+        if !self.families.insert(name.to_string()) {
+            return false;
+        }
+        let _ = writeln!(self.out, "# HELP {name} {}", escape_help(help));
+        let _ = writeln!(self.out, "# TYPE {name} {kind}");
+        true
+    }
+
+    fn sample(&mut self, name: &str, labels: &[(&str, &str)], value: &str) {
+        self.out.push_str(name);
+        if !labels.is_empty() {
+            self.out.push('{');
+            for (i, (key, val)) in labels.iter().enumerate() {
+                if i > 0 {
+                    self.out.push(',');
+                }
+                let _ = write!(self.out, "{key}=\"{}\"", escape_label_value(val));
+            }
+            self.out.push('}');
+        }
+        self.out.push(' ');
+        self.out.push_str(value);
+        self.out.push('\n');
+    }
+}
+
+fn engine_metrics(w: &mut Writer, stats: &Value) {
+    if let Some(totals) = stats.get("totals").and_then(Value::as_object) {
+        for (key, value) in totals {
+            let Some(value) = number(value) else {
+                continue;
+            };
+            let (name, kind) = engine_name("lanpush_", key);
+            if w.family(&name, kind, engine_help(key)) {
+                w.sample(&name, &[], &value);
+            }
+        }
+    }
+    if let Some(reactors) = stats.get("reactors").and_then(Value::as_array) {
+        // Keys in order of first appearance, so each family's samples are written together.
+        let mut keys: Vec<&str> = Vec::new();
+        for reactor in reactors.iter().filter_map(Value::as_object) {
+            for key in reactor.keys() {
+                if key != "reactor" && !keys.contains(&key.as_str()) {
+                    keys.push(key);
+                }
+            }
+        }
+        for key in keys {
+            let (name, kind) = engine_name("lanpush_reactor_", key);
+            if !w.family(&name, kind, engine_help(key)) {
+                continue;
+            }
+            for (i, reactor) in reactors.iter().enumerate() {
+                let Some(value) = reactor.get(key).and_then(number) else {
+                    continue;
+                };
+                let id = reactor
+                    .get("reactor")
+                    .map_or_else(|| i.to_string(), |v| v.to_string());
+                w.sample(&name, &[("reactor", &id)], &value);
+            }
+        }
+    }
+    if let Some(open) = stats.get("open_connections").and_then(number) {
+        let name = "lanpush_open_connections";
+        if w.family(name, "gauge", "Connections open across the engine.") {
+            w.sample(name, &[], &open);
+        }
+    }
+    if let Some(ms) = stats.get("uptime_ms").and_then(Value::as_f64) {
+        let name = "lanpush_uptime_seconds";
+        if w.family(name, "gauge", "Seconds since the engine started.") {
+            w.sample(name, &[], &float(ms / 1000.0));
+        }
+    }
+}
+
+fn latency_metrics(w: &mut Writer, s: &MetricsSnapshot) {
+    const INGEST_HELP: &str = "Latency from engine ingest to the socket write of each DATA frame to each subscriber, since start; _sum is approximated as histogram mean x count.";
+    const SOURCE_HELP: &str = "Latency from the publisher's source timestamp to the socket write of each DATA frame to each subscriber (frames with a source timestamp), since start; _sum is approximated as histogram mean x count.";
+    let ingest = LatencySummary::of(&s.ingest_to_write);
+    let source = LatencySummary::of(&s.source_to_write);
+    for (name, help, summary) in [
+        ("lanpush_ingest_to_write_seconds", INGEST_HELP, &ingest),
+        ("lanpush_source_to_write_seconds", SOURCE_HELP, &source),
+    ] {
+        if w.family(name, "summary", help) {
+            summary_samples(w, name, &[], summary);
+        }
+    }
+    for (name, summary) in [
+        ("lanpush_ingest_to_write_max_seconds", &ingest),
+        ("lanpush_source_to_write_max_seconds", &source),
+    ] {
+        if w.family(
+            name,
+            "gauge",
+            "Highest latency recorded since start (same measure as the summary).",
+        ) {
+            w.sample(name, &[], &seconds(summary.max_us));
+        }
+    }
+    let prefixes: Vec<(&String, LatencySummary, LatencySummary)> = s
+        .prefixes
+        .iter()
+        .map(|(name, p)| {
+            (
+                name,
+                LatencySummary::of(&p.ingest_to_write),
+                LatencySummary::of(&p.source_to_write),
+            )
+        })
+        .collect();
+    if !prefixes.is_empty() {
+        let name = "lanpush_prefix_ingest_to_write_seconds";
+        if w.family(name, "summary", INGEST_HELP) {
+            for (prefix, ingest, _) in &prefixes {
+                summary_samples(w, name, &[("prefix", prefix)], ingest);
+            }
+        }
+        let name = "lanpush_prefix_source_to_write_seconds";
+        if w.family(name, "summary", SOURCE_HELP) {
+            for (prefix, _, source) in &prefixes {
+                summary_samples(w, name, &[("prefix", prefix)], source);
+            }
+        }
+    }
+    let name = "lanpush_latency_saturated_total";
+    if w.family(
+        name,
+        "counter",
+        "Latencies above metrics.histogram_max_ms, recorded as that maximum.",
+    ) {
+        w.sample(name, &[], &s.saturated.to_string());
+    }
+    let name = "lanpush_source_ahead_total";
+    if w.family(
+        name,
+        "counter",
+        "Frames whose source timestamp was later than their write (clock skew), not recorded.",
+    ) {
+        w.sample(name, &[], &s.source_ahead.to_string());
+    }
+}
+
+fn summary_samples(w: &mut Writer, name: &str, labels: &[(&str, &str)], s: &LatencySummary) {
+    for (q, value_us) in QUANTILES.iter().zip(s.quantile_values()) {
+        let q = q.to_string();
+        let mut with_quantile = labels.to_vec();
+        with_quantile.push(("quantile", &q));
+        let value = if s.count == 0 {
+            "NaN".to_string()
+        } else {
+            seconds(value_us)
+        };
+        w.sample(name, &with_quantile, &value);
+    }
+    w.sample(
+        &format!("{name}_sum"),
+        labels,
+        &float(s.mean_us * s.count as f64 / 1e6),
+    );
+    w.sample(&format!("{name}_count"), labels, &s.count.to_string());
+}
+
+/// The family name and type of an engine figure.
+fn engine_name(prefix: &str, key: &str) -> (String, &'static str) {
+    let base: String = key
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
+        .collect();
+    if GAUGES.contains(&key) {
+        (format!("{prefix}{base}"), "gauge")
+    } else if base.ends_with("_total") {
+        (format!("{prefix}{base}"), "counter")
+    } else {
+        (format!("{prefix}{base}_total"), "counter")
+    }
+}
+
+/// A JSON number as a sample value; `None` for anything else.
+fn number(value: &Value) -> Option<String> {
+    if let Some(u) = value.as_u64() {
+        Some(u.to_string())
+    } else if let Some(i) = value.as_i64() {
+        Some(i.to_string())
+    } else {
+        value.as_f64().map(float)
+    }
+}
+
+fn seconds(us: u64) -> String {
+    float(us as f64 / 1e6)
+}
+
+/// A float as the format spells it (Go's ParseFloat: `NaN`, `+Inf`, `-Inf`, decimal).
+fn float(v: f64) -> String {
+    if v.is_nan() {
+        "NaN".into()
+    } else if v.is_infinite() {
+        if v > 0.0 { "+Inf" } else { "-Inf" }.into()
+    } else {
+        // Display never uses an exponent and round-trips exactly.
+        format!("{v}")
+    }
+}
+
+fn escape_label_value(value: &str) -> String {
+    let mut out = String::with_capacity(value.len());
+    for c in value.chars() {
+        match c {
+            '\\' => out.push_str("\\\\"),
+            '"' => out.push_str("\\\""),
+            '\n' => out.push_str("\\n"),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+fn escape_help(help: &str) -> String {
+    help.replace('\\', "\\\\").replace('\n', "\\n")
+}
+
+#[cfg(test)]
+#[path = "prometheus_tests.rs"]
+mod tests;

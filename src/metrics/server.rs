@@ -1,0 +1,562 @@
+//! [`MetricsServer`]: a minimal HTTP/1.1 endpoint for `/metrics` and `/stats`.
+//!
+//! One std thread, one request per connection, served one connection at a time: a scrape every
+//! few seconds needs no more. A client is bounded in time ([`REQUEST_TIMEOUT`] to send its whole
+//! request head, [`RESPONSE_TIMEOUT`] to take the whole response: deadlines, not per-read
+//! timeouts, so trickling bytes does not extend them) and in memory ([`MAX_REQUEST_BYTES`] of
+//! request head), so a bad one delays the next scrape by seconds and cannot grow the server.
+
+use std::io::{self, Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+use super::prometheus::prometheus_text;
+use super::snapshot::MetricsSnapshot;
+
+/// Longest a client may take to send its whole request head (then 408).
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(2);
+/// Longest a client may take to read the whole response (then the connection is dropped).
+pub const RESPONSE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a response waits, after its last byte, for the client to close first.
+const DRAIN_TIMEOUT: Duration = Duration::from_millis(200);
+/// Largest request head (request line and headers) read; a longer one gets 431.
+pub const MAX_REQUEST_BYTES: usize = 8 * 1024;
+
+/// Content type of the Prometheus text format this server speaks.
+pub const PROMETHEUS_CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
+
+/// The HTTP endpoint: `GET /metrics` (Prometheus text, [`prometheus_text`]) and `GET /stats`
+/// (the stats JSON with a `latency` member holding [`MetricsSnapshot::to_json`]); 404 for
+/// other paths, 405 for other methods, 400 for a malformed request. `HEAD` is answered like
+/// `GET` without the body. Every response closes the connection.
+///
+/// Stopped by [`shutdown`](Self::shutdown) or on drop.
+#[derive(Debug)]
+pub struct MetricsServer {
+    local_addr: SocketAddr,
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl MetricsServer {
+    /// Binds `addr` and serves from a new thread. `source` is called once per `/metrics` or
+    /// `/stats` request, on the server's thread, for the merged snapshot and the engine's stats
+    /// document; a panic in it answers 500 and the server goes on.
+    pub fn start(
+        addr: SocketAddr,
+        source: impl Fn() -> (MetricsSnapshot, Value) + Send + 'static,
+    ) -> io::Result<MetricsServer> {
+        Self::start_with(addr, source, Timeouts::default())
+    }
+
+    fn start_with(
+        addr: SocketAddr,
+        source: impl Fn() -> (MetricsSnapshot, Value) + Send + 'static,
+        timeouts: Timeouts,
+    ) -> io::Result<MetricsServer> {
+        let listener = TcpListener::bind(addr)?;
+        let local_addr = listener.local_addr()?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let thread = std::thread::Builder::new()
+            .name("lanpush-metrics".into())
+            .spawn({
+                let stop = Arc::clone(&stop);
+                move || serve(listener, &stop, &source, timeouts)
+            })?;
+        Ok(MetricsServer {
+            local_addr,
+            stop,
+            thread: Some(thread),
+        })
+    }
+
+    /// The bound address (the real port when started on port 0).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// Stops accepting and waits for the thread (at most one request in progress, bounded by
+    /// [`REQUEST_TIMEOUT`] + [`RESPONSE_TIMEOUT`]).
+    pub fn shutdown(mut self) {
+        self.stop_and_join();
+    }
+
+    fn stop_and_join(&mut self) {
+        let Some(thread) = self.thread.take() else {
+            return;
+        };
+        self.stop.store(true, Ordering::SeqCst);
+        // Wake the blocking accept with a connection of our own.
+        let mut wake = self.local_addr;
+        if wake.ip().is_unspecified() {
+            wake.set_ip(match wake {
+                SocketAddr::V4(_) => std::net::Ipv4Addr::LOCALHOST.into(),
+                SocketAddr::V6(_) => std::net::Ipv6Addr::LOCALHOST.into(),
+            });
+        }
+        let _ = TcpStream::connect_timeout(&wake, REQUEST_TIMEOUT);
+        let _ = thread.join();
+    }
+}
+
+impl Drop for MetricsServer {
+    fn drop(&mut self) {
+        self.stop_and_join();
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Timeouts {
+    request: Duration,
+    response: Duration,
+}
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        Timeouts {
+            request: REQUEST_TIMEOUT,
+            response: RESPONSE_TIMEOUT,
+        }
+    }
+}
+
+fn serve(
+    listener: TcpListener,
+    stop: &AtomicBool,
+    source: &(impl Fn() -> (MetricsSnapshot, Value) + Send),
+    timeouts: Timeouts,
+) {
+    loop {
+        let accepted = listener.accept();
+        if stop.load(Ordering::SeqCst) {
+            return;
+        }
+        match accepted {
+            // A failed client is that client's problem: nothing to report to anyone.
+            Ok((stream, _)) => {
+                let _ = handle(stream, source, timeouts);
+            }
+            // Out of descriptors or similar: back off instead of spinning.
+            Err(_) => std::thread::sleep(Duration::from_millis(50)),
+        }
+    }
+}
+
+struct Response {
+    status: &'static str,
+    content_type: &'static str,
+    body: Vec<u8>,
+    allow: bool,
+}
+
+impl Response {
+    fn error(status: &'static str) -> Response {
+        Response {
+            status,
+            content_type: "text/plain; charset=utf-8",
+            body: format!("{status}\n").into_bytes(),
+            allow: false,
+        }
+    }
+}
+
+fn handle(
+    mut stream: TcpStream,
+    source: &(impl Fn() -> (MetricsSnapshot, Value) + Send),
+    timeouts: Timeouts,
+) -> io::Result<()> {
+    let mut head_only = false;
+    let response = match read_head(&mut stream, Instant::now() + timeouts.request) {
+        Err(HeadError::Io(e)) if is_timeout(&e) => Response::error("408 Request Timeout"),
+        Err(HeadError::Io(e)) => return Err(e),
+        Err(HeadError::TooLarge) => Response::error("431 Request Header Fields Too Large"),
+        Err(HeadError::Closed) => return Ok(()),
+        Ok(head) => match parse_request_line(&head) {
+            None => Response::error("400 Bad Request"),
+            Some((method, path)) => {
+                head_only = method == "HEAD";
+                route(method, path, source)
+            }
+        },
+    };
+    let mut out = format!(
+        "HTTP/1.1 {}\r\nContent-Type: {}\r\nContent-Length: {}\r\nConnection: close\r\n",
+        response.status,
+        response.content_type,
+        response.body.len()
+    );
+    if response.allow {
+        out.push_str("Allow: GET, HEAD\r\n");
+    }
+    out.push_str("\r\n");
+    let deadline = Instant::now() + timeouts.response;
+    write_by(&mut stream, out.as_bytes(), deadline)?;
+    if !head_only {
+        write_by(&mut stream, &response.body, deadline)?;
+    }
+    // Half-close and let the client read everything before the socket goes (an unread request
+    // body would otherwise turn our close into a reset that can discard the response).
+    let _ = stream.shutdown(Shutdown::Write);
+    stream.set_read_timeout(Some(DRAIN_TIMEOUT))?;
+    let mut sink = [0u8; 1024];
+    for _ in 0..8 {
+        match stream.read(&mut sink) {
+            Ok(0) | Err(_) => break,
+            Ok(_) => {}
+        }
+    }
+    Ok(())
+}
+
+fn route(
+    method: &str,
+    path: &str,
+    source: &(impl Fn() -> (MetricsSnapshot, Value) + Send),
+) -> Response {
+    if method != "GET" && method != "HEAD" {
+        let mut r = Response::error("405 Method Not Allowed");
+        r.allow = true;
+        return r;
+    }
+    let path = path.split(['?', '#']).next().unwrap_or(path);
+    let prometheus = match path {
+        "/metrics" => true,
+        "/stats" => false,
+        _ => return Response::error("404 Not Found"),
+    };
+    let rendered = catch_unwind(AssertUnwindSafe(|| {
+        let (snapshot, stats) = source();
+        if prometheus {
+            prometheus_text(&snapshot, &stats).into_bytes()
+        } else {
+            stats_document(&snapshot, stats).to_string().into_bytes()
+        }
+    }));
+    match rendered {
+        Ok(body) => Response {
+            status: "200 OK",
+            content_type: if prometheus {
+                PROMETHEUS_CONTENT_TYPE
+            } else {
+                "application/json"
+            },
+            body,
+            allow: false,
+        },
+        Err(_) => Response::error("500 Internal Server Error"),
+    }
+}
+
+/// The stats document with the latency histograms added as its `latency` member.
+fn stats_document(snapshot: &MetricsSnapshot, stats: Value) -> Value {
+    let latency = snapshot.to_json();
+    match stats {
+        Value::Object(mut map) => {
+            map.insert("latency".into(), latency);
+            Value::Object(map)
+        }
+        other => serde_json::json!({ "stats": other, "latency": latency }),
+    }
+}
+
+enum HeadError {
+    Io(io::Error),
+    TooLarge,
+    /// The client closed before sending a whole head (a port probe): no answer.
+    Closed,
+}
+
+/// Time left until `deadline`, or a `TimedOut` error.
+fn left_until(deadline: Instant) -> io::Result<Duration> {
+    let left = deadline.saturating_duration_since(Instant::now());
+    if left.is_zero() {
+        Err(io::ErrorKind::TimedOut.into())
+    } else {
+        Ok(left)
+    }
+}
+
+/// `write_all` that gives up at `deadline`, however the client paces its reads.
+fn write_by(stream: &mut TcpStream, mut bytes: &[u8], deadline: Instant) -> io::Result<()> {
+    while !bytes.is_empty() {
+        stream.set_write_timeout(Some(left_until(deadline)?))?;
+        match stream.write(bytes) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => bytes = &bytes[n..],
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+/// Reads up to the blank line ending the request head, at most [`MAX_REQUEST_BYTES`], until
+/// `deadline`.
+fn read_head(stream: &mut TcpStream, deadline: Instant) -> Result<Vec<u8>, HeadError> {
+    let mut head = Vec::with_capacity(1024);
+    let mut buf = [0u8; 1024];
+    loop {
+        let left = left_until(deadline).map_err(HeadError::Io)?;
+        stream.set_read_timeout(Some(left)).map_err(HeadError::Io)?;
+        let n = match stream.read(&mut buf) {
+            Ok(0) if head.is_empty() => return Err(HeadError::Closed),
+            // A head cut short by the client's close is still answered (400 if it is garbage).
+            Ok(0) => return Ok(head),
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(HeadError::Io(e)),
+        };
+        let searched_from = head.len().saturating_sub(3);
+        head.extend_from_slice(&buf[..n]);
+        if let Some(end) = find_head_end(&head[searched_from..]) {
+            head.truncate(searched_from + end);
+            return Ok(head);
+        }
+        if head.len() > MAX_REQUEST_BYTES {
+            return Err(HeadError::TooLarge);
+        }
+    }
+}
+
+fn find_head_end(bytes: &[u8]) -> Option<usize> {
+    bytes.windows(4).position(|w| w == b"\r\n\r\n").or_else(|| {
+        // Bare-LF clients (netcat, curl --raw scripts) end the head with "\n\n".
+        bytes.windows(2).position(|w| w == b"\n\n")
+    })
+}
+
+/// `METHOD SP PATH SP HTTP/1.x` from the head's first line; `None` if it is not one.
+fn parse_request_line(head: &[u8]) -> Option<(&str, &str)> {
+    let line_end = head.iter().position(|&b| b == b'\n').unwrap_or(head.len());
+    let line = std::str::from_utf8(&head[..line_end]).ok()?;
+    let line = line.strip_suffix('\r').unwrap_or(line);
+    let mut parts = line.split(' ');
+    let (method, path, version) = (parts.next()?, parts.next()?, parts.next()?);
+    let is_token = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_uppercase());
+    if parts.next().is_some()
+        || !is_token(method)
+        || !path.starts_with('/')
+        || !matches!(version, "HTTP/1.0" | "HTTP/1.1")
+    {
+        return None;
+    }
+    Some((method, path))
+}
+
+fn is_timeout(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::MetricsConfig;
+    use crate::metrics::ShardMetrics;
+
+    fn start() -> MetricsServer {
+        let config = MetricsConfig::default();
+        let mut shard = ShardMetrics::new(&config);
+        shard.record_delivery(5, "plant/line1/t", 1_000_000, 500_000, 1_042_000);
+        let snapshot = shard.snapshot();
+        MetricsServer::start("127.0.0.1:0".parse().unwrap(), move || {
+            let stats = serde_json::json!({
+                "open_connections": 1,
+                "totals": {"connections": 1, "delivered": 1},
+                "reactors": [], "connections": [],
+            });
+            (snapshot.clone(), stats)
+        })
+        .unwrap()
+    }
+
+    /// Sends `request` raw and returns (status line, headers, body).
+    fn fetch(server: &MetricsServer, request: &[u8]) -> (String, String, String) {
+        let mut stream = TcpStream::connect(server.local_addr()).unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .unwrap();
+        stream.write_all(request).unwrap();
+        let mut response = Vec::new();
+        stream.read_to_end(&mut response).unwrap();
+        let text = String::from_utf8(response).unwrap();
+        let (head, body) = text.split_once("\r\n\r\n").expect("a whole response");
+        let (status, headers) = head.split_once("\r\n").unwrap_or((head, ""));
+        (status.to_string(), headers.to_string(), body.to_string())
+    }
+
+    fn header<'a>(headers: &'a str, name: &str) -> Option<&'a str> {
+        headers.split("\r\n").find_map(|h| {
+            let (k, v) = h.split_once(": ")?;
+            k.eq_ignore_ascii_case(name).then_some(v)
+        })
+    }
+
+    #[test]
+    fn serves_metrics_and_stats() {
+        let server = start();
+        let (status, headers, body) = fetch(
+            &server,
+            b"GET /metrics HTTP/1.1\r\nHost: x\r\nAccept: */*\r\n\r\n",
+        );
+        assert_eq!(status, "HTTP/1.1 200 OK");
+        assert_eq!(
+            header(&headers, "Content-Type"),
+            Some(PROMETHEUS_CONTENT_TYPE)
+        );
+        assert_eq!(header(&headers, "Connection"), Some("close"));
+        assert_eq!(
+            header(&headers, "Content-Length"),
+            Some(body.len().to_string().as_str())
+        );
+        assert!(body.contains("lanpush_delivered_total 1\n"), "{body}");
+        assert!(
+            body.contains(
+                "lanpush_prefix_ingest_to_write_seconds_count{prefix=\"plant/line1\"} 1\n"
+            ),
+            "{body}"
+        );
+
+        let (status, headers, body) = fetch(&server, b"GET /stats?x=1 HTTP/1.0\r\n\r\n");
+        assert_eq!(status, "HTTP/1.1 200 OK");
+        assert_eq!(header(&headers, "Content-Type"), Some("application/json"));
+        let doc: Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(doc["totals"]["delivered"], 1);
+        assert_eq!(doc["latency"]["ingest_to_write"]["count"], 1);
+        assert_eq!(doc["latency"]["ingest_to_write"]["max_us"], 42);
+        assert_eq!(
+            doc["latency"]["connections"]["5"]["ingest_to_write"]["count"],
+            1
+        );
+
+        let (status, headers, body) = fetch(&server, b"HEAD /metrics HTTP/1.1\r\n\r\n");
+        assert_eq!(status, "HTTP/1.1 200 OK");
+        assert_ne!(header(&headers, "Content-Length"), Some("0"));
+        assert_eq!(body, "");
+        server.shutdown();
+    }
+
+    #[test]
+    fn errors_and_the_server_keeps_serving() {
+        let server = start();
+        let cases: [(&[u8], &str); 6] = [
+            (b"GET /nope HTTP/1.1\r\n\r\n", "HTTP/1.1 404 Not Found"),
+            (
+                b"POST /metrics HTTP/1.1\r\nContent-Length: 3\r\n\r\nabc",
+                "HTTP/1.1 405 Method Not Allowed",
+            ),
+            (b"\x00\x01garbage\xff\r\n\r\n", "HTTP/1.1 400 Bad Request"),
+            (b"GET /metrics\r\n\r\n", "HTTP/1.1 400 Bad Request"),
+            (b"GET metrics HTTP/1.1\r\n\r\n", "HTTP/1.1 400 Bad Request"),
+            (b"GET /metrics HTTP/2.0\r\n\r\n", "HTTP/1.1 400 Bad Request"),
+        ];
+        for (request, want) in cases {
+            let (status, headers, _) = fetch(&server, request);
+            assert_eq!(status, want, "{}", String::from_utf8_lossy(request));
+            if want.contains("405") {
+                assert_eq!(header(&headers, "Allow"), Some("GET, HEAD"));
+            }
+        }
+        // A head past the limit is refused without being kept.
+        let mut big = b"GET /metrics HTTP/1.1\r\n".to_vec();
+        while big.len() <= MAX_REQUEST_BYTES + 1024 {
+            big.extend_from_slice(b"X-Filler: 0123456789012345678901234567890123456789\r\n");
+        }
+        big.extend_from_slice(b"\r\n");
+        let mut stream = TcpStream::connect(server.local_addr()).unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .unwrap();
+        // The server may answer and close before taking it all: a failed write is fine.
+        let _ = stream.write_all(&big);
+        let mut response = Vec::new();
+        let _ = stream.read_to_end(&mut response);
+        let response = String::from_utf8_lossy(&response);
+        assert!(response.starts_with("HTTP/1.1 431 "), "{response}");
+        // A client that connects and leaves without a word gets nothing and harms nothing.
+        drop(TcpStream::connect(server.local_addr()).unwrap());
+        let (status, _, _) = fetch(&server, b"GET /metrics HTTP/1.1\r\n\r\n");
+        assert_eq!(status, "HTTP/1.1 200 OK");
+        server.shutdown();
+    }
+
+    /// A client trickling its request is cut off at the request deadline, not kept for as long
+    /// as it keeps sending, and the server goes on serving.
+    #[test]
+    fn a_trickling_client_gets_408_at_the_deadline() {
+        let timeouts = Timeouts {
+            request: Duration::from_millis(300),
+            response: Duration::from_secs(1),
+        };
+        let server = MetricsServer::start_with(
+            "127.0.0.1:0".parse().unwrap(),
+            || (MetricsSnapshot::new(&MetricsConfig::default()), Value::Null),
+            timeouts,
+        )
+        .unwrap();
+        let started = Instant::now();
+        let mut stream = TcpStream::connect(server.local_addr()).unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_millis(50)))
+            .unwrap();
+        let mut response = Vec::new();
+        let mut buf = [0u8; 256];
+        while started.elapsed() < Duration::from_secs(5) {
+            // One header byte every 50 ms: each read on the server side succeeds in time.
+            let _ = stream.write_all(b"X");
+            match stream.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => response.extend_from_slice(&buf[..n]),
+                Err(e) if is_timeout(&e) => {}
+                Err(_) => break,
+            }
+        }
+        let response = String::from_utf8_lossy(&response);
+        assert!(response.starts_with("HTTP/1.1 408 "), "{response}");
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "{:?}",
+            started.elapsed()
+        );
+        let (status, _, _) = fetch(&server, b"GET /metrics HTTP/1.1\r\n\r\n");
+        assert_eq!(status, "HTTP/1.1 200 OK");
+    }
+
+    #[test]
+    fn a_panicking_source_answers_500() {
+        let server =
+            MetricsServer::start("127.0.0.1:0".parse().unwrap(), || panic!("source broke"))
+                .unwrap();
+        let (status, _, _) = fetch(&server, b"GET /metrics HTTP/1.1\r\n\r\n");
+        assert_eq!(status, "HTTP/1.1 500 Internal Server Error");
+        let (status, _, _) = fetch(&server, b"GET /other HTTP/1.1\r\n\r\n");
+        assert_eq!(status, "HTTP/1.1 404 Not Found");
+        drop(server);
+    }
+
+    #[test]
+    fn request_line_parsing() {
+        assert_eq!(
+            parse_request_line(b"GET /metrics HTTP/1.1\r\nHost: a"),
+            Some(("GET", "/metrics"))
+        );
+        assert_eq!(parse_request_line(b"GET /a HTTP/1.0"), Some(("GET", "/a")));
+        for bad in [
+            &b""[..],
+            b"GET",
+            b"GET / HTTP/1.1 x",
+            b"get / HTTP/1.1",
+            b"GET  / HTTP/1.1",
+        ] {
+            assert_eq!(parse_request_line(bad), None, "{bad:?}");
+        }
+    }
+}
