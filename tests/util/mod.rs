@@ -450,3 +450,257 @@ pub fn noise(seed: u64, len: usize) -> Vec<u8> {
         })
         .collect()
 }
+
+// ----- Process inspection, config files, stats, a cuttable proxy (used by tests/delivery.rs) -----
+
+/// Sends `sig` to `pid`; unlike [`signal`], a failure (the process is gone) is only reported in
+/// the return value, so drop guards can call it.
+pub fn try_signal(pid: u32, sig: libc::c_int) -> bool {
+    // SAFETY: kill(2) with a pid this test spawned; no memory-safety preconditions.
+    unsafe { libc::kill(pid as libc::pid_t, sig) == 0 }
+}
+
+/// The state letter of a process from /proc/PID/stat: `R` running, `S` sleeping, `T` stopped,
+/// `Z` zombie; `None` if it does not exist.
+pub fn process_state(pid: u32) -> Option<char> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name is in parentheses and may contain spaces: the state follows the last ')'.
+    stat.rsplit_once(')')?.1.trim_start().chars().next()
+}
+
+/// Polls until `pid` is in state `want` (e.g. `'T'` after SIGSTOP); panics after `timeout`.
+pub fn wait_process_state(pid: u32, want: char, timeout: Duration) {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let state = process_state(pid);
+        if state == Some(want) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "process {pid} is in state {state:?}, not {want:?}, after {timeout:?}"
+        );
+        thread::sleep(Duration::from_millis(2));
+    }
+}
+
+/// Resident memory of a process in KiB (`VmRSS` in /proc/PID/status).
+pub fn vm_rss_kib(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+    line.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// A CLI child stopped with SIGSTOP: it never reads its socket. On drop it is sent SIGCONT and
+/// then killed and reaped (by [`Cli`]'s drop), so no stopped process outlives the test.
+pub struct Stopped {
+    cli: Option<Cli>,
+    pid: u32,
+}
+
+impl Stopped {
+    /// Stops `cli` and waits until the kernel reports it stopped.
+    pub fn stop(cli: Cli) -> Stopped {
+        let pid = cli.pid();
+        signal(pid, libc::SIGSTOP);
+        wait_process_state(pid, 'T', STEP);
+        Stopped {
+            cli: Some(cli),
+            pid,
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.pid
+    }
+}
+
+impl Drop for Stopped {
+    fn drop(&mut self) {
+        if let Some(cli) = self.cli.take() {
+            try_signal(self.pid, libc::SIGCONT);
+            drop(cli);
+        }
+    }
+}
+
+/// A file in the temp directory with a name unique to this process, removed on drop: for
+/// `lanpush serve --config FILE`.
+pub struct TempFile {
+    pub path: std::path::PathBuf,
+}
+
+impl TempFile {
+    pub fn new(name: &str, contents: &str) -> TempFile {
+        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let path =
+            std::env::temp_dir().join(format!("lanpush-test-{}-{n}-{name}", std::process::id()));
+        std::fs::write(&path, contents).expect("write temp file");
+        TempFile { path }
+    }
+
+    pub fn path_str(&self) -> &str {
+        self.path.to_str().expect("temp paths are UTF-8")
+    }
+}
+
+impl Drop for TempFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+impl Server {
+    /// `lanpush serve --threads 2 --config FILE`, FILE holding `toml` (the keys it leaves out
+    /// keep their defaults). The file lives as long as the returned guard.
+    pub fn start_with_config(toml: &str) -> (Server, TempFile) {
+        let file = TempFile::new("engine.toml", toml);
+        let server = Server::start_with(&["--threads", "2", "--config", file.path_str()]);
+        (server, file)
+    }
+
+    /// `lanpush stats --json` against this engine, parsed.
+    pub fn stats(&self) -> serde_json::Value {
+        let out = run(
+            &["stats", "--json", "--server", &self.addr_string()],
+            None,
+            STEP,
+        );
+        assert!(out.status.success(), "lanpush stats failed: {}", out.stderr);
+        serde_json::from_str(out.stdout.trim()).unwrap_or_else(|e| {
+            panic!("lanpush stats --json printed no JSON ({e}): {}", out.stdout)
+        })
+    }
+}
+
+impl Raw {
+    /// Connects with a receive buffer of about `bytes` (the kernel doubles it and stops
+    /// auto-tuning it), so that the engine's queue for this connection fills after little data.
+    pub fn connect_with_recv_buffer(addr: SocketAddr, bytes: usize) -> Raw {
+        let socket = socket2::Socket::new(
+            socket2::Domain::IPV4,
+            socket2::Type::STREAM,
+            Some(socket2::Protocol::TCP),
+        )
+        .expect("socket");
+        socket.set_recv_buffer_size(bytes).expect("SO_RCVBUF");
+        socket.connect(&addr.into()).expect("connect");
+        let stream: TcpStream = socket.into();
+        stream.set_nodelay(true).unwrap();
+        Raw {
+            stream,
+            buf: Vec::new(),
+        }
+    }
+
+    /// As [`Raw::read`], but each `read` call takes at most `max_read_bytes`: a slow reader.
+    pub fn read_limited(&mut self, max_read_bytes: usize, timeout: Duration) -> Option<Got> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(got) = self.decode() {
+                return Some(got);
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return None;
+            }
+            self.stream.set_read_timeout(Some(left)).unwrap();
+            let mut chunk = vec![0u8; max_read_bytes.max(1)];
+            match self.stream.read(&mut chunk) {
+                Ok(0) => return Some(Got::Closed),
+                Ok(n) => self.buf.extend_from_slice(&chunk[..n]),
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock
+                            | std::io::ErrorKind::TimedOut
+                            | std::io::ErrorKind::Interrupted
+                    ) => {}
+                Err(_) => return Some(Got::Closed),
+            }
+        }
+    }
+}
+
+/// A loopback TCP proxy in front of the engine whose connections can be cut, to break a
+/// client's connection without touching the engine. Records the client-side port of every
+/// connection it accepted (a reconnecting client comes from a new one).
+pub struct Proxy {
+    pub addr: SocketAddr,
+    live: Arc<Mutex<Vec<TcpStream>>>,
+    client_ports: Arc<Mutex<Vec<u16>>>,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Proxy {
+    pub fn start(upstream: SocketAddr) -> Proxy {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind proxy");
+        let addr = listener.local_addr().unwrap();
+        let live: Arc<Mutex<Vec<TcpStream>>> = Arc::default();
+        let client_ports: Arc<Mutex<Vec<u16>>> = Arc::default();
+        let stop = Arc::new(AtomicBool::new(false));
+        let (live2, ports2, stop2) = (live.clone(), client_ports.clone(), stop.clone());
+        thread::spawn(move || {
+            for client in listener.incoming() {
+                if stop2.load(Ordering::Relaxed) {
+                    break;
+                }
+                let Ok(client) = client else { continue };
+                let Ok(engine) = TcpStream::connect(upstream) else {
+                    continue;
+                };
+                let _ = client.set_nodelay(true);
+                let _ = engine.set_nodelay(true);
+                if let Ok(peer) = client.peer_addr() {
+                    ports2.lock().unwrap().push(peer.port());
+                }
+                let mut live = live2.lock().unwrap();
+                live.push(client.try_clone().unwrap());
+                live.push(engine.try_clone().unwrap());
+                for (mut from, mut to) in [
+                    (client.try_clone().unwrap(), engine.try_clone().unwrap()),
+                    (engine, client),
+                ] {
+                    thread::spawn(move || {
+                        let mut buf = [0u8; 64 * 1024];
+                        while let Ok(n) = from.read(&mut buf) {
+                            if n == 0 || to.write_all(&buf[..n]).is_err() {
+                                break;
+                            }
+                        }
+                        let _ = to.shutdown(std::net::Shutdown::Both);
+                        let _ = from.shutdown(std::net::Shutdown::Both);
+                    });
+                }
+            }
+        });
+        Proxy {
+            addr,
+            live,
+            client_ports,
+            stop,
+        }
+    }
+
+    /// Breaks every connection made so far (both legs: the client and the engine see a close).
+    pub fn cut(&self) {
+        for s in self.live.lock().unwrap().drain(..) {
+            let _ = s.shutdown(std::net::Shutdown::Both);
+        }
+    }
+
+    /// The client-side port of each connection accepted so far, in order.
+    pub fn client_ports(&self) -> Vec<u16> {
+        self.client_ports.lock().unwrap().clone()
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.cut();
+        let _ = TcpStream::connect(self.addr); // wake the accept loop so it sees `stop`
+    }
+}

@@ -57,6 +57,10 @@ pub struct ParamArgs {
     /// Publisher connections (plant: gateways) [default: fanout 1, fanin 10].
     #[arg(long)]
     pub publishers: Option<usize>,
+    /// Extra subscriber connections that subscribe to every published topic and then never
+    /// read: stalled consumers. Not counted in the delivery or latency figures [default: 0].
+    #[arg(long)]
+    pub stalled: Option<usize>,
     /// Engine reactor threads, when the tool starts the engine (default: the engine's own).
     #[arg(long)]
     pub threads: Option<usize>,
@@ -103,6 +107,7 @@ impl ParamArgs {
             size: self.size.or(lower.size),
             subscribers: self.subscribers.or(lower.subscribers),
             publishers: self.publishers.or(lower.publishers),
+            stalled: self.stalled.or(lower.stalled),
             threads: self.threads.or(lower.threads),
             gateways: self.gateways.or(lower.gateways),
             tags: self.tags.or(lower.tags),
@@ -126,6 +131,9 @@ pub struct Params {
     pub size_bytes: usize,
     pub publishers: usize,
     pub subscribers: usize,
+    /// Subscribers that never read (absent from results saved before the option existed).
+    #[serde(default)]
+    pub stalled: usize,
     /// plant only (0 otherwise).
     pub tags: usize,
     /// plant only (0 otherwise).
@@ -227,6 +235,7 @@ impl Params {
             size_bytes,
             publishers,
             subscribers,
+            stalled: args.stalled.unwrap_or(0),
             tags,
             cycle_ms,
             engine_threads: args.threads,

@@ -225,9 +225,17 @@ impl RunResult {
         );
         let _ = writeln!(
             out,
-            "   publishers {}, subscribers {}, payload {} B, warm-up {} s, measured {} s{}",
+            "   publishers {}, subscribers {}{}, payload {} B, warm-up {} s, measured {} s{}",
             p.publishers,
             p.subscribers,
+            if p.stalled > 0 {
+                format!(
+                    " (+{} stalled: subscribed, never read, not counted)",
+                    p.stalled
+                )
+            } else {
+                String::new()
+            },
             p.size_bytes,
             p.warmup_s,
             p.duration_s,

@@ -20,7 +20,7 @@ use crate::report::{
     fmt_count, CpuStats, DeliverStats, HistogramDump, Percentiles, PublishStats, RunResult,
     TargetInfo, RESULT_FORMAT,
 };
-use crate::scenario::{expected_for, plan};
+use crate::scenario::{expected_for, plan, stalled};
 use crate::subscriber::{run_subscriber_thread, SubSlot};
 
 /// Between the last connection and the first intended send: lets every thread reach its loop.
@@ -165,9 +165,15 @@ pub fn run(
         }
     };
 
+    let stalled_plan = stalled(params);
     say(format!(
-        "connecting {} subscriber(s) and {} publisher(s) to {} {}",
+        "connecting {} subscriber(s){} and {} publisher(s) to {} {}",
         plan.subscribers.len(),
+        if stalled_plan.is_empty() {
+            String::new()
+        } else {
+            format!(" (+{} stalled)", stalled_plan.len())
+        },
         plan.publishers.len(),
         target.driver,
         target.address
@@ -190,6 +196,23 @@ pub fn run(
             sub.pattern.clone(),
             conn,
         ));
+    }
+    // Stalled subscribers subscribe like the others, then are never polled: the broker must
+    // cope with consumers that stop reading. Held until every figure is taken; counted nowhere.
+    let mut stalled_conns = Vec::with_capacity(stalled_plan.len());
+    for sub in &stalled_plan {
+        let mut conn = driver
+            .subscriber(&sub.client_id)
+            .map_err(BenchError::connect(format!(
+                "connecting stalled subscriber {}",
+                sub.client_id
+            )))?;
+        conn.subscribe(&sub.pattern)
+            .map_err(BenchError::connect(format!(
+                "subscribing {} to {}",
+                sub.client_id, sub.pattern
+            )))?;
+        stalled_conns.push(conn);
     }
     if sub_slots.iter().any(|s| s.conn.raw_fd().is_none()) {
         say(format!(
@@ -465,6 +488,11 @@ pub fn run(
             ),
             _ => format!("{} -> {}", params.publishers, params.subscribers),
         };
+        let shape = if params.stalled > 0 {
+            format!("{shape} +{} stalled", params.stalled)
+        } else {
+            shape
+        };
         format!(
             "{} {} {} {}",
             target.driver,
@@ -473,6 +501,7 @@ pub fn run(
             rate
         )
     });
+    drop(stalled_conns);
     let cpu = match (cpu_start, cpu_end) {
         (Some(start), Some(end)) => start.usage_until(&end),
         _ => CpuStats {
@@ -562,6 +591,34 @@ mod tests {
         assert!(back.params == result.params && back.label == result.label);
         assert_eq!(back.deliver.received, result.deliver.received);
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// Stalled subscribers subscribe, then never read (they never answer the fake engine's
+    /// PING), and appear in no figure.
+    #[test]
+    fn stalled_subscribers_subscribe_but_are_not_counted() {
+        let (result, engine) = run_against_fake(
+            ScenarioKind::Fanout,
+            ParamArgs {
+                subscribers: Some(2),
+                stalled: Some(1),
+                rate: Some(2_000.0),
+                warmup: Some(0.2),
+                duration: Some(0.5),
+                ..Default::default()
+            },
+        );
+        assert_eq!(engine.subscriptions(), 3);
+        assert_eq!(engine.pongs(), 2, "the stalled subscriber read its PING");
+        let d = &result.deliver;
+        assert_eq!(d.connections, 2);
+        assert_eq!(
+            (d.expected, d.received, d.lost, d.extra),
+            (2_000, 2_000, 0, 0)
+        );
+        assert_eq!(result.latency_us.count, 2_000);
+        assert!(result.label.contains("+1 stalled"), "{}", result.label);
+        assert!(result.table().contains("+1 stalled"));
     }
 
     /// Overlapping plant patterns: each HMI expects exactly the tags its pattern matches.

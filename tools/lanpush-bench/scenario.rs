@@ -154,6 +154,23 @@ pub fn plan(params: &Params) -> Plan {
     }
 }
 
+/// The stalled subscribers (`--stalled N`): each subscribes to every topic the scenario
+/// publishes, on its own connection, and then never reads.
+pub fn stalled(params: &Params) -> Vec<SubPlan> {
+    let pid = std::process::id();
+    let pattern = match params.scenario {
+        ScenarioKind::Fanout => "bench/fanout",
+        ScenarioKind::Fanin => "bench/fanin/+",
+        ScenarioKind::Plant => "plant/#",
+    };
+    (0..params.stalled)
+        .map(|s| SubPlan {
+            client_id: format!("bench-{pid}-stalled{s}"),
+            pattern: pattern.into(),
+        })
+        .collect()
+}
+
 /// MQTT-style matching: `+` is one level, a final `#` the rest including nothing.
 pub fn matches(pattern: &str, topic: &str) -> bool {
     let mut pattern_levels = pattern.split('/');
@@ -245,6 +262,32 @@ mod tests {
         assert_eq!(expected_for("plant/#", &sent), 30);
         assert_eq!(expected_for("plant/gw1/#", &sent), 20);
         assert_eq!(expected_for("plant/+/tag1", &sent), 10);
+    }
+
+    #[test]
+    fn stalled_subscribers_take_every_topic() {
+        for (kind, pattern) in [
+            (ScenarioKind::Fanout, "bench/fanout"),
+            (ScenarioKind::Fanin, "bench/fanin/+"),
+            (ScenarioKind::Plant, "plant/#"),
+        ] {
+            let params = Params::resolve(
+                kind,
+                ParamArgs {
+                    stalled: Some(2),
+                    ..Default::default()
+                },
+            )
+            .unwrap();
+            let stalled = stalled(&params);
+            assert_eq!(stalled.len(), 2);
+            assert!(stalled.iter().all(|s| s.pattern == pattern));
+            for publisher in plan(&params).publishers {
+                for topic in &publisher.topics {
+                    assert!(matches(pattern, topic), "{pattern} misses {topic}");
+                }
+            }
+        }
     }
 
     #[test]

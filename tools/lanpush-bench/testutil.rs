@@ -54,6 +54,11 @@ impl FakeEngine {
         self.shared.pongs.load(Ordering::Relaxed)
     }
 
+    /// SUBSCRIBEs answered so far.
+    pub fn subscriptions(&self) -> usize {
+        self.shared.subscribers.lock().unwrap().len()
+    }
+
     pub fn publishes(&self) -> u64 {
         self.shared.publishes.load(Ordering::Relaxed)
     }
