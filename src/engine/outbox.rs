@@ -126,6 +126,14 @@ impl Outbox {
         }
     }
 
+    /// Drops every queued frame except a partly written front one (which must be finished for
+    /// the byte stream to stay framed).
+    pub fn discard_unstarted(&mut self) {
+        let keep = usize::from(self.front_written > 0);
+        self.frames.truncate(keep);
+        self.queued_bytes = self.frames.iter().map(|f| f.len()).sum();
+    }
+
     /// True when the front frame is partly written: nothing may be inserted before it.
     pub fn mid_frame(&self) -> bool {
         self.front_written > 0
@@ -173,6 +181,27 @@ mod tests {
         let got = drain_with_writes(&mut outbox, &[2, 5, 1, 13]);
         assert_eq!(got, expected);
         assert_eq!(outbox.queued_bytes(), 0);
+    }
+
+    #[test]
+    fn discard_unstarted_keeps_only_a_partly_written_front_frame() {
+        let mut outbox = Outbox::new(1 << 20, 100);
+        for i in 0..3 {
+            outbox.push(frame(i, 10)).unwrap();
+        }
+        outbox.discard_unstarted();
+        assert!(outbox.is_empty());
+        for i in 0..3 {
+            outbox.push(frame(i, 10)).unwrap();
+        }
+        outbox.consume(4);
+        outbox.discard_unstarted();
+        assert_eq!((outbox.queued_frames(), outbox.queued_bytes()), (1, 6));
+        outbox.push(frame(9, 5)).unwrap();
+        assert_eq!(
+            drain_with_writes(&mut outbox, &[100]),
+            [[0u8; 6].as_slice(), &[9; 5]].concat()
+        );
     }
 
     #[test]

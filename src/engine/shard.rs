@@ -157,6 +157,8 @@ enum Phase {
     /// ERROR sent and write side shut; input is read and discarded until EOF or the deadline.
     Closing {
         deadline: Instant,
+        /// The ERROR has been written and the write side shut.
+        write_shut: bool,
     },
 }
 
@@ -962,7 +964,7 @@ impl Shard {
         let Some(conn) = self.conns.get_mut(slot).and_then(Option::as_mut) else {
             return;
         };
-        if conn.id != conn_ref.id {
+        if conn.id != conn_ref.id || !matches!(conn.phase, Phase::Open) {
             return;
         }
         queue_replayed(conn, frames);
@@ -1126,6 +1128,7 @@ impl Shard {
             conn.in_dirty = false;
             match flush(conn, now, &mut self.counters, &mut self.metrics) {
                 Ok(()) => {
+                    shut_write_when_flushed(conn);
                     let needs_replay =
                         conn.outbox.is_below_half() && conn.lag.values().any(|l| !l.requested);
                     if conn.writable && !conn.outbox.is_empty() {
@@ -1159,7 +1162,7 @@ impl Shard {
                     );
                     self.fail(slot, Fatal::new(error_code::HANDSHAKE_TIMEOUT, reason), now);
                 }
-                Phase::Closing { deadline } if now >= deadline => self.close(slot),
+                Phase::Closing { deadline, .. } if now >= deadline => self.close(slot),
                 Phase::Open => {
                     let silent = now.saturating_duration_since(conn.last_heard);
                     if silent >= conn.keepalive.mul_f32(1.5) {
@@ -1214,15 +1217,25 @@ impl Shard {
         self.remove_subs(slot);
         let frame: SharedFrame = Arc::from(&self.scratch[..]);
         let conn = self.conns[slot].as_mut().expect("slot is live");
+        // The ERROR goes right after whatever frame the socket is in the middle of: queued data
+        // behind it would only delay the reason (a slow consumer's queue is full by definition).
+        conn.outbox.discard_unstarted();
+        conn.conflated.clear();
+        conn.lag.clear();
         conn.outbox.push_unbounded(frame);
         conn.writable = true;
-        let _ = flush(conn, now, &mut self.counters, &mut self.metrics);
-        let _ = conn.stream.shutdown(Shutdown::Write);
         conn.phase = Phase::Closing {
             deadline: now + LINGER,
+            write_shut: false,
         };
         conn.rstart = 0;
         conn.rend = 0;
+        if flush(conn, now, &mut self.counters, &mut self.metrics).is_err() {
+            self.close(slot);
+            return;
+        }
+        shut_write_when_flushed(conn);
+        mark_dirty(conn, slot, &mut self.dirty);
     }
 
     fn remove_subs(&mut self, slot: usize) {
@@ -1333,6 +1346,20 @@ impl Shard {
             .store(self.conns.len() - self.free_slots.len(), Ordering::Relaxed);
         s.subscriptions.store(self.index.len(), Ordering::Relaxed);
         s.topics_owned.store(self.store.len(), Ordering::Relaxed);
+    }
+}
+
+/// A closing connection's write side is shut once its ERROR is out (FIN after the reason).
+fn shut_write_when_flushed(conn: &mut Conn) {
+    if let Phase::Closing {
+        write_shut: shut @ false,
+        ..
+    } = &mut conn.phase
+    {
+        if conn.outbox.is_empty() {
+            let _ = conn.stream.shutdown(Shutdown::Write);
+            *shut = true;
+        }
     }
 }
 
