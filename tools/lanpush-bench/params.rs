@@ -61,6 +61,12 @@ pub struct ParamArgs {
     /// read: stalled consumers. Not counted in the delivery or latency figures [default: 0].
     #[arg(long)]
     pub stalled: Option<usize>,
+    /// Unpaced runs only: a publisher waits while more than this many of its messages are in
+    /// flight (sent, not yet received), averaged over the subscribers that should receive them.
+    /// Measures the throughput a target sustains without loss, the same way for every broker;
+    /// 0 = open loop, as fast as the socket takes [default: 10000].
+    #[arg(long)]
+    pub window: Option<u64>,
     /// Engine reactor threads, when the tool starts the engine (default: the engine's own).
     #[arg(long)]
     pub threads: Option<usize>,
@@ -108,6 +114,7 @@ impl ParamArgs {
             subscribers: self.subscribers.or(lower.subscribers),
             publishers: self.publishers.or(lower.publishers),
             stalled: self.stalled.or(lower.stalled),
+            window: self.window.or(lower.window),
             threads: self.threads.or(lower.threads),
             gateways: self.gateways.or(lower.gateways),
             tags: self.tags.or(lower.tags),
@@ -134,6 +141,9 @@ pub struct Params {
     /// Subscribers that never read (absent from results saved before the option existed).
     #[serde(default)]
     pub stalled: usize,
+    /// Unpaced runs: messages in flight per publisher before it waits; 0 = open loop.
+    #[serde(default)]
+    pub window: u64,
     /// plant only (0 otherwise).
     pub tags: usize,
     /// plant only (0 otherwise).
@@ -147,6 +157,9 @@ pub struct Params {
 fn cores() -> usize {
     std::thread::available_parallelism().map_or(1, |n| n.get())
 }
+
+/// Default in-flight window of unpaced publishers (see `--window`).
+pub const DEFAULT_WINDOW: u64 = 10_000;
 
 impl Params {
     /// Fills defaults for `kind` and validates.
@@ -236,6 +249,7 @@ impl Params {
             publishers,
             subscribers,
             stalled: args.stalled.unwrap_or(0),
+            window: args.window.unwrap_or(DEFAULT_WINDOW),
             tags,
             cycle_ms,
             engine_threads: args.threads,

@@ -19,6 +19,8 @@ use crate::runner::Progress;
 /// Most messages one publisher sends in one turn before the loop flushes and looks at the
 /// others: a publisher far behind its schedule cannot starve the rest of its thread.
 const MAX_MESSAGES_PER_TURN: usize = 4096;
+/// How long an unpaced publisher at its in-flight window waits before looking again.
+const WINDOW_RECHECK_NS: u64 = 20_000;
 /// Unpaced publishers send batches of about this many bytes per flush.
 const UNPACED_BATCH_BYTES: usize = 16 * 1024;
 
@@ -181,6 +183,11 @@ pub fn run_publisher_thread<C: Clock>(
                     &mut send_lag,
                     &mut next_deadline,
                 ),
+                Pace::Unpaced if progress.over_window() => {
+                    // Closed loop: wait for the subscribers to take what is in flight.
+                    next_deadline = next_deadline.min(now + WINDOW_RECHECK_NS);
+                    Ok(0)
+                }
                 Pace::Unpaced => {
                     next_deadline = 0;
                     send_unpaced(clock, slot, window)

@@ -204,8 +204,13 @@ impl RunResult {
     pub fn table(&self) -> String {
         let p = &self.params;
         let mut out = String::new();
-        let rate = if p.rate == 0.0 {
-            "unpaced (max throughput)".to_string()
+        let rate = if p.rate == 0.0 && p.window > 0 {
+            format!(
+                "unpaced, at most {} in flight (max sustained throughput)",
+                fmt_count(p.window as f64)
+            )
+        } else if p.rate == 0.0 {
+            "unpaced, open loop (max throughput)".to_string()
         } else {
             format!("{} msg/s", fmt_count(p.rate))
         };

@@ -37,11 +37,26 @@ const PROGRESS_INTERVAL: Duration = Duration::from_secs(1);
 pub struct Progress {
     sent: AtomicU64,
     delivered: AtomicU64,
+    /// Unpaced publishers' in-flight window (0 = open loop) and the deliveries one published
+    /// message makes on average (fan-out 1→S: S).
+    window: u64,
+    deliveries_per_message: f64,
     measured: AtomicU64,
     recent_max_ns: AtomicU64,
 }
 
 impl Progress {
+    /// True while more than `window` messages are sent but not yet received (averaged over the
+    /// subscribers that should receive them): an unpaced publisher then waits.
+    pub fn over_window(&self) -> bool {
+        if self.window == 0 || self.deliveries_per_message <= 0.0 {
+            return false;
+        }
+        let sent = self.sent.load(Ordering::Relaxed) as f64;
+        let delivered = self.delivered.load(Ordering::Relaxed) as f64;
+        sent - delivered / self.deliveries_per_message > self.window as f64
+    }
+
     pub fn add_sent(&self, n: u64) {
         self.sent.fetch_add(n, Ordering::Relaxed);
     }
@@ -57,6 +72,28 @@ impl Progress {
             .fetch_max(recorder.recent_max_ns, Ordering::Relaxed);
         recorder.recent_max_ns = 0;
     }
+}
+
+/// Deliveries one published message makes, averaged over the published topics.
+fn deliveries_per_message(plan: &crate::scenario::Plan) -> f64 {
+    let topics: Vec<&str> = plan
+        .publishers
+        .iter()
+        .flat_map(|p| p.topics.iter().map(String::as_str))
+        .collect();
+    if topics.is_empty() {
+        return 0.0;
+    }
+    let deliveries: u64 = topics
+        .iter()
+        .map(|&topic| {
+            plan.subscribers
+                .iter()
+                .map(|s| expected_for(&s.pattern, &[(topic, 1)]))
+                .sum::<u64>()
+        })
+        .sum();
+    deliveries as f64 / topics.len() as f64
 }
 
 /// Progress line printer: rates over the last interval.
@@ -258,7 +295,11 @@ pub fn run(
         })
         .collect();
 
-    let progress = Progress::default();
+    let progress = Progress {
+        window: params.window,
+        deliveries_per_message: deliveries_per_message(&plan),
+        ..Progress::default()
+    };
     let stop_subscribers = AtomicBool::new(false);
     let stop_publishers = AtomicBool::new(false);
     let sub_groups = deal(sub_slots, params.sub_threads);
@@ -530,6 +571,27 @@ pub fn run(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn unpaced_publishers_wait_while_the_window_is_full() {
+        let progress = Progress {
+            window: 10,
+            deliveries_per_message: 2.0,
+            ..Progress::default()
+        };
+        progress.sent.store(20, Ordering::Relaxed);
+        progress.delivered.store(10, Ordering::Relaxed); // 15 messages in flight
+        assert!(progress.over_window());
+        progress.delivered.store(30, Ordering::Relaxed); // 5 in flight
+        assert!(!progress.over_window());
+        let open_loop = Progress {
+            window: 0,
+            deliveries_per_message: 2.0,
+            ..Progress::default()
+        };
+        open_loop.sent.store(1_000_000, Ordering::Relaxed);
+        assert!(!open_loop.over_window());
+    }
     use crate::lanpush_driver::LanpushDriver;
     use crate::params::ParamArgs;
     use crate::testutil::FakeEngine;
