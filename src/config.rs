@@ -67,6 +67,7 @@ pub struct DeliveryConfig {
     pub queue_max_bytes: usize,
     pub queue_max_messages: usize,
     pub conflate_always: bool,
+    pub socket_send_buffer_bytes: usize,
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]

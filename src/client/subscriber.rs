@@ -177,20 +177,9 @@ pub struct SubscriberCounters {
     pub pings_sent: u64,
 }
 
-/// Whether `topic` matches `pattern` (`+` one level, `#` the rest, including nothing).
-pub fn pattern_matches(pattern: &str, topic: &str) -> bool {
-    let mut pattern_levels = pattern.split('/');
-    let mut topic_levels = topic.split('/');
-    loop {
-        match (pattern_levels.next(), topic_levels.next()) {
-            (Some("#"), _) => return true,
-            (None, None) => return true,
-            (Some("+"), Some(_)) => {}
-            (Some(p), Some(t)) if p == t => {}
-            _ => return false,
-        }
-    }
-}
+/// Whether `topic` matches `pattern` (`+` one level, `#` the rest, including nothing): the
+/// engine's own definition, re-exported for clients.
+pub use crate::topic::pattern_matches;
 
 /// Receives the messages of a set of subscriptions over one TCP connection, and resumes them
 /// by itself after the connection breaks.

@@ -422,6 +422,12 @@ impl Shard {
                 continue;
             }
             let _ = stream.set_nodelay(true);
+            let sndbuf = self.config.delivery.socket_send_buffer_bytes;
+            if sndbuf > 0 {
+                // Bounds what the kernel holds for a subscriber that stopped reading: less to
+                // retransmit into its full window, less latency hidden below the outbox.
+                let _ = socket2::SockRef::from(&stream).set_send_buffer_size(sndbuf);
+            }
             let conn_id = self.shared.next_conn_id.fetch_add(1, Ordering::Relaxed);
             self.counters.accepted += 1;
             let target = self.next_target % self.n_shards as usize;

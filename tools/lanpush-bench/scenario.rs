@@ -171,20 +171,9 @@ pub fn stalled(params: &Params) -> Vec<SubPlan> {
         .collect()
 }
 
-/// MQTT-style matching: `+` is one level, a final `#` the rest including nothing.
-pub fn matches(pattern: &str, topic: &str) -> bool {
-    let mut pattern_levels = pattern.split('/');
-    let mut topic_levels = topic.split('/');
-    loop {
-        match (pattern_levels.next(), topic_levels.next()) {
-            (Some("#"), _) => return true,
-            (None, None) => return true,
-            (Some("+"), Some(_)) => {}
-            (Some(p), Some(t)) if p == t => {}
-            _ => return false,
-        }
-    }
-}
+/// MQTT-style matching: `+` is one level, a final `#` the rest including nothing (the engine's
+/// own definition).
+pub use lanpush::topic::pattern_matches as matches;
 
 /// How many measured messages a subscriber to `pattern` should receive, given what was sent per
 /// topic.
