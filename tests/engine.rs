@@ -5,10 +5,6 @@
 mod util;
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::io::{Read, Write};
-use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -16,7 +12,7 @@ use lanpush::client::{
     Backoff, ClientOptions, Event, Message, Publisher, Subscriber, SubscriptionSpec,
 };
 use lanpush::proto::{error_code, DataHeader, DeliveryMode, Frame};
-use util::{noise, Got, Raw, Server, STEP};
+use util::{noise, Got, Proxy, Raw, Server, STEP};
 
 fn opts(server: &Server, id: &str) -> ClientOptions {
     ClientOptions::new(server.addr_string())
@@ -333,69 +329,6 @@ fn malformed_frames_get_an_error_and_a_close_while_others_carry_on() {
     );
     // The engine is still serving new connections.
     lanpush::client::stats(&opts(&server, "mal-stats")).unwrap();
-}
-
-/// A loopback TCP proxy whose connections can be cut, to break a client's connection without
-/// touching the engine.
-struct Proxy {
-    addr: SocketAddr,
-    live: Arc<Mutex<Vec<TcpStream>>>,
-    stop: Arc<AtomicBool>,
-}
-
-impl Proxy {
-    fn start(upstream: SocketAddr) -> Proxy {
-        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-        let addr = listener.local_addr().unwrap();
-        let live: Arc<Mutex<Vec<TcpStream>>> = Arc::default();
-        let stop = Arc::new(AtomicBool::new(false));
-        let (live2, stop2) = (live.clone(), stop.clone());
-        thread::spawn(move || {
-            for client in listener.incoming() {
-                if stop2.load(Ordering::Relaxed) {
-                    break;
-                }
-                let Ok(client) = client else { continue };
-                let Ok(engine) = TcpStream::connect(upstream) else {
-                    continue;
-                };
-                let mut live = live2.lock().unwrap();
-                live.push(client.try_clone().unwrap());
-                live.push(engine.try_clone().unwrap());
-                for (mut from, mut to) in [
-                    (client.try_clone().unwrap(), engine.try_clone().unwrap()),
-                    (engine, client),
-                ] {
-                    thread::spawn(move || {
-                        let mut buf = [0u8; 64 * 1024];
-                        while let Ok(n) = from.read(&mut buf) {
-                            if n == 0 || to.write_all(&buf[..n]).is_err() {
-                                break;
-                            }
-                        }
-                        let _ = to.shutdown(Shutdown::Both);
-                        let _ = from.shutdown(Shutdown::Both);
-                    });
-                }
-            }
-        });
-        Proxy { addr, live, stop }
-    }
-
-    /// Breaks every connection made so far.
-    fn cut(&self) {
-        for s in self.live.lock().unwrap().drain(..) {
-            let _ = s.shutdown(Shutdown::Both);
-        }
-    }
-}
-
-impl Drop for Proxy {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        self.cut();
-        let _ = TcpStream::connect(self.addr); // wake the accept loop so it sees `stop`
-    }
 }
 
 #[test]
