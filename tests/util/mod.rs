@@ -355,29 +355,7 @@ impl Raw {
 
     /// The next frame, `Some(Got::Closed)` at EOF or reset, `None` if nothing came in `timeout`.
     pub fn read(&mut self, timeout: Duration) -> Option<Got> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Some(got) = self.decode() {
-                return Some(got);
-            }
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                return None;
-            }
-            self.stream.set_read_timeout(Some(left)).unwrap();
-            let mut chunk = [0u8; 64 * 1024];
-            match self.stream.read(&mut chunk) {
-                Ok(0) => return Some(Got::Closed),
-                Ok(n) => self.buf.extend_from_slice(&chunk[..n]),
-                Err(e)
-                    if matches!(
-                        e.kind(),
-                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-                    ) => {}
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                Err(_) => return Some(Got::Closed),
-            }
-        }
+        self.read_limited(64 * 1024, timeout)
     }
 
     fn decode(&mut self) -> Option<Got> {

@@ -74,6 +74,26 @@ impl Progress {
     }
 }
 
+/// Opens one subscriber connection and waits until its subscription is confirmed.
+fn connect_subscriber(
+    driver: &dyn Driver,
+    sub: &crate::scenario::SubPlan,
+    role: &str,
+) -> Result<Box<dyn crate::driver::SubConn>, BenchError> {
+    let mut conn = driver
+        .subscriber(&sub.client_id)
+        .map_err(BenchError::connect(format!(
+            "connecting {role} {}",
+            sub.client_id
+        )))?;
+    conn.subscribe(&sub.pattern)
+        .map_err(BenchError::connect(format!(
+            "subscribing {} to {}",
+            sub.client_id, sub.pattern
+        )))?;
+    Ok(conn)
+}
+
 /// Deliveries one published message makes, averaged over the published topics.
 fn deliveries_per_message(plan: &crate::scenario::Plan) -> f64 {
     let topics: Vec<&str> = plan
@@ -217,17 +237,7 @@ pub fn run(
     ));
     let mut sub_slots = Vec::with_capacity(plan.subscribers.len());
     for sub in &plan.subscribers {
-        let mut conn = driver
-            .subscriber(&sub.client_id)
-            .map_err(BenchError::connect(format!(
-                "connecting subscriber {}",
-                sub.client_id
-            )))?;
-        conn.subscribe(&sub.pattern)
-            .map_err(BenchError::connect(format!(
-                "subscribing {} to {}",
-                sub.client_id, sub.pattern
-            )))?;
+        let conn = connect_subscriber(driver, sub, "subscriber")?;
         sub_slots.push(SubSlot::new(
             sub.client_id.clone(),
             sub.pattern.clone(),
@@ -238,18 +248,7 @@ pub fn run(
     // cope with consumers that stop reading. Held until every figure is taken; counted nowhere.
     let mut stalled_conns = Vec::with_capacity(stalled_plan.len());
     for sub in &stalled_plan {
-        let mut conn = driver
-            .subscriber(&sub.client_id)
-            .map_err(BenchError::connect(format!(
-                "connecting stalled subscriber {}",
-                sub.client_id
-            )))?;
-        conn.subscribe(&sub.pattern)
-            .map_err(BenchError::connect(format!(
-                "subscribing {} to {}",
-                sub.client_id, sub.pattern
-            )))?;
-        stalled_conns.push(conn);
+        stalled_conns.push(connect_subscriber(driver, sub, "stalled subscriber")?);
     }
     if sub_slots.iter().any(|s| s.conn.raw_fd().is_none()) {
         say(format!(
