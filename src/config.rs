@@ -68,6 +68,16 @@ pub struct DeliveryConfig {
     pub queue_max_messages: usize,
     pub conflate_always: bool,
     pub socket_send_buffer_bytes: usize,
+    /// Write coalescing: the writes per second each reactor aims at (see the default config).
+    pub reactor_writes_per_s: u64,
+    /// Write coalescing: the longest a connection waits between two writes; 0 turns it off.
+    pub max_write_interval_us: u64,
+}
+
+impl DeliveryConfig {
+    /// Largest accepted `max_write_interval_us`: coalescing longer than this is a
+    /// misconfiguration.
+    pub const MAX_WRITE_INTERVAL_US: u64 = 100_000;
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -236,6 +246,16 @@ impl Config {
                 d.queue_max_bytes
             ));
         }
+        if d.max_write_interval_us > DeliveryConfig::MAX_WRITE_INTERVAL_US {
+            return invalid(format!(
+                "delivery.max_write_interval_us = {} is outside 0 ..= {} (100 ms)",
+                d.max_write_interval_us,
+                DeliveryConfig::MAX_WRITE_INTERVAL_US
+            ));
+        }
+        if d.reactor_writes_per_s == 0 {
+            return invalid("delivery.reactor_writes_per_s must be at least 1".into());
+        }
         if let Err(message) = self.metrics.validate() {
             return invalid(message);
         }
@@ -258,6 +278,20 @@ fn merge(base: &mut toml::Table, user: toml::Table) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn write_interval_is_bounded() {
+        let c = Config::from_toml_str("[delivery]\nmax_write_interval_us = 250\n", "test").unwrap();
+        assert_eq!(c.delivery.max_write_interval_us, 250);
+        let e = Config::from_toml_str("[delivery]\nmax_write_interval_us = 100001\n", "test")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("delivery.max_write_interval_us = 100001"), "{e}");
+        let e = Config::from_toml_str("[delivery]\nreactor_writes_per_s = 0\n", "test")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("reactor_writes_per_s"), "{e}");
+    }
 
     #[test]
     fn embedded_default_parses_and_is_valid() {

@@ -11,6 +11,7 @@ mod notify;
 pub mod outbox;
 mod shard;
 mod store;
+mod timer;
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};

@@ -34,6 +34,7 @@ use mio::{Events, Interest, Poll, Token};
 use super::notify::{Inbox, Mailbox};
 use super::outbox::{Outbox, SharedFrame};
 use super::store::{Replay, TopicStore};
+use super::timer::DeadlineTimer;
 use super::{now_unix_ns, owner_of, EngineShared, ShardStats};
 use crate::config::Config;
 use crate::metrics::{data_frame_stamp, ShardMetrics};
@@ -45,6 +46,7 @@ use crate::topic::TopicIndex;
 
 pub(crate) const WAKER_TOKEN: Token = Token(usize::MAX - 1);
 const LISTENER_TOKEN: Token = Token(usize::MAX - 2);
+const TIMER_TOKEN: Token = Token(usize::MAX - 3);
 
 /// Readiness events taken per `poll` call.
 const MAX_EVENTS: usize = 1024;
@@ -67,6 +69,9 @@ const SMALL_IOVECS: usize = 64;
 const METRICS_SNAPSHOT_EVERY: Duration = Duration::from_millis(250);
 /// Bytes per vectored write.
 const MAX_WRITE_BYTES: usize = 512 * 1024;
+/// Write coalescing (`delivery.reactor_writes_per_s`) stops waiting once this much is queued for a
+/// connection: a write() costs about the same up to this size, so waiting longer gains nothing.
+const COALESCE_BYTES: usize = 16 * 1024;
 /// Longest sleep while reads are held back for a peer shard whose inbox is full.
 const THROTTLE_NAP: Duration = Duration::from_micros(200);
 /// Connections accepted per loop turn.
@@ -261,6 +266,15 @@ pub(crate) struct Shard {
     /// feel TCP backpressure) until it has taken this shard's backlog. Bounds what the engine
     /// holds for a peer to about one turn of input.
     throttled: bool,
+    /// Write coalescing: least time between two writes to one connection, from
+    /// [`coalescing_interval`] at every timer tick.
+    write_interval: Duration,
+    /// Some dirty connection can be written now: the next poll must not sleep.
+    flush_now: bool,
+    /// Earliest moment a dirty connection held back by write coalescing may be written.
+    flush_at: Option<Instant>,
+    /// Wakes the poll at `flush_at` with microsecond precision.
+    timer: DeadlineTimer,
 }
 
 /// A fatal error on a connection: the ERROR frame to send before closing.
@@ -295,6 +309,9 @@ impl Shard {
             poll.registry()
                 .register(l, LISTENER_TOKEN, Interest::READABLE)?;
         }
+        let mut timer = DeadlineTimer::new()?;
+        poll.registry()
+            .register(&mut timer, TIMER_TOKEN, Interest::READABLE)?;
         let store = TopicStore::new(config.retained.ring_bytes / n_shards as usize);
         let metrics = ShardMetrics::new(&config.metrics);
         Ok(Shard {
@@ -325,6 +342,10 @@ impl Shard {
             counters: Counters::default(),
             shutting_down: false,
             throttled: false,
+            write_interval: Duration::ZERO,
+            flush_now: false,
+            flush_at: None,
+            timer,
         })
     }
 
@@ -332,13 +353,22 @@ impl Shard {
     pub(crate) fn run(mut self) -> io::Result<()> {
         let mut events = Events::with_capacity(MAX_EVENTS);
         while !self.shutting_down {
-            let busy = !self.dirty.is_empty() || (!self.read_again.is_empty() && !self.throttled);
+            let busy = self.flush_now || (!self.read_again.is_empty() && !self.throttled);
             let timeout = if busy || !self.inbox.arm_and_check_empty() {
                 Duration::ZERO
-            } else if self.throttled {
-                THROTTLE_NAP
             } else {
-                self.next_tick.saturating_duration_since(Instant::now())
+                let before = Instant::now();
+                let mut wake = if self.throttled {
+                    before + THROTTLE_NAP
+                } else {
+                    self.next_tick
+                };
+                if let Some(at) = self.flush_at.filter(|&at| at < wake) {
+                    // The poll's own timeout has millisecond steps; the timer is exact.
+                    self.timer.arm(at, before)?;
+                    wake = at;
+                }
+                wake.saturating_duration_since(before)
             };
             match self.poll.poll(&mut events, Some(timeout)) {
                 Ok(()) => {}
@@ -349,6 +379,7 @@ impl Shard {
             for event in events.iter() {
                 match event.token() {
                     WAKER_TOKEN => {}
+                    TIMER_TOKEN => self.timer.fired(),
                     LISTENER_TOKEN => self.accept(now),
                     Token(slot) => {
                         if event.is_writable() {
@@ -1127,10 +1158,18 @@ impl Shard {
     fn flush_dirty(&mut self, now: Instant) {
         let dirty = std::mem::take(&mut self.dirty);
         let mut still = Vec::new();
+        self.flush_now = false;
+        self.flush_at = None;
         for slot in dirty {
             let Some(conn) = self.conns.get_mut(slot).and_then(Option::as_mut) else {
                 continue;
             };
+            if let Some(due) = coalesce_until(conn, self.write_interval, now) {
+                // Stays dirty (in_dirty still set) and is written when the interval is up.
+                still.push(slot);
+                self.flush_at = Some(self.flush_at.map_or(due, |at| at.min(due)));
+                continue;
+            }
             conn.in_dirty = false;
             match flush(conn, now, &mut self.counters, &mut self.metrics) {
                 Ok(()) => {
@@ -1140,6 +1179,7 @@ impl Shard {
                     if conn.writable && !conn.outbox.is_empty() {
                         conn.in_dirty = true;
                         still.push(slot);
+                        self.flush_now = true;
                     }
                     if needs_replay {
                         self.request_replays(slot);
@@ -1148,6 +1188,8 @@ impl Shard {
                 Err(_) => self.close(slot),
             }
         }
+        // Marked dirty while flushing (replay requests, closes): write them next turn.
+        self.flush_now |= !self.dirty.is_empty();
         still.append(&mut self.dirty);
         self.dirty = still;
     }
@@ -1155,10 +1197,17 @@ impl Shard {
     // ----- timers, errors and closing -----
 
     fn check_timers(&mut self, now: Instant) {
+        // Busy connections: written within the last tick, or within two intervals, so that
+        // connections held back by coalescing still count while they are held back.
+        let recent = TIMER_TICK.max(2 * self.write_interval);
+        let mut recently_written = 0;
         for slot in 0..self.conns.len() {
             let Some(conn) = self.conns[slot].as_mut() else {
                 continue;
             };
+            if now.saturating_duration_since(conn.last_sent) < recent {
+                recently_written += 1;
+            }
             match conn.phase {
                 Phase::AwaitHello { deadline } if now >= deadline => {
                     self.counters.handshake_timeouts += 1;
@@ -1192,6 +1241,12 @@ impl Shard {
                 _ => {}
             }
         }
+        let d = &self.config.delivery;
+        self.write_interval = coalescing_interval(
+            recently_written,
+            d.reactor_writes_per_s,
+            Duration::from_micros(d.max_write_interval_us),
+        );
     }
 
     fn slow_consumer(&mut self, slot: usize) {
@@ -1443,6 +1498,27 @@ fn data_seq(frame: &[u8]) -> u64 {
     u64::from_le_bytes(frame[at..at + 8].try_into().expect("DATA frame has a seq"))
 }
 
+/// Write coalescing: with `busy` connections each written at most once per interval, the
+/// reactor makes at most `writes_per_s` writes a second. Capped at `max` (0 = off).
+fn coalescing_interval(busy: usize, writes_per_s: u64, max: Duration) -> Duration {
+    let nanos = (busy as u64).saturating_mul(1_000_000_000) / writes_per_s.max(1);
+    Duration::from_nanos(nanos).min(max)
+}
+
+/// Write coalescing: `Some(when)` if `conn` was written to less than `interval` ago and should
+/// wait until `when` for more frames to share the write. Connections with a full write's worth
+/// queued, and closing ones, never wait.
+fn coalesce_until(conn: &Conn, interval: Duration, now: Instant) -> Option<Instant> {
+    if interval.is_zero()
+        || conn.outbox.queued_bytes() >= COALESCE_BYTES
+        || !matches!(conn.phase, Phase::Open)
+    {
+        return None;
+    }
+    let due = conn.last_sent + interval;
+    (now < due).then_some(due)
+}
+
 /// Writes as much of the outbox as the socket takes, in vectored writes.
 fn flush(
     conn: &mut Conn,
@@ -1542,4 +1618,32 @@ fn refuse(mut stream: TcpStream, code: u16, reason: &str) {
     );
     let _ = stream.write(&buf);
     let _ = stream.shutdown(Shutdown::Write);
+}
+
+#[cfg(test)]
+mod coalescing_tests {
+    use super::*;
+
+    #[test]
+    fn interval_spreads_the_write_budget_over_busy_connections() {
+        let max = Duration::from_millis(2);
+        // 50 busy connections at 100 k writes/s: one write each per 500 µs.
+        assert_eq!(
+            coalescing_interval(50, 100_000, max),
+            Duration::from_micros(500)
+        );
+        // Few busy connections hardly wait; none do not wait at all.
+        assert_eq!(
+            coalescing_interval(5, 100_000, max),
+            Duration::from_micros(50)
+        );
+        assert_eq!(coalescing_interval(0, 100_000, max), Duration::ZERO);
+        // Many connections: capped.
+        assert_eq!(coalescing_interval(10_000, 100_000, max), max);
+        // Off.
+        assert_eq!(
+            coalescing_interval(50, 100_000, Duration::ZERO),
+            Duration::ZERO
+        );
+    }
 }

@@ -38,7 +38,11 @@ pub fn parse_listening_line(line: &str) -> Option<String> {
 }
 
 impl EngineProcess {
-    pub fn start(binary: &Path, threads: Option<usize>) -> Result<Self, BenchError> {
+    pub fn start(
+        binary: &Path,
+        threads: Option<usize>,
+        config: Option<&Path>,
+    ) -> Result<Self, BenchError> {
         if !binary.exists() {
             return Err(BenchError::Engine(format!(
                 "{} not found: build it with `cargo build --release` (or give --engine-bin, \
@@ -48,6 +52,9 @@ impl EngineProcess {
         }
         let mut command = Command::new(binary);
         command.args(["serve", "--listen", "127.0.0.1:0"]);
+        if let Some(file) = config {
+            command.arg("--config").arg(file);
+        }
         if let Some(n) = threads {
             command.args(["--threads", &n.to_string()]);
         }

@@ -99,6 +99,10 @@ struct RunArgs {
     /// The lanpush binary to start (default: `lanpush` next to this executable).
     #[arg(long, value_name = "PATH")]
     engine_bin: Option<PathBuf>,
+    /// Config file for the engine the tool starts (`lanpush serve --config FILE`); its
+    /// `server.listen` is overridden with 127.0.0.1:0.
+    #[arg(long, value_name = "FILE", conflicts_with_all = ["server", "target"])]
+    engine_config: Option<PathBuf>,
     /// Write the latency histogram as HdrHistogram percentile-distribution text (µs).
     #[arg(long, value_name = "FILE")]
     hgrm: Option<PathBuf>,
@@ -214,15 +218,22 @@ fn make_target(args: &RunArgs, params: &Params) -> Result<Target, BenchError> {
         Some(path) => path.clone(),
         None => engine::default_binary()?,
     };
-    let engine = EngineProcess::start(&binary, params.engine_threads)?;
+    let engine = EngineProcess::start(
+        &binary,
+        params.engine_threads,
+        args.engine_config.as_deref(),
+    )?;
     if !args.quiet {
         eprintln!(
-            "started {} on {}{}",
+            "started {} on {}{}{}",
             engine.binary.display(),
             engine.addr,
             params
                 .engine_threads
-                .map_or(String::new(), |n| format!(" with {n} threads"))
+                .map_or(String::new(), |n| format!(" with {n} threads")),
+            args.engine_config
+                .as_ref()
+                .map_or(String::new(), |f| format!(", config {}", f.display()))
         );
     }
     let (driver, info) = lanpush(&engine.addr.clone(), true)?;

@@ -244,12 +244,6 @@ pub fn run(
             conn,
         ));
     }
-    // Stalled subscribers subscribe like the others, then are never polled: the broker must
-    // cope with consumers that stop reading. Held until every figure is taken; counted nowhere.
-    let mut stalled_conns = Vec::with_capacity(stalled_plan.len());
-    for sub in &stalled_plan {
-        stalled_conns.push(connect_subscriber(driver, sub, "stalled subscriber")?);
-    }
     if sub_slots.iter().any(|s| s.conn.raw_fd().is_none()) {
         say(format!(
             "note: the {} driver exposes no socket to wait on; its subscribers are polled, \
@@ -267,6 +261,15 @@ pub fn run(
                 publisher.client_id
             )))?;
         pub_conns.push(conn);
+    }
+    // Stalled subscribers subscribe like the others, then are never polled: the broker must
+    // cope with consumers that stop reading. Held until every figure is taken; counted nowhere.
+    // They connect last, so that the measured connections land where they would without them
+    // (a multi-reactor broker deals connections out in order: adding one earlier would move
+    // the publisher to another reactor and change the run for a reason other than the stall).
+    let mut stalled_conns = Vec::with_capacity(stalled_plan.len());
+    for sub in &stalled_plan {
+        stalled_conns.push(connect_subscriber(driver, sub, "stalled subscriber")?);
     }
 
     let run_start_ns = clock.now_ns() + START_DELAY.as_nanos() as u64;
