@@ -43,16 +43,39 @@ fn resuming_opts(proxy: &Proxy, id: &str) -> ClientOptions {
     })
 }
 
-/// The engine's owner shard of a topic (`owner_of` in src/engine/mod.rs: FNV-1a, documented as
-/// stable so that tests can predict it). The stalled-subscriber test checks the prediction
-/// against the engine's stats.
-fn owner_of(topic: &str, shards: u64) -> u64 {
-    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
-    for &b in topic.as_bytes() {
-        hash ^= u64::from(b);
-        hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
+/// Two raw connections, HELLO done, on different reactors of a two-reactor engine. A topic
+/// belongs to the reactor of the connection that publishes it first (src/engine/owners.rs), so
+/// publishing through these places topics on chosen reactors.
+fn raws_on_two_reactors(addr: std::net::SocketAddr) -> [(Raw, u16); 2] {
+    let mut first = Raw::connect(addr);
+    let first_reactor = first.hello(30_000).reactor;
+    for _ in 0..16 {
+        let mut second = Raw::connect(addr);
+        let reactor = second.hello(30_000).reactor;
+        if reactor != first_reactor {
+            return [(first, first_reactor), (second, reactor)];
+        }
     }
-    hash % shards
+    panic!("16 connections in a row landed on reactor {first_reactor}");
+}
+
+fn raw_publish(raw: &mut Raw, topic: &str, payload: &[u8]) {
+    raw.send(&Frame::Publish(lanpush::proto::PublishRef {
+        topic,
+        source_ts_ns: 0,
+        quality: 192,
+        payload,
+    }));
+}
+
+/// Topics each reactor owns, from the engine's stats.
+fn topics_per_reactor(server: &Server) -> Vec<u64> {
+    server.stats()["reactors"]
+        .as_array()
+        .expect("reactors")
+        .iter()
+        .map(|r| counter(r, "topics"))
+        .collect()
 }
 
 /// What one subscriber accounted for on one topic.
@@ -376,14 +399,12 @@ fn a_stalled_subscriber_costs_bounded_memory_and_blocks_no_one() {
 
     // The bulk topic and the small ones on different owner shards: each shard has its own half
     // of the ring, so the bulk traffic cannot evict the small topics' history, which a fast
-    // subscriber that fell behind catches up from.
+    // subscriber that fell behind catches up from. Their first messages (the warm-up, below)
+    // come from connections on two different reactors, which makes them the owners.
     let bulk = "stall/bulk".to_string();
-    let bulk_owner = owner_of(&bulk, 2);
-    let small: Vec<String> = (0..)
-        .map(|i| format!("stall/t/{i}"))
-        .filter(|t| owner_of(t, 2) != bulk_owner)
-        .take(SMALL_TOPICS)
-        .collect();
+    let small: Vec<String> = (0..SMALL_TOPICS).map(|i| format!("stall/t/{i}")).collect();
+    let [(mut bulk_claimer, bulk_owner), (mut small_claimer, _)] =
+        raws_on_two_reactors(server.addr);
 
     let fast: Vec<Subscriber> = (0..FAST_SUBSCRIBERS)
         .map(|i| {
@@ -437,11 +458,22 @@ fn a_stalled_subscriber_costs_bounded_memory_and_blocks_no_one() {
             .collect();
 
         // Warm-up: one message per topic, so that every connection has had traffic before the
-        // baseline is taken.
-        for topic in small.iter().chain([&bulk]) {
-            publisher.publish(topic, b"warm-up").unwrap();
+        // baseline is taken; it also gives each topic its owner.
+        raw_publish(&mut bulk_claimer, &bulk, b"warm-up");
+        for topic in &small {
+            raw_publish(&mut small_claimer, topic, b"warm-up");
         }
-        publisher.confirm(STEP).unwrap();
+        let mut expected_owned = vec![0u64; 2];
+        expected_owned[bulk_owner as usize] = 1;
+        expected_owned[1 - bulk_owner as usize] = SMALL_TOPICS as u64;
+        let owned_deadline = Instant::now() + STEP;
+        while topics_per_reactor(&server) != expected_owned {
+            assert!(
+                Instant::now() < owned_deadline,
+                "warm-up topics not owned as planned"
+            );
+            thread::sleep(Duration::from_millis(5));
+        }
         let warm_deadline = Instant::now() + STEP;
         while warmed.load(Ordering::Relaxed) < FAST_SUBSCRIBERS {
             assert!(
@@ -494,22 +526,20 @@ fn a_stalled_subscriber_costs_bounded_memory_and_blocks_no_one() {
     });
     let (report, results, baseline_kib, peak_kib, samples, stalled_stats) = outcome;
 
-    // The owner prediction held: the bulk topic's shard owns only it (the warm-up made them all).
-    let stats = server.stats();
-    let owned: Vec<u64> = stats["reactors"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|r| counter(r, "topics"))
-        .collect();
+    // Ownership stayed where the warm-up put it: the publisher, on either reactor, made no
+    // topic of its own.
     let mut expected_owned = vec![0u64; 2];
     expected_owned[bulk_owner as usize] = 1;
     expected_owned[1 - bulk_owner as usize] = SMALL_TOPICS as u64;
-    assert_eq!(owned, expected_owned, "topics per reactor");
+    assert_eq!(
+        topics_per_reactor(&server),
+        expected_owned,
+        "topics per reactor"
+    );
 
     // (b) The publisher published everything on schedule and was never held up.
-    let expected_published =
-        SMALL_TOPICS as u64 + 1 + report.small_per_topic * SMALL_TOPICS as u64 + report.bulk;
+    // (The warm-up came from the two claiming connections.)
+    let expected_published = report.small_per_topic * SMALL_TOPICS as u64 + report.bulk;
     assert_eq!(report.published, expected_published);
     assert!(
         report.slowest_call < MAX_PUBLISH_CALL,
@@ -889,28 +919,32 @@ fn all_mode_resume_past_a_small_ring_names_exactly_what_was_lost() {
         }
     }
     assert!(ledger.error.is_none(), "{:?}", ledger.error);
-    // What was replayed is exactly what each owner's ring held: the ring of each reactor
-    // (RING_BYTES / 2) was full, so its frames come to less than a frame short of it.
-    let mut replayed_bytes = [0u64; 2];
+    // Both topics belong to the reactor of their one publisher, and what was replayed is exactly
+    // what that reactor's ring held: it (RING_BYTES / 2) was full, so the frames come to less
+    // than a frame short of it.
+    let owned = topics_per_reactor(&server);
+    assert_eq!(owned.iter().sum::<u64>(), 2, "{owned:?}");
+    assert!(
+        owned.contains(&2),
+        "one reactor owns both topics: {owned:?}"
+    );
+    let mut replayed_bytes = 0u64;
     for topic in &topics {
         let log = &ledger.topics[topic];
         assert_eq!(log.last, ROUNDS, "{topic}: resumed to the end");
         assert_eq!(log.gaps.len(), 1, "{topic}: one GAP, first: {:?}", log.gaps);
         assert_eq!(log.gaps[0].0, 11, "{topic}");
         // DATA frame: 4-byte length, kind, 28 fixed bytes, topic, payload (the round).
-        replayed_bytes[owner_of(topic, 2) as usize] += (log.gaps[0].1 + 1..=ROUNDS)
+        replayed_bytes += (log.gaps[0].1 + 1..=ROUNDS)
             .map(|round| 33 + topic.len() as u64 + round.to_string().len() as u64)
             .sum::<u64>();
     }
     let largest_frame = 33 + 6 + 4;
-    for (reactor, bytes) in replayed_bytes.into_iter().enumerate() {
-        let owns = topics.iter().any(|t| owner_of(t, 2) == reactor as u64);
-        let ring = RING_BYTES / 2;
-        assert!(
-            !owns || (ring - largest_frame < bytes && bytes <= ring),
-            "reactor {reactor}: replayed {bytes} bytes of a {ring}-byte ring"
-        );
-    }
+    let ring = RING_BYTES / 2;
+    assert!(
+        ring - largest_frame < replayed_bytes && replayed_bytes <= ring,
+        "replayed {replayed_bytes} bytes of a {ring}-byte ring"
+    );
 }
 
 // ----- 4. snapshot then live ---------------------------------------------------------------------

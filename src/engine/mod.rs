@@ -9,6 +9,7 @@
 
 mod notify;
 pub mod outbox;
+mod owners;
 mod shard;
 mod store;
 mod timer;
@@ -98,6 +99,8 @@ pub(crate) struct EngineShared {
     /// HELLOs seen per client id: a client's reconnects are its count minus one. Touched once
     /// per connection, never on the data path.
     pub sessions: std::sync::Mutex<std::collections::HashMap<String, u64>>,
+    /// Which shard owns each topic (`owners.rs`).
+    pub owners: owners::OwnerTable,
 }
 
 /// Reads one counter of a shard, for the stats document.
@@ -182,17 +185,6 @@ pub fn now_unix_ns() -> u64 {
         .unwrap_or(0)
 }
 
-/// The shard that owns `topic`: assigns its sequence numbers and keeps its retained value.
-/// FNV-1a: cheap on short topics, and stable so tests can predict it.
-pub(crate) fn owner_of(topic: &str, n_shards: u16) -> u16 {
-    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
-    for &b in topic.as_bytes() {
-        hash ^= b as u64;
-        hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
-    }
-    (hash % n_shards as u64) as u16
-}
-
 /// A running engine. Dropping it does not stop it; call [`ShutdownHandle::shutdown`] then
 /// [`Engine::join`].
 pub struct Engine {
@@ -225,6 +217,7 @@ impl Engine {
             engine_id: now_unix_ns() ^ (u64::from(std::process::id()) << 40),
             metrics: crate::metrics::MetricsBoard::new(n, &config.metrics),
             sessions: Default::default(),
+            owners: owners::OwnerTable::new(n as u16),
         });
 
         let mut polls = Vec::with_capacity(n);
@@ -295,6 +288,7 @@ impl Engine {
         LocalPublisher {
             mailboxes: self.mailboxes.clone(),
             config: self.config.clone(),
+            shared: self.shared.clone(),
         }
     }
 
@@ -361,6 +355,7 @@ impl ShutdownHandle {
 pub struct LocalPublisher {
     mailboxes: Vec<Mailbox<ShardMsg>>,
     config: Arc<Config>,
+    shared: Arc<EngineShared>,
 }
 
 impl LocalPublisher {
@@ -400,7 +395,7 @@ impl LocalPublisher {
                 payload,
             },
         );
-        let owner = owner_of(topic, self.mailboxes.len() as u16) as usize;
+        let owner = self.shared.owners.claim_for_local(topic) as usize;
         self.mailboxes[owner]
             .try_send(ShardMsg::Publish(buf))
             .map_err(|e| match e {
@@ -422,21 +417,3 @@ fn bind_listener(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
 
 #[cfg(test)]
 mod tests;
-
-#[cfg(test)]
-mod owner_tests {
-    use super::*;
-
-    #[test]
-    fn owner_is_stable_and_spreads() {
-        let owners: Vec<u16> = (0..100)
-            .map(|i| owner_of(&format!("plant/line{i}/temp"), 2))
-            .collect();
-        assert!(owners.contains(&0) && owners.contains(&1));
-        assert_eq!(
-            owner_of("plant/line1/temp", 2),
-            owner_of("plant/line1/temp", 2)
-        );
-        assert_eq!(owner_of("anything", 1), 0);
-    }
-}

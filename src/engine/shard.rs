@@ -2,8 +2,9 @@
 //! subscriptions made on them, and the topics whose hash falls to it.
 //!
 //! Data path (see docs/ARCHITECTURE.md for the picture):
-//! 1. A PUBLISH read on shard A for topic T goes to T's *owner* shard (`owner_of(T)`): inline if
-//!    that is A, else appended to A's outgoing batch for the owner.
+//! 1. A PUBLISH read on shard A for topic T goes to T's *owner* shard (the shard of T's first
+//!    publisher, `owners.rs`): inline if that is A, else appended to A's outgoing batch for the
+//!    owner.
 //! 2. The owner assigns the next per-topic sequence number, encodes the DATA frame once into a
 //!    [`SharedFrame`], keeps it as the retained value, queues it to its own matching subscribers,
 //!    and appends it to its outgoing batch for every other shard.
@@ -33,9 +34,10 @@ use mio::{Events, Interest, Poll, Token};
 
 use super::notify::{Inbox, Mailbox};
 use super::outbox::{Outbox, SharedFrame};
+use super::owners::OwnerCache;
 use super::store::{Replay, TopicStore};
 use super::timer::DeadlineTimer;
-use super::{now_unix_ns, owner_of, EngineShared, ShardStats};
+use super::{now_unix_ns, EngineShared, ShardStats};
 use crate::config::Config;
 use crate::metrics::{data_frame_stamp, ShardMetrics};
 use crate::proto::{
@@ -275,6 +277,8 @@ pub(crate) struct Shard {
     flush_at: Option<Instant>,
     /// Wakes the poll at `flush_at` with microsecond precision.
     timer: DeadlineTimer,
+    /// Topic owners this shard has looked up.
+    owners: OwnerCache,
 }
 
 /// A fatal error on a connection: the ERROR frame to send before closing.
@@ -346,6 +350,7 @@ impl Shard {
             flush_now: false,
             flush_at: None,
             timer,
+            owners: OwnerCache::default(),
         })
     }
 
@@ -734,7 +739,9 @@ impl Shard {
     /// Sends a validated publish to its topic's owner (maybe this shard).
     fn route_publish(&mut self, publish: &PublishRef<'_>, ingest_ts_ns: u64) {
         self.counters.publishes_in += 1;
-        let owner = owner_of(publish.topic, self.n_shards);
+        let owner = self
+            .owners
+            .for_publish(&self.shared.owners, publish.topic, self.id);
         if owner == self.id {
             self.ingest(publish, ingest_ts_ns);
             return;
@@ -948,7 +955,8 @@ impl Shard {
         let mut by_owner: Vec<Vec<(String, u64)>> = vec![Vec::new(); self.n_shards as usize];
         for (topic, lag) in conn.lag.iter_mut().filter(|(_, lag)| !lag.requested) {
             lag.requested = true;
-            by_owner[owner_of(topic, self.n_shards) as usize].push((topic.clone(), lag.next_seq));
+            let owner = self.owners.lookup(&self.shared.owners, topic);
+            by_owner[owner as usize].push((topic.clone(), lag.next_seq));
         }
         let conn_ref = ConnRef {
             slot: slot as u32,

@@ -659,3 +659,44 @@ fn write_coalescing_gathers_a_stream_into_fewer_writes_and_loses_nothing() {
     engine.shutdown_handle().shutdown();
     engine.join().unwrap();
 }
+
+#[test]
+fn a_topic_belongs_to_the_reactor_of_its_first_publisher() {
+    let engine = engine(2);
+    let (mut subscriber, mut publisher) = clients_on_two_reactors(engine.local_addr());
+    subscriber.send(&Frame::Subscribe(Subscribe {
+        sub_id: 1,
+        pattern: "own/#".into(),
+        mode: DeliveryMode::All,
+        resume: vec![],
+    }));
+    while !matches!(subscriber.next_frame_kind(), Got::Other(s) if s.starts_with("SubAck")) {}
+    // With hashed ownership about half of these would land on each reactor.
+    const TOPICS: u64 = 40;
+    for t in 0..TOPICS {
+        publisher.publish(&format!("own/{t}"), b"v");
+    }
+    for t in 0..TOPICS {
+        let (topic, seq, _, _) = subscriber.next_data();
+        assert_eq!((topic, seq), (format!("own/{t}"), 1));
+    }
+    let owned = || -> Vec<u64> {
+        let stats: serde_json::Value = serde_json::from_str(&engine.stats_json()).unwrap();
+        stats["reactors"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| r["topics"].as_u64().unwrap())
+            .collect()
+    };
+    let mut expected = vec![0, 0];
+    expected[publisher.reactor as usize] = TOPICS;
+    // Counters are published at the end of the owner's loop turn, just after its deliveries.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while owned() != expected && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert_eq!(owned(), expected, "topics owned per reactor");
+    engine.shutdown_handle().shutdown();
+    engine.join().unwrap();
+}

@@ -1,0 +1,156 @@
+//! Which shard owns each topic: assigns its sequence numbers, keeps its retained value and its
+//! replay ring entries, and fans its frames out.
+//!
+//! A topic belongs to the first shard that publishes it (the shard holding the first
+//! publisher's connection), for the rest of the engine's life. A gateway's tags are then
+//! ingested where its connection is read, with no hop to another reactor before the first
+//! subscriber can be written: at 10 k msg/s to 10 subscribers that hop was ~40 % of the p50
+//! (bench/RESULTS.md). Topics first published by an in-process [`super::LocalPublisher`], which
+//! has no shard, go to the FNV hash of the topic ([`owner_of`]).
+//!
+//! The table is the one authority (a mutex, taken only on a shard's first sight of a topic);
+//! each shard keeps an [`OwnerCache`] of the answers, so the data path does one local hash
+//! lookup. Ownership never changes, so a cached answer never goes stale, and per-topic order and
+//! snapshot-then-live keep holding for the reason they always did: one owner per topic and FIFO
+//! channels between shards.
+
+use ahash::HashMap;
+use std::sync::Mutex;
+
+/// The shard `topic` hashes to: FNV-1a, cheap on short topics and stable, so tests can
+/// predict it. The owner of topics no shard has claimed.
+pub(crate) fn owner_of(topic: &str, n_shards: u16) -> u16 {
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for &b in topic.as_bytes() {
+        hash ^= b as u64;
+        hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    (hash % n_shards as u64) as u16
+}
+
+/// The engine-wide topic -> owner table.
+pub(crate) struct OwnerTable {
+    n_shards: u16,
+    owners: Mutex<HashMap<Box<str>, u16>>,
+}
+
+impl OwnerTable {
+    pub(crate) fn new(n_shards: u16) -> OwnerTable {
+        OwnerTable {
+            n_shards,
+            owners: Mutex::new(HashMap::default()),
+        }
+    }
+
+    /// The owner of `topic`, which becomes `claimant` if it has none yet.
+    pub(crate) fn claim(&self, topic: &str, claimant: u16) -> u16 {
+        debug_assert!(claimant < self.n_shards);
+        let mut owners = self.owners.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(&owner) = owners.get(topic) {
+            return owner;
+        }
+        owners.insert(topic.into(), claimant);
+        claimant
+    }
+
+    /// The owner of `topic` if some shard has claimed it.
+    pub(crate) fn get(&self, topic: &str) -> Option<u16> {
+        let owners = self.owners.lock().unwrap_or_else(|e| e.into_inner());
+        owners.get(topic).copied()
+    }
+
+    /// The owner for a publish that does not come through a shard: claimed for the hash owner.
+    pub(crate) fn claim_for_local(&self, topic: &str) -> u16 {
+        self.claim(topic, owner_of(topic, self.n_shards))
+    }
+}
+
+/// One shard's copy of the answers it has had from the [`OwnerTable`].
+#[derive(Default)]
+pub(crate) struct OwnerCache {
+    known: HashMap<Box<str>, u16>,
+}
+
+impl OwnerCache {
+    /// The owner of a topic this shard is about to publish: `me` if nobody owns it yet.
+    pub(crate) fn for_publish(&mut self, table: &OwnerTable, topic: &str, me: u16) -> u16 {
+        if let Some(&owner) = self.known.get(topic) {
+            return owner;
+        }
+        let owner = table.claim(topic, me);
+        self.known.insert(topic.into(), owner);
+        owner
+    }
+
+    /// The owner of a topic this shard needs something from (a replay). A topic nobody has
+    /// published has no messages to replay; its hash owner answers for it, and is not cached.
+    pub(crate) fn lookup(&mut self, table: &OwnerTable, topic: &str) -> u16 {
+        if let Some(&owner) = self.known.get(topic) {
+            return owner;
+        }
+        match table.get(topic) {
+            Some(owner) => {
+                self.known.insert(topic.into(), owner);
+                owner
+            }
+            None => owner_of(topic, table.n_shards),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+
+    #[test]
+    fn fnv_spreads_topics_and_is_stable() {
+        let owners: Vec<u16> = (0..64)
+            .map(|i| owner_of(&format!("plant/line{i}/temp"), 2))
+            .collect();
+        assert!(owners.contains(&0) && owners.contains(&1));
+        assert_eq!(
+            owner_of("plant/line1/temp", 2),
+            owner_of("plant/line1/temp", 2)
+        );
+        assert_eq!(owner_of("anything", 1), 0);
+    }
+
+    #[test]
+    fn the_first_publisher_shard_owns_a_topic_for_good() {
+        let table = OwnerTable::new(4);
+        let (mut a, mut b) = (OwnerCache::default(), OwnerCache::default());
+        assert_eq!(a.for_publish(&table, "gw1/tag1", 3), 3);
+        assert_eq!(b.for_publish(&table, "gw1/tag1", 1), 3, "claimed already");
+        assert_eq!(b.lookup(&table, "gw1/tag1"), 3);
+        // A lookup never claims: an unpublished topic answers with its hash owner.
+        assert_eq!(a.lookup(&table, "never"), owner_of("never", 4));
+        assert_eq!(b.for_publish(&table, "never", 2), 2);
+        assert_eq!(a.lookup(&table, "never"), 2, "not cached before the claim");
+        // The in-process publisher claims for the hash owner.
+        assert_eq!(table.claim_for_local("local/x"), owner_of("local/x", 4));
+    }
+
+    #[test]
+    fn racing_claims_agree_on_one_owner() {
+        let table = Arc::new(OwnerTable::new(8));
+        let answers: Vec<Vec<u16>> = (0..8u16)
+            .map(|me| {
+                let table = table.clone();
+                std::thread::spawn(move || {
+                    let mut cache = OwnerCache::default();
+                    (0..500)
+                        .map(|t| cache.for_publish(&table, &format!("t/{t}"), me))
+                        .collect::<Vec<u16>>()
+                })
+            })
+            .collect::<Vec<_>>()
+            .into_iter()
+            .map(|h| h.join().unwrap())
+            .collect();
+        for t in 0..500 {
+            let first = answers[0][t];
+            assert!(answers.iter().all(|a| a[t] == first), "topic t/{t}");
+        }
+    }
+}
