@@ -36,6 +36,8 @@
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+# shellcheck source=bench/lib.sh
+source "$ROOT/bench/lib.sh"
 ALL_SCENARIOS="fanout1 fanout10 fanout100 fanout1000 lat10k-10 lat10k-100 lat100k-10 lat100k-100 fanin100"
 SCENARIOS=${SCENARIOS:-$ALL_SCENARIOS}
 TARGETS=${TARGETS:-lanpush mqtt nats redis}
@@ -70,17 +72,6 @@ die() { log "error: $*"; exit 1; }
 # --- processes this script started, and the trap that stops them ---------------------------
 declare -A PEER_PID=()
 RUN_PID=""
-
-stop_pid() { # PID: TERM, up to 5 s, then KILL. Only ever called with PIDs started here.
-    local pid=$1 i
-    kill -TERM "$pid" 2>/dev/null || return 0
-    for ((i = 0; i < 50; i++)); do
-        kill -0 "$pid" 2>/dev/null || { wait "$pid" 2>/dev/null || true; return 0; }
-        sleep 0.1
-    done
-    kill -KILL "$pid" 2>/dev/null || true
-    wait "$pid" 2>/dev/null || true
-}
 
 cleanup() {
     local status=$? name
@@ -234,20 +225,13 @@ run_one() { # SCENARIO TARGET: one bounded run; leaves RAW/<s>.<t>.json, .log, .
     # shellcheck disable=SC2206 # word splitting of BENCH_ARGS is intended
     cmd+=($BENCH_ARGS)
     log "$s on $t: ${cmd[*]}"
-    timeout --kill-after=10 "$RUN_TIMEOUT" "${cmd[@]}" >"$base.log" 2>&1 &
-    RUN_PID=$!
-    wait "$RUN_PID" || rc=$?
-    RUN_PID=""
-    echo "$rc" >"$base.rc"
+    bounded_run "$base" "$RUN_TIMEOUT" "${cmd[@]}"
+    rc=$RUN_RC
     if ((rc == 124)); then log "$s on $t: killed after $RUN_TIMEOUT s"; fi
     if ((rc != 0)); then log "$s on $t: exit status $rc (log: $base.log)"; fi
 }
 
 # --- the table ------------------------------------------------------------------------------
-fmt_count() { awk -v x="$1" 'BEGIN {
-    s = sprintf("%.0f", x); out = ""
-    while (length(s) > 3) { out = "," substr(s, length(s) - 2) out; s = substr(s, 1, length(s) - 3) }
-    print s out }'; }
 fmt_us() { awk -v x="$1" 'BEGIN { if (x < 10) printf "%.1f", x; else if (x < 1000) printf "%.0f", x;
     else if (x < 1000000) printf "%.1f ms", x / 1000; else printf "%.2f s", x / 1000000 }'; }
 

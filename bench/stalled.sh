@@ -38,6 +38,8 @@
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+# shellcheck source=bench/lib.sh
+source "$ROOT/bench/lib.sh"
 RUNS=${RUNS:-5}
 SUBSCRIBERS=${SUBSCRIBERS:-100}
 STALLED=${STALLED:-1}
@@ -72,17 +74,6 @@ die() { log "error: $*"; exit 1; }
 # --- the process this script started, and the trap that stops it ----------------------------
 RUN_PID=""
 
-stop_pid() { # PID: TERM, up to 5 s, then KILL. Only ever called with PIDs started here.
-    local pid=$1 i
-    kill -TERM "$pid" 2>/dev/null || return 0
-    for ((i = 0; i < 50; i++)); do
-        kill -0 "$pid" 2>/dev/null || { wait "$pid" 2>/dev/null || true; return 0; }
-        sleep 0.1
-    done
-    kill -KILL "$pid" 2>/dev/null || true
-    wait "$pid" 2>/dev/null || true
-}
-
 cleanup() {
     local status=$?
     trap - EXIT INT TERM
@@ -115,10 +106,6 @@ spread_pct() {
     awk -v m="$med" -v a="$lo" -v b="$hi" 'BEGIN { printf "%.6f\n", (m > 0 ? 100 * (b - a) / m : 0) }'
 }
 
-fmt_count() { awk -v x="$1" 'BEGIN {
-    s = sprintf("%.0f", x); out = ""
-    while (length(s) > 3) { out = "," substr(s, length(s) - 2) out; s = substr(s, 1, length(s) - 3) }
-    print s out }'; }
 # Microseconds: one decimal below 100, whole numbers with thousands separators above.
 fmt_us() {
     if awk -v x="$1" 'BEGIN { exit !(x < 100) }'; then
@@ -147,11 +134,8 @@ run_one() { # I S: one bounded run; leaves RAW/run<i>-stalled<s>.json, .log, .rc
     rm -f "$base.json" "$base.log" "$base.rc"
     bench_cmd "$s" "$base.json"
     log "run $i, --stalled $s (load $(cut -d' ' -f1-3 /proc/loadavg 2>/dev/null || echo '?')): ${CMD[*]}"
-    timeout --kill-after=10 "$RUN_TIMEOUT" "${CMD[@]}" >"$base.log" 2>&1 &
-    RUN_PID=$!
-    wait "$RUN_PID" || rc=$?
-    RUN_PID=""
-    echo "$rc" >"$base.rc"
+    bounded_run "$base" "$RUN_TIMEOUT" "${CMD[@]}"
+    rc=$RUN_RC
     if ((rc == 124 || rc == 137)); then log "run $i, --stalled $s: killed after $RUN_TIMEOUT s"; fi
     if ((rc != 0)); then log "run $i, --stalled $s: exit status $rc (log: $base.log)"; fi
 }
