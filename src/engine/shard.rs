@@ -573,11 +573,14 @@ impl Shard {
         let conn = self.conn_mut(slot);
         let rbuf = std::mem::take(&mut conn.rbuf);
         let (mut start, end) = (conn.rstart, conn.rend);
+        // The ingest time of every PUBLISH in this read: when the engine took it off the socket
+        // (one clock read per read, not per message).
+        let read_ns = now_unix_ns();
         let result = loop {
             match decode_frame(&rbuf[start..end], max_frame) {
                 Ok(Decoded::Frame(frame, used)) => {
                     start += used;
-                    if let Err(fatal) = self.handle_frame(slot, frame, now) {
+                    if let Err(fatal) = self.handle_frame(slot, frame, now, read_ns) {
                         break Err(fatal);
                     }
                 }
@@ -597,7 +600,13 @@ impl Shard {
         result
     }
 
-    fn handle_frame(&mut self, slot: usize, frame: Frame<'_>, now: Instant) -> Result<(), Fatal> {
+    fn handle_frame(
+        &mut self,
+        slot: usize,
+        frame: Frame<'_>,
+        now: Instant,
+        read_ns: u64,
+    ) -> Result<(), Fatal> {
         let conn = self.conn_mut(slot);
         if let Phase::AwaitHello { .. } = conn.phase {
             let Frame::Hello(hello) = frame else {
@@ -609,7 +618,7 @@ impl Shard {
             return self.handle_hello(slot, hello, now);
         }
         match frame {
-            Frame::Publish(publish) => self.handle_publish(slot, &publish, now_unix_ns()),
+            Frame::Publish(publish) => self.handle_publish(slot, &publish, read_ns),
             Frame::Subscribe(subscribe) => self.handle_subscribe(slot, subscribe),
             Frame::Unsubscribe(u) => {
                 let conn = self.conn_mut(slot);

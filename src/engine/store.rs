@@ -42,6 +42,9 @@ pub enum Replay {
 }
 
 pub struct TopicStore {
+    /// Topic ids by name, for the per-message lookup (one hash, no split into levels).
+    by_name: HashMap<Box<str>, u32>,
+    /// The same ids in a trie, for snapshots and replays by pattern.
     ids: TopicTree<u32>,
     topics: Vec<TopicEntry>,
     /// Topic id of every frame in the rings, in arrival order: the eviction order.
@@ -53,6 +56,7 @@ pub struct TopicStore {
 impl TopicStore {
     pub fn new(max_ring_bytes: usize) -> TopicStore {
         TopicStore {
+            by_name: HashMap::default(),
             ids: TopicTree::new(),
             topics: Vec::new(),
             order: VecDeque::new(),
@@ -77,10 +81,11 @@ impl TopicStore {
         ingest_ts_ns: u64,
         scratch: &mut Vec<u8>,
     ) -> SharedFrame {
-        let id = match self.ids.get(publish.topic) {
+        let id = match self.by_name.get(publish.topic) {
             Some(&id) => id,
             None => {
                 let id = self.topics.len() as u32;
+                self.by_name.insert(publish.topic.into(), id);
                 self.ids.insert(publish.topic, id);
                 self.topics.push(TopicEntry {
                     seq: 0,
@@ -141,7 +146,7 @@ impl TopicStore {
         budget: &mut usize,
         out: &mut Vec<SharedFrame>,
     ) -> Replay {
-        let Some(&id) = self.ids.get(topic) else {
+        let Some(&id) = self.by_name.get(topic) else {
             return Replay::CaughtUp;
         };
         let entry = &self.topics[id as usize];
