@@ -700,3 +700,43 @@ fn a_topic_belongs_to_the_reactor_of_its_first_publisher() {
     engine.shutdown_handle().shutdown();
     engine.join().unwrap();
 }
+
+#[test]
+fn subscription_changes_reach_topics_already_delivered() {
+    // One reactor: every delivery below is matched by the same subscription index, which must
+    // see each change at once (a cache of matches per topic was tried; it would have to too).
+    let engine = engine(1);
+    let addr = engine.local_addr();
+    let mut publisher = Raw::connect(addr);
+    let mut a = Raw::connect(addr);
+    let mut b = Raw::connect(addr);
+    let subscribe = |raw: &mut Raw, sub_id: u32, pattern: &str| {
+        raw.send(&Frame::Subscribe(Subscribe {
+            sub_id,
+            pattern: pattern.into(),
+            mode: DeliveryMode::All,
+            resume: vec![],
+        }));
+        while !matches!(raw.next_frame_kind(), Got::Other(s) if s.starts_with("SubAck")) {}
+    };
+    subscribe(&mut a, 1, "m/#");
+    subscribe(&mut a, 2, "z/#");
+    publisher.publish("m/x", b"1");
+    assert_eq!(a.next_data().1, 1);
+    // A new subscription to a topic the reactor has delivered before gets its next message.
+    subscribe(&mut b, 1, "m/x"); // (its snapshot, m/x #1, is read and skipped)
+    publisher.publish("m/x", b"2");
+    assert_eq!(a.next_data().1, 2);
+    assert_eq!(b.next_data().1, 2);
+    // A removed subscription gets nothing more: A's next frame is z/end, not m/x #3.
+    a.send(&Frame::Unsubscribe(crate::proto::Unsubscribe { sub_id: 1 }));
+    // A's PONG follows the unsubscribe's handling (one connection is read in order).
+    a.send(&Frame::Ping { nonce: 1 });
+    while !matches!(a.next_frame_kind(), Got::Other(s) if s.starts_with("Pong")) {}
+    publisher.publish("m/x", b"3");
+    publisher.publish("z/end", b"4");
+    assert_eq!(b.next_data().1, 3);
+    assert_eq!(a.next_data().0, "z/end");
+    engine.shutdown_handle().shutdown();
+    engine.join().unwrap();
+}
