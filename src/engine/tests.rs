@@ -75,10 +75,20 @@ impl Raw {
 
     /// Subscribes and returns the snapshot: the DATA frames that precede SUBACK.
     fn subscribe(&mut self, sub_id: u32, pattern: &str) -> Vec<(String, u64, bool, Vec<u8>)> {
+        self.subscribe_with(sub_id, pattern, DeliveryMode::Default)
+    }
+
+    /// [`Raw::subscribe`] in a chosen delivery mode.
+    fn subscribe_with(
+        &mut self,
+        sub_id: u32,
+        pattern: &str,
+        mode: DeliveryMode,
+    ) -> Vec<(String, u64, bool, Vec<u8>)> {
         self.send(&Frame::Subscribe(Subscribe {
             sub_id,
             pattern: pattern.into(),
-            mode: DeliveryMode::Default,
+            mode,
             resume: vec![],
         }));
         let mut snapshot = Vec::new();
@@ -406,13 +416,7 @@ fn latest_mode_slow_reader_ends_with_the_final_value_of_every_topic() {
     config.delivery.queue_max_messages = 16;
     let engine = Engine::start(config).unwrap();
     let (mut publisher, mut subscriber) = clients_on_two_reactors(engine.local_addr());
-    subscriber.send(&Frame::Subscribe(Subscribe {
-        sub_id: 1,
-        pattern: "l/+".into(),
-        mode: DeliveryMode::Latest,
-        resume: vec![],
-    }));
-    while !matches!(subscriber.next_frame_kind(), Got::Other(s) if s.starts_with("SubAck")) {}
+    subscriber.subscribe_with(1, "l/+", DeliveryMode::Latest);
     const TOPICS: u32 = 20;
     const ROUNDS: u32 = 2000;
     for round in 1..=ROUNDS {
@@ -558,13 +562,7 @@ fn an_oversized_frame_is_refused_from_its_length_prefix_alone() {
 fn latest_burst(conflate_always: bool, last: u64) -> (u64, u64) {
     let engine = engine_with(|c| c.delivery.conflate_always = conflate_always);
     let (mut publisher, mut subscriber) = clients_on_two_reactors(engine.local_addr());
-    subscriber.send(&Frame::Subscribe(Subscribe {
-        sub_id: 1,
-        pattern: "c".into(),
-        mode: DeliveryMode::Latest,
-        resume: vec![],
-    }));
-    while !matches!(subscriber.next_frame_kind(), Got::Other(s) if s.starts_with("SubAck")) {}
+    subscriber.subscribe_with(1, "c", DeliveryMode::Latest);
     // One write carrying the whole burst: the engine takes it in within one loop turn.
     let mut burst = Vec::new();
     for i in 0..last {
@@ -625,13 +623,7 @@ fn write_coalescing_gathers_a_stream_into_fewer_writes_and_loses_nothing() {
     let mut publisher = Raw::connect(addr);
     // Each PUBLISH its own segment: Nagle would batch them before the engine sees them.
     publisher.stream.set_nodelay(true).unwrap();
-    subscriber.send(&Frame::Subscribe(Subscribe {
-        sub_id: 1,
-        pattern: "c/#".into(),
-        mode: DeliveryMode::All,
-        resume: vec![],
-    }));
-    while !matches!(subscriber.next_frame_kind(), Got::Other(s) if s.starts_with("SubAck")) {}
+    subscriber.subscribe_with(1, "c/#", DeliveryMode::All);
     let writes = || {
         let stats: serde_json::Value = serde_json::from_str(&engine.stats_json()).unwrap();
         stats["totals"]["writes"].as_u64().unwrap()
@@ -664,13 +656,7 @@ fn write_coalescing_gathers_a_stream_into_fewer_writes_and_loses_nothing() {
 fn a_topic_belongs_to_the_reactor_of_its_first_publisher() {
     let engine = engine(2);
     let (mut subscriber, mut publisher) = clients_on_two_reactors(engine.local_addr());
-    subscriber.send(&Frame::Subscribe(Subscribe {
-        sub_id: 1,
-        pattern: "own/#".into(),
-        mode: DeliveryMode::All,
-        resume: vec![],
-    }));
-    while !matches!(subscriber.next_frame_kind(), Got::Other(s) if s.starts_with("SubAck")) {}
+    subscriber.subscribe_with(1, "own/#", DeliveryMode::All);
     // With hashed ownership about half of these would land on each reactor.
     const TOPICS: u64 = 40;
     for t in 0..TOPICS {
@@ -710,21 +696,12 @@ fn subscription_changes_reach_topics_already_delivered() {
     let mut publisher = Raw::connect(addr);
     let mut a = Raw::connect(addr);
     let mut b = Raw::connect(addr);
-    let subscribe = |raw: &mut Raw, sub_id: u32, pattern: &str| {
-        raw.send(&Frame::Subscribe(Subscribe {
-            sub_id,
-            pattern: pattern.into(),
-            mode: DeliveryMode::All,
-            resume: vec![],
-        }));
-        while !matches!(raw.next_frame_kind(), Got::Other(s) if s.starts_with("SubAck")) {}
-    };
-    subscribe(&mut a, 1, "m/#");
-    subscribe(&mut a, 2, "z/#");
+    a.subscribe(1, "m/#");
+    a.subscribe(2, "z/#");
     publisher.publish("m/x", b"1");
     assert_eq!(a.next_data().1, 1);
     // A new subscription to a topic the reactor has delivered before gets its next message.
-    subscribe(&mut b, 1, "m/x"); // (its snapshot, m/x #1, is read and skipped)
+    b.subscribe(1, "m/x"); // (its snapshot, m/x #1, is read and skipped)
     publisher.publish("m/x", b"2");
     assert_eq!(a.next_data().1, 2);
     assert_eq!(b.next_data().1, 2);
