@@ -1,5 +1,5 @@
 //! One reactor thread ("shard"): a mio `Poll` that owns its share of the connections, the
-//! subscriptions made on them, and the topics whose hash falls to it.
+//! subscriptions made on them, and the topics first published through it (`owners.rs`).
 //!
 //! Data path (see docs/ARCHITECTURE.md for the picture):
 //! 1. A PUBLISH read on shard A for topic T goes to T's *owner* shard (the shard of T's first

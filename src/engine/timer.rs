@@ -5,7 +5,7 @@
 //! microseconds). The timerfd fires at the deadline itself and wakes the poll like any socket.
 
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::time::{Duration, Instant};
 
 use mio::event::Source;
@@ -79,12 +79,6 @@ impl DeadlineTimer {
             )
         };
         self.armed = None;
-    }
-}
-
-impl AsRawFd for DeadlineTimer {
-    fn as_raw_fd(&self) -> RawFd {
-        self.fd.as_raw_fd()
     }
 }
 
