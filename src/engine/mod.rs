@@ -7,10 +7,17 @@
 //! (the kernel's SO_REUSEPORT hash can leave one shard with most of a handful of connections).
 //! Everything after accept lives in `shard.rs`.
 
+mod core;
+#[cfg(test)]
+mod core_tests;
+#[cfg(test)]
+mod harness;
+mod native;
 mod notify;
 pub mod outbox;
 mod owners;
-mod shard;
+mod reactor;
+mod session;
 mod store;
 mod timer;
 
@@ -24,7 +31,7 @@ use mio::Poll;
 use crate::config::Config;
 use crate::proto::{self, PublishRef};
 use notify::{Inbox, Mailbox, Notifier};
-use shard::{Shard, ShardMsg, WAKER_TOKEN};
+use reactor::{Reactor, ShardMsg, WAKER_TOKEN};
 
 /// Bound of each shard's inbox, in messages (each message is a batch from one loop turn).
 const INBOX_CAPACITY: usize = 256;
@@ -72,14 +79,19 @@ pub(crate) struct ShardStats {
     pub accepted: AtomicU64,
     pub publishes_in: AtomicU64,
     pub delivered: AtomicU64,
+    pub replayed: AtomicU64,
+    pub gaps: AtomicU64,
+    pub lagged: AtomicU64,
     pub bytes_written: AtomicU64,
     pub writes: AtomicU64,
-    pub dropped_all: AtomicU64,
     pub conflated: AtomicU64,
     pub slow_disconnects: AtomicU64,
     pub protocol_errors: AtomicU64,
+    pub requests_refused: AtomicU64,
     pub keepalive_timeouts: AtomicU64,
     pub handshake_timeouts: AtomicU64,
+    pub shutdown_closes: AtomicU64,
+    pub io_errors: AtomicU64,
     pub ring_bytes: AtomicUsize,
     pub throttled_turns: AtomicU64,
     /// Per-connection figures, refreshed by the shard every `CONN_STATS_EVERY`.
@@ -107,9 +119,22 @@ pub(crate) struct EngineShared {
 type StatField = fn(&ShardStats) -> u64;
 
 impl EngineShared {
+    pub fn new(n_shards: usize, config: &Config) -> EngineShared {
+        EngineShared {
+            open_connections: AtomicUsize::new(0),
+            next_conn_id: AtomicU64::new(1),
+            shards: (0..n_shards).map(|_| ShardStats::default()).collect(),
+            started_unix_ns: now_unix_ns(),
+            engine_id: now_unix_ns() ^ (u64::from(std::process::id()) << 40),
+            metrics: crate::metrics::MetricsBoard::new(n_shards, &config.metrics),
+            sessions: Default::default(),
+            owners: owners::OwnerTable::new(n_shards as u16),
+        }
+    }
+
     /// The engine's counters as a JSON document: totals, then one object per shard.
     pub fn stats_json(&self) -> String {
-        let fields: [(&str, StatField); 16] = [
+        let fields: [(&str, StatField); 21] = [
             ("connections", |s| {
                 s.connections.load(Ordering::Relaxed) as u64
             }),
@@ -120,9 +145,11 @@ impl EngineShared {
             ("accepted", |s| s.accepted.load(Ordering::Relaxed)),
             ("publishes_in", |s| s.publishes_in.load(Ordering::Relaxed)),
             ("delivered", |s| s.delivered.load(Ordering::Relaxed)),
+            ("replayed", |s| s.replayed.load(Ordering::Relaxed)),
+            ("gaps", |s| s.gaps.load(Ordering::Relaxed)),
+            ("lagged", |s| s.lagged.load(Ordering::Relaxed)),
             ("bytes_written", |s| s.bytes_written.load(Ordering::Relaxed)),
             ("writes", |s| s.writes.load(Ordering::Relaxed)),
-            ("dropped_all", |s| s.dropped_all.load(Ordering::Relaxed)),
             ("conflated", |s| s.conflated.load(Ordering::Relaxed)),
             ("slow_disconnects", |s| {
                 s.slow_disconnects.load(Ordering::Relaxed)
@@ -130,6 +157,13 @@ impl EngineShared {
             ("protocol_errors", |s| {
                 s.protocol_errors.load(Ordering::Relaxed)
             }),
+            ("requests_refused", |s| {
+                s.requests_refused.load(Ordering::Relaxed)
+            }),
+            ("shutdown_closes", |s| {
+                s.shutdown_closes.load(Ordering::Relaxed)
+            }),
+            ("io_errors", |s| s.io_errors.load(Ordering::Relaxed)),
             ("keepalive_timeouts", |s| {
                 s.keepalive_timeouts.load(Ordering::Relaxed)
             }),
@@ -209,16 +243,7 @@ impl Engine {
             .local_addr()
             .map_err(|source| EngineError::Listen { addr, source })?;
         let config = Arc::new(config);
-        let shared = Arc::new(EngineShared {
-            open_connections: AtomicUsize::new(0),
-            next_conn_id: AtomicU64::new(1),
-            shards: (0..n).map(|_| ShardStats::default()).collect(),
-            started_unix_ns: now_unix_ns(),
-            engine_id: now_unix_ns() ^ (u64::from(std::process::id()) << 40),
-            metrics: crate::metrics::MetricsBoard::new(n, &config.metrics),
-            sessions: Default::default(),
-            owners: owners::OwnerTable::new(n as u16),
-        });
+        let shared = Arc::new(EngineShared::new(n, &config));
 
         let mut polls = Vec::with_capacity(n);
         let mut mailboxes = Vec::with_capacity(n);
@@ -241,7 +266,7 @@ impl Engine {
         let mut listener = Some(mio::net::TcpListener::from_std(listener));
         let mut threads = Vec::with_capacity(n);
         for (id, (poll, inbox)) in polls.into_iter().zip(inboxes).enumerate() {
-            let shard = Shard::new(
+            let reactor = Reactor::new(
                 id as u16,
                 n as u16,
                 config.clone(),
@@ -259,7 +284,7 @@ impl Engine {
                     if let Some(core) = core {
                         core_affinity::set_for_current(core);
                     }
-                    shard.run()
+                    reactor.run()
                 })
                 .map_err(EngineError::Thread)?;
             threads.push(thread);
@@ -397,7 +422,7 @@ impl LocalPublisher {
         );
         let owner = self.shared.owners.claim_for_local(topic) as usize;
         self.mailboxes[owner]
-            .try_send(ShardMsg::Publish(buf))
+            .try_send(ShardMsg::Core(core::CoreMsg::Publish(buf)))
             .map_err(|e| match e {
                 crossbeam_channel::TrySendError::Full(_) => PublishError::Overloaded,
                 crossbeam_channel::TrySendError::Disconnected(_) => PublishError::ShutDown,

@@ -402,6 +402,16 @@ pub fn data_frame_topic(frame: &[u8]) -> Option<&str> {
     std::str::from_utf8(topic).ok()
 }
 
+/// The sequence number of an encoded DATA frame, without decoding the rest. `None` if `frame`
+/// is not a DATA frame.
+pub fn data_frame_seq(frame: &[u8]) -> Option<u64> {
+    if frame.get(LEN_PREFIX_BYTES) != Some(&KIND_DATA) {
+        return None;
+    }
+    let seq = frame.get(FRAME_HEADER_BYTES..FRAME_HEADER_BYTES + 8)?;
+    Some(u64::from_le_bytes(seq.try_into().ok()?))
+}
+
 /// A copy of an encoded DATA frame with `flags` replaced (e.g. to mark a retained value as
 /// snapshot). `frame` must be a DATA frame.
 pub fn data_frame_with_flags(frame: &[u8], flags: u8) -> Vec<u8> {

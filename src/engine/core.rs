@@ -1,0 +1,1248 @@
+//! One shard's push engine as a plain value: the sessions of its connections, its subscription
+//! index, the topics it owns (sequence numbers, retained values, replay ring) and the
+//! shard-to-shard exchange, all without a socket or a clock.
+//!
+//! **The run-loop contract** (the reactor in `reactor.rs` is one driver, the test harness in
+//! `harness.rs` another):
+//! 1. Feed inputs as they come, each with the time `now` the driver read once for its turn:
+//!    [`FanoutCore::open`] for a new connection, [`FanoutCore::handle_input`] with the bytes a
+//!    connection sent, [`FanoutCore::handle_writable`] when its transport can take bytes again,
+//!    [`FanoutCore::handle_closed`] when the peer went away, [`FanoutCore::handle_msg`] for each
+//!    message from another shard, [`FanoutCore::handle_timeout`] when
+//!    [`FanoutCore::poll_timeout`]'s deadline has passed.
+//! 2. Then collect the outputs: [`FanoutCore::flush`] writes every connection with queued
+//!    frames through a [`Transport`] (vectored writes from the shared frames, no copy);
+//!    [`FanoutCore::poll_closed`] names the connections to drop; [`FanoutCore::outgoing`] holds
+//!    the messages for each peer shard, in order (what a peer cannot take yet stays queued, and
+//!    the driver holds back its reads until it can: TCP backpressure to the publishers).
+//! 3. Sleep until [`FanoutCore::poll_timeout`], an I/O event or a peer's message.
+//!
+//! Data path: a PUBLISH read on shard A for topic T goes to T's *owner* (the shard of T's first
+//! publisher, `owners.rs`): inline if that is A, else in A's outgoing batch for the owner. The
+//! owner assigns the next sequence number, encodes the DATA frame once into a [`SharedFrame`],
+//! retains it, queues it to its matching sessions and sends it to every other shard, which
+//! queues it to theirs (a reference-count increment per subscriber). Per-topic order holds
+//! because a topic has one owner and each shard-to-shard channel is FIFO; snapshot-then-live
+//! holds because a subscription ignores an owner's live frames until that owner's snapshot
+//! reply, which follows every frame it sent before, has arrived.
+//!
+//! Connections speak to the core in engine operations ([`Op`]): the native protocol's decoder
+//! (`native.rs`) turns frames into them; another wire protocol plugs in the same way.
+
+use std::cmp::Reverse;
+use std::collections::BinaryHeap;
+use std::io::{self, IoSlice};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use ahash::HashMap;
+
+use super::native::{self, Op, Reply};
+use super::outbox::SharedFrame;
+use super::owners::OwnerCache;
+use super::session::{
+    DeliveryCounters, Enqueued, Fatal, Lag, Phase, Session, Sub, SubRef, Timeout,
+};
+use super::store::{Replay, TopicStore};
+use super::{EngineShared, ShardStats};
+use crate::config::Config;
+use crate::metrics::{data_frame_stamp, ShardMetrics};
+use crate::proto::{
+    self, data_frame_topic, decode_frame, error_code, Decoded, DeliveryMode, Frame, PublishRef,
+    SubAck, Subscribe, Welcome, PROTOCOL_VERSION,
+};
+use crate::topic::TopicIndex;
+
+/// Vectored writes per connection per flush; a connection with more left stays dirty.
+pub(crate) const MAX_WRITES_PER_FLUSH: usize = 4;
+/// Slices per vectored write (Linux IOV_MAX is 1024), and the smaller array used when few
+/// frames are queued.
+const MAX_IOVECS: usize = 1024;
+const SMALL_IOVECS: usize = 64;
+/// Bytes per vectored write.
+const MAX_WRITE_BYTES: usize = 512 * 1024;
+/// Write coalescing (`delivery.reactor_writes_per_s`) stops waiting once this much is queued for
+/// a connection: a write() costs about the same up to this size, so waiting longer gains nothing.
+pub(crate) const COALESCE_BYTES: usize = 16 * 1024;
+/// How often the write-coalescing interval is recomputed from the connections written.
+pub(crate) const TICK: Duration = Duration::from_millis(25);
+/// How often the latency histograms are handed to the metrics board.
+const METRICS_SNAPSHOT_EVERY: Duration = Duration::from_millis(250);
+
+/// Messages between shards, as values.
+#[derive(Debug)]
+pub(crate) enum CoreMsg {
+    /// PUBLISH frames for topics the receiver owns, each preceded by its ingest time (u64 LE ns).
+    Publish(Vec<u8>),
+    /// DATA frames from owner shard `from`, in the owner's order.
+    Deliver { from: u16, frames: Vec<SharedFrame> },
+    /// Send the retained values matching `pattern` (or, with `resume`, the messages after the
+    /// given positions) back to shard `from` for subscription `sub`.
+    SnapshotRequest {
+        from: u16,
+        sub: SubRef,
+        pattern: String,
+        resume: Option<Arc<HashMap<String, u64>>>,
+    },
+    /// The answer to a `SnapshotRequest`; every frame `from` sent before it precedes it.
+    /// `lagged`: topics the reply's byte budget did not cover, with the seq to continue from.
+    SnapshotReply {
+        from: u16,
+        sub: SubRef,
+        frames: Vec<SharedFrame>,
+        lagged: Vec<(String, u64)>,
+    },
+    /// Replay these topics of the receiver's from the given sequence numbers to a connection
+    /// that fell behind (mode `all`).
+    ReplayRequest {
+        from: u16,
+        conn: ConnRef,
+        topics: Vec<(String, u64)>,
+    },
+    /// The answer to a `ReplayRequest`: the frames, and per topic `None` (caught up) or the seq
+    /// to continue from.
+    ReplayReply {
+        conn: ConnRef,
+        frames: Vec<SharedFrame>,
+        topics: Vec<(String, Option<u64>)>,
+    },
+}
+
+/// A connection on a shard: its slot and its engine-wide id (slots are reused, ids are not).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct ConnRef {
+    pub slot: u32,
+    pub id: u64,
+}
+
+/// Where the core's writes go: the reactor's sockets, or the test harness's pretend network.
+pub(crate) trait Transport {
+    /// One vectored write to connection `slot`; `WouldBlock` when it takes nothing now.
+    fn write(&mut self, slot: usize, slices: &[IoSlice<'_>]) -> io::Result<usize>;
+    /// Shut the write side of `slot` (FIN after a fatal ERROR).
+    fn shutdown_write(&mut self, slot: usize);
+    /// The wall clock (ns since the UNIX epoch) for the latency of a write just made.
+    fn unix_ns(&mut self) -> u64;
+}
+
+/// Counters kept as plain integers on the hot path and published once a turn. Each counts one
+/// cause; docs/PROTOCOL.md §11 defines them.
+#[derive(Default, Clone, Copy, Debug)]
+pub(crate) struct Counters {
+    pub publishes_in: u64,
+    pub delivery: DeliveryCounters,
+    pub bytes_written: u64,
+    pub writes: u64,
+    /// Connections cut because a `disconnect` subscription overflowed or replies went unread.
+    pub slow_disconnects: u64,
+    /// Connections closed for a malformed or forbidden frame.
+    pub protocol_errors: u64,
+    /// Requests refused with a non-fatal ERROR (bad topic, unknown subscription, limits).
+    pub requests_refused: u64,
+    pub keepalive_timeouts: u64,
+    pub handshake_timeouts: u64,
+    /// Connections closed with SHUTTING_DOWN.
+    pub shutdown_closes: u64,
+}
+
+pub(crate) struct FanoutCore {
+    id: u16,
+    n_shards: u16,
+    config: Arc<Config>,
+    shared: Arc<EngineShared>,
+    /// Sessions by connection slot; the driver allocates slots.
+    sessions: Vec<Option<Session>>,
+    live: usize,
+    index: TopicIndex<SubRef>,
+    store: TopicStore,
+    owners: OwnerCache,
+    /// Messages for each peer shard, in order.
+    outgoing: Vec<Vec<CoreMsg>>,
+    dirty: Vec<usize>,
+    closed: Vec<usize>,
+    /// Session deadlines (time, slot, connection id); stale entries are skipped when popped.
+    deadlines: BinaryHeap<Reverse<(Instant, u32, u64)>>,
+    matches: Vec<SubRef>,
+    scratch: Vec<u8>,
+    next_sub_key: u64,
+    stamp: u64,
+    pub(crate) counters: Counters,
+    metrics: ShardMetrics,
+    /// Write coalescing: least time between two writes to one connection.
+    write_interval: Duration,
+    /// Some dirty connection can be written now.
+    flush_now: bool,
+    /// Earliest moment a dirty connection held back by write coalescing may be written.
+    flush_at: Option<Instant>,
+    next_tick: Instant,
+    tick_started: Instant,
+    /// Connections written since `tick_started`: the busy count for the coalescing interval.
+    written_this_tick: usize,
+    next_metrics: Instant,
+    /// The time of the input being handled (every `handle_*` sets it).
+    now: Instant,
+}
+
+impl FanoutCore {
+    pub(crate) fn new(
+        id: u16,
+        n_shards: u16,
+        config: Arc<Config>,
+        shared: Arc<EngineShared>,
+        now: Instant,
+    ) -> FanoutCore {
+        FanoutCore {
+            store: TopicStore::new(config.retained.ring_bytes / n_shards as usize),
+            metrics: ShardMetrics::new(&config.metrics),
+            id,
+            n_shards,
+            config,
+            shared,
+            sessions: Vec::new(),
+            live: 0,
+            index: TopicIndex::new(),
+            owners: OwnerCache::default(),
+            outgoing: (0..n_shards).map(|_| Vec::new()).collect(),
+            dirty: Vec::new(),
+            closed: Vec::new(),
+            deadlines: BinaryHeap::new(),
+            matches: Vec::new(),
+            scratch: Vec::with_capacity(4096),
+            next_sub_key: 1,
+            stamp: 0,
+            counters: Counters::default(),
+            write_interval: Duration::ZERO,
+            flush_now: false,
+            flush_at: None,
+            next_tick: now,
+            tick_started: now,
+            written_this_tick: 0,
+            next_metrics: now,
+            now,
+        }
+    }
+
+    pub(crate) fn session(&self, slot: usize) -> Option<&Session> {
+        self.sessions.get(slot).and_then(Option::as_ref)
+    }
+
+    fn session_mut(&mut self, slot: usize) -> Option<&mut Session> {
+        self.sessions.get_mut(slot).and_then(Option::as_mut)
+    }
+
+    // ----- inputs -----
+
+    /// A new connection in slot `slot` (free: never used, or named by `poll_closed` since).
+    /// It must send HELLO within the handshake time-out.
+    pub(crate) fn open(&mut self, now: Instant, slot: usize, conn_id: u64) {
+        self.now = now;
+        let limits = &self.config.limits;
+        let delivery = &self.config.delivery;
+        let session = Session::new(
+            conn_id,
+            now,
+            Duration::from_millis(limits.handshake_timeout_ms),
+            Duration::from_millis(self.config.keepalive.default_ms as u64),
+            delivery.queue_max_bytes,
+            delivery.queue_max_messages,
+            delivery.conflate_always,
+        );
+        if self.sessions.len() <= slot {
+            self.sessions.resize_with(slot + 1, || None);
+        }
+        debug_assert!(self.sessions[slot].is_none(), "slot {slot} is in use");
+        self.sessions[slot] = Some(session);
+        self.live += 1;
+        self.arm(slot);
+    }
+
+    /// The transport of `slot` can take bytes (again).
+    pub(crate) fn handle_writable(&mut self, slot: usize) {
+        if let Some(s) = self.sessions.get_mut(slot).and_then(Option::as_mut) {
+            s.writable = true;
+            mark_dirty(s, slot, &mut self.dirty);
+        }
+    }
+
+    /// The peer closed the connection or its transport failed: the session ends at once.
+    pub(crate) fn handle_closed(&mut self, slot: usize) {
+        self.close(slot);
+    }
+
+    /// Bytes the connection in `slot` sent, from the start of a frame. Handles every whole frame
+    /// and returns how many bytes it used; the caller keeps the rest and passes it again with
+    /// more. `read_ns` is the wall-clock time the bytes were read: the ingest time of the
+    /// messages in them.
+    pub(crate) fn handle_input(
+        &mut self,
+        now: Instant,
+        read_ns: u64,
+        slot: usize,
+        bytes: &[u8],
+    ) -> usize {
+        self.now = now;
+        let max_frame = self.config.limits.max_frame_bytes;
+        let Some(session) = self.session_mut(slot) else {
+            return bytes.len();
+        };
+        session.last_heard = now;
+        if session.is_closing() {
+            return bytes.len();
+        }
+        let mut used = 0;
+        loop {
+            let result = match decode_frame(&bytes[used..], max_frame) {
+                Ok(Decoded::Frame(frame, n)) => {
+                    used += n;
+                    native::op(frame).and_then(|op| self.handle_op(now, read_ns, slot, op))
+                }
+                Ok(Decoded::NeedMore(_)) => return used,
+                Err(e) => Err(Fatal::new(e.code(), e.to_string())),
+            };
+            if let Err(fatal) = result {
+                self.fail(now, slot, fatal);
+                return bytes.len();
+            }
+            // Delivering its own publish may have cut this connection (mode `disconnect`).
+            if self.session(slot).is_none_or(Session::is_closing) {
+                return bytes.len();
+            }
+        }
+    }
+
+    /// One operation from a connection, whatever its wire protocol.
+    pub(crate) fn handle_op(
+        &mut self,
+        now: Instant,
+        read_ns: u64,
+        slot: usize,
+        op: Op<'_>,
+    ) -> Result<(), Fatal> {
+        let Some(session) = self.session_mut(slot) else {
+            return Ok(());
+        };
+        if let Phase::AwaitHello { .. } = session.phase {
+            let Op::Hello {
+                version,
+                client_id,
+                keepalive_ms,
+            } = op
+            else {
+                return Err(Fatal::new(
+                    error_code::HANDSHAKE,
+                    "the first frame must be HELLO",
+                ));
+            };
+            return self.handle_hello(now, slot, version, client_id, keepalive_ms);
+        }
+        match op {
+            Op::Hello { .. } => Err(Fatal::new(error_code::HANDSHAKE, "HELLO sent twice")),
+            Op::Publish(publish) => {
+                if let Err(e) =
+                    proto::validate_topic(publish.topic, self.config.limits.max_topic_bytes)
+                {
+                    let reason = format!("PUBLISH to {:?}: {e}", publish.topic);
+                    return self.refuse(slot, error_code::BAD_TOPIC, reason);
+                }
+                self.route_publish(&publish, read_ns);
+                Ok(())
+            }
+            Op::Subscribe(subscribe) => self.handle_subscribe(slot, subscribe),
+            Op::Unsubscribe { sub_id } => {
+                let session = self.session_mut(slot).expect("looked up above");
+                match session.remove_sub(sub_id) {
+                    Some((pos, sub)) => {
+                        self.index.remove(
+                            &sub.pattern,
+                            &SubRef {
+                                slot: slot as u32,
+                                pos,
+                                key: sub.key,
+                            },
+                        );
+                        Ok(())
+                    }
+                    None => self.refuse(
+                        slot,
+                        error_code::UNKNOWN_SUBSCRIPTION,
+                        format!("UNSUBSCRIBE: no subscription with id {sub_id}"),
+                    ),
+                }
+            }
+            Op::Ping { nonce } => self.reply(slot, Reply::Pong { nonce }),
+            Op::Pong => {
+                session.ping_outstanding = false;
+                Ok(())
+            }
+            Op::StatsRequest => {
+                let json = self.shared.stats_json();
+                self.reply(slot, Reply::Stats(json))
+            }
+        }
+    }
+
+    /// A message from another shard.
+    pub(crate) fn handle_msg(&mut self, now: Instant, msg: CoreMsg) {
+        self.now = now;
+        match msg {
+            CoreMsg::Publish(buf) => self.handle_publish_batch(&buf),
+            CoreMsg::Deliver { from, frames } => {
+                for frame in &frames {
+                    self.deliver(from, frame);
+                }
+            }
+            CoreMsg::SnapshotRequest {
+                from,
+                sub,
+                pattern,
+                resume,
+            } => {
+                let (frames, lagged) = self.snapshot(&pattern, resume.as_deref());
+                let reply = CoreMsg::SnapshotReply {
+                    from: self.id,
+                    sub,
+                    frames,
+                    lagged,
+                };
+                self.outgoing[from as usize].push(reply);
+            }
+            CoreMsg::SnapshotReply {
+                from,
+                sub,
+                frames,
+                lagged,
+            } => self.handle_snapshot_reply(from, sub, frames, lagged),
+            CoreMsg::ReplayRequest { from, conn, topics } => {
+                let (frames, topics) = self.replay(topics);
+                self.outgoing[from as usize].push(CoreMsg::ReplayReply {
+                    conn,
+                    frames,
+                    topics,
+                });
+            }
+            CoreMsg::ReplayReply {
+                conn,
+                frames,
+                topics,
+            } => self.handle_replay_reply(conn, frames, topics),
+        }
+    }
+
+    /// How many frames a message carries, for the driver's per-turn inbox budget.
+    pub(crate) fn msg_weight(msg: &CoreMsg) -> usize {
+        match msg {
+            // A publish batch holds frames of at least PUBLISH_FIXED_BYTES each.
+            CoreMsg::Publish(buf) => buf.len() / 64 + 1,
+            CoreMsg::Deliver { frames, .. } => frames.len(),
+            _ => 1,
+        }
+    }
+
+    // ----- time -----
+
+    /// The next moment [`FanoutCore::handle_timeout`] has work, or a held-back write is due.
+    pub(crate) fn poll_timeout(&self) -> Instant {
+        let mut at = self.next_tick;
+        if let Some(Reverse((deadline, _, _))) = self.deadlines.peek() {
+            at = at.min(*deadline);
+        }
+        if let Some(flush_at) = self.flush_at {
+            at = at.min(flush_at);
+        }
+        at
+    }
+
+    /// Some connection can be written now: the driver must not sleep before `flush`.
+    pub(crate) fn wants_flush(&self) -> bool {
+        self.flush_now
+    }
+
+    /// Deadlines that passed by `now`: keep-alive PINGs and expiries, handshake time-outs,
+    /// lingering closes; every [`TICK`] the write-coalescing interval and the histograms.
+    pub(crate) fn handle_timeout(&mut self, now: Instant) {
+        self.now = now;
+        while let Some(&Reverse((at, slot, id))) = self.deadlines.peek() {
+            if at > now {
+                break;
+            }
+            self.deadlines.pop();
+            let slot = slot as usize;
+            let handshake_ms = self.config.limits.handshake_timeout_ms;
+            let Some(session) = self.session_mut(slot) else {
+                continue;
+            };
+            if session.id != id || session.armed != Some(at) {
+                continue;
+            }
+            session.armed = None;
+            match session.handle_timeout(now, handshake_ms) {
+                Timeout::None => {}
+                Timeout::Ping => {
+                    self.scratch.clear();
+                    // The nonce is free for the engine to choose; its clock would do, but the
+                    // core reads none.
+                    proto::encode_ping(&mut self.scratch, id);
+                    let frame: SharedFrame = Arc::from(&self.scratch[..]);
+                    if let Err(fatal) = self.queue_reply(slot, frame) {
+                        self.fail(now, slot, fatal);
+                    }
+                }
+                Timeout::Expired(fatal) => self.fail(now, slot, fatal),
+                Timeout::Drop => {
+                    self.close(slot);
+                    continue;
+                }
+            }
+            self.arm(slot);
+        }
+        if now >= self.next_tick {
+            let d = &self.config.delivery;
+            self.write_interval = coalescing_interval(
+                self.written_this_tick,
+                d.reactor_writes_per_s,
+                Duration::from_micros(d.max_write_interval_us),
+            );
+            self.written_this_tick = 0;
+            self.tick_started = now;
+            self.next_tick = now + TICK;
+            if now >= self.next_metrics {
+                let snapshot = self.metrics.snapshot();
+                self.shared.metrics.publish(self.id as usize, snapshot);
+                self.next_metrics = now + METRICS_SNAPSHOT_EVERY;
+            }
+        }
+    }
+
+    /// Makes sure the heap holds the session's next deadline (an earlier one than it holds
+    /// already; a later one is found when the earlier pops).
+    fn arm(&mut self, slot: usize) {
+        let Some(session) = self.sessions.get_mut(slot).and_then(Option::as_mut) else {
+            return;
+        };
+        let at = session.poll_timeout();
+        if session.armed.is_none_or(|armed| at < armed) {
+            session.armed = Some(at);
+            self.deadlines.push(Reverse((at, slot as u32, session.id)));
+        }
+    }
+
+    // ----- outputs -----
+
+    /// Messages for peer shard `peer`, oldest first. The driver sends from the front and leaves
+    /// what the peer cannot take yet.
+    pub(crate) fn outgoing(&mut self, peer: usize) -> &mut Vec<CoreMsg> {
+        &mut self.outgoing[peer]
+    }
+
+    /// Connections whose session ended since the last call: the driver drops their transport
+    /// and may reuse the slot.
+    pub(crate) fn poll_closed(&mut self) -> Option<usize> {
+        self.closed.pop()
+    }
+
+    /// Writes every connection with queued output that write coalescing lets go now, in
+    /// vectored writes through `transport`.
+    pub(crate) fn flush(&mut self, now: Instant, transport: &mut impl Transport) {
+        let dirty = std::mem::take(&mut self.dirty);
+        let mut still = Vec::new();
+        self.flush_now = false;
+        self.flush_at = None;
+        for slot in dirty {
+            let Some(session) = self.sessions.get_mut(slot).and_then(Option::as_mut) else {
+                continue;
+            };
+            if let Some(due) = coalesce_until(session, self.write_interval, now) {
+                // Stays dirty (in_dirty still set) and is written when the interval is up.
+                still.push(slot);
+                self.flush_at = Some(self.flush_at.map_or(due, |at| at.min(due)));
+                continue;
+            }
+            session.in_dirty = false;
+            // First write since the tick started (a session opened at the tick counts too).
+            if session.last_sent <= self.tick_started {
+                self.written_this_tick += 1;
+            }
+            let result = write_session(
+                session,
+                slot,
+                now,
+                transport,
+                &mut self.counters,
+                &mut self.metrics,
+            );
+            if result.is_err() {
+                self.close(slot);
+                continue;
+            }
+            if session.wants_write_shutdown() {
+                transport.shutdown_write(slot);
+            }
+            if session.writable && session.has_output() {
+                session.in_dirty = true;
+                still.push(slot);
+                self.flush_now = true;
+            }
+            let topics = session.take_replay_requests();
+            if !topics.is_empty() {
+                self.request_replays(slot, topics);
+            }
+        }
+        // Marked dirty while flushing (replays answered locally): write them next turn.
+        self.flush_now |= !self.dirty.is_empty();
+        still.append(&mut self.dirty);
+        self.dirty = still;
+    }
+
+    /// Closes every connection with SHUTTING_DOWN (the driver flushes once more, then drops
+    /// them all).
+    pub(crate) fn shut_down(&mut self, now: Instant) {
+        for slot in 0..self.sessions.len() {
+            if self.sessions[slot].is_some() {
+                self.fail(
+                    now,
+                    slot,
+                    Fatal::new(error_code::SHUTTING_DOWN, "the engine is shutting down"),
+                );
+            }
+        }
+    }
+
+    /// Hands this shard's counters to readers on other threads.
+    pub(crate) fn publish_stats(&self, s: &ShardStats) {
+        let c = &self.counters;
+        s.publishes_in.store(c.publishes_in, Ordering::Relaxed);
+        s.delivered.store(c.delivery.delivered, Ordering::Relaxed);
+        s.replayed.store(c.delivery.replayed, Ordering::Relaxed);
+        s.gaps.store(c.delivery.gaps, Ordering::Relaxed);
+        s.lagged.store(c.delivery.lagged, Ordering::Relaxed);
+        s.conflated.store(c.delivery.conflated, Ordering::Relaxed);
+        s.bytes_written.store(c.bytes_written, Ordering::Relaxed);
+        s.writes.store(c.writes, Ordering::Relaxed);
+        s.slow_disconnects
+            .store(c.slow_disconnects, Ordering::Relaxed);
+        s.protocol_errors
+            .store(c.protocol_errors, Ordering::Relaxed);
+        s.requests_refused
+            .store(c.requests_refused, Ordering::Relaxed);
+        s.keepalive_timeouts
+            .store(c.keepalive_timeouts, Ordering::Relaxed);
+        s.handshake_timeouts
+            .store(c.handshake_timeouts, Ordering::Relaxed);
+        s.shutdown_closes
+            .store(c.shutdown_closes, Ordering::Relaxed);
+        s.connections.store(self.live, Ordering::Relaxed);
+        s.subscriptions.store(self.index.len(), Ordering::Relaxed);
+        s.topics_owned.store(self.store.len(), Ordering::Relaxed);
+        s.ring_bytes
+            .store(self.store.ring_bytes(), Ordering::Relaxed);
+    }
+
+    /// What `lanpush stats` shows for each open connection of this shard.
+    pub(crate) fn connections_json(&self) -> Vec<serde_json::Value> {
+        self.sessions
+            .iter()
+            .flatten()
+            .filter(|s| s.is_open())
+            .map(|s| {
+                let subs: Vec<serde_json::Value> = s
+                    .subs()
+                    .map(|s| serde_json::json!({"id": s.sub_id, "pattern": s.pattern, "mode": s.mode}))
+                    .collect();
+                serde_json::json!({
+                    "id": s.id,
+                    "client_id": s.client_id,
+                    "reactor": self.id,
+                    "subscriptions": subs,
+                    "queue_frames": s.outbox.queued_frames(),
+                    "queue_bytes": s.outbox.queued_bytes(),
+                    "delivered": s.stats.delivered,
+                    "conflated": s.stats.conflated,
+                    "lagged": s.stats.lagged,
+                    "lagging_topics": s.lag.len(),
+                    "replayed": s.stats.replayed,
+                    "gaps": s.stats.gaps,
+                    "reconnects": s.stats.reconnects,
+                })
+            })
+            .collect()
+    }
+
+    // ----- sessions -----
+
+    fn handle_hello(
+        &mut self,
+        now: Instant,
+        slot: usize,
+        version: u16,
+        client_id: String,
+        keepalive_ms: u32,
+    ) -> Result<(), Fatal> {
+        if version != PROTOCOL_VERSION {
+            return Err(Fatal::new(
+                error_code::VERSION,
+                format!(
+                    "protocol version {version} is not supported (this engine speaks {PROTOCOL_VERSION})"
+                ),
+            ));
+        }
+        let k = &self.config.keepalive;
+        let keepalive_ms = match keepalive_ms {
+            0 => k.default_ms,
+            ms => ms.clamp(k.min_ms, k.max_ms),
+        };
+        let reconnects = if client_id.is_empty() {
+            0
+        } else {
+            let mut sessions = self
+                .shared
+                .sessions
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            let seen = sessions.entry(client_id.clone()).or_insert(0);
+            *seen += 1;
+            *seen - 1
+        };
+        let welcome = Welcome {
+            version: PROTOCOL_VERSION,
+            keepalive_ms,
+            max_frame_bytes: self.config.limits.max_frame_bytes as u32,
+            max_subscriptions: self.config.limits.max_subscriptions_per_connection as u32,
+            reactor: self.id,
+            connection_id: 0,
+            engine_id: self.shared.engine_id,
+        };
+        let session = self.session_mut(slot).expect("caller looked it up");
+        let welcome = Welcome {
+            connection_id: session.id,
+            ..welcome
+        };
+        session.stats.reconnects = reconnects;
+        session.phase = Phase::Open;
+        session.client_id = client_id;
+        session.keepalive = Duration::from_millis(keepalive_ms as u64);
+        session.last_heard = now;
+        self.arm(slot);
+        self.reply(slot, Reply::Welcome(welcome))
+    }
+
+    fn handle_subscribe(&mut self, slot: usize, subscribe: Subscribe) -> Result<(), Fatal> {
+        let limits = &self.config.limits;
+        let session = self.session(slot).expect("caller looked it up");
+        let refusal =
+            if let Err(e) = proto::validate_pattern(&subscribe.pattern, limits.max_topic_bytes) {
+                Some((
+                    error_code::BAD_TOPIC,
+                    format!("SUBSCRIBE {:?}: {e}", subscribe.pattern),
+                ))
+            } else if session.has_sub_id(subscribe.sub_id) {
+                Some((
+                    error_code::UNKNOWN_SUBSCRIPTION,
+                    format!("SUBSCRIBE: id {} is already in use", subscribe.sub_id),
+                ))
+            } else if session.sub_count() >= limits.max_subscriptions_per_connection {
+                Some((
+                    error_code::TOO_MANY_SUBSCRIPTIONS,
+                    format!(
+                        "SUBSCRIBE: at most {} subscriptions per connection",
+                        limits.max_subscriptions_per_connection
+                    ),
+                ))
+            } else {
+                None
+            };
+        if let Some((code, reason)) = refusal {
+            return self.refuse(slot, code, reason);
+        }
+        let mode = match subscribe.mode {
+            DeliveryMode::Default => self.config.delivery.default_mode,
+            mode => mode,
+        };
+        // A non-empty resume list makes this a resume (an entry with the empty topic, which no
+        // message can have, says "resuming, but nothing seen yet").
+        let resume = (!subscribe.resume.is_empty()).then(|| {
+            Arc::new(
+                subscribe
+                    .resume
+                    .iter()
+                    .filter(|p| !p.topic.is_empty())
+                    .map(|p| (p.topic.clone(), p.last_seq))
+                    .collect::<HashMap<String, u64>>(),
+            )
+        });
+        let key = self.next_sub_key;
+        self.next_sub_key += 1;
+        let pending = peers_mask(self.n_shards, self.id);
+        let session = self.session_mut(slot).expect("caller looked it up");
+        let pos = session.add_sub(Sub {
+            sub_id: subscribe.sub_id,
+            key,
+            pattern: subscribe.pattern.clone(),
+            mode,
+            pending,
+        });
+        let sub_ref = SubRef {
+            slot: slot as u32,
+            pos,
+            key,
+        };
+        self.index.insert(&subscribe.pattern, sub_ref);
+        for peer in 0..self.n_shards {
+            if peer != self.id {
+                self.outgoing[peer as usize].push(CoreMsg::SnapshotRequest {
+                    from: self.id,
+                    sub: sub_ref,
+                    pattern: subscribe.pattern.clone(),
+                    resume: resume.clone(),
+                });
+            }
+        }
+        let (frames, lagged) = self.snapshot(&subscribe.pattern, resume.as_deref());
+        self.handle_snapshot_reply(self.id, sub_ref, frames, lagged);
+        Ok(())
+    }
+
+    /// Queues a reply in the connection's wire format; a connection that leaves too many unread
+    /// is cut (the `Err` closes it).
+    fn reply(&mut self, slot: usize, reply: Reply) -> Result<(), Fatal> {
+        self.scratch.clear();
+        native::encode_reply(&mut self.scratch, reply);
+        let frame: SharedFrame = Arc::from(&self.scratch[..]);
+        self.queue_reply(slot, frame)
+    }
+
+    fn queue_reply(&mut self, slot: usize, frame: SharedFrame) -> Result<(), Fatal> {
+        let Some(session) = self.sessions.get_mut(slot).and_then(Option::as_mut) else {
+            return Ok(());
+        };
+        session.queue_reply(frame)?;
+        mark_dirty(session, slot, &mut self.dirty);
+        Ok(())
+    }
+
+    /// A refused request: a non-fatal ERROR.
+    fn refuse(&mut self, slot: usize, code: u16, reason: String) -> Result<(), Fatal> {
+        self.counters.requests_refused += 1;
+        self.reply(slot, Reply::Error { code, reason })
+    }
+
+    /// Queues the ERROR and turns the session towards closing (see [`Session::fail`]); counts
+    /// the close under its cause.
+    fn fail(&mut self, now: Instant, slot: usize, fatal: Fatal) {
+        let Some(session) = self.sessions.get_mut(slot).and_then(Option::as_mut) else {
+            return;
+        };
+        let code = fatal.code;
+        if !session.fail(now, fatal) {
+            return;
+        }
+        let c = &mut self.counters;
+        *match code {
+            error_code::HANDSHAKE_TIMEOUT => &mut c.handshake_timeouts,
+            error_code::KEEPALIVE_TIMEOUT => &mut c.keepalive_timeouts,
+            error_code::SLOW_CONSUMER => &mut c.slow_disconnects,
+            error_code::SHUTTING_DOWN => &mut c.shutdown_closes,
+            _ => &mut c.protocol_errors,
+        } += 1;
+        self.remove_subs(slot);
+        self.flush_now = true;
+        if let Some(session) = self.sessions.get_mut(slot).and_then(Option::as_mut) {
+            mark_dirty(session, slot, &mut self.dirty);
+        }
+        self.arm(slot);
+    }
+
+    fn remove_subs(&mut self, slot: usize) {
+        let Some(session) = self.sessions.get_mut(slot).and_then(Option::as_mut) else {
+            return;
+        };
+        for (pos, sub) in session.drain_subs() {
+            self.index.remove(
+                &sub.pattern,
+                &SubRef {
+                    slot: slot as u32,
+                    pos,
+                    key: sub.key,
+                },
+            );
+        }
+    }
+
+    fn close(&mut self, slot: usize) {
+        if self.session(slot).is_none() {
+            return;
+        }
+        self.remove_subs(slot);
+        if let Some(session) = self.sessions[slot].take() {
+            self.metrics.remove_conn(session.id);
+            self.live -= 1;
+            self.closed.push(slot);
+        }
+    }
+
+    // ----- publishing and fan-out -----
+
+    /// Sends a validated publish to its topic's owner (maybe this shard).
+    fn route_publish(&mut self, publish: &PublishRef<'_>, ingest_ts_ns: u64) {
+        self.counters.publishes_in += 1;
+        let owner = self
+            .owners
+            .for_publish(&self.shared.owners, publish.topic, self.id);
+        if owner == self.id {
+            self.ingest(publish, ingest_ts_ns);
+            return;
+        }
+        let queue = &mut self.outgoing[owner as usize];
+        if !matches!(queue.last(), Some(CoreMsg::Publish(_))) {
+            queue.push(CoreMsg::Publish(Vec::with_capacity(16 * 1024)));
+        }
+        if let Some(CoreMsg::Publish(batch)) = queue.last_mut() {
+            batch.extend_from_slice(&ingest_ts_ns.to_le_bytes());
+            proto::encode_publish(batch, publish);
+        }
+    }
+
+    fn handle_publish_batch(&mut self, mut buf: &[u8]) {
+        while buf.len() > 8 {
+            let (ts, rest) = buf.split_at(8);
+            let ingest_ts_ns = u64::from_le_bytes(ts.try_into().expect("split at 8"));
+            match decode_frame(rest, usize::MAX) {
+                Ok(Decoded::Frame(Frame::Publish(publish), used)) => {
+                    self.ingest(&publish, ingest_ts_ns);
+                    buf = &rest[used..];
+                }
+                // Batches are built by shards and the local publisher from validated frames.
+                other => unreachable!("corrupt internal publish batch: {other:?}"),
+            }
+        }
+    }
+
+    /// The owner's half of a publish: sequence, encode once, retain, fan out.
+    fn ingest(&mut self, publish: &PublishRef<'_>, ingest_ts_ns: u64) {
+        let frame = self.store.ingest(publish, ingest_ts_ns, &mut self.scratch);
+        for peer in 0..self.n_shards {
+            if peer == self.id {
+                continue;
+            }
+            let queue = &mut self.outgoing[peer as usize];
+            match queue.last_mut() {
+                Some(CoreMsg::Deliver { frames, .. }) => frames.push(frame.clone()),
+                _ => queue.push(CoreMsg::Deliver {
+                    from: self.id,
+                    frames: vec![frame.clone()],
+                }),
+            }
+        }
+        self.deliver(self.id, &frame);
+    }
+
+    /// Queues a DATA frame from owner `from` to every matching local subscription, once per
+    /// connection however many of its subscriptions match.
+    fn deliver(&mut self, from: u16, frame: &SharedFrame) {
+        let Some(topic) = data_frame_topic(frame) else {
+            return;
+        };
+        let mut matches = std::mem::take(&mut self.matches);
+        matches.clear();
+        self.index.collect_matches(topic, &mut matches);
+        if matches.is_empty() {
+            self.matches = matches;
+            return;
+        }
+        self.stamp += 1;
+        let from_bit = 1u64 << from;
+        for m in &matches {
+            let slot = m.slot as usize;
+            let Some(session) = self.sessions.get_mut(slot).and_then(Option::as_mut) else {
+                continue;
+            };
+            if session.stamp == self.stamp {
+                continue;
+            }
+            let Some(sub) = session.sub(m.pos, m.key) else {
+                continue;
+            };
+            if sub.pending & from_bit != 0 {
+                continue;
+            }
+            let mode = sub.mode;
+            session.stamp = self.stamp;
+            match session.enqueue(topic, frame, mode, &mut self.counters.delivery) {
+                Enqueued::Queued | Enqueued::Deferred => mark_dirty(session, slot, &mut self.dirty),
+                Enqueued::Overflow => {
+                    let fatal = Fatal::new(
+                        error_code::SLOW_CONSUMER,
+                        "outbound queue full and the subscription's mode is disconnect",
+                    );
+                    self.fail(self.now, slot, fatal);
+                }
+            }
+        }
+        self.matches = matches;
+    }
+
+    /// This shard's answer to a subscription: retained values, or the replay after `resume`.
+    fn snapshot(
+        &mut self,
+        pattern: &str,
+        resume: Option<&HashMap<String, u64>>,
+    ) -> (Vec<SharedFrame>, Vec<(String, u64)>) {
+        let (mut frames, mut lagged) = (Vec::new(), Vec::new());
+        match resume {
+            None => self.store.snapshot(pattern, &mut frames),
+            Some(positions) => {
+                let mut budget = self.config.delivery.queue_max_bytes / 2;
+                self.store
+                    .resume(pattern, positions, &mut budget, &mut frames, &mut lagged);
+            }
+        }
+        (frames, lagged)
+    }
+
+    fn handle_snapshot_reply(
+        &mut self,
+        from: u16,
+        sub: SubRef,
+        frames: Vec<SharedFrame>,
+        lagged: Vec<(String, u64)>,
+    ) {
+        let slot = sub.slot as usize;
+        let Some(session) = self.sessions.get_mut(slot).and_then(Option::as_mut) else {
+            return;
+        };
+        let Some(s) = session.sub_mut(sub.pos, sub.key) else {
+            return;
+        };
+        s.pending &= !(1u64 << from);
+        let (mode, sub_id, complete) = (s.mode, s.sub_id, s.pending == 0);
+        // Bounded by the number of topics (snapshot) or the replay budget (resume).
+        session.queue_replayed(frames, &mut self.counters.delivery);
+        for (topic, next_seq) in lagged {
+            session.lag.insert(
+                topic,
+                Lag {
+                    next_seq,
+                    requested: false,
+                },
+            );
+        }
+        if complete {
+            // SUBACK closes the snapshot: every snapshot frame of this subscription precedes it.
+            if let Err(fatal) = self.reply(slot, Reply::SubAck(SubAck { sub_id, mode })) {
+                self.fail(self.now, slot, fatal);
+            }
+        } else {
+            mark_dirty(session, slot, &mut self.dirty);
+        }
+    }
+
+    /// Asks the owners of a lagging connection's topics for the messages it missed.
+    fn request_replays(&mut self, slot: usize, topics: Vec<(String, u64)>) {
+        let Some(session) = self.session(slot) else {
+            return;
+        };
+        let conn = ConnRef {
+            slot: slot as u32,
+            id: session.id,
+        };
+        let mut by_owner: Vec<Vec<(String, u64)>> = vec![Vec::new(); self.n_shards as usize];
+        for (topic, next_seq) in topics {
+            let owner = self.owners.lookup(&self.shared.owners, &topic);
+            by_owner[owner as usize].push((topic, next_seq));
+        }
+        for (owner, topics) in by_owner.into_iter().enumerate() {
+            if topics.is_empty() {
+                continue;
+            }
+            if owner == self.id as usize {
+                let (frames, topics) = self.replay(topics);
+                self.handle_replay_reply(conn, frames, topics);
+            } else {
+                self.outgoing[owner].push(CoreMsg::ReplayRequest {
+                    from: self.id,
+                    conn,
+                    topics,
+                });
+            }
+        }
+    }
+
+    /// The owner's side of a catch-up: frames from the ring, within half an outbox's bytes.
+    fn replay(&self, topics: Vec<(String, u64)>) -> (Vec<SharedFrame>, Vec<(String, Option<u64>)>) {
+        let mut budget = self.config.delivery.queue_max_bytes / 2;
+        let mut frames = Vec::new();
+        let done = topics
+            .into_iter()
+            .map(|(topic, from_seq)| {
+                let next = match self
+                    .store
+                    .replay(&topic, from_seq, &mut budget, &mut frames)
+                {
+                    Replay::CaughtUp => None,
+                    Replay::More(next) => Some(next),
+                };
+                (topic, next)
+            })
+            .collect();
+        (frames, done)
+    }
+
+    fn handle_replay_reply(
+        &mut self,
+        conn: ConnRef,
+        frames: Vec<SharedFrame>,
+        topics: Vec<(String, Option<u64>)>,
+    ) {
+        let slot = conn.slot as usize;
+        let Some(session) = self.sessions.get_mut(slot).and_then(Option::as_mut) else {
+            return;
+        };
+        if session.id != conn.id || !session.is_open() {
+            return;
+        }
+        session.queue_replayed(frames, &mut self.counters.delivery);
+        for (topic, next) in topics {
+            match next {
+                None => {
+                    session.lag.remove(&topic);
+                }
+                Some(next_seq) => {
+                    session.lag.insert(
+                        topic,
+                        Lag {
+                            next_seq,
+                            requested: false,
+                        },
+                    );
+                }
+            }
+        }
+        mark_dirty(session, slot, &mut self.dirty);
+    }
+}
+
+/// Every shard but `me`, as a bit set (`n` ≤ 64).
+fn peers_mask(n: u16, me: u16) -> u64 {
+    let all = if n >= 64 { u64::MAX } else { (1u64 << n) - 1 };
+    all & !(1u64 << me)
+}
+
+fn mark_dirty(session: &mut Session, slot: usize, dirty: &mut Vec<usize>) {
+    if !session.in_dirty && session.writable && session.has_output() {
+        session.in_dirty = true;
+        dirty.push(slot);
+    }
+}
+
+/// Writes as much of a session's outbox as the transport takes, in vectored writes.
+fn write_session(
+    session: &mut Session,
+    slot: usize,
+    now: Instant,
+    transport: &mut impl Transport,
+    counters: &mut Counters,
+    metrics: &mut ShardMetrics,
+) -> io::Result<()> {
+    session.move_conflated(&mut counters.delivery);
+    for _ in 0..MAX_WRITES_PER_FLUSH {
+        if !session.writable || session.outbox.is_empty() {
+            break;
+        }
+        // Most writes carry a few frames: a small slice array spares zeroing 16 KiB each time.
+        let result = if session.outbox.queued_frames() <= SMALL_IOVECS {
+            write_queued::<SMALL_IOVECS>(session, slot, transport)
+        } else {
+            write_queued::<MAX_IOVECS>(session, slot, transport)
+        };
+        match result {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(written) => {
+                let (conn_id, now_ns) = (session.id, transport.unix_ns());
+                session.outbox.consume_with(written, |frame| {
+                    if let Some(s) = data_frame_stamp(frame) {
+                        metrics.record_delivery(
+                            conn_id,
+                            s.topic,
+                            s.ingest_ts_ns,
+                            s.source_ts_ns,
+                            now_ns,
+                        );
+                    }
+                });
+                counters.writes += 1;
+                counters.bytes_written += written as u64;
+                session.last_sent = now;
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => session.writable = false,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    session.move_conflated(&mut counters.delivery);
+    Ok(())
+}
+
+/// One vectored write of up to `N` queued frames.
+fn write_queued<const N: usize>(
+    session: &Session,
+    slot: usize,
+    transport: &mut impl Transport,
+) -> io::Result<usize> {
+    let mut slices = [IoSlice::new(&[]); N];
+    let n = session.outbox.fill_slices(&mut slices, MAX_WRITE_BYTES);
+    transport.write(slot, &slices[..n])
+}
+
+/// Write coalescing: with `busy` connections each written at most once per interval, the
+/// reactor makes at most `writes_per_s` writes a second. Capped at `max` (0 = off).
+fn coalescing_interval(busy: usize, writes_per_s: u64, max: Duration) -> Duration {
+    let nanos = (busy as u64).saturating_mul(1_000_000_000) / writes_per_s.max(1);
+    Duration::from_nanos(nanos).min(max)
+}
+
+/// Write coalescing: `Some(when)` if `session` was written to less than `interval` ago and
+/// should wait until `when` for more frames to share the write. Sessions with a full write's
+/// worth queued, and closing ones, never wait.
+fn coalesce_until(session: &Session, interval: Duration, now: Instant) -> Option<Instant> {
+    if interval.is_zero() || session.outbox.queued_bytes() >= COALESCE_BYTES || !session.is_open() {
+        return None;
+    }
+    let due = session.last_sent + interval;
+    (now < due).then_some(due)
+}
+
+#[cfg(test)]
+mod unit_tests {
+    use super::*;
+
+    #[test]
+    fn interval_spreads_the_write_budget_over_busy_connections() {
+        let max = Duration::from_millis(2);
+        // 50 busy connections at 100 k writes/s: one write each per 500 µs.
+        assert_eq!(
+            coalescing_interval(50, 100_000, max),
+            Duration::from_micros(500)
+        );
+        // Few busy connections hardly wait; none do not wait at all.
+        assert_eq!(
+            coalescing_interval(5, 100_000, max),
+            Duration::from_micros(50)
+        );
+        assert_eq!(coalescing_interval(0, 100_000, max), Duration::ZERO);
+        // Many connections: capped.
+        assert_eq!(coalescing_interval(10_000, 100_000, max), max);
+        // Off.
+        assert_eq!(
+            coalescing_interval(50, 100_000, Duration::ZERO),
+            Duration::ZERO
+        );
+    }
+
+    #[test]
+    fn peer_masks_cover_every_shard_count_up_to_64() {
+        assert_eq!(peers_mask(1, 0), 0);
+        assert_eq!(peers_mask(2, 0), 0b10);
+        assert_eq!(peers_mask(64, 0), u64::MAX - 1);
+        assert_eq!(peers_mask(64, 63), u64::MAX >> 1);
+    }
+}

@@ -1,0 +1,512 @@
+//! The engine's semantics on the virtual clock: sessions and fan-out cores of several shards
+//! wired in memory by [`Cluster`]. No sockets, threads or sleeps.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use super::harness::{Client, Cluster, Got};
+use crate::proto::{error_code, DeliveryMode, Frame, TopicPosition};
+
+fn data(got: &[Got]) -> Vec<(String, u64, bool)> {
+    got.iter()
+        .filter_map(|g| match g {
+            Got::Data {
+                topic,
+                seq,
+                snapshot,
+                ..
+            } => Some((topic.clone(), *seq, *snapshot)),
+            _ => None,
+        })
+        .collect()
+}
+
+/// Checks per-topic order with no duplicate and no hole; returns the last seq per topic.
+fn contiguous(got: &[Got], mut next: HashMap<String, u64>) -> HashMap<String, u64> {
+    for g in got {
+        match g {
+            Got::Data { topic, seq, .. } => {
+                if let Some(expected) = next.get(topic) {
+                    assert_eq!(seq, expected, "{topic}: out of order, duplicated or lost");
+                }
+                next.insert(topic.clone(), seq + 1);
+            }
+            Got::Gap { topic, from, to } => {
+                assert_eq!(
+                    next.get(topic),
+                    Some(from),
+                    "{topic}: GAP from the wrong seq"
+                );
+                next.insert(topic.clone(), to + 1);
+            }
+            _ => {}
+        }
+    }
+    next
+}
+
+#[test]
+fn publish_crosses_shards_in_order_once_per_connection_through_overlapping_patterns() {
+    let mut c = Cluster::new(3, |_| {});
+    let publisher = c.connect(2, "gw");
+    let sub = c.connect(0, "hmi");
+    c.subscribe(sub, 1, "plant/+/temp", DeliveryMode::All);
+    c.subscribe(sub, 2, "plant/#", DeliveryMode::All);
+    c.run();
+    assert_eq!(
+        c.recv(sub),
+        [
+            Got::SubAck {
+                sub_id: 1,
+                mode: DeliveryMode::All
+            },
+            Got::SubAck {
+                sub_id: 2,
+                mode: DeliveryMode::All
+            }
+        ]
+    );
+    for i in 0..100u32 {
+        for line in ["line1", "line2"] {
+            c.publish(publisher, &format!("plant/{line}/temp"), &i.to_le_bytes());
+        }
+    }
+    c.run();
+    let got = c.recv(sub);
+    assert_eq!(
+        data(&got).len(),
+        200,
+        "once per connection, not per subscription"
+    );
+    contiguous(
+        &got,
+        HashMap::from([
+            ("plant/line1/temp".into(), 1),
+            ("plant/line2/temp".into(), 1),
+        ]),
+    );
+}
+
+/// Snapshot-then-live while the publisher's frames are in flight between shards: the snapshot
+/// frames (the newest value at the owner when it answered) come first, SUBACK closes them, then
+/// live from the next seq, no gap, no duplicate. Run with every shard count up to the most the
+/// config allows.
+fn snapshot_then_live(n: u16) {
+    let mut c = Cluster::new(n, |_| {});
+    let publisher = c.connect(n - 1, "gw");
+    let sub = c.connect(0, "hmi");
+    for i in 0..10u8 {
+        c.publish(publisher, "a/b", &[i]);
+        c.publish(publisher, "a/c", &[i]);
+    }
+    // The subscription's snapshot requests queue behind the frames already in flight.
+    c.subscribe(sub, 7, "a/+", DeliveryMode::All);
+    for i in 10..15u8 {
+        c.publish(publisher, "a/b", &[i]);
+    }
+    c.run();
+    c.publish(publisher, "a/b", &[42]);
+    c.run();
+    let got = c.recv(sub);
+    let suback = got
+        .iter()
+        .position(|g| matches!(g, Got::SubAck { sub_id: 7, .. }))
+        .expect("SUBACK");
+    let (snapshot, live) = got.split_at(suback);
+    let mut snap = data(snapshot);
+    snap.sort();
+    assert_eq!(snap.len(), 2, "{n} shards: one retained value per topic");
+    assert!(snap.iter().all(|d| d.2), "{n} shards: flagged snapshot");
+    assert!(
+        data(live).iter().all(|d| !d.2),
+        "{n} shards: live after SUBACK"
+    );
+    let next = contiguous(&got, HashMap::new());
+    assert_eq!(next["a/b"], 17, "{n} shards: ends with the live 42");
+    assert_eq!(next["a/c"], 11, "{n} shards");
+    if n > 1 {
+        // The owner answered after taking every publish that preceded the request.
+        assert_eq!(snap[0].1, 15, "{n} shards");
+    }
+}
+
+#[test]
+fn snapshot_then_live_on_one_two_and_sixty_four_shards() {
+    for n in [1, 2, 64] {
+        snapshot_then_live(n);
+    }
+}
+
+fn overflowing_cluster(ring_bytes: usize) -> (Cluster, Client, Client) {
+    let mut c = Cluster::new(2, |config| {
+        config.delivery.queue_max_messages = 8;
+        config.retained.ring_bytes = ring_bytes;
+    });
+    let publisher = c.connect(1, "gw");
+    let sub = c.connect(0, "historian");
+    c.subscribe(sub, 1, "t/#", DeliveryMode::All);
+    c.run();
+    c.recv(sub);
+    c.set_capacity(sub, 0);
+    (c, publisher, sub)
+}
+
+#[test]
+fn all_mode_overflow_catches_up_from_the_ring_exactly_once_in_order() {
+    let (mut c, publisher, sub) = overflowing_cluster(1 << 20);
+    for i in 0..200u32 {
+        c.publish(publisher, &format!("t/{}", i % 3), &i.to_le_bytes());
+    }
+    c.run();
+    c.set_capacity(sub, 4096);
+    let mut next = HashMap::new();
+    let mut total = 0;
+    for _ in 0..100 {
+        let got = c.recv(sub);
+        assert!(
+            !got.iter().any(|g| matches!(g, Got::Gap { .. })),
+            "ring held all"
+        );
+        total += data(&got).len();
+        next = contiguous(&got, next);
+        c.run();
+    }
+    assert_eq!(total, 200);
+    let shared = c.shared.clone();
+    c.cores[0].publish_stats(&shared.shards[0]);
+    let lagged = shared.shards[0]
+        .lagged
+        .load(std::sync::atomic::Ordering::Relaxed);
+    assert!(lagged > 0, "lagged is counted and published");
+    assert!(c.cores[0].counters.delivery.replayed > 0);
+}
+
+#[test]
+fn all_mode_overflow_past_the_ring_reports_exact_gaps() {
+    // A ring of ~20 frames per shard: most of the backlog is gone by the time the reader reads.
+    let (mut c, publisher, sub) = overflowing_cluster(2 * 20 * 60);
+    for i in 0..300u32 {
+        c.publish(publisher, "t/x", &i.to_le_bytes());
+    }
+    c.run();
+    c.set_capacity(sub, 1 << 20);
+    let mut got = Vec::new();
+    for _ in 0..20 {
+        got.extend(c.recv(sub));
+        c.run();
+    }
+    let next = contiguous(&got, HashMap::from([("t/x".into(), 1)]));
+    assert_eq!(next["t/x"], 301, "every seq delivered or named by a GAP");
+    assert!(got.iter().any(|g| matches!(g, Got::Gap { .. })));
+}
+
+#[test]
+fn latest_mode_stalled_reader_ends_with_the_final_value_of_every_topic() {
+    let mut c = Cluster::new(2, |config| config.delivery.queue_max_messages = 4);
+    let publisher = c.connect(1, "gw");
+    let sub = c.connect(0, "hmi");
+    c.subscribe(sub, 1, "v/#", DeliveryMode::Latest);
+    c.run();
+    c.recv(sub);
+    c.set_capacity(sub, 0);
+    for i in 0..1000u32 {
+        c.publish(publisher, &format!("v/{}", i % 5), &i.to_le_bytes());
+    }
+    c.run();
+    c.set_capacity(sub, 1 << 20);
+    let mut last = HashMap::new();
+    for _ in 0..5 {
+        for g in c.recv(sub) {
+            if let Got::Data { topic, payload, .. } = g {
+                last.insert(topic, u32::from_le_bytes(payload.try_into().unwrap()));
+            }
+        }
+        c.run();
+    }
+    for t in 0..5u32 {
+        assert_eq!(last[&format!("v/{t}")], 995 + t, "final value of v/{t}");
+    }
+    assert!(c.cores[0].counters.delivery.conflated > 900);
+}
+
+#[test]
+fn conflate_always_collapses_a_burst_even_when_the_queue_has_room() {
+    let mut c = Cluster::new(1, |config| config.delivery.conflate_always = true);
+    let publisher = c.connect(0, "gw");
+    let sub = c.connect(0, "hmi");
+    c.subscribe(sub, 1, "v", DeliveryMode::Latest);
+    c.run();
+    c.recv(sub);
+    for i in 0..100u32 {
+        c.publish(publisher, "v", &i.to_le_bytes());
+    }
+    c.run();
+    let got = data(&c.recv(sub));
+    assert!(
+        got.len() < 10,
+        "a burst in one turn collapses: {}",
+        got.len()
+    );
+    assert_eq!(got.last().map(|d| d.1), Some(100));
+}
+
+#[test]
+fn disconnect_mode_cuts_a_stalled_consumer_with_error_10_and_others_carry_on() {
+    let mut c = Cluster::new(2, |config| config.delivery.queue_max_messages = 4);
+    let publisher = c.connect(1, "gw");
+    let stalled = c.connect(0, "panel");
+    let healthy = c.connect(0, "hmi");
+    c.subscribe(stalled, 1, "t", DeliveryMode::Disconnect);
+    c.subscribe(healthy, 1, "t", DeliveryMode::All);
+    c.run();
+    c.recv(stalled);
+    c.recv(healthy);
+    c.set_capacity(stalled, 0);
+    for i in 0..20u32 {
+        c.publish(publisher, "t", &i.to_le_bytes());
+    }
+    c.run();
+    assert_eq!(data(&c.recv(healthy)).len(), 20);
+    c.set_capacity(stalled, 1 << 20);
+    let got = c.recv(stalled);
+    c.run();
+    assert_eq!(
+        got.last(),
+        Some(&Got::Error {
+            code: error_code::SLOW_CONSUMER
+        })
+    );
+    assert!(c.write_shut(stalled), "FIN follows the reason");
+    c.advance(Duration::from_secs(2));
+    assert!(c.is_closed(stalled), "dropped after the linger");
+    assert_eq!(c.cores[0].counters.slow_disconnects, 1);
+    assert_eq!(c.cores[0].counters.protocol_errors, 0);
+}
+
+#[test]
+fn keepalive_pings_a_silent_peer_then_closes_it() {
+    let mut c = Cluster::new(1, |config| config.keepalive.default_ms = 1000);
+    let quiet = c.connect(0, "quiet");
+    c.advance(Duration::from_millis(999));
+    assert_eq!(c.recv(quiet), []);
+    c.advance(Duration::from_millis(1));
+    assert_eq!(c.recv(quiet), [Got::Ping]);
+    c.advance(Duration::from_millis(499));
+    assert!(!c.is_closed(quiet));
+    c.advance(Duration::from_millis(1));
+    assert_eq!(
+        c.recv(quiet),
+        [Got::Error {
+            code: error_code::KEEPALIVE_TIMEOUT
+        }]
+    );
+    c.advance(Duration::from_secs(1));
+    assert!(c.is_closed(quiet));
+    assert_eq!(c.cores[0].counters.keepalive_timeouts, 1);
+}
+
+#[test]
+fn a_peer_that_answers_pings_stays() {
+    let mut c = Cluster::new(1, |config| config.keepalive.default_ms = 1000);
+    let alive = c.connect(0, "alive");
+    for _ in 0..10 {
+        c.advance(Duration::from_millis(1000));
+        if c.recv(alive).contains(&Got::Ping) {
+            c.send(alive, &Frame::Pong { nonce: 0 });
+        }
+    }
+    assert!(!c.is_closed(alive));
+}
+
+#[test]
+fn no_hello_within_the_handshake_timeout_closes() {
+    let mut c = Cluster::new(1, |config| config.limits.handshake_timeout_ms = 500);
+    let mute = c.connect_raw(0, 1 << 20);
+    c.advance(Duration::from_millis(499));
+    assert_eq!(c.recv(mute), []);
+    c.advance(Duration::from_millis(1));
+    assert_eq!(
+        c.recv(mute),
+        [Got::Error {
+            code: error_code::HANDSHAKE_TIMEOUT
+        }]
+    );
+    assert_eq!(c.cores[0].counters.handshake_timeouts, 1);
+}
+
+#[test]
+fn write_coalescing_gathers_a_stream_into_fewer_writes_and_loses_nothing() {
+    let mut c = Cluster::new(1, |config| {
+        // One busy connection, 1,000 writes/s: one write per ms at most.
+        config.delivery.reactor_writes_per_s = 1000;
+        config.delivery.max_write_interval_us = 2000;
+    });
+    let publisher = c.connect(0, "gw");
+    let sub = c.connect(0, "hmi");
+    c.subscribe(sub, 1, "t", DeliveryMode::All);
+    c.run();
+    c.recv(sub);
+    // Warm up past one tick so the core has counted the connection as busy.
+    for i in 0..300u32 {
+        c.publish(publisher, "t", &i.to_le_bytes());
+        c.advance(Duration::from_micros(100));
+    }
+    let before = c.writes(sub);
+    let mut got = Vec::new();
+    for i in 300..600u32 {
+        c.publish(publisher, "t", &i.to_le_bytes());
+        c.advance(Duration::from_micros(100));
+        got.extend(c.recv(sub));
+    }
+    c.advance(Duration::from_millis(5));
+    got.extend(c.recv(sub));
+    let writes = c.writes(sub) - before;
+    assert!(writes <= 40, "300 messages over 30 ms in {writes} writes");
+    assert!(data(&got).len() >= 300);
+}
+
+#[test]
+fn replies_a_client_never_reads_are_bounded_and_it_is_cut() {
+    let mut c = Cluster::new(1, |config| config.delivery.queue_max_bytes = 64 * 1024);
+    let greedy = c.connect(0, "greedy");
+    c.set_capacity(greedy, 0);
+    c.recv(greedy);
+    for nonce in 0..20_000 {
+        c.send(greedy, &Frame::Ping { nonce });
+        if c.is_closed(greedy) {
+            break;
+        }
+    }
+    c.run();
+    let session = c.cores[0].session(greedy.slot).expect("lingering");
+    assert!(session.is_closing());
+    assert!(session.outbox.queued_bytes() <= 64 * 1024 + super::session::REPLY_SLACK_BYTES + 64);
+    assert_eq!(c.cores[0].counters.slow_disconnects, 1);
+}
+
+#[test]
+fn unsubscribe_stops_delivery_and_an_unknown_id_is_refused() {
+    let mut c = Cluster::new(2, |_| {});
+    let publisher = c.connect(1, "gw");
+    let sub = c.connect(0, "hmi");
+    c.subscribe(sub, 1, "t", DeliveryMode::All);
+    c.run();
+    c.recv(sub);
+    c.unsubscribe(sub, 1);
+    c.unsubscribe(sub, 9);
+    c.publish(publisher, "t", b"x");
+    c.run();
+    assert_eq!(
+        c.recv(sub),
+        [Got::Error {
+            code: error_code::UNKNOWN_SUBSCRIPTION
+        }]
+    );
+    assert_eq!(c.cores[0].counters.requests_refused, 1);
+}
+
+#[test]
+fn resume_replays_what_was_missed_then_goes_live() {
+    let mut c = Cluster::new(2, |_| {});
+    let publisher = c.connect(1, "gw");
+    for i in 0..10u8 {
+        c.publish(publisher, "h/a", &[i]);
+    }
+    c.run();
+    let sub = c.connect(0, "historian");
+    c.subscribe_from(
+        sub,
+        1,
+        "h/#",
+        DeliveryMode::All,
+        vec![TopicPosition {
+            topic: "h/a".into(),
+            last_seq: 6,
+        }],
+    );
+    c.run();
+    let got = c.recv(sub);
+    assert_eq!(
+        data(&got),
+        [
+            ("h/a".into(), 7, false),
+            ("h/a".into(), 8, false),
+            ("h/a".into(), 9, false),
+            ("h/a".into(), 10, false)
+        ]
+    );
+}
+
+#[test]
+fn garbage_is_fatal_for_its_connection_only() {
+    let mut c = Cluster::new(1, |_| {});
+    let publisher = c.connect(0, "gw");
+    let sub = c.connect(0, "hmi");
+    c.subscribe(sub, 1, "x", DeliveryMode::All);
+    let bad = c.connect(0, "bad");
+    c.run();
+    c.recv(sub);
+    c.send_bytes(bad, &[5, 0, 0, 0, 0xee, 1, 2, 3, 4]);
+    c.run();
+    assert_eq!(
+        c.recv(bad),
+        [Got::Error {
+            code: error_code::MALFORMED
+        }]
+    );
+    c.publish(publisher, "x", b"still here");
+    c.run();
+    assert_eq!(data(&c.recv(sub)).len(), 1);
+    assert_eq!(c.cores[0].counters.protocol_errors, 1);
+}
+
+#[test]
+fn input_fed_one_byte_at_a_time_is_the_same_as_whole() {
+    let mut c = Cluster::new(1, |_| {});
+    let client = c.connect_raw(0, 1 << 20);
+    let mut bytes = Vec::new();
+    crate::proto::encode_frame(
+        &mut bytes,
+        &Frame::Hello(crate::proto::Hello {
+            version: crate::proto::PROTOCOL_VERSION,
+            client_id: "slow".into(),
+            keepalive_ms: 0,
+        }),
+    );
+    let mut start = 0;
+    for end in 1..=bytes.len() {
+        start += c.send_bytes(client, &bytes[start..end]);
+    }
+    assert_eq!(start, bytes.len());
+    c.run();
+    assert!(matches!(c.recv(client)[..], [Got::Welcome { .. }]));
+}
+
+#[test]
+fn a_hang_up_frees_the_connection_and_its_subscriptions() {
+    let mut c = Cluster::new(2, |_| {});
+    let publisher = c.connect(1, "gw");
+    let sub = c.connect(0, "hmi");
+    c.subscribe(sub, 1, "t/#", DeliveryMode::All);
+    c.subscribe(sub, 2, "u", DeliveryMode::Latest);
+    c.run();
+    let shared = c.shared.clone();
+    let stats = &shared.shards[0];
+    c.cores[0].publish_stats(stats);
+    let subs = || {
+        stats
+            .subscriptions
+            .load(std::sync::atomic::Ordering::Relaxed)
+    };
+    assert_eq!(subs(), 2);
+    c.hang_up(sub);
+    c.publish(publisher, "t/1", b"x");
+    c.run();
+    c.cores[0].publish_stats(stats);
+    assert_eq!(subs(), 0);
+    assert_eq!(
+        stats.connections.load(std::sync::atomic::Ordering::Relaxed),
+        0
+    );
+    assert!(c.is_closed(sub));
+}

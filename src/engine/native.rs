@@ -1,0 +1,90 @@
+//! The native protocol in front of the fan-out core: decoded frames become engine operations
+//! ([`Op`]), and the core's replies ([`Reply`]) become native frames.
+//!
+//! This is the seam another wire protocol plugs into: an MQTT or WebSocket session decodes its
+//! own packets into the same `Op`s and encodes the same `Reply`s its own way; the core, its
+//! delivery modes and its shard exchange stay as they are.
+
+use super::session::Fatal;
+use crate::proto::{self, error_code, Frame, PublishRef, SubAck, Subscribe, Welcome, WireError};
+
+/// What a connection asks of the engine, whatever its wire protocol.
+#[derive(Debug)]
+pub(crate) enum Op<'a> {
+    /// Opens the session (must come first).
+    Hello {
+        version: u16,
+        client_id: String,
+        keepalive_ms: u32,
+    },
+    Publish(PublishRef<'a>),
+    Subscribe(Subscribe),
+    Unsubscribe {
+        sub_id: u32,
+    },
+    /// Asks for a PONG with the same nonce.
+    Ping {
+        nonce: u64,
+    },
+    /// Answers the engine's PING.
+    Pong,
+    StatsRequest,
+}
+
+/// What the engine answers a connection (data frames are shared, and not replies).
+#[derive(Debug)]
+pub(crate) enum Reply {
+    Welcome(Welcome),
+    SubAck(SubAck),
+    Pong {
+        nonce: u64,
+    },
+    Stats(String),
+    /// A non-fatal refusal (fatal ones are built by [`super::session::Session::fail`]).
+    Error {
+        code: u16,
+        reason: String,
+    },
+}
+
+/// The operation a native frame asks for; frames a client may not send are fatal.
+pub(crate) fn op(frame: Frame<'_>) -> Result<Op<'_>, Fatal> {
+    match frame {
+        Frame::Hello(hello) => Ok(Op::Hello {
+            version: hello.version,
+            client_id: hello.client_id,
+            keepalive_ms: hello.keepalive_ms,
+        }),
+        Frame::Publish(publish) => Ok(Op::Publish(publish)),
+        Frame::Subscribe(subscribe) => Ok(Op::Subscribe(subscribe)),
+        Frame::Unsubscribe(u) => Ok(Op::Unsubscribe { sub_id: u.sub_id }),
+        Frame::Ping { nonce } => Ok(Op::Ping { nonce }),
+        Frame::Pong { .. } => Ok(Op::Pong),
+        Frame::StatsRequest => Ok(Op::StatsRequest),
+        Frame::Error(e) => Err(Fatal::new(
+            error_code::UNEXPECTED_FRAME,
+            format!("client sent ERROR {}: {}", e.code, e.reason),
+        )),
+        Frame::Welcome(_)
+        | Frame::SubAck(_)
+        | Frame::Data { .. }
+        | Frame::Gap(_)
+        | Frame::Stats(_) => Err(Fatal::new(
+            error_code::UNEXPECTED_FRAME,
+            "this frame kind is sent only by the engine",
+        )),
+    }
+}
+
+/// Appends the native encoding of `reply` to `out`.
+pub(crate) fn encode_reply(out: &mut Vec<u8>, reply: Reply) {
+    match reply {
+        Reply::Welcome(w) => proto::encode_control(out, &Frame::Welcome(w)),
+        Reply::SubAck(a) => proto::encode_control(out, &Frame::SubAck(a)),
+        Reply::Pong { nonce } => proto::encode_pong(out, nonce),
+        Reply::Stats(json) => proto::encode_control(out, &Frame::Stats(json)),
+        Reply::Error { code, reason } => {
+            proto::encode_control(out, &Frame::Error(WireError { code, reason }))
+        }
+    }
+}

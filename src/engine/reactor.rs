@@ -1,0 +1,548 @@
+//! One reactor thread: the only code that holds file descriptors. A mio `Poll` over its share
+//! of the connections (and, on reactor 0, the listener), a timerfd for microsecond deadlines,
+//! and the inbox from the other reactors; everything else is the sans-IO [`FanoutCore`].
+//!
+//! Each loop turn: poll (sleeping until the core's next deadline when idle), accept, read each
+//! readable connection into the core, take the inbox, run the core's deadlines, flush the core's
+//! outboxes to the sockets, drop the connections the core closed, send the core's messages to
+//! the other reactors. Every turn does bounded work: at most `MAX_EVENTS` readiness events,
+//! `MAX_ACCEPTS` accepts, `READ_BUDGET_BYTES` per connection, `MAX_INBOX_MSGS` messages and
+//! `MAX_INBOX_FRAMES` frames from the inbox; whatever is left is resumed on the next turn
+//! without sleeping.
+
+use std::io::{self, IoSlice, Read, Write};
+use std::net::Shutdown;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::TrySendError;
+use mio::net::{TcpListener, TcpStream};
+use mio::{Events, Interest, Poll, Token};
+
+use super::core::{CoreMsg, FanoutCore, Transport};
+use super::notify::{Inbox, Mailbox};
+use super::timer::DeadlineTimer;
+use super::{now_unix_ns, EngineShared};
+use crate::config::Config;
+use crate::proto::{self, error_code, Frame, WireError};
+
+pub(crate) const WAKER_TOKEN: Token = Token(usize::MAX - 1);
+const LISTENER_TOKEN: Token = Token(usize::MAX - 2);
+const TIMER_TOKEN: Token = Token(usize::MAX - 3);
+
+/// Readiness events taken per `poll` call.
+const MAX_EVENTS: usize = 1024;
+/// Bytes read from one connection per loop turn before moving on to the others. Small enough
+/// that one turn's fan-out leaves every subscriber's frames for a single vectored write.
+const READ_BUDGET_BYTES: usize = 64 * 1024;
+/// Size of a connection's read buffer; grows to the largest frame in flight, shrinks back.
+const READ_BUFFER_BYTES: usize = 64 * 1024;
+/// Cross-shard messages handled per loop turn, and frames (in publish and delivery batches):
+/// whichever bound is reached first ends the turn's share of the inbox.
+const MAX_INBOX_MSGS: usize = 256;
+const MAX_INBOX_FRAMES: usize = 16 * 1024;
+/// Longest sleep while reads are held back for a peer reactor whose inbox is full.
+const THROTTLE_NAP: Duration = Duration::from_micros(200);
+/// Connections accepted per loop turn; the rest of the backlog is taken on the next turns.
+const MAX_ACCEPTS: usize = 256;
+/// After an accept failed for lack of descriptors or memory, wait this long before trying again.
+const ACCEPT_RETRY: Duration = Duration::from_millis(100);
+/// How often the per-connection figures that STATS shows are refreshed.
+const CONN_STATS_EVERY: Duration = Duration::from_millis(250);
+
+/// Messages into a reactor: connections (which only the driver may hold) and the core's
+/// messages.
+pub(crate) enum ShardMsg {
+    /// A connection accepted by reactor 0, now owned by the receiver.
+    NewConn {
+        stream: TcpStream,
+        conn_id: u64,
+    },
+    Core(CoreMsg),
+    Shutdown,
+}
+
+/// A connection's transport half: the socket and what has been read but not yet used.
+struct Link {
+    stream: TcpStream,
+    rbuf: Vec<u8>,
+    rstart: usize,
+    rend: usize,
+}
+
+/// The reactor's sockets as the core's [`Transport`]; counts failed writes.
+struct Sockets<'a> {
+    links: &'a mut [Option<Link>],
+    io_errors: &'a mut u64,
+}
+
+impl Transport for Sockets<'_> {
+    fn write(&mut self, slot: usize, slices: &[IoSlice<'_>]) -> io::Result<usize> {
+        let Some(link) = self.links.get_mut(slot).and_then(Option::as_mut) else {
+            return Err(io::ErrorKind::NotConnected.into());
+        };
+        let result = link.stream.write_vectored(slices);
+        if let Err(e) = &result {
+            if !matches!(
+                e.kind(),
+                io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
+            ) {
+                *self.io_errors += 1;
+                if !matches!(
+                    e.kind(),
+                    io::ErrorKind::ConnectionReset | io::ErrorKind::BrokenPipe
+                ) {
+                    eprintln!("lanpush: write to a connection failed: {e}");
+                }
+            }
+        }
+        result
+    }
+
+    fn shutdown_write(&mut self, slot: usize) {
+        if let Some(link) = self.links.get_mut(slot).and_then(Option::as_mut) {
+            let _ = link.stream.shutdown(Shutdown::Write);
+        }
+    }
+
+    fn unix_ns(&mut self) -> u64 {
+        now_unix_ns()
+    }
+}
+
+/// Counters only the driver sees.
+#[derive(Default)]
+struct DriverCounters {
+    accepted: u64,
+    /// Loop turns that held socket reads back because a peer's inbox was full.
+    throttled_turns: u64,
+    /// Connections closed because a read or write failed (not a clean EOF).
+    io_errors: u64,
+}
+
+pub(crate) struct Reactor {
+    id: u16,
+    n_shards: u16,
+    config: Arc<Config>,
+    shared: Arc<EngineShared>,
+    poll: Poll,
+    listener: Option<TcpListener>,
+    /// The listener may still hold connections (budget spent or a failed accept): accept
+    /// again at this time without waiting for an event (edge-triggered readiness would not
+    /// report them again).
+    accept_again: Option<Instant>,
+    next_target: usize,
+    inbox: Inbox<ShardMsg>,
+    peers: Vec<Mailbox<ShardMsg>>,
+    /// Connections for each peer, sent before the core's messages.
+    new_conns: Vec<Vec<(TcpStream, u64)>>,
+    links: Vec<Option<Link>>,
+    free_slots: Vec<usize>,
+    read_again: Vec<usize>,
+    core: FanoutCore,
+    counters: DriverCounters,
+    shutting_down: bool,
+    /// A peer's inbox was full at the end of the last turn: socket reads wait (the publishers
+    /// feel TCP backpressure) until it has taken this reactor's backlog.
+    throttled: bool,
+    /// Wakes the poll at the core's deadline with microsecond precision.
+    timer: DeadlineTimer,
+    next_conn_stats: Instant,
+}
+
+impl Reactor {
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn new(
+        id: u16,
+        n_shards: u16,
+        config: Arc<Config>,
+        shared: Arc<EngineShared>,
+        poll: Poll,
+        listener: Option<TcpListener>,
+        inbox: Inbox<ShardMsg>,
+        peers: Vec<Mailbox<ShardMsg>>,
+    ) -> io::Result<Reactor> {
+        let mut listener = listener;
+        if let Some(l) = listener.as_mut() {
+            poll.registry()
+                .register(l, LISTENER_TOKEN, Interest::READABLE)?;
+        }
+        let mut timer = DeadlineTimer::new()?;
+        poll.registry()
+            .register(&mut timer, TIMER_TOKEN, Interest::READABLE)?;
+        let now = Instant::now();
+        Ok(Reactor {
+            core: FanoutCore::new(id, n_shards, config.clone(), shared.clone(), now),
+            id,
+            n_shards,
+            config,
+            shared,
+            poll,
+            listener,
+            accept_again: None,
+            next_target: 0,
+            inbox,
+            peers,
+            new_conns: (0..n_shards).map(|_| Vec::new()).collect(),
+            links: Vec::new(),
+            free_slots: Vec::new(),
+            read_again: Vec::new(),
+            counters: DriverCounters::default(),
+            shutting_down: false,
+            throttled: false,
+            timer,
+            next_conn_stats: now,
+        })
+    }
+
+    /// The event loop. Returns when the engine shuts down.
+    pub(crate) fn run(mut self) -> io::Result<()> {
+        let mut events = Events::with_capacity(MAX_EVENTS);
+        while !self.shutting_down {
+            let before = Instant::now();
+            let accept_due = self.accept_again.is_some_and(|at| at <= before);
+            let busy = accept_due
+                || self.core.wants_flush()
+                || (!self.read_again.is_empty() && !self.throttled);
+            let timeout = if busy || !self.inbox.arm_and_check_empty() {
+                Duration::ZERO
+            } else {
+                let mut wake = self.core.poll_timeout();
+                if let Some(at) = self.accept_again {
+                    wake = wake.min(at);
+                }
+                if self.throttled {
+                    wake = wake.min(before + THROTTLE_NAP);
+                }
+                if wake > before {
+                    // The poll's own timeout has millisecond steps; the timer is exact.
+                    self.timer.arm(wake, before)?;
+                }
+                wake.saturating_duration_since(before)
+            };
+            match self.poll.poll(&mut events, Some(timeout)) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e),
+            }
+            let now = Instant::now();
+            for event in events.iter() {
+                match event.token() {
+                    WAKER_TOKEN => {}
+                    TIMER_TOKEN => self.timer.fired(),
+                    LISTENER_TOKEN => self.accept(now),
+                    Token(slot) => {
+                        if event.is_writable() {
+                            self.core.handle_writable(slot);
+                        }
+                        if event.is_readable() || event.is_read_closed() || event.is_error() {
+                            if self.throttled {
+                                self.read_again.push(slot);
+                            } else {
+                                self.handle_readable(slot, now);
+                            }
+                        }
+                    }
+                }
+            }
+            if self.accept_again.is_some_and(|at| at <= now) {
+                self.accept(now);
+            }
+            if !self.throttled {
+                for slot in std::mem::take(&mut self.read_again) {
+                    self.handle_readable(slot, now);
+                }
+            }
+            self.drain_inbox(now);
+            if now >= self.core.poll_timeout() {
+                self.core.handle_timeout(now);
+            }
+            if now >= self.next_conn_stats {
+                let list = self.core.connections_json();
+                let stats = &self.shared.shards[self.id as usize];
+                *stats.conns.lock().unwrap_or_else(|e| e.into_inner()) = list;
+                self.next_conn_stats = now + CONN_STATS_EVERY;
+            }
+            self.flush(now);
+            self.drop_closed();
+            self.send_outgoing();
+            self.publish_stats();
+        }
+        let now = Instant::now();
+        self.core.shut_down(now);
+        self.flush(now);
+        for slot in 0..self.links.len() {
+            self.core.handle_closed(slot);
+        }
+        self.drop_closed();
+        self.publish_stats();
+        Ok(())
+    }
+
+    fn flush(&mut self, now: Instant) {
+        let mut sockets = Sockets {
+            links: &mut self.links,
+            io_errors: &mut self.counters.io_errors,
+        };
+        self.core.flush(now, &mut sockets);
+    }
+
+    // ----- accepting -----
+
+    /// Accepts until the backlog is empty or the turn's budget is spent; in the latter case
+    /// (and after a failure) the next turn goes on without waiting for another event.
+    fn accept(&mut self, now: Instant) {
+        self.accept_again = None;
+        for _ in 0..MAX_ACCEPTS {
+            let Some(listener) = self.listener.as_ref() else {
+                return;
+            };
+            let (stream, _peer) = match listener.accept() {
+                Ok(pair) => pair,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    // EMFILE and friends: the connections stay in the backlog; try again soon.
+                    eprintln!("lanpush: accept failed: {e}");
+                    self.accept_again = Some(now + ACCEPT_RETRY);
+                    return;
+                }
+            };
+            let open = self.shared.open_connections.fetch_add(1, Ordering::Relaxed);
+            if open >= self.config.limits.max_connections {
+                self.shared.open_connections.fetch_sub(1, Ordering::Relaxed);
+                refuse(
+                    stream,
+                    error_code::TOO_MANY_CONNECTIONS,
+                    "the engine is at max_connections",
+                );
+                continue;
+            }
+            let _ = stream.set_nodelay(true);
+            let sndbuf = self.config.delivery.socket_send_buffer_bytes;
+            if sndbuf > 0 {
+                // Bounds what the kernel holds for a subscriber that stopped reading: less to
+                // retransmit into its full window, less latency hidden below the outbox.
+                let _ = socket2::SockRef::from(&stream).set_send_buffer_size(sndbuf);
+            }
+            let conn_id = self.shared.next_conn_id.fetch_add(1, Ordering::Relaxed);
+            self.counters.accepted += 1;
+            let target = self.next_target % self.n_shards as usize;
+            self.next_target = self.next_target.wrapping_add(1);
+            if target == self.id as usize {
+                self.add_conn(stream, conn_id, now);
+            } else {
+                self.new_conns[target].push((stream, conn_id));
+            }
+        }
+        // Budget spent: the rest of the backlog is taken next turn.
+        self.accept_again = Some(now);
+    }
+
+    fn add_conn(&mut self, mut stream: TcpStream, conn_id: u64, now: Instant) {
+        let slot = self.free_slots.pop().unwrap_or_else(|| {
+            self.links.push(None);
+            self.links.len() - 1
+        });
+        if let Err(e) = self.poll.registry().register(
+            &mut stream,
+            Token(slot),
+            Interest::READABLE | Interest::WRITABLE,
+        ) {
+            eprintln!("lanpush: cannot register connection {conn_id}: {e}");
+            self.free_slots.push(slot);
+            self.shared.open_connections.fetch_sub(1, Ordering::Relaxed);
+            return;
+        }
+        self.links[slot] = Some(Link {
+            stream,
+            rbuf: vec![0; READ_BUFFER_BYTES],
+            rstart: 0,
+            rend: 0,
+        });
+        self.core.open(now, slot, conn_id);
+        // Data may have arrived before registration: edge-triggered readiness would not report it.
+        self.read_again.push(slot);
+    }
+
+    // ----- reading -----
+
+    fn handle_readable(&mut self, slot: usize, now: Instant) {
+        let max_frame = self.config.limits.max_frame_bytes;
+        let mut budget = READ_BUDGET_BYTES;
+        loop {
+            let Some(link) = self.links.get_mut(slot).and_then(Option::as_mut) else {
+                return;
+            };
+            if link.rend == link.rbuf.len() {
+                compact(link, max_frame);
+            }
+            let (rend, len) = (link.rend, link.rbuf.len());
+            match link.stream.read(&mut link.rbuf[rend..len]) {
+                Ok(0) => {
+                    self.core.handle_closed(slot);
+                    self.drop_closed();
+                    return;
+                }
+                Ok(n) => {
+                    link.rend += n;
+                    // The ingest time of every PUBLISH in this read: when the engine took it off
+                    // the socket (one clock read per read, not per message).
+                    let read_ns = now_unix_ns();
+                    let used = self.core.handle_input(
+                        now,
+                        read_ns,
+                        slot,
+                        &link.rbuf[link.rstart..link.rend],
+                    );
+                    link.rstart += used;
+                    if link.rstart == link.rend {
+                        link.rstart = 0;
+                        link.rend = 0;
+                    }
+                    budget = budget.saturating_sub(n);
+                    if budget == 0 {
+                        self.read_again.push(slot);
+                        return;
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    self.io_error(slot, "read", &e);
+                    return;
+                }
+            }
+        }
+    }
+
+    fn io_error(&mut self, slot: usize, what: &str, e: &io::Error) {
+        self.counters.io_errors += 1;
+        if !matches!(
+            e.kind(),
+            io::ErrorKind::ConnectionReset | io::ErrorKind::BrokenPipe
+        ) {
+            let id = self.core.session(slot).map_or(0, |s| s.id);
+            eprintln!("lanpush: connection {id}: {what} failed: {e}");
+        }
+        self.core.handle_closed(slot);
+        self.drop_closed();
+    }
+
+    /// Drops the transport of every connection the core has closed.
+    fn drop_closed(&mut self) {
+        while let Some(slot) = self.core.poll_closed() {
+            if let Some(mut link) = self.links.get_mut(slot).and_then(Option::take) {
+                let _ = self.poll.registry().deregister(&mut link.stream);
+                self.free_slots.push(slot);
+                self.shared.open_connections.fetch_sub(1, Ordering::Relaxed);
+            }
+        }
+    }
+
+    // ----- other reactors -----
+
+    fn drain_inbox(&mut self, now: Instant) {
+        let mut frames_budget = MAX_INBOX_FRAMES;
+        for _ in 0..MAX_INBOX_MSGS {
+            if frames_budget == 0 {
+                return;
+            }
+            let Ok(msg) = self.inbox.rx.try_recv() else {
+                return;
+            };
+            match msg {
+                ShardMsg::NewConn { stream, conn_id } => self.add_conn(stream, conn_id, now),
+                ShardMsg::Core(msg) => {
+                    frames_budget = frames_budget.saturating_sub(FanoutCore::msg_weight(&msg));
+                    self.core.handle_msg(now, msg);
+                }
+                ShardMsg::Shutdown => self.shutting_down = true,
+            }
+        }
+    }
+
+    fn send_outgoing(&mut self) {
+        let mut throttled = false;
+        for peer in 0..self.n_shards as usize {
+            if peer == self.id as usize {
+                continue;
+            }
+            let conns = std::mem::take(&mut self.new_conns[peer]);
+            for (stream, conn_id) in conns {
+                if let Err(TrySendError::Full(ShardMsg::NewConn { stream, conn_id })) =
+                    self.peers[peer].try_send(ShardMsg::NewConn { stream, conn_id })
+                {
+                    self.new_conns[peer].push((stream, conn_id));
+                }
+            }
+            let queue = self.core.outgoing(peer);
+            if queue.is_empty() {
+                continue;
+            }
+            let mut msgs = std::mem::take(queue).into_iter();
+            let mut kept = Vec::new();
+            while let Some(msg) = msgs.next() {
+                match self.peers[peer].try_send(ShardMsg::Core(msg)) {
+                    Ok(()) => {}
+                    Err(TrySendError::Full(ShardMsg::Core(msg))) => {
+                        // The peer is behind: keep the rest, in order, for the next turn.
+                        kept.push(msg);
+                        kept.extend(msgs);
+                        break;
+                    }
+                    Err(_) => {}
+                }
+            }
+            throttled |= !kept.is_empty();
+            *self.core.outgoing(peer) = kept;
+        }
+        self.throttled = throttled;
+        if throttled {
+            self.counters.throttled_turns += 1;
+        }
+    }
+
+    /// Hands this turn's counters to readers on other threads: a few relaxed stores per turn,
+    /// cheaper than deciding whether anything changed.
+    fn publish_stats(&mut self) {
+        let s = &self.shared.shards[self.id as usize];
+        self.core.publish_stats(s);
+        let c = &self.counters;
+        s.accepted.store(c.accepted, Ordering::Relaxed);
+        s.throttled_turns
+            .store(c.throttled_turns, Ordering::Relaxed);
+        s.io_errors.store(c.io_errors, Ordering::Relaxed);
+    }
+}
+
+/// Makes room at the end of the read buffer: moves a partial frame to the front, and grows the
+/// buffer (up to the largest allowed frame) when one frame does not fit.
+fn compact(link: &mut Link, max_frame: usize) {
+    let pending = link.rend - link.rstart;
+    link.rbuf.copy_within(link.rstart..link.rend, 0);
+    link.rstart = 0;
+    link.rend = pending;
+    let need = proto::frame_len_hint(&link.rbuf[..pending]).unwrap_or(0);
+    if need > link.rbuf.len() && need <= max_frame + proto::LEN_PREFIX_BYTES {
+        link.rbuf.resize(need, 0);
+    } else if pending == 0 && link.rbuf.len() > READ_BUFFER_BYTES {
+        link.rbuf.truncate(READ_BUFFER_BYTES);
+        link.rbuf.shrink_to_fit();
+    }
+}
+
+/// Refuses a connection at accept time with an ERROR frame, best effort.
+fn refuse(mut stream: TcpStream, code: u16, reason: &str) {
+    let mut buf = Vec::new();
+    proto::encode_control(
+        &mut buf,
+        &Frame::Error(WireError {
+            code,
+            reason: reason.to_string(),
+        }),
+    );
+    let _ = stream.write(&buf);
+    let _ = stream.shutdown(Shutdown::Write);
+}

@@ -1,0 +1,653 @@
+//! One connection's state, as a plain value: handshake phase, keep-alive clock, subscriptions,
+//! the outbound queue and the overflow state of its delivery modes.
+//!
+//! Sans-IO: a `Session` never reads a clock (every method that needs the time takes `now`) and
+//! never touches a socket (its output is its [`Outbox`], which the reactor writes). The fan-out
+//! core (`core.rs`) owns one `Session` per connection and drives it; the rules that only concern
+//! one connection live here:
+//! - delivery modes on overflow ([`Session::enqueue`]): `all` lags a topic and is caught up from
+//!   the replay ring, `latest` keeps the newest frame per topic, `disconnect` cuts the connection;
+//! - keep-alive and handshake deadlines ([`Session::handle_timeout`], [`Session::poll_timeout`]);
+//! - the bound on what a client can make the engine queue for it, replies included.
+
+use std::borrow::Borrow;
+use std::hash::{Hash, Hasher};
+use std::time::{Duration, Instant};
+
+use ahash::{HashMap, HashSet};
+
+use super::outbox::{Outbox, SharedFrame};
+use crate::proto::{self, error_code, DeliveryMode, Frame, WireError};
+
+/// How long a connection being closed with an ERROR may take to read it before it is dropped.
+pub(crate) const LINGER: Duration = Duration::from_secs(1);
+
+/// Replies (WELCOME, SUBACK, PONG, ERROR, STATS) a connection may leave unread beyond its data
+/// bound before the engine gives up on it: a client that sends PINGs or STATS_REQUESTs and never
+/// reads the answers is cut instead of growing the engine.
+pub(crate) const REPLY_SLACK_BYTES: usize = 64 * 1024;
+
+/// Where a subscription lives on a shard: the connection slot, its position in the connection's
+/// subscription table, and a shard-unique key (never reused, so a late snapshot reply cannot land
+/// on a newer subscription that took the same position).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct SubRef {
+    pub slot: u32,
+    pub pos: u32,
+    pub key: u64,
+}
+
+#[derive(Debug)]
+pub(crate) struct Sub {
+    pub sub_id: u32,
+    pub key: u64,
+    pub pattern: String,
+    pub mode: DeliveryMode,
+    /// Bit i set: the snapshot from shard i has not arrived; its live frames are skipped.
+    pub pending: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Phase {
+    AwaitHello {
+        deadline: Instant,
+    },
+    Open,
+    /// ERROR queued; input is read and discarded until EOF or the deadline.
+    Closing {
+        deadline: Instant,
+        /// The reactor has shut the write side (FIN after the reason).
+        write_shut: bool,
+    },
+}
+
+/// An `all` subscription's overflow on one topic: the next sequence number it needs from the
+/// replay ring. Live frames of a lagged topic are skipped: the replay will carry them.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Lag {
+    pub next_seq: u64,
+    /// A replay request is in flight for this topic.
+    pub requested: bool,
+}
+
+/// What `lanpush stats` shows for one connection.
+#[derive(Debug, Default, Clone, Copy)]
+pub(crate) struct ConnCounters {
+    pub delivered: u64,
+    pub conflated: u64,
+    /// Live frames skipped while the topic was being caught up from the ring.
+    pub lagged: u64,
+    pub replayed: u64,
+    pub gaps: u64,
+    /// Earlier connections with the same client id.
+    pub reconnects: u64,
+}
+
+/// A frame kept by its DATA topic: the `latest` overflow holds one per topic and replaces it in
+/// place, so a conflated message costs no allocation for its key.
+#[derive(Debug, Clone)]
+struct ByTopic(SharedFrame);
+
+impl ByTopic {
+    fn topic(&self) -> &str {
+        // Only DATA frames are conflated; their topic was decoded when they were matched.
+        proto::data_frame_topic(&self.0).unwrap_or("")
+    }
+}
+
+impl PartialEq for ByTopic {
+    fn eq(&self, other: &Self) -> bool {
+        self.topic() == other.topic()
+    }
+}
+impl Eq for ByTopic {}
+impl Hash for ByTopic {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        self.topic().hash(state)
+    }
+}
+impl Borrow<str> for ByTopic {
+    fn borrow(&self) -> &str {
+        self.topic()
+    }
+}
+
+/// What the session asks of the core after a deadline passed.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Timeout {
+    /// Nothing due.
+    None,
+    /// Keep-alive: send a PING.
+    Ping,
+    /// The handshake or keep-alive window ran out: close with this ERROR.
+    Expired(Fatal),
+    /// The linger after a fatal ERROR ran out: drop the connection.
+    Drop,
+}
+
+/// A fatal error on a connection: the ERROR frame to send before closing.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Fatal {
+    pub code: u16,
+    pub reason: String,
+}
+
+impl Fatal {
+    pub(crate) fn new(code: u16, reason: impl Into<String>) -> Fatal {
+        Fatal {
+            code,
+            reason: reason.into(),
+        }
+    }
+}
+
+#[derive(Debug)]
+pub(crate) struct Session {
+    /// Engine-wide connection id (slots are reused, ids are not).
+    pub id: u64,
+    pub phase: Phase,
+    pub client_id: String,
+    pub outbox: Outbox,
+    /// Subscriptions by position ([`SubRef::pos`]); `None` marks a free position.
+    subs: Vec<Option<Sub>>,
+    sub_count: usize,
+    pub keepalive: Duration,
+    pub last_heard: Instant,
+    pub last_sent: Instant,
+    pub ping_outstanding: bool,
+    /// The transport can take bytes (cleared when a write would block, set when it is writable).
+    pub writable: bool,
+    /// Listed in the core's dirty list.
+    pub in_dirty: bool,
+    /// Last delivery stamp this connection was given a frame for (dedups overlapping subs).
+    pub stamp: u64,
+    /// `latest` mode overflow: the newest frame per topic, waiting for room.
+    conflated: HashSet<ByTopic>,
+    /// `delivery.conflate_always`: `latest` subscriptions conflate even when the queue has room.
+    conflate_always: bool,
+    pub lag: HashMap<String, Lag>,
+    pub stats: ConnCounters,
+    /// The earliest deadline the core has armed for this session (see `core.rs`).
+    pub armed: Option<Instant>,
+    /// Byte bound on replies queued beyond the data bound.
+    max_reply_bytes: usize,
+}
+
+/// The result of [`Session::enqueue`].
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Enqueued {
+    /// Queued for the socket.
+    Queued,
+    /// Not queued now: conflated (`latest`) or lagged (`all`); the counters say which.
+    Deferred,
+    /// The queue is full and the subscription's mode is `disconnect`.
+    Overflow,
+}
+
+impl Session {
+    pub(crate) fn new(
+        id: u64,
+        now: Instant,
+        handshake_timeout: Duration,
+        keepalive: Duration,
+        queue_max_bytes: usize,
+        queue_max_messages: usize,
+        conflate_always: bool,
+    ) -> Session {
+        Session {
+            id,
+            phase: Phase::AwaitHello {
+                deadline: now + handshake_timeout,
+            },
+            client_id: String::new(),
+            outbox: Outbox::new(queue_max_bytes, queue_max_messages),
+            subs: Vec::new(),
+            sub_count: 0,
+            keepalive,
+            last_heard: now,
+            last_sent: now,
+            ping_outstanding: false,
+            writable: false,
+            in_dirty: false,
+            stamp: 0,
+            conflated: HashSet::default(),
+            conflate_always,
+            lag: HashMap::default(),
+            stats: ConnCounters::default(),
+            armed: None,
+            max_reply_bytes: queue_max_bytes + REPLY_SLACK_BYTES,
+        }
+    }
+
+    pub(crate) fn is_open(&self) -> bool {
+        matches!(self.phase, Phase::Open)
+    }
+
+    pub(crate) fn is_closing(&self) -> bool {
+        matches!(self.phase, Phase::Closing { .. })
+    }
+
+    // ----- subscriptions -----
+
+    pub(crate) fn sub_count(&self) -> usize {
+        self.sub_count
+    }
+
+    pub(crate) fn has_sub_id(&self, sub_id: u32) -> bool {
+        self.subs().any(|s| s.sub_id == sub_id)
+    }
+
+    pub(crate) fn subs(&self) -> impl Iterator<Item = &Sub> {
+        self.subs.iter().flatten()
+    }
+
+    /// Stores a subscription and returns its position.
+    pub(crate) fn add_sub(&mut self, sub: Sub) -> u32 {
+        self.sub_count += 1;
+        match self.subs.iter().position(Option::is_none) {
+            Some(pos) => {
+                self.subs[pos] = Some(sub);
+                pos as u32
+            }
+            None => {
+                self.subs.push(Some(sub));
+                (self.subs.len() - 1) as u32
+            }
+        }
+    }
+
+    /// The subscription a [`SubRef`] names, if it still exists.
+    pub(crate) fn sub(&self, pos: u32, key: u64) -> Option<&Sub> {
+        self.subs
+            .get(pos as usize)
+            .and_then(Option::as_ref)
+            .filter(|s| s.key == key)
+    }
+
+    pub(crate) fn sub_mut(&mut self, pos: u32, key: u64) -> Option<&mut Sub> {
+        self.subs
+            .get_mut(pos as usize)
+            .and_then(Option::as_mut)
+            .filter(|s| s.key == key)
+    }
+
+    /// Removes the subscription with client id `sub_id`: its position and the subscription.
+    pub(crate) fn remove_sub(&mut self, sub_id: u32) -> Option<(u32, Sub)> {
+        let pos = self
+            .subs
+            .iter()
+            .position(|s| s.as_ref().is_some_and(|s| s.sub_id == sub_id))?;
+        self.sub_count -= 1;
+        self.subs[pos].take().map(|sub| (pos as u32, sub))
+    }
+
+    /// Removes every subscription: positions and subscriptions.
+    pub(crate) fn drain_subs(&mut self) -> impl Iterator<Item = (u32, Sub)> + '_ {
+        self.sub_count = 0;
+        self.subs
+            .iter_mut()
+            .enumerate()
+            .filter_map(|(pos, s)| s.take().map(|s| (pos as u32, s)))
+    }
+
+    // ----- delivery -----
+
+    /// Puts a DATA frame of `topic` on the queue, applying the subscription's mode on overflow.
+    pub(crate) fn enqueue(
+        &mut self,
+        topic: &str,
+        frame: &SharedFrame,
+        mode: DeliveryMode,
+        counters: &mut DeliveryCounters,
+    ) -> Enqueued {
+        // A topic with overflow state must not overtake it: newer values go the same way.
+        if !self.lag.is_empty() && self.lag.contains_key(topic) {
+            self.stats.lagged += 1;
+            counters.lagged += 1;
+            return Enqueued::Deferred;
+        }
+        let conflating = mode == DeliveryMode::Latest
+            && (self.conflate_always
+                || (!self.conflated.is_empty() && self.conflated.contains(topic)));
+        if !conflating && self.outbox.push(frame.clone()).is_ok() {
+            counters.delivered += 1;
+            self.stats.delivered += 1;
+            return Enqueued::Queued;
+        }
+        match mode {
+            DeliveryMode::Latest => {
+                if self.conflated.replace(ByTopic(frame.clone())).is_some() {
+                    counters.conflated += 1;
+                    self.stats.conflated += 1;
+                }
+                Enqueued::Deferred
+            }
+            DeliveryMode::All | DeliveryMode::Default => {
+                counters.lagged += 1;
+                self.stats.lagged += 1;
+                self.lag.insert(
+                    topic.to_string(),
+                    Lag {
+                        next_seq: proto::data_frame_seq(frame).unwrap_or(1),
+                        requested: false,
+                    },
+                );
+                Enqueued::Deferred
+            }
+            DeliveryMode::Disconnect => Enqueued::Overflow,
+        }
+    }
+
+    /// Queues the frames of a snapshot, resume or catch-up reply (bounded by their producer).
+    pub(crate) fn queue_replayed(
+        &mut self,
+        frames: Vec<SharedFrame>,
+        counters: &mut DeliveryCounters,
+    ) {
+        for frame in frames {
+            if frame.get(proto::LEN_PREFIX_BYTES) == Some(&proto::KIND_GAP) {
+                self.stats.gaps += 1;
+                counters.gaps += 1;
+            } else {
+                self.stats.replayed += 1;
+                counters.replayed += 1;
+            }
+            self.outbox.push_unbounded(frame);
+        }
+    }
+
+    /// Moves the conflated values (newest per topic) into the outbox once it has drained far
+    /// enough: below half its bounds after an overflow, or empty with `conflate_always` (a value
+    /// then waits only for the previous write, and newer values of its topic replace it
+    /// meanwhile).
+    pub(crate) fn move_conflated(&mut self, counters: &mut DeliveryCounters) {
+        if self.conflated.is_empty() {
+            return;
+        }
+        let ready = if self.conflate_always {
+            self.outbox.is_empty()
+        } else {
+            self.outbox.is_below_half()
+        };
+        if ready {
+            for ByTopic(frame) in self.conflated.drain() {
+                self.outbox.push_unbounded(frame);
+                counters.delivered += 1;
+                self.stats.delivered += 1;
+            }
+        }
+    }
+
+    /// Something waits for the socket: queued frames or conflated values.
+    pub(crate) fn has_output(&self) -> bool {
+        !self.outbox.is_empty() || !self.conflated.is_empty()
+    }
+
+    /// Topics whose catch-up should be requested now: lagging, not yet requested, and the
+    /// queue has drained below half. Marks them requested.
+    pub(crate) fn take_replay_requests(&mut self) -> Vec<(String, u64)> {
+        if !self.outbox.is_below_half() || !self.lag.values().any(|l| !l.requested) {
+            return Vec::new();
+        }
+        self.lag
+            .iter_mut()
+            .filter(|(_, lag)| !lag.requested)
+            .map(|(topic, lag)| {
+                lag.requested = true;
+                (topic.clone(), lag.next_seq)
+            })
+            .collect()
+    }
+
+    // ----- replies -----
+
+    /// Queues a reply (WELCOME, SUBACK, PONG, STATS, a non-fatal ERROR). Replies are not subject
+    /// to the data bound, but a client that leaves more than [`REPLY_SLACK_BYTES`] beyond it
+    /// unread is cut: `Err` names the reason.
+    pub(crate) fn queue_reply(&mut self, frame: SharedFrame) -> Result<(), Fatal> {
+        if self.outbox.queued_bytes() + frame.len() > self.max_reply_bytes {
+            return Err(Fatal::new(
+                error_code::SLOW_CONSUMER,
+                "replies left unread: the outbound queue is full",
+            ));
+        }
+        self.outbox.push_unbounded(frame);
+        Ok(())
+    }
+
+    /// Turns the session towards closing: the ERROR goes right after whatever frame the
+    /// transport is in the middle of (queued data behind it would only delay the reason; a slow
+    /// consumer's queue is full by definition), overflow state is dropped, input is ignored.
+    /// Returns false if the session was already closing.
+    pub(crate) fn fail(&mut self, now: Instant, fatal: Fatal) -> bool {
+        if self.is_closing() {
+            return false;
+        }
+        let mut buf = Vec::new();
+        proto::encode_control(
+            &mut buf,
+            &Frame::Error(WireError {
+                code: fatal.code,
+                reason: fatal.reason,
+            }),
+        );
+        self.outbox.discard_unstarted();
+        self.conflated.clear();
+        self.lag.clear();
+        self.outbox.push_unbounded(buf.into());
+        // A closing connection is written at once: the reason must not wait for coalescing.
+        self.writable = true;
+        self.phase = Phase::Closing {
+            deadline: now + LINGER,
+            write_shut: false,
+        };
+        true
+    }
+
+    /// A closing session whose ERROR is out: the reactor shuts the write side now.
+    pub(crate) fn wants_write_shutdown(&mut self) -> bool {
+        if let Phase::Closing {
+            write_shut: shut @ false,
+            ..
+        } = &mut self.phase
+        {
+            if self.outbox.is_empty() {
+                *shut = true;
+                return true;
+            }
+        }
+        false
+    }
+
+    // ----- time -----
+
+    /// The next moment [`Session::handle_timeout`] has something to do.
+    pub(crate) fn poll_timeout(&self) -> Instant {
+        match self.phase {
+            Phase::AwaitHello { deadline } | Phase::Closing { deadline, .. } => deadline,
+            Phase::Open => {
+                let expire = self.last_heard + self.keepalive.mul_f32(1.5);
+                if self.ping_outstanding {
+                    expire
+                } else {
+                    expire.min(self.last_heard.max(self.last_sent) + self.keepalive)
+                }
+            }
+        }
+    }
+
+    /// What is due at `now`: a PING to send (marked outstanding), an expiry, or a drop.
+    pub(crate) fn handle_timeout(&mut self, now: Instant, handshake_timeout_ms: u64) -> Timeout {
+        match self.phase {
+            Phase::AwaitHello { deadline } if now >= deadline => Timeout::Expired(Fatal::new(
+                error_code::HANDSHAKE_TIMEOUT,
+                format!("no HELLO within {handshake_timeout_ms} ms"),
+            )),
+            Phase::Closing { deadline, .. } if now >= deadline => Timeout::Drop,
+            Phase::Open => {
+                let silent = now.saturating_duration_since(self.last_heard);
+                if silent >= self.keepalive.mul_f32(1.5) {
+                    Timeout::Expired(Fatal::new(
+                        error_code::KEEPALIVE_TIMEOUT,
+                        format!(
+                            "nothing heard for {} ms (keep-alive {} ms)",
+                            silent.as_millis(),
+                            self.keepalive.as_millis()
+                        ),
+                    ))
+                } else if !self.ping_outstanding
+                    && (silent >= self.keepalive
+                        || now.saturating_duration_since(self.last_sent) >= self.keepalive)
+                {
+                    self.ping_outstanding = true;
+                    Timeout::Ping
+                } else {
+                    Timeout::None
+                }
+            }
+            _ => Timeout::None,
+        }
+    }
+}
+
+/// Delivery counters a shard keeps per cause (each counts what its name says, per message and
+/// connection): see docs/PROTOCOL.md §11.
+#[derive(Debug, Default, Clone, Copy)]
+pub(crate) struct DeliveryCounters {
+    /// DATA frames queued to a connection's outbox (live, or conflated values moved in).
+    pub delivered: u64,
+    /// `latest` values replaced by a newer one before they were queued.
+    pub conflated: u64,
+    /// `all` frames not queued live because their topic was lagging (they come by replay, or
+    /// are named by a GAP).
+    pub lagged: u64,
+    /// Frames queued from the ring or the retained store (snapshot, resume, catch-up).
+    pub replayed: u64,
+    /// GAP frames queued.
+    pub gaps: u64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+
+    fn data(topic: &str, seq: u64) -> SharedFrame {
+        let mut buf = Vec::new();
+        proto::encode_data(
+            &mut buf,
+            &proto::DataHeader {
+                seq,
+                source_ts_ns: 0,
+                ingest_ts_ns: 0,
+                quality: 0,
+                flags: 0,
+            },
+            topic,
+            b"v",
+        );
+        Arc::from(buf)
+    }
+
+    fn session(now: Instant, max_frames: usize, conflate_always: bool) -> Session {
+        Session::new(
+            1,
+            now,
+            Duration::from_secs(5),
+            Duration::from_secs(1),
+            1 << 20,
+            max_frames,
+            conflate_always,
+        )
+    }
+
+    #[test]
+    fn latest_overflow_keeps_the_newest_per_topic_without_reordering() {
+        let now = Instant::now();
+        let mut s = session(now, 2, false);
+        let mut c = DeliveryCounters::default();
+        for seq in 1..=5 {
+            s.enqueue("a", &data("a", seq), DeliveryMode::Latest, &mut c);
+        }
+        assert_eq!(s.outbox.queued_frames(), 2);
+        assert_eq!((c.delivered, c.conflated), (2, 2), "3, 4 replaced; 5 waits");
+        s.outbox.consume(s.outbox.queued_bytes());
+        s.move_conflated(&mut c);
+        assert_eq!(s.outbox.queued_frames(), 1);
+        assert_eq!(c.delivered, 3);
+    }
+
+    #[test]
+    fn all_overflow_lags_the_topic_and_asks_for_the_ring_once_drained() {
+        let now = Instant::now();
+        let mut s = session(now, 1, false);
+        let mut c = DeliveryCounters::default();
+        assert_eq!(
+            s.enqueue("a", &data("a", 1), DeliveryMode::All, &mut c),
+            Enqueued::Queued
+        );
+        assert_eq!(
+            s.enqueue("a", &data("a", 2), DeliveryMode::All, &mut c),
+            Enqueued::Deferred
+        );
+        assert_eq!(
+            s.enqueue("a", &data("a", 3), DeliveryMode::All, &mut c),
+            Enqueued::Deferred,
+            "a lagging topic is not overtaken"
+        );
+        assert_eq!(c.lagged, 2);
+        assert!(s.take_replay_requests().is_empty(), "queue still full");
+        s.outbox.consume(s.outbox.queued_bytes());
+        assert_eq!(s.take_replay_requests(), vec![("a".to_string(), 2)]);
+        assert!(s.take_replay_requests().is_empty(), "asked once");
+    }
+
+    #[test]
+    fn disconnect_overflow_is_reported() {
+        let now = Instant::now();
+        let mut s = session(now, 1, false);
+        let mut c = DeliveryCounters::default();
+        s.enqueue("a", &data("a", 1), DeliveryMode::Disconnect, &mut c);
+        assert_eq!(
+            s.enqueue("a", &data("a", 2), DeliveryMode::Disconnect, &mut c),
+            Enqueued::Overflow
+        );
+    }
+
+    #[test]
+    fn unread_replies_are_bounded() {
+        let now = Instant::now();
+        let mut s = Session::new(1, now, Duration::ZERO, Duration::ZERO, 100, 10, false);
+        let reply: SharedFrame = Arc::from(vec![0u8; 1000]);
+        let mut queued = 0;
+        while s.queue_reply(reply.clone()).is_ok() {
+            queued += 1;
+            assert!(queued < 1000, "never refused");
+        }
+        assert!(s.outbox.queued_bytes() <= 100 + REPLY_SLACK_BYTES);
+    }
+
+    #[test]
+    fn keepalive_pings_then_expires_on_the_virtual_clock() {
+        let t0 = Instant::now();
+        let mut s = session(t0, 10, false);
+        s.phase = Phase::Open;
+        assert_eq!(s.poll_timeout(), t0 + Duration::from_secs(1));
+        assert_eq!(
+            s.handle_timeout(t0 + Duration::from_millis(999), 0),
+            Timeout::None
+        );
+        assert_eq!(
+            s.handle_timeout(t0 + Duration::from_secs(1), 0),
+            Timeout::Ping
+        );
+        assert_eq!(s.poll_timeout(), t0 + Duration::from_millis(1500));
+        assert!(matches!(
+            s.handle_timeout(t0 + Duration::from_millis(1500), 0),
+            Timeout::Expired(Fatal {
+                code: error_code::KEEPALIVE_TIMEOUT,
+                ..
+            })
+        ));
+    }
+}
