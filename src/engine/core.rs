@@ -12,7 +12,8 @@
 //!    [`FanoutCore::poll_timeout`]'s deadline has passed.
 //! 2. Then collect the outputs: [`FanoutCore::flush`] writes every connection with queued
 //!    frames through a [`Transport`] (vectored writes from the shared frames, no copy);
-//!    [`FanoutCore::poll_closed`] names the connections to drop; [`FanoutCore::outgoing`] holds
+//!    [`FanoutCore::poll_closed`] names the connections to drop, [`FanoutCore::poll_stats_request`]
+//!    the STATS requests for the stats thread (`stats.rs`); [`FanoutCore::outgoing`] holds
 //!    the messages for each peer shard, in order (what a peer cannot take yet stays queued, and
 //!    the driver holds back its reads until it can: TCP backpressure to the publishers).
 //! 3. Sleep until [`FanoutCore::poll_timeout`], an I/O event or a peer's message.
@@ -107,6 +108,8 @@ pub(crate) enum CoreMsg {
         frames: Vec<SharedFrame>,
         topics: Vec<(String, Option<u64>)>,
     },
+    /// The stats thread's answer to a connection's STATS_REQUEST.
+    StatsReply { conn: ConnRef, frame: SharedFrame },
 }
 
 /// A connection on a shard: its slot and its engine-wide id (slots are reused, ids are not).
@@ -182,6 +185,8 @@ pub(crate) struct FanoutCore {
     next_metrics: Instant,
     /// The time of the input being handled (every `handle_*` sets it).
     now: Instant,
+    /// STATS requests for the stats thread.
+    stats_requests: Vec<ConnRef>,
 }
 
 impl FanoutCore {
@@ -220,6 +225,7 @@ impl FanoutCore {
             written_this_tick: 0,
             next_metrics: now,
             now,
+            stats_requests: Vec::new(),
         }
     }
 
@@ -376,8 +382,16 @@ impl FanoutCore {
                 Ok(())
             }
             Op::StatsRequest => {
-                let json = self.shared.stats_json();
-                self.reply(slot, Reply::Stats(json))
+                // Built by the stats thread; requests while one is pending are answered by it.
+                if session.wants_stats() {
+                    session.stats_in_flight = true;
+                    let conn = ConnRef {
+                        slot: slot as u32,
+                        id: session.id,
+                    };
+                    self.stats_requests.push(conn);
+                }
+                Ok(())
             }
         }
     }
@@ -426,6 +440,38 @@ impl FanoutCore {
                 frames,
                 topics,
             } => self.handle_replay_reply(conn, frames, topics),
+            CoreMsg::StatsReply { conn, frame } => {
+                let slot = conn.slot as usize;
+                let Some(session) = self
+                    .sessions
+                    .get_mut(slot)
+                    .and_then(Option::as_mut)
+                    .filter(|s| s.id == conn.id)
+                else {
+                    return;
+                };
+                session.queue_stats(frame);
+                mark_dirty(session, slot, &mut self.dirty);
+            }
+        }
+    }
+
+    /// A STATS request the driver must hand to the stats thread.
+    pub(crate) fn poll_stats_request(&mut self) -> Option<ConnRef> {
+        self.stats_requests.pop()
+    }
+
+    /// The stats thread cannot take the request now: the client is told to ask again.
+    pub(crate) fn handle_stats_busy(&mut self, conn: ConnRef) {
+        let slot = conn.slot as usize;
+        let Some(session) = self.session_mut(slot).filter(|s| s.id == conn.id) else {
+            return;
+        };
+        session.stats_in_flight = false;
+        let reason = "STATS: too many requests queued, ask again later".to_string();
+        if let Err(fatal) = self.refuse(slot, error_code::BUSY, reason) {
+            let now = self.now;
+            self.fail(now, slot, fatal);
         }
     }
 

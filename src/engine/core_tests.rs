@@ -510,3 +510,37 @@ fn a_hang_up_frees_the_connection_and_its_subscriptions() {
     );
     assert!(c.is_closed(sub));
 }
+
+#[test]
+fn stats_requests_a_client_never_reads_cost_one_answer() {
+    let mut c = Cluster::new(2, |_| {});
+    let greedy = c.connect(0, "greedy");
+    let _other = c.connect(1, "other");
+    c.set_capacity(greedy, 0);
+    c.recv(greedy);
+    for _ in 0..3000 {
+        c.send(greedy, &Frame::StatsRequest);
+        c.run();
+    }
+    let session = c.cores[0].session(greedy.slot).expect("still open");
+    assert!(session.is_open(), "coalesced, not cut");
+    assert!(
+        session.outbox.queued_bytes() < 64 * 1024,
+        "{}",
+        session.outbox.queued_bytes()
+    );
+    c.set_capacity(greedy, 1 << 20);
+    let got = c.recv(greedy);
+    assert_eq!(
+        got,
+        [Got::Stats],
+        "one answer for the requests it did not read"
+    );
+    c.send(greedy, &Frame::StatsRequest);
+    c.run();
+    assert_eq!(
+        c.recv(greedy),
+        [Got::Stats],
+        "a read answer makes room for the next"
+    );
+}

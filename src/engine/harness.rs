@@ -115,6 +115,7 @@ pub(crate) struct Cluster {
     pub shared: Arc<EngineShared>,
     pipes: Vec<Vec<Pipe>>,
     next_conn_id: u64,
+    max_frame_bytes: usize,
 }
 
 impl Cluster {
@@ -135,6 +136,7 @@ impl Cluster {
             shared,
             pipes: (0..n).map(|_| Vec::new()).collect(),
             next_conn_id: 1,
+            max_frame_bytes: config.limits.max_frame_bytes,
         }
     }
 
@@ -255,6 +257,30 @@ impl Cluster {
                     self.pipes[i][slot].closed = true;
                 }
             }
+            // The stats thread's part, in line.
+            let mut stats_requests = Vec::new();
+            for (i, core) in self.cores.iter_mut().enumerate() {
+                while let Some(conn) = core.poll_stats_request() {
+                    stats_requests.push((i, conn));
+                }
+            }
+            if !stats_requests.is_empty() {
+                moved = true;
+                let connections = self
+                    .cores
+                    .iter()
+                    .flat_map(FanoutCore::connections_json)
+                    .collect();
+                let doc = self.shared.stats_document(connections, false);
+                let frame = super::stats::stats_frame(doc, self.max_frame_bytes);
+                for (i, conn) in stats_requests {
+                    let msg = super::core::CoreMsg::StatsReply {
+                        conn,
+                        frame: frame.clone(),
+                    };
+                    self.cores[i].handle_msg(self.now, msg);
+                }
+            }
             let n = self.cores.len();
             for from in 0..n {
                 for to in 0..n {
@@ -323,9 +349,18 @@ impl Cluster {
         out
     }
 
-    /// Sets the bytes the client's socket takes between reads (0 stalls it).
+    /// Sets the bytes the client's socket takes between reads (0 stalls it). Opening a
+    /// stalled socket lets the engine write at once (a writable event and a reactor turn).
     pub(crate) fn set_capacity(&mut self, client: Client, capacity: usize) {
-        self.pipes[client.shard as usize][client.slot].capacity = capacity;
+        let pipe = &mut self.pipes[client.shard as usize][client.slot];
+        pipe.capacity = capacity;
+        let unblocked = pipe.window == 0 && capacity > 0 && !pipe.closed;
+        pipe.window = pipe.window.min(capacity);
+        if unblocked {
+            pipe.window = capacity;
+            self.cores[client.shard as usize].handle_writable(client.slot);
+            self.run();
+        }
     }
 
     pub(crate) fn is_closed(&self, client: Client) -> bool {

@@ -18,6 +18,7 @@ pub mod outbox;
 mod owners;
 mod reactor;
 mod session;
+mod stats;
 mod store;
 mod timer;
 
@@ -94,8 +95,6 @@ pub(crate) struct ShardStats {
     pub io_errors: AtomicU64,
     pub ring_bytes: AtomicUsize,
     pub throttled_turns: AtomicU64,
-    /// Per-connection figures, refreshed by the shard every `CONN_STATS_EVERY`.
-    pub conns: std::sync::Mutex<Vec<serde_json::Value>>,
 }
 
 /// State every shard and handle can see.
@@ -132,8 +131,14 @@ impl EngineShared {
         }
     }
 
-    /// The engine's counters as a JSON document: totals, then one object per shard.
-    pub fn stats_json(&self) -> String {
+    /// The stats document: totals, one object per reactor, the `connections` given (collected
+    /// from the reactors on demand, `stats.rs`; `partial` if some did not answer) and the
+    /// merged latency histograms.
+    pub fn stats_document(
+        &self,
+        connections: Vec<serde_json::Value>,
+        partial: bool,
+    ) -> serde_json::Value {
         let fields: [(&str, StatField); 21] = [
             ("connections", |s| {
                 s.connections.load(Ordering::Relaxed) as u64
@@ -194,12 +199,7 @@ impl EngineShared {
                 m.into()
             })
             .collect();
-        let connections: Vec<serde_json::Value> = self
-            .shards
-            .iter()
-            .flat_map(|s| s.conns.lock().map(|c| c.clone()).unwrap_or_default())
-            .collect();
-        let doc = serde_json::json!({
+        let mut doc = serde_json::json!({
             "uptime_ms": now_unix_ns().saturating_sub(self.started_unix_ns) / 1_000_000,
             "open_connections": self.open_connections.load(Ordering::Relaxed),
             "totals": totals,
@@ -207,7 +207,10 @@ impl EngineShared {
             "connections": connections,
             "latency": self.metrics.merged().to_json(),
         });
-        doc.to_string()
+        if partial {
+            doc["partial"] = true.into();
+        }
+        doc
     }
 }
 
@@ -225,6 +228,8 @@ pub struct Engine {
     local_addr: SocketAddr,
     mailboxes: Vec<Mailbox<ShardMsg>>,
     threads: Vec<JoinHandle<std::io::Result<()>>>,
+    /// Ends once every reactor (each holding a sender of STATS jobs) has exited.
+    stats_thread: JoinHandle<()>,
     shared: Arc<EngineShared>,
     config: Arc<Config>,
 }
@@ -263,6 +268,14 @@ impl Engine {
         } else {
             Vec::new()
         };
+        let (stats_jobs, stats_rx) = crossbeam_channel::bounded(stats::STATS_QUEUE);
+        let stats_thread = stats::spawn(
+            shared.clone(),
+            mailboxes.clone(),
+            stats_rx,
+            config.limits.max_frame_bytes,
+        )
+        .map_err(EngineError::Thread)?;
         let mut listener = Some(mio::net::TcpListener::from_std(listener));
         let mut threads = Vec::with_capacity(n);
         for (id, (poll, inbox)) in polls.into_iter().zip(inboxes).enumerate() {
@@ -275,6 +288,7 @@ impl Engine {
                 if id == 0 { listener.take() } else { None },
                 inbox,
                 mailboxes.clone(),
+                stats_jobs.clone(),
             )
             .map_err(EngineError::Reactor)?;
             let core = (!cores.is_empty()).then(|| cores[id % cores.len()]);
@@ -289,10 +303,12 @@ impl Engine {
                 .map_err(EngineError::Thread)?;
             threads.push(thread);
         }
+        drop(stats_jobs);
         Ok(Engine {
             local_addr,
             mailboxes,
             threads,
+            stats_thread,
             shared,
             config,
         })
@@ -331,16 +347,19 @@ impl Engine {
             return Ok(None);
         };
         let shared = Arc::clone(&self.shared);
+        let mailboxes = self.mailboxes.clone();
         crate::metrics::MetricsServer::start(addr, move || {
-            let stats = serde_json::from_str(&shared.stats_json()).unwrap_or_default();
+            let stats = stats::collect(&shared, &mailboxes);
             (shared.metrics.merged(), stats)
         })
         .map(Some)
     }
 
     /// Engine counters, as `lanpush stats` shows them (a JSON document).
+    /// Collected from the reactors on demand: blocks the calling thread (never a reactor) for at
+    /// most a couple of seconds.
     pub fn stats_json(&self) -> String {
-        self.shared.stats_json()
+        stats::collect(&self.shared, &self.mailboxes).to_string()
     }
 
     /// Waits for every reactor thread to finish (after a shutdown).
@@ -353,6 +372,10 @@ impl Engine {
                 Ok(Err(e)) => result = Err(EngineError::Reactor(e)),
                 Err(_) => result = Err(EngineError::Panicked),
             }
+        }
+        // The reactors are gone, and with them every sender of STATS jobs.
+        if self.stats_thread.join().is_err() {
+            result = Err(EngineError::Panicked);
         }
         result
     }

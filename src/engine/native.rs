@@ -31,7 +31,8 @@ pub(crate) enum Op<'a> {
     StatsRequest,
 }
 
-/// What the engine answers a connection (data frames are shared, and not replies).
+/// What the engine answers a connection (data frames are shared, and not replies; STATS is
+/// built by the stats thread, `stats.rs`).
 #[derive(Debug)]
 pub(crate) enum Reply {
     Welcome(Welcome),
@@ -39,7 +40,6 @@ pub(crate) enum Reply {
     Pong {
         nonce: u64,
     },
-    Stats(String),
     /// A non-fatal refusal (fatal ones are built by [`super::session::Session::fail`]).
     Error {
         code: u16,
@@ -82,7 +82,6 @@ pub(crate) fn encode_reply(out: &mut Vec<u8>, reply: Reply) {
         Reply::Welcome(w) => proto::encode_control(out, &Frame::Welcome(w)),
         Reply::SubAck(a) => proto::encode_control(out, &Frame::SubAck(a)),
         Reply::Pong { nonce } => proto::encode_pong(out, nonce),
-        Reply::Stats(json) => proto::encode_control(out, &Frame::Stats(json)),
         Reply::Error { code, reason } => {
             proto::encode_control(out, &Frame::Error(WireError { code, reason }))
         }

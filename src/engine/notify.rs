@@ -71,6 +71,16 @@ impl<T> Mailbox<T> {
         Ok(())
     }
 
+    /// Sends, waiting at most `timeout` for room: `Err` if the inbox stayed full or the reactor
+    /// is gone.
+    pub fn send_timeout(&self, msg: T, timeout: std::time::Duration) -> Result<(), T> {
+        self.tx
+            .send_timeout(msg, timeout)
+            .map_err(|e| e.into_inner())?;
+        self.notifier.notify();
+        Ok(())
+    }
+
     /// Sends without blocking: `Err` if the (bounded) inbox is full or the reactor is gone.
     pub fn try_send(&self, msg: T) -> Result<(), TrySendError<T>> {
         self.tx.try_send(msg)?;

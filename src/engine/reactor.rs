@@ -22,6 +22,7 @@ use mio::{Events, Interest, Poll, Token};
 
 use super::core::{CoreMsg, FanoutCore, Transport};
 use super::notify::{Inbox, Mailbox};
+use super::stats::StatsJob;
 use super::timer::DeadlineTimer;
 use super::{now_unix_ns, EngineShared};
 use crate::config::Config;
@@ -48,8 +49,6 @@ const THROTTLE_NAP: Duration = Duration::from_micros(200);
 const MAX_ACCEPTS: usize = 256;
 /// After an accept failed for lack of descriptors or memory, wait this long before trying again.
 const ACCEPT_RETRY: Duration = Duration::from_millis(100);
-/// How often the per-connection figures that STATS shows are refreshed.
-const CONN_STATS_EVERY: Duration = Duration::from_millis(250);
 
 /// Messages into a reactor: connections (which only the driver may hold) and the core's
 /// messages.
@@ -60,6 +59,8 @@ pub(crate) enum ShardMsg {
         conn_id: u64,
     },
     Core(CoreMsg),
+    /// The stats thread asks for this reactor's connections, as `lanpush stats` shows them.
+    CollectConns(crossbeam_channel::Sender<Vec<serde_json::Value>>),
     Shutdown,
 }
 
@@ -148,7 +149,8 @@ pub(crate) struct Reactor {
     throttled: bool,
     /// Wakes the poll at the core's deadline with microsecond precision.
     timer: DeadlineTimer,
-    next_conn_stats: Instant,
+    /// STATS requests go to the stats thread.
+    stats_jobs: crossbeam_channel::Sender<StatsJob>,
 }
 
 impl Reactor {
@@ -162,6 +164,7 @@ impl Reactor {
         listener: Option<TcpListener>,
         inbox: Inbox<ShardMsg>,
         peers: Vec<Mailbox<ShardMsg>>,
+        stats_jobs: crossbeam_channel::Sender<StatsJob>,
     ) -> io::Result<Reactor> {
         let mut listener = listener;
         if let Some(l) = listener.as_mut() {
@@ -192,7 +195,7 @@ impl Reactor {
             shutting_down: false,
             throttled: false,
             timer,
-            next_conn_stats: now,
+            stats_jobs,
         })
     }
 
@@ -258,12 +261,7 @@ impl Reactor {
             if now >= self.core.poll_timeout() {
                 self.core.handle_timeout(now);
             }
-            if now >= self.next_conn_stats {
-                let list = self.core.connections_json();
-                let stats = &self.shared.shards[self.id as usize];
-                *stats.conns.lock().unwrap_or_else(|e| e.into_inner()) = list;
-                self.next_conn_stats = now + CONN_STATS_EVERY;
-            }
+            self.forward_stats_requests();
             self.flush(now);
             self.drop_closed();
             self.send_outgoing();
@@ -458,7 +456,23 @@ impl Reactor {
                     frames_budget = frames_budget.saturating_sub(FanoutCore::msg_weight(&msg));
                     self.core.handle_msg(now, msg);
                 }
+                ShardMsg::CollectConns(reply) => {
+                    // The channel has room for every reactor's answer: never blocks.
+                    let _ = reply.try_send(self.core.connections_json());
+                }
                 ShardMsg::Shutdown => self.shutting_down = true,
+            }
+        }
+    }
+
+    fn forward_stats_requests(&mut self) {
+        while let Some(conn) = self.core.poll_stats_request() {
+            let job = StatsJob {
+                shard: self.id,
+                conn,
+            };
+            if self.stats_jobs.try_send(job).is_err() {
+                self.core.handle_stats_busy(conn);
             }
         }
     }

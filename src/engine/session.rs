@@ -11,6 +11,7 @@
 //! - the bound on what a client can make the engine queue for it, replies included.
 
 use std::borrow::Borrow;
+use std::collections::VecDeque;
 use std::hash::{Hash, Hasher};
 use std::time::{Duration, Instant};
 
@@ -22,9 +23,10 @@ use crate::proto::{self, error_code, DeliveryMode, Frame, WireError};
 /// How long a connection being closed with an ERROR may take to read it before it is dropped.
 pub(crate) const LINGER: Duration = Duration::from_secs(1);
 
-/// Replies (WELCOME, SUBACK, PONG, ERROR, STATS) a connection may leave unread beyond its data
-/// bound before the engine gives up on it: a client that sends PINGs or STATS_REQUESTs and never
-/// reads the answers is cut instead of growing the engine.
+/// Bytes of replies (WELCOME, SUBACK, PONG, ERROR, STATS) a connection may leave unwritten
+/// before the engine gives up on it: a client that sends PINGs or STATS_REQUESTs and never reads
+/// the answers is cut instead of growing the engine. One reply may go past it (a STATS document
+/// is up to `max_frame_bytes`), so the bound is this plus one frame.
 pub(crate) const REPLY_SLACK_BYTES: usize = 64 * 1024;
 
 /// Where a subscription lives on a shard: the connection slot, its position in the connection's
@@ -169,8 +171,14 @@ pub(crate) struct Session {
     pub stats: ConnCounters,
     /// The earliest deadline the core has armed for this session (see `core.rs`).
     pub armed: Option<Instant>,
-    /// Byte bound on replies queued beyond the data bound.
-    max_reply_bytes: usize,
+    /// Replies still in the outbox (a clone of each: a count of 1 means written), oldest first,
+    /// and their bytes.
+    replies: VecDeque<SharedFrame>,
+    reply_bytes: usize,
+    /// A STATS request is with the stats thread.
+    pub stats_in_flight: bool,
+    /// The last STATS reply, to tell whether it is still unwritten.
+    last_stats: Option<SharedFrame>,
 }
 
 /// The result of [`Session::enqueue`].
@@ -215,7 +223,10 @@ impl Session {
             lag: HashMap::default(),
             stats: ConnCounters::default(),
             armed: None,
-            max_reply_bytes: queue_max_bytes + REPLY_SLACK_BYTES,
+            replies: VecDeque::new(),
+            reply_bytes: 0,
+            stats_in_flight: false,
+            last_stats: None,
         }
     }
 
@@ -402,17 +413,45 @@ impl Session {
     // ----- replies -----
 
     /// Queues a reply (WELCOME, SUBACK, PONG, STATS, a non-fatal ERROR). Replies are not subject
-    /// to the data bound, but a client that leaves more than [`REPLY_SLACK_BYTES`] beyond it
-    /// unread is cut: `Err` names the reason.
+    /// to the data bound, but a client that leaves more than [`REPLY_SLACK_BYTES`] of them
+    /// unwritten is cut: `Err` names the reason.
     pub(crate) fn queue_reply(&mut self, frame: SharedFrame) -> Result<(), Fatal> {
-        if self.outbox.queued_bytes() + frame.len() > self.max_reply_bytes {
+        // The outbox is FIFO: written replies leave from the front.
+        while let Some(front) = self.replies.front() {
+            if std::sync::Arc::strong_count(front) > 1 {
+                break;
+            }
+            self.reply_bytes -= front.len();
+            self.replies.pop_front();
+        }
+        if self.reply_bytes > REPLY_SLACK_BYTES {
             return Err(Fatal::new(
                 error_code::SLOW_CONSUMER,
                 "replies left unread: the outbound queue is full",
             ));
         }
+        self.reply_bytes += frame.len();
+        self.replies.push_back(frame.clone());
         self.outbox.push_unbounded(frame);
         Ok(())
+    }
+
+    /// Whether a STATS request should go to the stats thread: not when one is in flight or the
+    /// last answer is still unwritten (that answer serves this request too).
+    pub(crate) fn wants_stats(&self) -> bool {
+        !self.stats_in_flight
+            && !self
+                .last_stats
+                .as_ref()
+                .is_some_and(|f| std::sync::Arc::strong_count(f) > 1)
+    }
+
+    /// The stats thread's answer arrived. It is bounded on its own (one unwritten answer at a
+    /// time, at most one frame), not against the other replies.
+    pub(crate) fn queue_stats(&mut self, frame: SharedFrame) {
+        self.stats_in_flight = false;
+        self.last_stats = Some(frame.clone());
+        self.outbox.push_unbounded(frame);
     }
 
     /// Turns the session towards closing: the ERROR goes right after whatever frame the
@@ -432,6 +471,8 @@ impl Session {
             }),
         );
         self.outbox.discard_unstarted();
+        self.replies.clear();
+        self.reply_bytes = 0;
         self.conflated.clear();
         self.lag.clear();
         self.outbox.push_unbounded(buf.into());
@@ -615,16 +656,38 @@ mod tests {
     }
 
     #[test]
-    fn unread_replies_are_bounded() {
+    fn unread_replies_are_bounded_whatever_the_data_bound() {
         let now = Instant::now();
-        let mut s = Session::new(1, now, Duration::ZERO, Duration::ZERO, 100, 10, false);
-        let reply: SharedFrame = Arc::from(vec![0u8; 1000]);
+        let mut s = Session::new(1, now, Duration::ZERO, Duration::ZERO, 4 << 20, 10, false);
         let mut queued = 0;
-        while s.queue_reply(reply.clone()).is_ok() {
+        while s.queue_reply(Arc::from(vec![0u8; 1000])).is_ok() {
             queued += 1;
             assert!(queued < 1000, "never refused");
         }
-        assert!(s.outbox.queued_bytes() <= 100 + REPLY_SLACK_BYTES);
+        assert!(s.outbox.queued_bytes() <= REPLY_SLACK_BYTES + 1000);
+    }
+
+    #[test]
+    fn written_replies_no_longer_count() {
+        let now = Instant::now();
+        let mut s = Session::new(1, now, Duration::ZERO, Duration::ZERO, 4 << 20, 10, false);
+        for _ in 0..1000 {
+            s.queue_reply(Arc::from(vec![0u8; 1000])).unwrap();
+            s.outbox.consume(s.outbox.queued_bytes());
+        }
+    }
+
+    #[test]
+    fn stats_requests_coalesce_while_one_is_in_flight_or_unwritten() {
+        let now = Instant::now();
+        let mut s = session(now, 10, false);
+        assert!(s.wants_stats());
+        s.stats_in_flight = true;
+        assert!(!s.wants_stats());
+        s.queue_stats(Arc::from(vec![1u8; 10]));
+        assert!(!s.wants_stats(), "the answer is still queued");
+        s.outbox.consume(10);
+        assert!(s.wants_stats());
     }
 
     #[test]

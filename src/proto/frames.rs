@@ -34,6 +34,9 @@ pub mod error_code {
     pub const SHUTTING_DOWN: u16 = 12;
     /// The frame kind is valid but not allowed from a client (e.g. DATA, WELCOME).
     pub const UNEXPECTED_FRAME: u16 = 13;
+    /// The engine cannot answer this request now (e.g. too many STATS requests queued); the
+    /// connection stays open and may ask again.
+    pub const BUSY: u16 = 14;
 }
 
 /// First frame from a client.

@@ -1,0 +1,142 @@
+//! STATS off the data path: one `lanpush-stats` thread builds the engine's stats document when
+//! someone asks, so a reactor never merges histograms or serialises connections while its
+//! subscribers wait.
+//!
+//! A STATS_REQUEST becomes a [`StatsJob`] that the reactor hands over without blocking (a full
+//! queue is answered with ERROR BUSY). The thread takes every job queued, asks each reactor for
+//! its connections' figures (`ShardMsg::CollectConns`, answered between two loop turns), merges
+//! the latency histograms the reactors publish, builds one document for all of them, bounds it
+//! to the frame limit, and sends each requester's reactor the encoded STATS frame. A connection
+//! has at most one request in flight (the core coalesces the rest), so a client that floods
+//! STATS_REQUESTs costs one document per reply it actually reads.
+
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{Receiver, Sender};
+
+use super::core::{ConnRef, CoreMsg};
+use super::notify::Mailbox;
+use super::outbox::SharedFrame;
+use super::reactor::ShardMsg;
+use super::EngineShared;
+use crate::proto::{self, Frame};
+
+/// STATS requests waiting for the stats thread, engine-wide.
+pub(crate) const STATS_QUEUE: usize = 1024;
+/// How long the stats thread waits for the reactors' connection lists.
+const COLLECT_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// A connection on reactor `shard` asked for STATS.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct StatsJob {
+    pub shard: u16,
+    pub conn: ConnRef,
+}
+
+/// Starts the stats thread. It ends when every sender of jobs is gone.
+pub(crate) fn spawn(
+    shared: Arc<EngineShared>,
+    mailboxes: Vec<Mailbox<ShardMsg>>,
+    jobs: Receiver<StatsJob>,
+    max_frame_bytes: usize,
+) -> std::io::Result<JoinHandle<()>> {
+    std::thread::Builder::new()
+        .name("lanpush-stats".into())
+        .spawn(move || {
+            while let Ok(first) = jobs.recv() {
+                let batch: Vec<StatsJob> = std::iter::once(first).chain(jobs.try_iter()).collect();
+                let doc = collect(&shared, &mailboxes);
+                let frame = stats_frame(doc, max_frame_bytes);
+                for job in batch {
+                    let msg = ShardMsg::Core(CoreMsg::StatsReply {
+                        conn: job.conn,
+                        frame: frame.clone(),
+                    });
+                    // A reactor that is gone has no connection to answer.
+                    let _ = mailboxes[job.shard as usize].send(msg);
+                }
+            }
+        })
+}
+
+/// The stats document with every reactor's connections (those that answer in time; the
+/// document says `"partial": true` otherwise). Blocks the calling thread, never a reactor.
+pub(crate) fn collect(shared: &EngineShared, mailboxes: &[Mailbox<ShardMsg>]) -> serde_json::Value {
+    let (tx, rx): (Sender<Vec<serde_json::Value>>, _) = crossbeam_channel::bounded(mailboxes.len());
+    let deadline = Instant::now() + COLLECT_TIMEOUT;
+    let mut asked = 0;
+    for mailbox in mailboxes {
+        let wait = deadline.saturating_duration_since(Instant::now());
+        if mailbox
+            .send_timeout(ShardMsg::CollectConns(tx.clone()), wait)
+            .is_ok()
+        {
+            asked += 1;
+        }
+    }
+    drop(tx);
+    let mut connections = Vec::new();
+    let mut answered = 0;
+    while answered < asked {
+        match rx.recv_deadline(deadline) {
+            Ok(list) => {
+                connections.extend(list);
+                answered += 1;
+            }
+            Err(_) => break,
+        }
+    }
+    shared.stats_document(connections, answered < mailboxes.len())
+}
+
+/// The STATS frame for `doc`, within `max_frame_bytes`: connections are left out from the end
+/// (and counted in `connections_omitted`) until it fits.
+pub(crate) fn stats_frame(mut doc: serde_json::Value, max_frame_bytes: usize) -> SharedFrame {
+    let mut buf = Vec::new();
+    loop {
+        buf.clear();
+        proto::encode_control(&mut buf, &Frame::Stats(doc.to_string()));
+        if buf.len() - proto::LEN_PREFIX_BYTES <= max_frame_bytes {
+            return buf.into();
+        }
+        let Some(list) = doc
+            .get_mut("connections")
+            .and_then(serde_json::Value::as_array_mut)
+            .filter(|l| !l.is_empty())
+        else {
+            // Nothing left to omit: the counters alone (a few KiB) fit any sane frame limit.
+            doc = serde_json::json!({ "error": "stats document exceeds max_frame_bytes" });
+            continue;
+        };
+        let keep = list.len() * max_frame_bytes / (buf.len() + 1);
+        let omitted = list.len() - keep.min(list.len() - 1);
+        list.truncate(list.len() - omitted);
+        let before = doc["connections_omitted"].as_u64().unwrap_or(0);
+        doc["connections_omitted"] = (before + omitted as u64).into();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_stats_frame_is_bounded_and_says_what_it_left_out() {
+        let connections: Vec<serde_json::Value> = (0..1000)
+            .map(|i| serde_json::json!({"id": i, "client_id": format!("hmi-{i}")}))
+            .collect();
+        let doc = serde_json::json!({"totals": {"delivered": 1}, "connections": connections});
+        let frame = stats_frame(doc, 4096);
+        assert!(frame.len() <= 4096 + proto::LEN_PREFIX_BYTES);
+        let Ok(proto::Decoded::Frame(Frame::Stats(json), _)) = proto::decode_frame(&frame, 4096)
+        else {
+            panic!("not a STATS frame");
+        };
+        let doc: serde_json::Value = serde_json::from_str(&json).unwrap();
+        let kept = doc["connections"].as_array().unwrap().len() as u64;
+        assert!(kept > 0);
+        assert_eq!(kept + doc["connections_omitted"].as_u64().unwrap(), 1000);
+    }
+}
