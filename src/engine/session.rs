@@ -440,10 +440,10 @@ impl Session {
     /// last answer is still unwritten (that answer serves this request too).
     pub(crate) fn wants_stats(&self) -> bool {
         !self.stats_in_flight
-            && !self
+            && self
                 .last_stats
                 .as_ref()
-                .is_some_and(|f| std::sync::Arc::strong_count(f) > 1)
+                .is_none_or(|f| std::sync::Arc::strong_count(f) == 1)
     }
 
     /// The stats thread's answer arrived. It is bounded on its own (one unwritten answer at a
