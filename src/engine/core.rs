@@ -351,6 +351,16 @@ impl FanoutCore {
                     let reason = format!("PUBLISH to {:?}: {e}", publish.topic);
                     return self.refuse(slot, error_code::BAD_TOPIC, reason);
                 }
+                // Frames from the engine obey the same limit as frames to it.
+                let data_len = data_frame_len(publish.topic.len(), publish.payload.len());
+                let max_frame = self.config.limits.max_frame_bytes;
+                if data_len > max_frame {
+                    let reason = format!(
+                        "PUBLISH to {:?}: its DATA frame would be {data_len} bytes, over max_frame_bytes {max_frame}",
+                        publish.topic
+                    );
+                    return self.refuse(slot, error_code::FRAME_TOO_LARGE, reason);
+                }
                 self.route_publish(&publish, read_ns);
                 Ok(())
             }
@@ -372,7 +382,7 @@ impl FanoutCore {
                     None => self.refuse(
                         slot,
                         error_code::UNKNOWN_SUBSCRIPTION,
-                        format!("UNSUBSCRIBE: no subscription with id {sub_id}"),
+                        format!("UNSUBSCRIBE {sub_id}: no subscription with this id"),
                     ),
                 }
             }
@@ -779,19 +789,22 @@ impl FanoutCore {
             if let Err(e) = proto::validate_pattern(&subscribe.pattern, limits.max_topic_bytes) {
                 Some((
                     error_code::BAD_TOPIC,
-                    format!("SUBSCRIBE {:?}: {e}", subscribe.pattern),
+                    format!(
+                        "SUBSCRIBE {}: pattern {:?}: {e}",
+                        subscribe.sub_id, subscribe.pattern
+                    ),
                 ))
             } else if session.has_sub_id(subscribe.sub_id) {
                 Some((
                     error_code::UNKNOWN_SUBSCRIPTION,
-                    format!("SUBSCRIBE: id {} is already in use", subscribe.sub_id),
+                    format!("SUBSCRIBE {}: the id is already in use", subscribe.sub_id),
                 ))
             } else if session.sub_count() >= limits.max_subscriptions_per_connection {
                 Some((
                     error_code::TOO_MANY_SUBSCRIPTIONS,
                     format!(
-                        "SUBSCRIBE: at most {} subscriptions per connection",
-                        limits.max_subscriptions_per_connection
+                        "SUBSCRIBE {}: at most {} subscriptions per connection",
+                        subscribe.sub_id, limits.max_subscriptions_per_connection
                     ),
                 ))
             } else {
@@ -1165,6 +1178,14 @@ impl FanoutCore {
         }
         mark_dirty(session, slot, &mut self.dirty);
     }
+}
+
+/// The `len` of the DATA frame for a topic and payload of these sizes (length prefix excluded).
+pub(crate) fn data_frame_len(topic_bytes: usize, payload_bytes: usize) -> usize {
+    proto::FRAME_HEADER_BYTES - proto::LEN_PREFIX_BYTES
+        + proto::DATA_FIXED_BYTES
+        + topic_bytes
+        + payload_bytes
 }
 
 /// Every shard but `me`, as a bit set (`n` ≤ 64).

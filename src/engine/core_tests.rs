@@ -544,3 +544,26 @@ fn stats_requests_a_client_never_reads_cost_one_answer() {
         "a read answer makes room for the next"
     );
 }
+
+#[test]
+fn a_publish_whose_data_frame_would_exceed_the_frame_limit_is_refused_not_fatal() {
+    let mut c = Cluster::new(1, |config| config.limits.max_frame_bytes = 1000);
+    let publisher = c.connect(0, "gw");
+    let sub = c.connect(0, "hmi");
+    c.subscribe(sub, 1, "t", DeliveryMode::All);
+    c.run();
+    c.recv(sub);
+    let fits = 1000 - super::core::data_frame_len(1, 0);
+    c.publish(publisher, "t", &vec![1; fits]);
+    c.publish(publisher, "t", &vec![2; fits + 1]);
+    c.run();
+    assert_eq!(
+        c.recv(publisher),
+        [Got::Error {
+            code: error_code::FRAME_TOO_LARGE
+        }]
+    );
+    let got = c.recv(sub);
+    assert_eq!(data(&got).len(), 1);
+    assert!(!c.is_closed(publisher));
+}
