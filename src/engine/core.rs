@@ -978,7 +978,7 @@ impl FanoutCore {
 
     /// The owner's half of a publish: sequence, encode once, retain, fan out.
     fn ingest(&mut self, publish: &PublishRef<'_>, ingest_ts_ns: u64) {
-        let frame = self.store.ingest(publish, ingest_ts_ns, &mut self.scratch);
+        let frame = self.store.ingest(publish, ingest_ts_ns);
         for peer in 0..self.n_shards {
             if peer == self.id {
                 continue;

@@ -10,7 +10,7 @@ use std::collections::VecDeque;
 use ahash::HashMap;
 use std::sync::Arc;
 
-use super::outbox::SharedFrame;
+use super::outbox::{shared_frame_filled, SharedFrame};
 use crate::proto::{self, Frame, Gap, PublishRef, DATA_FLAG_SNAPSHOT};
 use crate::topic::TopicTree;
 
@@ -73,14 +73,9 @@ impl TopicStore {
         self.ring_bytes
     }
 
-    /// Takes a publish in: next sequence number, the DATA frame encoded once (into `scratch`, then
-    /// one shared allocation), retained and put in the ring. Returns the shared frame.
-    pub fn ingest(
-        &mut self,
-        publish: &PublishRef<'_>,
-        ingest_ts_ns: u64,
-        scratch: &mut Vec<u8>,
-    ) -> SharedFrame {
+    /// Takes a publish in: next sequence number, the DATA frame encoded once straight into one
+    /// shared allocation, retained and put in the ring. Returns the shared frame.
+    pub fn ingest(&mut self, publish: &PublishRef<'_>, ingest_ts_ns: u64) -> SharedFrame {
         let id = match self.by_name.get(publish.topic) {
             Some(&id) => id,
             None => {
@@ -98,9 +93,10 @@ impl TopicStore {
         };
         let entry = &mut self.topics[id as usize];
         entry.seq += 1;
-        scratch.clear();
-        proto::encode_data_from_publish(scratch, publish, entry.seq, ingest_ts_ns, 0);
-        let frame: SharedFrame = Arc::from(&scratch[..]);
+        let seq = entry.seq;
+        let frame = shared_frame_filled(proto::data_frame_total_len(publish), |buf| {
+            proto::write_data_from_publish(buf, publish, seq, ingest_ts_ns, 0)
+        });
         entry.last = Some(frame.clone());
         entry.snapshot = None;
         if self.max_ring_bytes > 0 {
@@ -223,7 +219,7 @@ mod tests {
             quality: 192,
             payload,
         };
-        store.ingest(&p, 9, &mut Vec::new())
+        store.ingest(&p, 9)
     }
 
     /// (kind, topic, seq or range) of each frame, for compact assertions.

@@ -117,7 +117,38 @@ pub fn encode_data(out: &mut Vec<u8>, header: &DataHeader, topic: &str, payload:
     finish_frame(out, start);
 }
 
-/// Builds the DATA frame for a publish: the engine's one copy of the payload.
+/// The total length (prefix included) of the DATA frame for `publish`.
+pub fn data_frame_total_len(publish: &PublishRef<'_>) -> usize {
+    FRAME_HEADER_BYTES + DATA_FIXED_BYTES + publish.topic.len() + publish.payload.len()
+}
+
+/// Writes the DATA frame for a publish into `out`, which must be exactly
+/// [`data_frame_total_len`] bytes: the engine's one copy of the payload, straight into the
+/// shared allocation every subscriber's queue will hold.
+pub fn write_data_from_publish(
+    out: &mut [u8],
+    publish: &PublishRef<'_>,
+    seq: u64,
+    ingest_ts_ns: u64,
+    flags: u8,
+) {
+    assert_eq!(out.len(), data_frame_total_len(publish), "DATA frame size");
+    let len = (out.len() - LEN_PREFIX_BYTES) as u32;
+    let (head, rest) = out.split_at_mut(FRAME_HEADER_BYTES + DATA_FIXED_BYTES);
+    head[..4].copy_from_slice(&len.to_le_bytes());
+    head[4] = KIND_DATA;
+    head[5..13].copy_from_slice(&seq.to_le_bytes());
+    head[13..21].copy_from_slice(&publish.source_ts_ns.to_le_bytes());
+    head[21..29].copy_from_slice(&ingest_ts_ns.to_le_bytes());
+    head[29] = publish.quality;
+    head[30] = flags;
+    head[31..33].copy_from_slice(&(publish.topic.len() as u16).to_le_bytes());
+    let (topic, payload) = rest.split_at_mut(publish.topic.len());
+    topic.copy_from_slice(publish.topic.as_bytes());
+    payload.copy_from_slice(publish.payload);
+}
+
+/// Builds the DATA frame for a publish.
 pub fn encode_data_from_publish(
     out: &mut Vec<u8>,
     publish: &PublishRef<'_>,

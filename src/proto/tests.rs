@@ -825,3 +825,18 @@ fn longer_varint_forms_decode_if_the_value_fits_the_field() {
         "UNSUBSCRIBE",
     );
 }
+
+#[test]
+fn data_written_in_place_is_byte_identical_to_the_appended_encoding() {
+    let publish = PublishRef {
+        topic: "plant/line1/temp",
+        source_ts_ns: 0x0102_0304_0506_0708,
+        quality: 192,
+        payload: b"21.5",
+    };
+    let mut appended = Vec::new();
+    encode_data_from_publish(&mut appended, &publish, 42, 77, DATA_FLAG_SNAPSHOT);
+    let mut in_place = vec![0xaa; data_frame_total_len(&publish)];
+    write_data_from_publish(&mut in_place, &publish, 42, 77, DATA_FLAG_SNAPSHOT);
+    assert_eq!(in_place, appended);
+}
