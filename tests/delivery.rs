@@ -670,7 +670,7 @@ fn latest_mode_slow_reader_ends_with_the_final_value_of_every_topic() {
                     assert!(seq > entry.0, "{topic}: seq {seq} after {}", entry.0);
                     *entry = (seq, payload);
                     received += 1;
-                    if slow && received % 16 == 0 {
+                    if slow && received.is_multiple_of(16) {
                         // The slow reader's pace, not a synchronisation.
                         thread::sleep(Duration::from_millis(1));
                     }
