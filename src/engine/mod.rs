@@ -11,6 +11,8 @@ mod core;
 #[cfg(test)]
 mod core_tests;
 #[cfg(test)]
+mod handle_tests;
+#[cfg(test)]
 mod harness;
 mod native;
 mod notify;
@@ -21,11 +23,13 @@ mod session;
 mod store;
 mod timer;
 
+use std::cell::RefCell;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
+use crossbeam_channel::TrySendError;
 use mio::Poll;
 
 use crate::config::Config;
@@ -113,12 +117,16 @@ pub(crate) struct EngineShared {
     pub sessions: std::sync::Mutex<std::collections::HashMap<String, u64>>,
     /// Which shard owns each topic (`owners.rs`).
     pub owners: owners::OwnerTable,
+    /// One sender into each reactor's inbox, indexed by reactor.
+    mailboxes: Vec<Mailbox<ShardMsg>>,
 }
 
 /// Reads one counter of a shard, for the stats document.
 type StatField = fn(&ShardStats) -> u64;
 
 impl EngineShared {
+    /// The state of an engine of `n_shards` reactors, with no mailboxes: `Engine::start` sets
+    /// them (tests of a core need none).
     pub fn new(n_shards: usize, config: &Config) -> EngineShared {
         EngineShared {
             open_connections: AtomicUsize::new(0),
@@ -129,6 +137,7 @@ impl EngineShared {
             metrics: crate::metrics::MetricsBoard::new(n_shards, &config.metrics),
             sessions: Default::default(),
             owners: owners::OwnerTable::new(n_shards as u16),
+            mailboxes: Vec::new(),
         }
     }
 
@@ -223,7 +232,6 @@ pub fn now_unix_ns() -> u64 {
 /// [`Engine::join`].
 pub struct Engine {
     local_addr: SocketAddr,
-    mailboxes: Vec<Mailbox<ShardMsg>>,
     threads: Vec<JoinHandle<std::io::Result<()>>>,
     shared: Arc<EngineShared>,
     config: Arc<Config>,
@@ -243,7 +251,6 @@ impl Engine {
             .local_addr()
             .map_err(|source| EngineError::Listen { addr, source })?;
         let config = Arc::new(config);
-        let shared = Arc::new(EngineShared::new(n, &config));
 
         let mut polls = Vec::with_capacity(n);
         let mut mailboxes = Vec::with_capacity(n);
@@ -258,6 +265,10 @@ impl Engine {
             inboxes.push(Inbox { rx, notifier });
             polls.push(poll);
         }
+        let shared = Arc::new(EngineShared {
+            mailboxes: mailboxes.clone(),
+            ..EngineShared::new(n, &config)
+        });
         let cores = if config.server.pin_threads {
             core_affinity::get_core_ids().unwrap_or_default()
         } else {
@@ -291,7 +302,6 @@ impl Engine {
         }
         Ok(Engine {
             local_addr,
-            mailboxes,
             threads,
             shared,
             config,
@@ -305,22 +315,19 @@ impl Engine {
 
     /// Reactor threads running.
     pub fn reactor_count(&self) -> usize {
-        self.mailboxes.len()
+        self.shared.mailboxes.len()
     }
 
-    /// An in-process publisher: no socket, the lock-free queue path into the reactors.
+    /// An in-process publisher: no socket, the lock-free queue path into the reactors. Give
+    /// each publishing thread its own (see [`LocalPublisher`]).
     pub fn publisher(&self) -> LocalPublisher {
-        LocalPublisher {
-            mailboxes: self.mailboxes.clone(),
-            config: self.config.clone(),
-            shared: self.shared.clone(),
-        }
+        LocalPublisher::new(self.config.clone(), self.shared.clone())
     }
 
     /// A cloneable handle that can stop the engine from another thread (e.g. a signal handler).
     pub fn shutdown_handle(&self) -> ShutdownHandle {
         ShutdownHandle {
-            mailboxes: self.mailboxes.clone(),
+            mailboxes: self.shared.mailboxes.clone(),
         }
     }
 
@@ -345,7 +352,6 @@ impl Engine {
 
     /// Waits for every reactor thread to finish (after a shutdown).
     pub fn join(self) -> Result<(), EngineError> {
-        drop(self.mailboxes);
         let mut result = Ok(());
         for thread in self.threads {
             match thread.join() {
@@ -375,15 +381,36 @@ impl ShutdownHandle {
 }
 
 /// Publishes from inside the engine's process: the message goes straight into its topic's owner
-/// shard's queue. Cloneable and `Send`; never blocks on subscribers.
-#[derive(Clone)]
+/// shard's queue. Never blocks on subscribers.
+///
+/// `Send` but not `Sync`: give each publishing thread its own clone. Each publisher keeps its
+/// own cache of topic owners (`owners::OwnerCache`, in a `RefCell`), so only the first publish
+/// of a topic through it asks the engine-wide owner table, which is a mutex; every later one
+/// takes no lock (ownership never changes, so a cached owner never goes stale). The trade-off,
+/// against a lock-free table shared by every publisher: one cache entry per topic per publisher
+/// and one locked look-up per topic per clone (a clone starts with an empty cache), for a data
+/// path with no lock, no atomic read-modify-write and no new dependency.
 pub struct LocalPublisher {
-    mailboxes: Vec<Mailbox<ShardMsg>>,
     config: Arc<Config>,
     shared: Arc<EngineShared>,
+    owners: RefCell<owners::OwnerCache>,
+}
+
+impl Clone for LocalPublisher {
+    fn clone(&self) -> Self {
+        LocalPublisher::new(self.config.clone(), self.shared.clone())
+    }
 }
 
 impl LocalPublisher {
+    fn new(config: Arc<Config>, shared: Arc<EngineShared>) -> LocalPublisher {
+        LocalPublisher {
+            config,
+            shared,
+            owners: RefCell::default(),
+        }
+    }
+
     /// Publishes one message. `Err(Overloaded)` if the owner shard is too far behind to take it
     /// (the engine sheds rather than queue without bound).
     pub fn publish(
@@ -420,12 +447,17 @@ impl LocalPublisher {
                 payload,
             },
         );
-        let owner = self.shared.owners.claim_for_local(topic) as usize;
-        self.mailboxes[owner]
+        // The cache is borrowed only here, for one look-up that calls no code of the caller's,
+        // and the type is not `Sync`: no other borrow can overlap this one.
+        let owner = self
+            .owners
+            .borrow_mut()
+            .for_local_publish(&self.shared.owners, topic) as usize;
+        self.shared.mailboxes[owner]
             .try_send(ShardMsg::Core(core::CoreMsg::Publish(buf)))
             .map_err(|e| match e {
-                crossbeam_channel::TrySendError::Full(_) => PublishError::Overloaded,
-                crossbeam_channel::TrySendError::Disconnected(_) => PublishError::ShutDown,
+                TrySendError::Full(_) => PublishError::Overloaded,
+                TrySendError::Disconnected(_) => PublishError::ShutDown,
             })
     }
 }

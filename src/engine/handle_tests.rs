@@ -1,0 +1,101 @@
+//! Tests of the engine's handles (`LocalPublisher`) on engines assembled by hand: inboxes the
+//! test holds, so no test depends on what a reactor does inside.
+
+use std::sync::mpsc;
+use std::time::Duration;
+
+use super::core::CoreMsg;
+use super::*;
+
+/// How long a step that must not block may take before the test calls it blocked.
+const BOUND: Duration = Duration::from_secs(10);
+
+/// Engine state for `n` reactors whose inboxes (of `capacity` messages) the test holds.
+struct Rig {
+    config: Arc<Config>,
+    shared: Arc<EngineShared>,
+    inboxes: Vec<Inbox<ShardMsg>>,
+}
+
+fn rig(n: usize, capacity: usize) -> Rig {
+    let config = Arc::new(Config::default());
+    let (mut mailboxes, mut inboxes) = (Vec::new(), Vec::new());
+    for _ in 0..n {
+        let poll = Poll::new().unwrap();
+        let notifier = Arc::new(Notifier::new(
+            mio::Waker::new(poll.registry(), WAKER_TOKEN).unwrap(),
+        ));
+        let (tx, rx) = crossbeam_channel::bounded(capacity);
+        mailboxes.push(Mailbox::new(tx, notifier.clone()));
+        inboxes.push(Inbox { rx, notifier });
+    }
+    let shared = Arc::new(EngineShared {
+        mailboxes,
+        ..EngineShared::new(n, &config)
+    });
+    Rig {
+        config,
+        shared,
+        inboxes,
+    }
+}
+
+// ----- LocalPublisher: no lock after a topic's first publish -----
+
+#[test]
+fn a_local_publisher_is_send() {
+    fn send<T: Send>() {}
+    send::<LocalPublisher>();
+}
+
+#[test]
+fn a_repeat_local_publish_takes_no_lock() {
+    let rig = rig(2, 16);
+    let publisher = LocalPublisher::new(rig.config.clone(), rig.shared.clone());
+    let topic = "plant/line1/temp";
+    let owner = owners::owner_of(topic, 2) as usize;
+    publisher.publish(topic, b"first", 0, 0).unwrap();
+    assert!(matches!(
+        rig.inboxes[owner].rx.try_recv(),
+        Ok(ShardMsg::Core(CoreMsg::Publish(_)))
+    ));
+
+    // With the owner table's mutex held here, a publish that took it would wait for the guard.
+    let guard = rig.shared.owners.lock_for_test();
+    let (done_tx, done_rx) = mpsc::channel();
+    let publishing = std::thread::spawn(move || {
+        let result = publisher.publish(topic, b"again", 0, 0);
+        let _ = done_tx.send(result.is_ok());
+    });
+    let done = done_rx.recv_timeout(BOUND);
+    drop(guard);
+    publishing.join().unwrap();
+    assert_eq!(
+        done,
+        Ok(true),
+        "a repeat publish waited for the owner table's lock"
+    );
+    let Ok(ShardMsg::Core(CoreMsg::Publish(buf))) = rig.inboxes[owner].rx.try_recv() else {
+        panic!("the repeat publish did not reach the topic's owner");
+    };
+    assert!(buf.ends_with(b"again"));
+}
+
+#[test]
+fn a_local_publish_goes_to_the_shard_that_claimed_the_topic_first() {
+    let rig = rig(2, 16);
+    let topic = "gw1/tag1";
+    let claimant = 1 - owners::owner_of(topic, 2);
+    assert_eq!(rig.shared.owners.claim(topic, claimant), claimant);
+    let publisher = LocalPublisher::new(rig.config.clone(), rig.shared.clone());
+    // Twice: the first answer comes from the table, the second from the cache.
+    for _ in 0..2 {
+        publisher.publish(topic, b"x", 0, 0).unwrap();
+        let got = rig.inboxes[claimant as usize].rx.try_recv();
+        assert!(matches!(got, Ok(ShardMsg::Core(CoreMsg::Publish(_)))));
+    }
+    // A clone starts with an empty cache and finds the same owner.
+    publisher.clone().publish(topic, b"y", 0, 0).unwrap();
+    let got = rig.inboxes[claimant as usize].rx.try_recv();
+    assert!(matches!(got, Ok(ShardMsg::Core(CoreMsg::Publish(_)))));
+}
