@@ -1,5 +1,5 @@
-//! Tests of the engine's handles (`LocalPublisher`) on engines assembled by hand: inboxes the
-//! test holds, so no test depends on what a reactor does inside.
+//! Tests of the engine's handles (`LocalPublisher`, `ShutdownHandle`) on engines assembled by
+//! hand: inboxes the test holds, so no test depends on what a reactor does inside.
 
 use std::sync::mpsc;
 use std::time::Duration;
@@ -10,16 +10,17 @@ use super::*;
 /// How long a step that must not block may take before the test calls it blocked.
 const BOUND: Duration = Duration::from_secs(10);
 
-/// Engine state for `n` reactors whose inboxes (of `capacity` messages) the test holds.
+/// Engine state for `n` reactors whose inboxes (of `capacity` messages) and polls the test holds.
 struct Rig {
     config: Arc<Config>,
     shared: Arc<EngineShared>,
     inboxes: Vec<Inbox<ShardMsg>>,
+    polls: Vec<Poll>,
 }
 
 fn rig(n: usize, capacity: usize) -> Rig {
     let config = Arc::new(Config::default());
-    let (mut mailboxes, mut inboxes) = (Vec::new(), Vec::new());
+    let (mut mailboxes, mut inboxes, mut polls) = (Vec::new(), Vec::new(), Vec::new());
     for _ in 0..n {
         let poll = Poll::new().unwrap();
         let notifier = Arc::new(Notifier::new(
@@ -28,6 +29,7 @@ fn rig(n: usize, capacity: usize) -> Rig {
         let (tx, rx) = crossbeam_channel::bounded(capacity);
         mailboxes.push(Mailbox::new(tx, notifier.clone()));
         inboxes.push(Inbox { rx, notifier });
+        polls.push(poll);
     }
     let shared = Arc::new(EngineShared {
         mailboxes,
@@ -37,7 +39,12 @@ fn rig(n: usize, capacity: usize) -> Rig {
         config,
         shared,
         inboxes,
+        polls,
     }
+}
+
+fn is_shutdown(msg: Result<ShardMsg, crossbeam_channel::RecvTimeoutError>) -> bool {
+    matches!(msg, Ok(ShardMsg::Shutdown))
 }
 
 // ----- LocalPublisher: no lock after a topic's first publish -----
@@ -98,4 +105,72 @@ fn a_local_publish_goes_to_the_shard_that_claimed_the_topic_first() {
     publisher.clone().publish(topic, b"y", 0, 0).unwrap();
     let got = rig.inboxes[claimant as usize].rx.try_recv();
     assert!(matches!(got, Ok(ShardMsg::Core(CoreMsg::Publish(_)))));
+}
+
+// ----- ShutdownHandle: never blocks -----
+
+#[test]
+fn shutdown_returns_at_once_when_every_inbox_is_full() {
+    let mut rig = rig(2, 1);
+    let mut events = mio::Events::with_capacity(4);
+    for (mailbox, poll) in rig.shared.mailboxes.iter().zip(&mut rig.polls) {
+        assert!(mailbox
+            .try_send(ShardMsg::Core(CoreMsg::Publish(Vec::new())))
+            .is_ok());
+        // A reactor takes the wake of that message, as its turn would, and arms again.
+        poll.poll(&mut events, Some(Duration::ZERO)).unwrap();
+    }
+    for inbox in &rig.inboxes {
+        inbox.notifier.arm();
+    }
+    let handle = ShutdownHandle {
+        shared: rig.shared.clone(),
+    };
+    let (done_tx, done_rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        handle.shutdown();
+        let _ = done_tx.send(());
+    });
+    assert_eq!(
+        done_rx.recv_timeout(BOUND),
+        Ok(()),
+        "shutdown() blocked on a full inbox"
+    );
+    assert!(rig.shared.shutdown_requested());
+    for (id, poll) in rig.polls.iter_mut().enumerate() {
+        // A lost wake leaves this poll to its timeout with no event.
+        poll.poll(&mut events, Some(BOUND)).unwrap();
+        assert!(
+            events.iter().any(|e| e.token() == WAKER_TOKEN),
+            "reactor {id} was not woken"
+        );
+    }
+    // A reactor that only obeys the message gets it once it has made room.
+    for inbox in &rig.inboxes {
+        assert!(matches!(
+            inbox.rx.try_recv(),
+            Ok(ShardMsg::Core(CoreMsg::Publish(_)))
+        ));
+        assert!(is_shutdown(inbox.rx.recv_timeout(BOUND)));
+    }
+    // And publishers are told at once.
+    let publisher = LocalPublisher::new(rig.config.clone(), rig.shared.clone());
+    assert!(matches!(
+        publisher.publish("a", b"x", 0, 0),
+        Err(PublishError::ShutDown)
+    ));
+}
+
+#[test]
+fn shutdown_queues_a_message_where_there_is_room_and_only_once() {
+    let rig = rig(3, 4);
+    let handle = ShutdownHandle {
+        shared: rig.shared.clone(),
+    };
+    handle.shutdown();
+    handle.clone().shutdown();
+    for inbox in &rig.inboxes {
+        assert!(matches!(inbox.rx.try_recv(), Ok(ShardMsg::Shutdown)));
+        assert!(inbox.rx.is_empty(), "one request, one message");
+    }
 }

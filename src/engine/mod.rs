@@ -25,7 +25,7 @@ mod timer;
 
 use std::cell::RefCell;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
@@ -119,6 +119,8 @@ pub(crate) struct EngineShared {
     pub owners: owners::OwnerTable,
     /// One sender into each reactor's inbox, indexed by reactor.
     mailboxes: Vec<Mailbox<ShardMsg>>,
+    /// Set once, by [`EngineShared::request_shutdown`]; see [`EngineShared::shutdown_requested`].
+    shutting_down: AtomicBool,
 }
 
 /// Reads one counter of a shard, for the stats document.
@@ -138,6 +140,63 @@ impl EngineShared {
             sessions: Default::default(),
             owners: owners::OwnerTable::new(n_shards as u16),
             mailboxes: Vec::new(),
+            shutting_down: AtomicBool::new(false),
+        }
+    }
+
+    /// Whether the engine is shutting down: one atomic load.
+    ///
+    /// **A reactor must read this once per loop turn** (at the top of the turn will do) and,
+    /// when it is set, close its connections and return `Ok(())`: a request can come without a
+    /// `ShardMsg::Shutdown`, when the reactor's inbox had no room for one. A reactor does not
+    /// sleep through a request it has not read yet: every request leaves its inbox non-empty
+    /// (the message, or the messages that filled it), so its arm-then-check-empty before
+    /// sleeping (`notify.rs`) keeps it awake.
+    pub(crate) fn shutdown_requested(&self) -> bool {
+        self.shutting_down.load(Ordering::SeqCst)
+    }
+
+    /// Asks every reactor to close its connections and exit. Never blocks; only the first call
+    /// does anything.
+    ///
+    /// Sets the flag that [`Self::shutdown_requested`] reads, then wakes every reactor, queuing
+    /// a `ShardMsg::Shutdown` for each whose inbox has room (the flag is stored before the wake,
+    /// the order the notifier protocol in `notify.rs` needs). A reactor that only obeys the
+    /// message still gets it when its inbox was full: a short-lived thread waits for room and
+    /// ends once it has sent, or once the reactor is gone.
+    pub(crate) fn request_shutdown(&self) {
+        if self.shutting_down.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        let mut full = Vec::new();
+        for mailbox in &self.mailboxes {
+            match mailbox.try_send(ShardMsg::Shutdown) {
+                // The send has woken it.
+                Ok(()) => {}
+                // Gone, as far as its inbox goes; woken all the same, as the contract says.
+                Err(TrySendError::Disconnected(_)) => mailbox.wake(),
+                Err(TrySendError::Full(_)) => {
+                    mailbox.wake();
+                    full.push(mailbox.clone());
+                }
+            }
+        }
+        if full.is_empty() {
+            return;
+        }
+        let spawned = std::thread::Builder::new()
+            .name("lanpush-shutdown".into())
+            .spawn(move || {
+                for mailbox in full {
+                    // `Err` means the reactor has exited: nothing left to tell it.
+                    let _ = mailbox.send(ShardMsg::Shutdown);
+                }
+            });
+        if let Err(e) = spawned {
+            eprintln!(
+                "lanpush: cannot start a thread to deliver the shutdown to a reactor with a \
+                 full inbox ({e}); it stops when it next sees the shutdown flag"
+            );
         }
     }
 
@@ -327,7 +386,7 @@ impl Engine {
     /// A cloneable handle that can stop the engine from another thread (e.g. a signal handler).
     pub fn shutdown_handle(&self) -> ShutdownHandle {
         ShutdownHandle {
-            mailboxes: self.shared.mailboxes.clone(),
+            shared: self.shared.clone(),
         }
     }
 
@@ -368,15 +427,14 @@ impl Engine {
 /// and exits.
 #[derive(Clone)]
 pub struct ShutdownHandle {
-    mailboxes: Vec<Mailbox<ShardMsg>>,
+    shared: Arc<EngineShared>,
 }
 
 impl ShutdownHandle {
-    /// Asks every reactor to close its connections and exit. Returns at once.
+    /// Asks every reactor to close its connections and exit. Returns at once: it sets a flag
+    /// and wakes the reactors, and never waits for room in a full inbox.
     pub fn shutdown(&self) {
-        for mailbox in &self.mailboxes {
-            let _ = mailbox.send(ShardMsg::Shutdown);
-        }
+        self.shared.request_shutdown();
     }
 }
 
@@ -412,7 +470,8 @@ impl LocalPublisher {
     }
 
     /// Publishes one message. `Err(Overloaded)` if the owner shard is too far behind to take it
-    /// (the engine sheds rather than queue without bound).
+    /// (the engine sheds rather than queue without bound); `Err(ShutDown)` once the engine is
+    /// shutting down.
     pub fn publish(
         &self,
         topic: &str,
@@ -420,6 +479,9 @@ impl LocalPublisher {
         quality: u8,
         source_ts_ns: u64,
     ) -> Result<(), PublishError> {
+        if self.shared.shutdown_requested() {
+            return Err(PublishError::ShutDown);
+        }
         proto::validate_topic(topic, self.config.limits.max_topic_bytes).map_err(|source| {
             PublishError::Topic {
                 topic: topic.to_string(),
