@@ -1,5 +1,6 @@
-//! Tests of the engine's handles (`LocalPublisher`, `ShutdownHandle`) on engines assembled by
-//! hand: inboxes the test holds, so no test depends on what a reactor does inside.
+//! Tests of the engine's handles (`LocalPublisher`, `ShutdownHandle`, `Engine::join`) and of
+//! the reactor thread wrapper, on engines assembled by hand: inboxes the test holds, and
+//! closures standing in for the reactors, so no test depends on what a reactor does inside.
 
 use std::sync::mpsc;
 use std::time::Duration;
@@ -41,6 +42,11 @@ fn rig(n: usize, capacity: usize) -> Rig {
         inboxes,
         polls,
     }
+}
+
+fn reactor_failures(shared: &EngineShared) -> u64 {
+    let doc: serde_json::Value = serde_json::from_str(&shared.stats_json()).unwrap();
+    doc["totals"]["reactor_failures"].as_u64().unwrap()
 }
 
 fn is_shutdown(msg: Result<ShardMsg, crossbeam_channel::RecvTimeoutError>) -> bool {
@@ -173,4 +179,125 @@ fn shutdown_queues_a_message_where_there_is_room_and_only_once() {
         assert!(matches!(inbox.rx.try_recv(), Ok(ShardMsg::Shutdown)));
         assert!(inbox.rx.is_empty(), "one request, one message");
     }
+}
+
+// ----- a failing reactor stops the engine, loudly -----
+
+#[test]
+fn a_reactor_error_is_counted_and_returned_and_stops_the_others() {
+    let rig = rig(3, 4);
+    let result = reactor_thread_body(
+        || Err(io::Error::other("epoll_wait: bad file descriptor")),
+        1,
+        &rig.shared,
+    );
+    let Err(EngineError::Reactor { id: 1, source }) = result else {
+        panic!("not a reactor error: {result:?}");
+    };
+    assert!(source.to_string().contains("bad file descriptor"));
+    assert_eq!(reactor_failures(&rig.shared), 1);
+    assert!(rig.shared.shutdown_requested());
+    for inbox in &rig.inboxes {
+        assert!(matches!(inbox.rx.try_recv(), Ok(ShardMsg::Shutdown)));
+    }
+}
+
+#[test]
+fn a_reactor_panic_is_caught_counted_and_returned_and_stops_the_others() {
+    let rig = rig(2, 4);
+    let result = reactor_thread_body(|| panic!("slot {} is not live", 7), 0, &rig.shared);
+    let Err(EngineError::Panicked { id: 0, message }) = &result else {
+        panic!("not a panic: {result:?}");
+    };
+    assert_eq!(message, "slot 7 is not live");
+    assert_eq!(reactor_failures(&rig.shared), 1);
+    assert!(rig.shared.shutdown_requested());
+    assert!(matches!(
+        rig.inboxes[1].rx.try_recv(),
+        Ok(ShardMsg::Shutdown)
+    ));
+    // A `&str` payload too.
+    let result = reactor_thread_body(|| panic!("static"), 1, &rig.shared);
+    assert!(
+        matches!(&result, Err(EngineError::Panicked { id: 1, message }) if message == "static")
+    );
+    assert_eq!(reactor_failures(&rig.shared), 2);
+}
+
+#[test]
+fn a_reactor_that_returns_unasked_is_a_failure_and_an_asked_one_is_not() {
+    let rig = rig(2, 4);
+    let result = reactor_thread_body(|| Ok(()), 1, &rig.shared);
+    assert!(matches!(result, Err(EngineError::Stopped { id: 1 })));
+    assert_eq!(reactor_failures(&rig.shared), 1);
+    assert!(rig.shared.shutdown_requested());
+    assert!(reactor_thread_body(|| Ok(()), 0, &rig.shared).is_ok());
+    assert_eq!(reactor_failures(&rig.shared), 1);
+}
+
+/// A stand-in for a reactor loop that obeys only the flag: arm, check, sleep until woken.
+fn flag_reactor(
+    mut poll: Poll,
+    inbox: Inbox<ShardMsg>,
+    shared: Arc<EngineShared>,
+) -> impl FnOnce() -> io::Result<()> + Send + 'static {
+    move || {
+        // The whole inbox, not just the notifier the loop reads: its receiver stays open, as a
+        // reactor's does.
+        let inbox = inbox;
+        let mut events = mio::Events::with_capacity(4);
+        loop {
+            inbox.notifier.arm();
+            if shared.shutdown_requested() {
+                return Ok(());
+            }
+            // No timeout: only the wake can end this sleep (the test bounds the whole).
+            poll.poll(&mut events, None)?;
+        }
+    }
+}
+
+#[test]
+fn join_reports_the_failed_reactor_after_it_stopped_the_others() {
+    let Rig {
+        config,
+        shared,
+        inboxes,
+        polls,
+    } = rig(3, 4);
+    let mut threads = Vec::new();
+    for (id, (poll, inbox)) in polls.into_iter().zip(inboxes).enumerate() {
+        let thread = if id == 2 {
+            drop((poll, inbox));
+            spawn_reactor(id, None, shared.clone(), || {
+                Err(io::Error::other("timerfd_settime: invalid argument"))
+            })
+        } else {
+            spawn_reactor(
+                id,
+                None,
+                shared.clone(),
+                flag_reactor(poll, inbox, shared.clone()),
+            )
+        };
+        threads.push(thread.unwrap());
+    }
+    let engine = Engine {
+        local_addr: "127.0.0.1:0".parse().unwrap(),
+        threads,
+        shared: shared.clone(),
+        config,
+    };
+    let (done_tx, done_rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = done_tx.send(engine.join());
+    });
+    let result = done_rx
+        .recv_timeout(BOUND)
+        .expect("the other reactors did not stop after one failed");
+    let Err(EngineError::Reactor { id: 2, source }) = result else {
+        panic!("not reactor 2's error: {result:?}");
+    };
+    assert!(source.to_string().contains("timerfd_settime"));
+    assert_eq!(reactor_failures(&shared), 1);
 }

@@ -24,7 +24,9 @@ mod store;
 mod timer;
 
 use std::cell::RefCell;
+use std::io;
 use std::net::SocketAddr;
+use std::panic::{self, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -50,13 +52,17 @@ pub enum EngineError {
         source: std::io::Error,
     },
     #[error("cannot start reactor thread: {0}")]
-    Thread(std::io::Error),
+    Thread(io::Error),
     #[error("threads = {0}: the engine runs 1 ..= {MAX_SHARDS} reactor threads")]
     Threads(usize),
-    #[error("a reactor thread failed: {0}")]
-    Reactor(std::io::Error),
-    #[error("a reactor thread panicked")]
-    Panicked,
+    #[error("cannot set up reactor {id}: {source}")]
+    Setup { id: usize, source: io::Error },
+    #[error("reactor {id} failed: {source}")]
+    Reactor { id: usize, source: io::Error },
+    #[error("reactor {id} panicked: {message}")]
+    Panicked { id: usize, message: String },
+    #[error("reactor {id} stopped without a shutdown request")]
+    Stopped { id: usize },
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -121,6 +127,8 @@ pub(crate) struct EngineShared {
     mailboxes: Vec<Mailbox<ShardMsg>>,
     /// Set once, by [`EngineShared::request_shutdown`]; see [`EngineShared::shutdown_requested`].
     shutting_down: AtomicBool,
+    /// Reactor threads that ended with an error, a panic, or unasked.
+    reactor_failures: AtomicU64,
 }
 
 /// Reads one counter of a shard, for the stats document.
@@ -141,6 +149,7 @@ impl EngineShared {
             owners: owners::OwnerTable::new(n_shards as u16),
             mailboxes: Vec::new(),
             shutting_down: AtomicBool::new(false),
+            reactor_failures: AtomicU64::new(0),
         }
     }
 
@@ -249,6 +258,10 @@ impl EngineShared {
         for (name, get) in fields {
             totals.insert(name.into(), self.shards.iter().map(get).sum::<u64>().into());
         }
+        totals.insert(
+            "reactor_failures".into(),
+            self.reactor_failures.load(Ordering::Relaxed).into(),
+        );
         let shards: Vec<serde_json::Value> = self
             .shards
             .iter()
@@ -288,10 +301,10 @@ pub fn now_unix_ns() -> u64 {
 }
 
 /// A running engine. Dropping it does not stop it; call [`ShutdownHandle::shutdown`] then
-/// [`Engine::join`].
+/// [`Engine::join`]. If a reactor fails, the engine shuts itself down and `join` says why.
 pub struct Engine {
     local_addr: SocketAddr,
-    threads: Vec<JoinHandle<std::io::Result<()>>>,
+    threads: Vec<JoinHandle<Result<(), EngineError>>>,
     shared: Arc<EngineShared>,
     config: Arc<Config>,
 }
@@ -314,10 +327,10 @@ impl Engine {
         let mut polls = Vec::with_capacity(n);
         let mut mailboxes = Vec::with_capacity(n);
         let mut inboxes = Vec::with_capacity(n);
-        for _ in 0..n {
-            let poll = Poll::new().map_err(EngineError::Reactor)?;
-            let waker =
-                mio::Waker::new(poll.registry(), WAKER_TOKEN).map_err(EngineError::Reactor)?;
+        for id in 0..n {
+            let setup = |source| EngineError::Setup { id, source };
+            let poll = Poll::new().map_err(setup)?;
+            let waker = mio::Waker::new(poll.registry(), WAKER_TOKEN).map_err(setup)?;
             let notifier = Arc::new(Notifier::new(waker));
             let (tx, rx) = crossbeam_channel::bounded(INBOX_CAPACITY);
             mailboxes.push(Mailbox::new(tx, notifier.clone()));
@@ -336,7 +349,7 @@ impl Engine {
         let mut listener = Some(mio::net::TcpListener::from_std(listener));
         let mut threads = Vec::with_capacity(n);
         for (id, (poll, inbox)) in polls.into_iter().zip(inboxes).enumerate() {
-            let reactor = Reactor::new(
+            let started = Reactor::new(
                 id as u16,
                 n as u16,
                 config.clone(),
@@ -346,18 +359,19 @@ impl Engine {
                 inbox,
                 mailboxes.clone(),
             )
-            .map_err(EngineError::Reactor)?;
-            let core = (!cores.is_empty()).then(|| cores[id % cores.len()]);
-            let thread = std::thread::Builder::new()
-                .name(format!("lanpush-reactor-{id}"))
-                .spawn(move || {
-                    if let Some(core) = core {
-                        core_affinity::set_for_current(core);
-                    }
-                    reactor.run()
-                })
-                .map_err(EngineError::Thread)?;
-            threads.push(thread);
+            .map_err(|source| EngineError::Setup { id, source })
+            .and_then(|reactor| {
+                let core = (!cores.is_empty()).then(|| cores[id % cores.len()]);
+                spawn_reactor(id, core, shared.clone(), move || reactor.run())
+            });
+            match started {
+                Ok(thread) => threads.push(thread),
+                Err(e) => {
+                    // The reactors already running would otherwise serve on with no handle.
+                    shared.request_shutdown();
+                    return Err(e);
+                }
+            }
         }
         Ok(Engine {
             local_addr,
@@ -409,17 +423,87 @@ impl Engine {
         self.shared.stats_json()
     }
 
-    /// Waits for every reactor thread to finish (after a shutdown).
+    /// Waits for every reactor thread to finish: after a shutdown, or after one reactor failed
+    /// (which shuts the others down). `Err` is the failure of the lowest-numbered reactor that
+    /// failed; each failure was also logged on stderr, and counted, when it happened.
     pub fn join(self) -> Result<(), EngineError> {
-        let mut result = Ok(());
-        for thread in self.threads {
-            match thread.join() {
-                Ok(Ok(())) => {}
-                Ok(Err(e)) => result = Err(EngineError::Reactor(e)),
-                Err(_) => result = Err(EngineError::Panicked),
+        let mut first_failure = None;
+        for (id, thread) in self.threads.into_iter().enumerate() {
+            // `reactor_thread_body` catches the reactor's panics; one here came from its
+            // bookkeeping after the catch (the stderr line), when the failure was already
+            // counted and the shutdown asked for.
+            let result = thread.join().unwrap_or_else(|payload| {
+                Err(EngineError::Panicked {
+                    id,
+                    message: panic_message(payload.as_ref()),
+                })
+            });
+            if let Err(e) = result {
+                first_failure.get_or_insert(e);
             }
         }
-        result
+        first_failure.map_or(Ok(()), Err)
+    }
+}
+
+/// Starts reactor `id`'s thread, pinned to `core` if given, running `run` under
+/// [`reactor_thread_body`].
+fn spawn_reactor(
+    id: usize,
+    core: Option<core_affinity::CoreId>,
+    shared: Arc<EngineShared>,
+    run: impl FnOnce() -> io::Result<()> + Send + 'static,
+) -> Result<JoinHandle<Result<(), EngineError>>, EngineError> {
+    std::thread::Builder::new()
+        .name(format!("lanpush-reactor-{id}"))
+        .spawn(move || {
+            let pinned_run = move || {
+                if let Some(core) = core {
+                    core_affinity::set_for_current(core);
+                }
+                run()
+            };
+            reactor_thread_body(pinned_run, id, &shared)
+        })
+        .map_err(EngineError::Thread)
+}
+
+/// Runs reactor `id`'s loop and makes any end but an asked-for one loud: an error, a panic, or
+/// a return before [`EngineShared::shutdown_requested`]. Such an end is logged on stderr with
+/// the reactor and the cause, counted in `reactor_failures`, shuts the other reactors down (the
+/// engine must not limp on with a reactor whose connections and topics are gone) and is
+/// returned, for [`Engine::join`].
+fn reactor_thread_body(
+    run: impl FnOnce() -> io::Result<()>,
+    id: usize,
+    shared: &EngineShared,
+) -> Result<(), EngineError> {
+    // Unwind safety: after a panic nothing the closure owned is used again (the reactor is
+    // dropped while unwinding), and what it shares with other threads is atomics and mutexes
+    // whose every user already tolerates a poisoned lock.
+    let failure = match panic::catch_unwind(AssertUnwindSafe(run)) {
+        Ok(Ok(())) if shared.shutdown_requested() => return Ok(()),
+        Ok(Ok(())) => EngineError::Stopped { id },
+        Ok(Err(source)) => EngineError::Reactor { id, source },
+        Err(payload) => EngineError::Panicked {
+            id,
+            message: panic_message(payload.as_ref()),
+        },
+    };
+    shared.reactor_failures.fetch_add(1, Ordering::Relaxed);
+    shared.request_shutdown();
+    eprintln!("lanpush: {failure}; shutting the engine down");
+    Err(failure)
+}
+
+/// The message of a panic, from its payload (`panic!` makes a `&str` or a `String`).
+fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    if let Some(s) = payload.downcast_ref::<&str>() {
+        s.to_string()
+    } else if let Some(s) = payload.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "(a panic payload that is not a string)".into()
     }
 }
 
