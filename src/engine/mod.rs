@@ -11,6 +11,8 @@ mod core;
 #[cfg(test)]
 mod core_tests;
 #[cfg(test)]
+mod handle_tests;
+#[cfg(test)]
 mod harness;
 mod native;
 mod notify;
@@ -22,11 +24,15 @@ mod stats;
 mod store;
 mod timer;
 
+use std::cell::RefCell;
+use std::io;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::panic::{self, AssertUnwindSafe};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
+use crossbeam_channel::TrySendError;
 use mio::Poll;
 
 use crate::config::Config;
@@ -47,13 +53,19 @@ pub enum EngineError {
         source: std::io::Error,
     },
     #[error("cannot start reactor thread: {0}")]
-    Thread(std::io::Error),
+    Thread(io::Error),
     #[error("threads = {0}: the engine runs 1 ..= {MAX_SHARDS} reactor threads")]
     Threads(usize),
-    #[error("a reactor thread failed: {0}")]
-    Reactor(std::io::Error),
-    #[error("a reactor thread panicked")]
-    Panicked,
+    #[error("cannot set up reactor {id}: {source}")]
+    Setup { id: usize, source: io::Error },
+    #[error("reactor {id} failed: {source}")]
+    Reactor { id: usize, source: io::Error },
+    #[error("reactor {id} panicked: {message}")]
+    Panicked { id: usize, message: String },
+    #[error("reactor {id} stopped without a shutdown request")]
+    Stopped { id: usize },
+    #[error("the stats thread panicked: {message}")]
+    StatsPanicked { message: String },
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -112,12 +124,20 @@ pub(crate) struct EngineShared {
     pub sessions: std::sync::Mutex<std::collections::HashMap<String, u64>>,
     /// Which shard owns each topic (`owners.rs`).
     pub owners: owners::OwnerTable,
+    /// One sender into each reactor's inbox, indexed by reactor.
+    mailboxes: Vec<Mailbox<ShardMsg>>,
+    /// Set once, by [`EngineShared::request_shutdown`]; see [`EngineShared::shutdown_requested`].
+    shutting_down: AtomicBool,
+    /// Reactor threads that ended with an error, a panic, or unasked.
+    reactor_failures: AtomicU64,
 }
 
 /// Reads one counter of a shard, for the stats document.
 type StatField = fn(&ShardStats) -> u64;
 
 impl EngineShared {
+    /// The state of an engine of `n_shards` reactors, with no mailboxes: `Engine::start` sets
+    /// them (tests of a core need none).
     pub fn new(n_shards: usize, config: &Config) -> EngineShared {
         EngineShared {
             open_connections: AtomicUsize::new(0),
@@ -128,6 +148,65 @@ impl EngineShared {
             metrics: crate::metrics::MetricsBoard::new(n_shards, &config.metrics),
             sessions: Default::default(),
             owners: owners::OwnerTable::new(n_shards as u16),
+            mailboxes: Vec::new(),
+            shutting_down: AtomicBool::new(false),
+            reactor_failures: AtomicU64::new(0),
+        }
+    }
+
+    /// Whether the engine is shutting down: one atomic load.
+    ///
+    /// **A reactor must read this once per loop turn** (at the top of the turn will do) and,
+    /// when it is set, close its connections and return `Ok(())`: a request can come without a
+    /// `ShardMsg::Shutdown`, when the reactor's inbox had no room for one. A reactor does not
+    /// sleep through a request it has not read yet: every request leaves its inbox non-empty
+    /// (the message, or the messages that filled it), so its arm-then-check-empty before
+    /// sleeping (`notify.rs`) keeps it awake.
+    pub(crate) fn shutdown_requested(&self) -> bool {
+        self.shutting_down.load(Ordering::SeqCst)
+    }
+
+    /// Asks every reactor to close its connections and exit. Never blocks; only the first call
+    /// does anything.
+    ///
+    /// Sets the flag that [`Self::shutdown_requested`] reads, then wakes every reactor, queuing
+    /// a `ShardMsg::Shutdown` for each whose inbox has room (the flag is stored before the wake,
+    /// the order the notifier protocol in `notify.rs` needs). A reactor that only obeys the
+    /// message still gets it when its inbox was full: a short-lived thread waits for room and
+    /// ends once it has sent, or once the reactor is gone.
+    pub(crate) fn request_shutdown(&self) {
+        if self.shutting_down.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        let mut full = Vec::new();
+        for mailbox in &self.mailboxes {
+            match mailbox.try_send(ShardMsg::Shutdown) {
+                // The send has woken it.
+                Ok(()) => {}
+                // Gone, as far as its inbox goes; woken all the same, as the contract says.
+                Err(TrySendError::Disconnected(_)) => mailbox.wake(),
+                Err(TrySendError::Full(_)) => {
+                    mailbox.wake();
+                    full.push(mailbox.clone());
+                }
+            }
+        }
+        if full.is_empty() {
+            return;
+        }
+        let spawned = std::thread::Builder::new()
+            .name("lanpush-shutdown".into())
+            .spawn(move || {
+                for mailbox in full {
+                    // `Err` means the reactor has exited: nothing left to tell it.
+                    let _ = mailbox.send(ShardMsg::Shutdown);
+                }
+            });
+        if let Err(e) = spawned {
+            eprintln!(
+                "lanpush: cannot start a thread to deliver the shutdown to a reactor with a \
+                 full inbox ({e}); it stops when it next sees the shutdown flag"
+            );
         }
     }
 
@@ -186,6 +265,10 @@ impl EngineShared {
         for (name, get) in fields {
             totals.insert(name.into(), self.shards.iter().map(get).sum::<u64>().into());
         }
+        totals.insert(
+            "reactor_failures".into(),
+            self.reactor_failures.load(Ordering::Relaxed).into(),
+        );
         let shards: Vec<serde_json::Value> = self
             .shards
             .iter()
@@ -223,11 +306,10 @@ pub fn now_unix_ns() -> u64 {
 }
 
 /// A running engine. Dropping it does not stop it; call [`ShutdownHandle::shutdown`] then
-/// [`Engine::join`].
+/// [`Engine::join`]. If a reactor fails, the engine shuts itself down and `join` says why.
 pub struct Engine {
     local_addr: SocketAddr,
-    mailboxes: Vec<Mailbox<ShardMsg>>,
-    threads: Vec<JoinHandle<std::io::Result<()>>>,
+    threads: Vec<JoinHandle<Result<(), EngineError>>>,
     /// Ends once every reactor (each holding a sender of STATS jobs) has exited.
     stats_thread: JoinHandle<()>,
     shared: Arc<EngineShared>,
@@ -248,21 +330,24 @@ impl Engine {
             .local_addr()
             .map_err(|source| EngineError::Listen { addr, source })?;
         let config = Arc::new(config);
-        let shared = Arc::new(EngineShared::new(n, &config));
 
         let mut polls = Vec::with_capacity(n);
         let mut mailboxes = Vec::with_capacity(n);
         let mut inboxes = Vec::with_capacity(n);
-        for _ in 0..n {
-            let poll = Poll::new().map_err(EngineError::Reactor)?;
-            let waker =
-                mio::Waker::new(poll.registry(), WAKER_TOKEN).map_err(EngineError::Reactor)?;
+        for id in 0..n {
+            let setup = |source| EngineError::Setup { id, source };
+            let poll = Poll::new().map_err(setup)?;
+            let waker = mio::Waker::new(poll.registry(), WAKER_TOKEN).map_err(setup)?;
             let notifier = Arc::new(Notifier::new(waker));
             let (tx, rx) = crossbeam_channel::bounded(INBOX_CAPACITY);
             mailboxes.push(Mailbox::new(tx, notifier.clone()));
             inboxes.push(Inbox { rx, notifier });
             polls.push(poll);
         }
+        let shared = Arc::new(EngineShared {
+            mailboxes: mailboxes.clone(),
+            ..EngineShared::new(n, &config)
+        });
         let cores = if config.server.pin_threads {
             core_affinity::get_core_ids().unwrap_or_default()
         } else {
@@ -279,7 +364,7 @@ impl Engine {
         let mut listener = Some(mio::net::TcpListener::from_std(listener));
         let mut threads = Vec::with_capacity(n);
         for (id, (poll, inbox)) in polls.into_iter().zip(inboxes).enumerate() {
-            let reactor = Reactor::new(
+            let started = Reactor::new(
                 id as u16,
                 n as u16,
                 config.clone(),
@@ -290,23 +375,23 @@ impl Engine {
                 mailboxes.clone(),
                 stats_jobs.clone(),
             )
-            .map_err(EngineError::Reactor)?;
-            let core = (!cores.is_empty()).then(|| cores[id % cores.len()]);
-            let thread = std::thread::Builder::new()
-                .name(format!("lanpush-reactor-{id}"))
-                .spawn(move || {
-                    if let Some(core) = core {
-                        core_affinity::set_for_current(core);
-                    }
-                    reactor.run()
-                })
-                .map_err(EngineError::Thread)?;
-            threads.push(thread);
+            .map_err(|source| EngineError::Setup { id, source })
+            .and_then(|reactor| {
+                let core = (!cores.is_empty()).then(|| cores[id % cores.len()]);
+                spawn_reactor(id, core, shared.clone(), move || reactor.run())
+            });
+            match started {
+                Ok(thread) => threads.push(thread),
+                Err(e) => {
+                    // The reactors already running would otherwise serve on with no handle.
+                    shared.request_shutdown();
+                    return Err(e);
+                }
+            }
         }
         drop(stats_jobs);
         Ok(Engine {
             local_addr,
-            mailboxes,
             threads,
             stats_thread,
             shared,
@@ -321,22 +406,19 @@ impl Engine {
 
     /// Reactor threads running.
     pub fn reactor_count(&self) -> usize {
-        self.mailboxes.len()
+        self.shared.mailboxes.len()
     }
 
-    /// An in-process publisher: no socket, the lock-free queue path into the reactors.
+    /// An in-process publisher: no socket, the lock-free queue path into the reactors. Give
+    /// each publishing thread its own (see [`LocalPublisher`]).
     pub fn publisher(&self) -> LocalPublisher {
-        LocalPublisher {
-            mailboxes: self.mailboxes.clone(),
-            config: self.config.clone(),
-            shared: self.shared.clone(),
-        }
+        LocalPublisher::new(self.config.clone(), self.shared.clone())
     }
 
     /// A cloneable handle that can stop the engine from another thread (e.g. a signal handler).
     pub fn shutdown_handle(&self) -> ShutdownHandle {
         ShutdownHandle {
-            mailboxes: self.mailboxes.clone(),
+            shared: self.shared.clone(),
         }
     }
 
@@ -347,9 +429,8 @@ impl Engine {
             return Ok(None);
         };
         let shared = Arc::clone(&self.shared);
-        let mailboxes = self.mailboxes.clone();
         crate::metrics::MetricsServer::start(addr, move || {
-            let stats = stats::collect(&shared, &mailboxes);
+            let stats = stats::collect(&shared, &shared.mailboxes);
             (shared.metrics.merged(), stats)
         })
         .map(Some)
@@ -359,25 +440,96 @@ impl Engine {
     /// Collected from the reactors on demand: blocks the calling thread (never a reactor) for at
     /// most a couple of seconds.
     pub fn stats_json(&self) -> String {
-        stats::collect(&self.shared, &self.mailboxes).to_string()
+        stats::collect(&self.shared, &self.shared.mailboxes).to_string()
     }
 
-    /// Waits for every reactor thread to finish (after a shutdown).
+    /// Waits for every reactor thread to finish: after a shutdown, or after one reactor failed
+    /// (which shuts the others down). `Err` is the failure of the lowest-numbered reactor that
+    /// failed; each failure was also logged on stderr, and counted, when it happened.
     pub fn join(self) -> Result<(), EngineError> {
-        drop(self.mailboxes);
-        let mut result = Ok(());
-        for thread in self.threads {
-            match thread.join() {
-                Ok(Ok(())) => {}
-                Ok(Err(e)) => result = Err(EngineError::Reactor(e)),
-                Err(_) => result = Err(EngineError::Panicked),
+        let mut first_failure = None;
+        for (id, thread) in self.threads.into_iter().enumerate() {
+            // `reactor_thread_body` catches the reactor's panics; one here came from its
+            // bookkeeping after the catch (the stderr line), when the failure was already
+            // counted and the shutdown asked for.
+            let result = thread.join().unwrap_or_else(|payload| {
+                Err(EngineError::Panicked {
+                    id,
+                    message: panic_message(payload.as_ref()),
+                })
+            });
+            if let Err(e) = result {
+                first_failure.get_or_insert(e);
             }
         }
         // The reactors are gone, and with them every sender of STATS jobs.
-        if self.stats_thread.join().is_err() {
-            result = Err(EngineError::Panicked);
+        if let Err(payload) = self.stats_thread.join() {
+            first_failure.get_or_insert(EngineError::StatsPanicked {
+                message: panic_message(payload.as_ref()),
+            });
         }
-        result
+        first_failure.map_or(Ok(()), Err)
+    }
+}
+
+/// Starts reactor `id`'s thread, pinned to `core` if given, running `run` under
+/// [`reactor_thread_body`].
+fn spawn_reactor(
+    id: usize,
+    core: Option<core_affinity::CoreId>,
+    shared: Arc<EngineShared>,
+    run: impl FnOnce() -> io::Result<()> + Send + 'static,
+) -> Result<JoinHandle<Result<(), EngineError>>, EngineError> {
+    std::thread::Builder::new()
+        .name(format!("lanpush-reactor-{id}"))
+        .spawn(move || {
+            let pinned_run = move || {
+                if let Some(core) = core {
+                    core_affinity::set_for_current(core);
+                }
+                run()
+            };
+            reactor_thread_body(pinned_run, id, &shared)
+        })
+        .map_err(EngineError::Thread)
+}
+
+/// Runs reactor `id`'s loop and makes any end but an asked-for one loud: an error, a panic, or
+/// a return before [`EngineShared::shutdown_requested`]. Such an end is logged on stderr with
+/// the reactor and the cause, counted in `reactor_failures`, shuts the other reactors down (the
+/// engine must not limp on with a reactor whose connections and topics are gone) and is
+/// returned, for [`Engine::join`].
+fn reactor_thread_body(
+    run: impl FnOnce() -> io::Result<()>,
+    id: usize,
+    shared: &EngineShared,
+) -> Result<(), EngineError> {
+    // Unwind safety: after a panic nothing the closure owned is used again (the reactor is
+    // dropped while unwinding), and what it shares with other threads is atomics and mutexes
+    // whose every user already tolerates a poisoned lock.
+    let failure = match panic::catch_unwind(AssertUnwindSafe(run)) {
+        Ok(Ok(())) if shared.shutdown_requested() => return Ok(()),
+        Ok(Ok(())) => EngineError::Stopped { id },
+        Ok(Err(source)) => EngineError::Reactor { id, source },
+        Err(payload) => EngineError::Panicked {
+            id,
+            message: panic_message(payload.as_ref()),
+        },
+    };
+    shared.reactor_failures.fetch_add(1, Ordering::Relaxed);
+    shared.request_shutdown();
+    eprintln!("lanpush: {failure}; shutting the engine down");
+    Err(failure)
+}
+
+/// The message of a panic, from its payload (`panic!` makes a `&str` or a `String`).
+fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    if let Some(s) = payload.downcast_ref::<&str>() {
+        s.to_string()
+    } else if let Some(s) = payload.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "(a panic payload that is not a string)".into()
     }
 }
 
@@ -385,30 +537,51 @@ impl Engine {
 /// and exits.
 #[derive(Clone)]
 pub struct ShutdownHandle {
-    mailboxes: Vec<Mailbox<ShardMsg>>,
+    shared: Arc<EngineShared>,
 }
 
 impl ShutdownHandle {
-    /// Asks every reactor to close its connections and exit. Returns at once.
+    /// Asks every reactor to close its connections and exit. Returns at once: it sets a flag
+    /// and wakes the reactors, and never waits for room in a full inbox.
     pub fn shutdown(&self) {
-        for mailbox in &self.mailboxes {
-            let _ = mailbox.send(ShardMsg::Shutdown);
-        }
+        self.shared.request_shutdown();
     }
 }
 
 /// Publishes from inside the engine's process: the message goes straight into its topic's owner
-/// shard's queue. Cloneable and `Send`; never blocks on subscribers.
-#[derive(Clone)]
+/// shard's queue. Never blocks on subscribers.
+///
+/// `Send` but not `Sync`: give each publishing thread its own clone. Each publisher keeps its
+/// own cache of topic owners (`owners::OwnerCache`, in a `RefCell`), so only the first publish
+/// of a topic through it asks the engine-wide owner table, which is a mutex; every later one
+/// takes no lock (ownership never changes, so a cached owner never goes stale). The trade-off,
+/// against a lock-free table shared by every publisher: one cache entry per topic per publisher
+/// and one locked look-up per topic per clone (a clone starts with an empty cache), for a data
+/// path with no lock, no atomic read-modify-write and no new dependency.
 pub struct LocalPublisher {
-    mailboxes: Vec<Mailbox<ShardMsg>>,
     config: Arc<Config>,
     shared: Arc<EngineShared>,
+    owners: RefCell<owners::OwnerCache>,
+}
+
+impl Clone for LocalPublisher {
+    fn clone(&self) -> Self {
+        LocalPublisher::new(self.config.clone(), self.shared.clone())
+    }
 }
 
 impl LocalPublisher {
+    fn new(config: Arc<Config>, shared: Arc<EngineShared>) -> LocalPublisher {
+        LocalPublisher {
+            config,
+            shared,
+            owners: RefCell::default(),
+        }
+    }
+
     /// Publishes one message. `Err(Overloaded)` if the owner shard is too far behind to take it
-    /// (the engine sheds rather than queue without bound).
+    /// (the engine sheds rather than queue without bound); `Err(ShutDown)` once the engine is
+    /// shutting down.
     pub fn publish(
         &self,
         topic: &str,
@@ -416,15 +589,17 @@ impl LocalPublisher {
         quality: u8,
         source_ts_ns: u64,
     ) -> Result<(), PublishError> {
+        if self.shared.shutdown_requested() {
+            return Err(PublishError::ShutDown);
+        }
         proto::validate_topic(topic, self.config.limits.max_topic_bytes).map_err(|source| {
             PublishError::Topic {
                 topic: topic.to_string(),
                 source,
             }
         })?;
-        if payload.len() + topic.len() + proto::PUBLISH_FIXED_BYTES + 1
-            > self.config.limits.max_frame_bytes
-        {
+        // The DATA frame subscribers get obeys the frame limit, as for a socket publisher.
+        if core::data_frame_len(topic.len(), payload.len()) > self.config.limits.max_frame_bytes {
             return Err(PublishError::TooLarge { len: payload.len() });
         }
         let mut buf = Vec::with_capacity(
@@ -443,12 +618,17 @@ impl LocalPublisher {
                 payload,
             },
         );
-        let owner = self.shared.owners.claim_for_local(topic) as usize;
-        self.mailboxes[owner]
+        // The cache is borrowed only here, for one look-up that calls no code of the caller's,
+        // and the type is not `Sync`: no other borrow can overlap this one.
+        let owner = self
+            .owners
+            .borrow_mut()
+            .for_local_publish(&self.shared.owners, topic) as usize;
+        self.shared.mailboxes[owner]
             .try_send(ShardMsg::Core(core::CoreMsg::Publish(buf)))
             .map_err(|e| match e {
-                crossbeam_channel::TrySendError::Full(_) => PublishError::Overloaded,
-                crossbeam_channel::TrySendError::Disconnected(_) => PublishError::ShutDown,
+                TrySendError::Full(_) => PublishError::Overloaded,
+                TrySendError::Disconnected(_) => PublishError::ShutDown,
             })
     }
 }

@@ -87,6 +87,14 @@ impl<T> Mailbox<T> {
         self.notifier.notify();
         Ok(())
     }
+
+    /// Wakes the reactor without sending anything, for a request it reads elsewhere (the
+    /// engine's shutdown flag). Never blocks. The caller must publish that request (a `SeqCst`
+    /// store) before calling, and the reactor must read it after [`Inbox::arm_and_check_empty`]
+    /// or at the top of a loop turn, for the same reason as a message: see the module docs.
+    pub fn wake(&self) {
+        self.notifier.notify();
+    }
 }
 
 /// Reactor side of the inbox.
@@ -149,5 +157,47 @@ mod tests {
             );
         }
         sender.join().unwrap();
+    }
+
+    /// `wake` rouses a sleeping reactor with an empty inbox, and does not block when the
+    /// inbox is full (it is how a shutdown reaches a reactor that has no room for a message).
+    #[test]
+    fn wake_rouses_a_sleeping_reactor_without_a_message() {
+        const TOKEN: mio::Token = mio::Token(0);
+        let mut poll = mio::Poll::new().unwrap();
+        let notifier = Arc::new(Notifier::new(
+            mio::Waker::new(poll.registry(), TOKEN).unwrap(),
+        ));
+        let (tx, rx) = crossbeam_channel::bounded(1);
+        let inbox = Inbox {
+            rx,
+            notifier: notifier.clone(),
+        };
+        let mailbox = Mailbox::new(tx, notifier);
+        let mut events = mio::Events::with_capacity(8);
+        for full in [false, true] {
+            if full {
+                mailbox.try_send(1u8).unwrap();
+                assert!(
+                    mailbox.try_send(2).is_err(),
+                    "a bound of 1 holds one message"
+                );
+                // The send's own wake, consumed as a reactor turn would.
+                poll.poll(&mut events, Some(Duration::ZERO)).unwrap();
+                inbox.notifier.arm();
+            } else {
+                assert!(inbox.arm_and_check_empty());
+            }
+            mailbox.wake();
+            // A lost wake leaves this poll to its 10 s timeout with no event.
+            poll.poll(&mut events, Some(Duration::from_secs(10)))
+                .unwrap();
+            assert!(
+                events.iter().any(|e| e.token() == TOKEN),
+                "not woken (inbox full: {full})"
+            );
+        }
+        assert_eq!(inbox.rx.try_recv(), Ok(1), "wake sends nothing");
+        assert!(inbox.rx.try_recv().is_err());
     }
 }

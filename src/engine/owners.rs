@@ -8,9 +8,9 @@
 //! (bench/RESULTS.md). Topics first published by an in-process [`super::LocalPublisher`], which
 //! has no shard, go to the FNV hash of the topic ([`owner_of`]).
 //!
-//! The table is the one authority (a mutex, taken only on a shard's first sight of a topic);
-//! each shard keeps an [`OwnerCache`] of the answers, so the data path does one local hash
-//! lookup. Ownership never changes, so a cached answer never goes stale, and per-topic order and
+//! The table is the one authority (a mutex, taken only on a shard's or an in-process
+//! publisher's first sight of a topic); each shard and each [`super::LocalPublisher`] keeps an
+//! [`OwnerCache`] of the answers, so the data path does one local hash lookup and takes no lock. Ownership never changes, so a cached answer never goes stale, and per-topic order and
 //! snapshot-then-live keep holding for the reason they always did: one owner per topic and FIFO
 //! channels between shards.
 
@@ -63,6 +63,12 @@ impl OwnerTable {
     pub(crate) fn claim_for_local(&self, topic: &str) -> u16 {
         self.claim(topic, owner_of(topic, self.n_shards))
     }
+
+    /// Holds the table's mutex, so a test can show that a path does not take it.
+    #[cfg(test)]
+    pub(crate) fn lock_for_test(&self) -> std::sync::MutexGuard<'_, HashMap<Box<str>, u16>> {
+        self.owners.lock().unwrap_or_else(|e| e.into_inner())
+    }
 }
 
 /// One shard's copy of the answers it has had from the [`OwnerTable`].
@@ -78,6 +84,17 @@ impl OwnerCache {
             return owner;
         }
         let owner = table.claim(topic, me);
+        self.known.insert(topic.into(), owner);
+        owner
+    }
+
+    /// The owner of a topic an in-process publisher is about to publish: the hash owner if
+    /// nobody owns it yet ([`OwnerTable::claim_for_local`]). Asks the table once per topic.
+    pub(crate) fn for_local_publish(&mut self, table: &OwnerTable, topic: &str) -> u16 {
+        if let Some(&owner) = self.known.get(topic) {
+            return owner;
+        }
+        let owner = table.claim_for_local(topic);
         self.known.insert(topic.into(), owner);
         owner
     }
@@ -129,6 +146,25 @@ mod tests {
         assert_eq!(a.lookup(&table, "never"), 2, "not cached before the claim");
         // The in-process publisher claims for the hash owner.
         assert_eq!(table.claim_for_local("local/x"), owner_of("local/x", 4));
+    }
+
+    #[test]
+    fn a_local_publisher_cache_claims_for_the_hash_owner_and_defers_to_shards() {
+        let table = OwnerTable::new(4);
+        let (mut shard, mut local) = (OwnerCache::default(), OwnerCache::default());
+        let hashed = owner_of("local/x", 4);
+        assert_eq!(local.for_local_publish(&table, "local/x"), hashed);
+        assert_eq!(
+            shard.for_publish(&table, "local/x", (hashed + 1) % 4),
+            hashed
+        );
+        // A topic a shard claimed first keeps that shard, whatever its hash.
+        let other = (owner_of("gw/t", 4) + 1) % 4;
+        assert_eq!(shard.for_publish(&table, "gw/t", other), other);
+        assert_eq!(local.for_local_publish(&table, "gw/t"), other);
+        // Repeats come from the cache (`handle_tests.rs` shows they take no lock).
+        assert_eq!(local.for_local_publish(&table, "gw/t"), other);
+        assert_eq!(local.for_local_publish(&table, "local/x"), hashed);
     }
 
     #[test]

@@ -202,28 +202,31 @@ impl Reactor {
     /// The event loop. Returns when the engine shuts down.
     pub(crate) fn run(mut self) -> io::Result<()> {
         let mut events = Events::with_capacity(MAX_EVENTS);
-        while !self.shutting_down {
+        while !self.shutting_down && !self.shared.shutdown_requested() {
             let before = Instant::now();
             let accept_due = self.accept_again.is_some_and(|at| at <= before);
             let busy = accept_due
                 || self.core.wants_flush()
                 || (!self.read_again.is_empty() && !self.throttled);
-            let timeout = if busy || !self.inbox.arm_and_check_empty() {
-                Duration::ZERO
-            } else {
-                let mut wake = self.core.poll_timeout();
-                if let Some(at) = self.accept_again {
-                    wake = wake.min(at);
-                }
-                if self.throttled {
-                    wake = wake.min(before + THROTTLE_NAP);
-                }
-                if wake > before {
-                    // The poll's own timeout has millisecond steps; the timer is exact.
-                    self.timer.arm(wake, before)?;
-                }
-                wake.saturating_duration_since(before)
-            };
+            // The shutdown flag is read after arming, like the inbox: a request made after the
+            // loop's check either is seen here or wakes the poll (notify.rs).
+            let timeout =
+                if busy || !self.inbox.arm_and_check_empty() || self.shared.shutdown_requested() {
+                    Duration::ZERO
+                } else {
+                    let mut wake = self.core.poll_timeout();
+                    if let Some(at) = self.accept_again {
+                        wake = wake.min(at);
+                    }
+                    if self.throttled {
+                        wake = wake.min(before + THROTTLE_NAP);
+                    }
+                    if wake > before {
+                        // The poll's own timeout has millisecond steps; the timer is exact.
+                        self.timer.arm(wake, before)?;
+                    }
+                    wake.saturating_duration_since(before)
+                };
             match self.poll.poll(&mut events, Some(timeout)) {
                 Ok(()) => {}
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
