@@ -50,6 +50,12 @@ pub struct LimitsConfig {
     pub max_topic_bytes: usize,
     pub max_subscriptions_per_connection: usize,
     pub handshake_timeout_ms: u64,
+    /// Distinct topics the engine holds, across all reactors.
+    pub max_topics: usize,
+    /// Longest client id a HELLO may carry.
+    pub max_client_id_bytes: usize,
+    /// How long the engine remembers a client id after its last connection closed.
+    pub client_session_expiry_s: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -84,6 +90,9 @@ impl DeliveryConfig {
 #[serde(deny_unknown_fields)]
 pub struct RetainedConfig {
     pub ring_bytes: usize,
+    /// Bytes of retained values (one per topic) kept across all reactors; past it the values
+    /// updated longest ago are dropped.
+    pub max_bytes: usize,
 }
 
 /// Latency histograms and the Prometheus endpoint (`src/metrics/`).
@@ -193,12 +202,14 @@ impl Config {
         Config::from_toml_str(&text, &path.display().to_string())
     }
 
-    /// Reactor threads to run: `server.threads`, or one per core when it is 0.
+    /// Reactor threads to run: `server.threads`, or one per core (at most 64) when it is 0.
     pub fn reactor_threads(&self) -> usize {
         match self.server.threads {
+            // One per core, within the engine's limit of 64 reactors.
             0 => std::thread::available_parallelism()
                 .map(|n| n.get())
-                .unwrap_or(1),
+                .unwrap_or(1)
+                .min(crate::engine::MAX_SHARDS),
             n => n,
         }
     }
@@ -226,6 +237,15 @@ impl Config {
         }
         if l.max_connections == 0 {
             return invalid("limits.max_connections must be at least 1".into());
+        }
+        if l.max_topics == 0 {
+            return invalid("limits.max_topics must be at least 1".into());
+        }
+        if l.max_client_id_bytes > u16::MAX as usize {
+            return invalid(format!(
+                "limits.max_client_id_bytes = {} is outside 0 ..= 65535",
+                l.max_client_id_bytes
+            ));
         }
         let k = &self.keepalive;
         if k.min_ms == 0 || k.min_ms > k.max_ms || !(k.min_ms..=k.max_ms).contains(&k.default_ms) {

@@ -141,8 +141,10 @@ pub(crate) struct Counters {
     pub slow_disconnects: u64,
     /// Connections closed for a malformed or forbidden frame.
     pub protocol_errors: u64,
-    /// Requests refused with a non-fatal ERROR (bad topic, unknown subscription, limits).
+    /// Requests refused with a non-fatal ERROR (bad topic, unknown subscription, limits),
+    /// except new topics past `limits.max_topics`, counted as `topics_refused`.
     pub requests_refused: u64,
+    pub topics_refused: u64,
     pub keepalive_timeouts: u64,
     pub handshake_timeouts: u64,
     /// Connections closed with SHUTTING_DOWN.
@@ -198,7 +200,10 @@ impl FanoutCore {
         now: Instant,
     ) -> FanoutCore {
         FanoutCore {
-            store: TopicStore::new(config.retained.ring_bytes / n_shards as usize),
+            store: TopicStore::new(
+                config.retained.ring_bytes / n_shards as usize,
+                config.retained.max_bytes / n_shards as usize,
+            ),
             metrics: ShardMetrics::new(&config.metrics),
             id,
             n_shards,
@@ -272,7 +277,8 @@ impl FanoutCore {
     }
 
     /// The peer closed the connection or its transport failed: the session ends at once.
-    pub(crate) fn handle_closed(&mut self, slot: usize) {
+    pub(crate) fn handle_closed(&mut self, now: Instant, slot: usize) {
+        self.now = now;
         self.close(slot);
     }
 
@@ -361,8 +367,21 @@ impl FanoutCore {
                     );
                     return self.refuse(slot, error_code::FRAME_TOO_LARGE, reason);
                 }
-                self.route_publish(&publish, read_ns);
-                Ok(())
+                if self.route_publish(&publish, read_ns) {
+                    return Ok(());
+                }
+                let reason = format!(
+                    "PUBLISH to {:?}: the engine holds limits.max_topics = {} topics",
+                    publish.topic, self.config.limits.max_topics
+                );
+                // Not `refuse`: counted once, as topics_refused.
+                self.reply(
+                    slot,
+                    Reply::Error {
+                        code: error_code::TOO_MANY_TOPICS,
+                        reason: super::session::bounded_reason(reason),
+                    },
+                )
             }
             Op::Subscribe(subscribe) => self.handle_subscribe(slot, subscribe),
             Op::Unsubscribe { sub_id } => {
@@ -389,6 +408,8 @@ impl FanoutCore {
             Op::Ping { nonce } => self.reply(slot, Reply::Pong { nonce }),
             Op::Pong => {
                 session.ping_outstanding = false;
+                // The next PING may now be due earlier than the expiry the heap holds.
+                self.arm(slot);
                 Ok(())
             }
             Op::StatsRequest => {
@@ -692,6 +713,11 @@ impl FanoutCore {
         s.topics_owned.store(self.store.len(), Ordering::Relaxed);
         s.ring_bytes
             .store(self.store.ring_bytes(), Ordering::Relaxed);
+        s.retained_bytes
+            .store(self.store.retained_bytes(), Ordering::Relaxed);
+        s.retained_evicted
+            .store(self.store.retained_evicted(), Ordering::Relaxed);
+        s.topics_refused.store(c.topics_refused, Ordering::Relaxed);
     }
 
     /// What `lanpush stats` shows for each open connection of this shard.
@@ -747,17 +773,20 @@ impl FanoutCore {
             0 => k.default_ms,
             ms => ms.clamp(k.min_ms, k.max_ms),
         };
+        let max_id = self.config.limits.max_client_id_bytes;
+        if client_id.len() > max_id {
+            return Err(Fatal::new(
+                error_code::HANDSHAKE,
+                format!(
+                    "client id of {} bytes is longer than limits.max_client_id_bytes = {max_id}",
+                    client_id.len()
+                ),
+            ));
+        }
         let reconnects = if client_id.is_empty() {
             0
         } else {
-            let mut sessions = self
-                .shared
-                .sessions
-                .lock()
-                .unwrap_or_else(|e| e.into_inner());
-            let seen = sessions.entry(client_id.clone()).or_insert(0);
-            *seen += 1;
-            *seen - 1
+            self.shared.clients.hello(&client_id, now)
         };
         let welcome = Welcome {
             version: PROTOCOL_VERSION,
@@ -882,6 +911,7 @@ impl FanoutCore {
     /// A refused request: a non-fatal ERROR.
     fn refuse(&mut self, slot: usize, code: u16, reason: String) -> Result<(), Fatal> {
         self.counters.requests_refused += 1;
+        let reason = super::session::bounded_reason(reason);
         self.reply(slot, Reply::Error { code, reason })
     }
 
@@ -933,6 +963,10 @@ impl FanoutCore {
         }
         self.remove_subs(slot);
         if let Some(session) = self.sessions[slot].take() {
+            // A session that said HELLO (not refused at it) holds its client id until now.
+            if !session.client_id.is_empty() {
+                self.shared.clients.gone(&session.client_id, self.now);
+            }
             self.metrics.remove_conn(session.id);
             self.live -= 1;
             self.closed.push(slot);
@@ -941,15 +975,20 @@ impl FanoutCore {
 
     // ----- publishing and fan-out -----
 
-    /// Sends a validated publish to its topic's owner (maybe this shard).
-    fn route_publish(&mut self, publish: &PublishRef<'_>, ingest_ts_ns: u64) {
-        self.counters.publishes_in += 1;
-        let owner = self
+    /// Sends a validated publish to its topic's owner (maybe this shard). `false`: a new topic
+    /// past `limits.max_topics`, not taken.
+    fn route_publish(&mut self, publish: &PublishRef<'_>, ingest_ts_ns: u64) -> bool {
+        let Some(owner) = self
             .owners
-            .for_publish(&self.shared.owners, publish.topic, self.id);
+            .for_publish(&self.shared.owners, publish.topic, self.id)
+        else {
+            self.counters.topics_refused += 1;
+            return false;
+        };
+        self.counters.publishes_in += 1;
         if owner == self.id {
             self.ingest(publish, ingest_ts_ns);
-            return;
+            return true;
         }
         let queue = &mut self.outgoing[owner as usize];
         if !matches!(queue.last(), Some(CoreMsg::Publish(_))) {
@@ -959,6 +998,7 @@ impl FanoutCore {
             batch.extend_from_slice(&ingest_ts_ns.to_le_bytes());
             proto::encode_publish(batch, publish);
         }
+        true
     }
 
     fn handle_publish_batch(&mut self, mut buf: &[u8]) {

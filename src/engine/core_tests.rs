@@ -567,3 +567,93 @@ fn a_publish_whose_data_frame_would_exceed_the_frame_limit_is_refused_not_fatal(
     assert_eq!(data(&got).len(), 1);
     assert!(!c.is_closed(publisher));
 }
+
+#[test]
+fn new_topics_past_the_limit_are_refused_and_known_ones_go_on() {
+    let mut c = Cluster::new(2, |config| config.limits.max_topics = 3);
+    let publisher = c.connect(1, "gw");
+    let sub = c.connect(0, "hmi");
+    c.subscribe(sub, 1, "t/#", DeliveryMode::All);
+    c.run();
+    c.recv(sub);
+    for t in 0..5 {
+        c.publish(publisher, &format!("t/{t}"), b"x");
+    }
+    c.publish(publisher, "t/0", b"y");
+    c.run();
+    assert_eq!(
+        c.recv(publisher),
+        [
+            Got::Error {
+                code: error_code::TOO_MANY_TOPICS
+            },
+            Got::Error {
+                code: error_code::TOO_MANY_TOPICS
+            }
+        ]
+    );
+    assert_eq!(data(&c.recv(sub)).len(), 4, "three topics, then t/0 again");
+    assert_eq!(c.cores[1].counters.topics_refused, 2);
+}
+
+#[test]
+fn a_client_id_past_the_limit_is_refused_at_hello() {
+    let mut c = Cluster::new(1, |config| config.limits.max_client_id_bytes = 8);
+    let client = c.connect_raw(0, 1 << 20);
+    c.send(
+        client,
+        &Frame::Hello(crate::proto::Hello {
+            version: crate::proto::PROTOCOL_VERSION,
+            client_id: "x".repeat(9),
+            keepalive_ms: 0,
+        }),
+    );
+    c.run();
+    assert_eq!(
+        c.recv(client),
+        [Got::Error {
+            code: error_code::HANDSHAKE
+        }]
+    );
+}
+
+#[test]
+fn errors_quoting_client_input_stay_within_the_frame_limit() {
+    let mut c = Cluster::new(1, |config| config.limits.max_frame_bytes = 4096);
+    let rude = c.connect(0, "rude");
+    let long = "\u{7}".repeat(4000);
+    c.send(
+        rude,
+        &Frame::Error(crate::proto::WireError {
+            code: 1,
+            reason: long,
+        }),
+    );
+    c.run();
+    // The harness decodes with max_frame_bytes: an oversized ERROR would panic here.
+    assert_eq!(
+        c.recv(rude),
+        [Got::Error {
+            code: error_code::UNEXPECTED_FRAME
+        }]
+    );
+}
+
+#[test]
+fn a_client_answering_pings_is_pinged_every_keepalive() {
+    let mut c = Cluster::new(1, |config| config.keepalive.default_ms = 1000);
+    let gw = c.connect(0, "gw");
+    let mut pings = 0;
+    for _ in 0..100 {
+        c.advance(Duration::from_millis(50));
+        if c.recv(gw).contains(&Got::Ping) {
+            pings += 1;
+            c.send(gw, &Frame::Pong { nonce: 0 });
+        }
+    }
+    assert!(!c.is_closed(gw));
+    assert!(
+        (4..=5).contains(&pings),
+        "{pings} PINGs in 5 s at a 1 s keep-alive"
+    );
+}

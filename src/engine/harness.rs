@@ -334,7 +334,10 @@ impl Cluster {
         let mut out = Vec::new();
         let mut at = 0;
         while at < bytes.len() {
-            match decode_frame(&bytes[at..], usize::MAX).expect("the engine writes whole frames") {
+            // Frames from the engine obey the frame limit too.
+            match decode_frame(&bytes[at..], self.max_frame_bytes)
+                .expect("the engine writes well-formed frames within max_frame_bytes")
+            {
                 Decoded::Frame(frame, used) => {
                     at += used;
                     out.push(got(frame));
@@ -377,7 +380,7 @@ impl Cluster {
 
     /// The peer went away.
     pub(crate) fn hang_up(&mut self, client: Client) {
-        self.cores[client.shard as usize].handle_closed(client.slot);
+        self.cores[client.shard as usize].handle_closed(self.now, client.slot);
         self.run();
     }
 }

@@ -7,6 +7,7 @@
 //! (the kernel's SO_REUSEPORT hash can leave one shard with most of a handful of connections).
 //! Everything after accept lives in `shard.rs`.
 
+mod clients;
 mod core;
 #[cfg(test)]
 mod core_tests;
@@ -77,6 +78,8 @@ pub enum PublishError {
     },
     #[error("payload of {len} bytes exceeds max_frame_bytes")]
     TooLarge { len: usize },
+    #[error("the engine holds limits.max_topics topics: {topic:?} would be a new one")]
+    TooManyTopics { topic: String },
     #[error("the engine is overloaded: the owner shard's inbox is full")]
     Overloaded,
     #[error("the engine has shut down")]
@@ -106,6 +109,9 @@ pub(crate) struct ShardStats {
     pub shutdown_closes: AtomicU64,
     pub io_errors: AtomicU64,
     pub ring_bytes: AtomicUsize,
+    pub retained_bytes: AtomicUsize,
+    pub retained_evicted: AtomicU64,
+    pub topics_refused: AtomicU64,
     pub throttled_turns: AtomicU64,
 }
 
@@ -119,9 +125,8 @@ pub(crate) struct EngineShared {
     pub engine_id: u64,
     /// Latency histograms, one slot per shard, refreshed every few hundred ms.
     pub metrics: crate::metrics::MetricsBoard,
-    /// HELLOs seen per client id: a client's reconnects are its count minus one. Touched once
-    /// per connection, never on the data path.
-    pub sessions: std::sync::Mutex<std::collections::HashMap<String, u64>>,
+    /// The client ids seen, for reconnect counts; bounded (`clients.rs`).
+    pub clients: clients::ClientSessions,
     /// Which shard owns each topic (`owners.rs`).
     pub owners: owners::OwnerTable,
     /// One sender into each reactor's inbox, indexed by reactor.
@@ -146,8 +151,11 @@ impl EngineShared {
             started_unix_ns: now_unix_ns(),
             engine_id: now_unix_ns() ^ (u64::from(std::process::id()) << 40),
             metrics: crate::metrics::MetricsBoard::new(n_shards, &config.metrics),
-            sessions: Default::default(),
-            owners: owners::OwnerTable::new(n_shards as u16),
+            clients: clients::ClientSessions::new(
+                std::time::Duration::from_secs(config.limits.client_session_expiry_s),
+                config.limits.max_connections,
+            ),
+            owners: owners::OwnerTable::new(n_shards as u16, config.limits.max_topics),
             mailboxes: Vec::new(),
             shutting_down: AtomicBool::new(false),
             reactor_failures: AtomicU64::new(0),
@@ -218,7 +226,7 @@ impl EngineShared {
         connections: Vec<serde_json::Value>,
         partial: bool,
     ) -> serde_json::Value {
-        let fields: [(&str, StatField); 21] = [
+        let fields: [(&str, StatField); 24] = [
             ("connections", |s| {
                 s.connections.load(Ordering::Relaxed) as u64
             }),
@@ -257,6 +265,15 @@ impl EngineShared {
             ("ring_bytes", |s| {
                 s.ring_bytes.load(Ordering::Relaxed) as u64
             }),
+            ("retained_bytes", |s| {
+                s.retained_bytes.load(Ordering::Relaxed) as u64
+            }),
+            ("retained_evicted", |s| {
+                s.retained_evicted.load(Ordering::Relaxed)
+            }),
+            ("topics_refused", |s| {
+                s.topics_refused.load(Ordering::Relaxed)
+            }),
             ("throttled_turns", |s| {
                 s.throttled_turns.load(Ordering::Relaxed)
             }),
@@ -285,6 +302,7 @@ impl EngineShared {
         let mut doc = serde_json::json!({
             "uptime_ms": now_unix_ns().saturating_sub(self.started_unix_ns) / 1_000_000,
             "open_connections": self.open_connections.load(Ordering::Relaxed),
+            "client_ids": self.clients.len(),
             "totals": totals,
             "reactors": shards,
             "connections": connections,
@@ -623,7 +641,10 @@ impl LocalPublisher {
         let owner = self
             .owners
             .borrow_mut()
-            .for_local_publish(&self.shared.owners, topic) as usize;
+            .for_local_publish(&self.shared.owners, topic)
+            .ok_or_else(|| PublishError::TooManyTopics {
+                topic: topic.to_string(),
+            })? as usize;
         self.shared.mailboxes[owner]
             .try_send(ShardMsg::Core(core::CoreMsg::Publish(buf)))
             .map_err(|e| match e {

@@ -29,28 +29,38 @@ pub(crate) fn owner_of(topic: &str, n_shards: u16) -> u16 {
 }
 
 /// The engine-wide topic -> owner table.
+///
+/// It is also where the engine-wide topic limit (`limits.max_topics`) is kept: a topic exists
+/// from its first claim, so refusing the claim refuses the topic everywhere at once, and every
+/// per-shard structure keyed by topic (store, owner caches) stays within the same bound.
 pub(crate) struct OwnerTable {
     n_shards: u16,
+    max_topics: usize,
     owners: Mutex<HashMap<Box<str>, u16>>,
 }
 
 impl OwnerTable {
-    pub(crate) fn new(n_shards: u16) -> OwnerTable {
+    pub(crate) fn new(n_shards: u16, max_topics: usize) -> OwnerTable {
         OwnerTable {
             n_shards,
+            max_topics,
             owners: Mutex::new(HashMap::default()),
         }
     }
 
-    /// The owner of `topic`, which becomes `claimant` if it has none yet.
-    pub(crate) fn claim(&self, topic: &str, claimant: u16) -> u16 {
+    /// The owner of `topic`, which becomes `claimant` if it has none yet; `None` if it has none
+    /// and the engine already holds `max_topics` topics.
+    pub(crate) fn claim(&self, topic: &str, claimant: u16) -> Option<u16> {
         debug_assert!(claimant < self.n_shards);
         let mut owners = self.owners.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(&owner) = owners.get(topic) {
-            return owner;
+            return Some(owner);
+        }
+        if owners.len() >= self.max_topics {
+            return None;
         }
         owners.insert(topic.into(), claimant);
-        claimant
+        Some(claimant)
     }
 
     /// The owner of `topic` if some shard has claimed it.
@@ -60,7 +70,7 @@ impl OwnerTable {
     }
 
     /// The owner for a publish that does not come through a shard: claimed for the hash owner.
-    pub(crate) fn claim_for_local(&self, topic: &str) -> u16 {
+    pub(crate) fn claim_for_local(&self, topic: &str) -> Option<u16> {
         self.claim(topic, owner_of(topic, self.n_shards))
     }
 
@@ -78,25 +88,26 @@ pub(crate) struct OwnerCache {
 }
 
 impl OwnerCache {
-    /// The owner of a topic this shard is about to publish: `me` if nobody owns it yet.
-    pub(crate) fn for_publish(&mut self, table: &OwnerTable, topic: &str, me: u16) -> u16 {
+    /// The owner of a topic this shard is about to publish: `me` if nobody owns it yet; `None`
+    /// if it is a new topic past the engine's limit.
+    pub(crate) fn for_publish(&mut self, table: &OwnerTable, topic: &str, me: u16) -> Option<u16> {
         if let Some(&owner) = self.known.get(topic) {
-            return owner;
+            return Some(owner);
         }
-        let owner = table.claim(topic, me);
+        let owner = table.claim(topic, me)?;
         self.known.insert(topic.into(), owner);
-        owner
+        Some(owner)
     }
 
     /// The owner of a topic an in-process publisher is about to publish: the hash owner if
     /// nobody owns it yet ([`OwnerTable::claim_for_local`]). Asks the table once per topic.
-    pub(crate) fn for_local_publish(&mut self, table: &OwnerTable, topic: &str) -> u16 {
+    pub(crate) fn for_local_publish(&mut self, table: &OwnerTable, topic: &str) -> Option<u16> {
         if let Some(&owner) = self.known.get(topic) {
-            return owner;
+            return Some(owner);
         }
-        let owner = table.claim_for_local(topic);
+        let owner = table.claim_for_local(topic)?;
         self.known.insert(topic.into(), owner);
-        owner
+        Some(owner)
     }
 
     /// The owner of a topic this shard needs something from (a replay). A topic nobody has
@@ -118,6 +129,22 @@ impl OwnerCache {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_topic_limit_refuses_new_topics_only() {
+        let table = OwnerTable::new(2, 2);
+        let mut cache = OwnerCache::default();
+        assert_eq!(cache.for_publish(&table, "a", 0), Some(0));
+        assert_eq!(table.claim("b", 1), Some(1));
+        assert_eq!(cache.for_publish(&table, "c", 0), None, "a third topic");
+        assert_eq!(table.claim_for_local("c"), None);
+        assert_eq!(
+            cache.for_publish(&table, "b", 0),
+            Some(1),
+            "known topics go on"
+        );
+        assert_eq!(cache.lookup(&table, "c"), owner_of("c", 2));
+    }
     use std::sync::Arc;
 
     #[test]
@@ -135,48 +162,55 @@ mod tests {
 
     #[test]
     fn the_first_publisher_shard_owns_a_topic_for_good() {
-        let table = OwnerTable::new(4);
+        let table = OwnerTable::new(4, 1000);
         let (mut a, mut b) = (OwnerCache::default(), OwnerCache::default());
-        assert_eq!(a.for_publish(&table, "gw1/tag1", 3), 3);
-        assert_eq!(b.for_publish(&table, "gw1/tag1", 1), 3, "claimed already");
+        assert_eq!(a.for_publish(&table, "gw1/tag1", 3), Some(3));
+        assert_eq!(
+            b.for_publish(&table, "gw1/tag1", 1),
+            Some(3),
+            "claimed already"
+        );
         assert_eq!(b.lookup(&table, "gw1/tag1"), 3);
         // A lookup never claims: an unpublished topic answers with its hash owner.
         assert_eq!(a.lookup(&table, "never"), owner_of("never", 4));
-        assert_eq!(b.for_publish(&table, "never", 2), 2);
+        assert_eq!(b.for_publish(&table, "never", 2), Some(2));
         assert_eq!(a.lookup(&table, "never"), 2, "not cached before the claim");
         // The in-process publisher claims for the hash owner.
-        assert_eq!(table.claim_for_local("local/x"), owner_of("local/x", 4));
+        assert_eq!(
+            table.claim_for_local("local/x"),
+            Some(owner_of("local/x", 4))
+        );
     }
 
     #[test]
     fn a_local_publisher_cache_claims_for_the_hash_owner_and_defers_to_shards() {
-        let table = OwnerTable::new(4);
+        let table = OwnerTable::new(4, 1000);
         let (mut shard, mut local) = (OwnerCache::default(), OwnerCache::default());
         let hashed = owner_of("local/x", 4);
-        assert_eq!(local.for_local_publish(&table, "local/x"), hashed);
+        assert_eq!(local.for_local_publish(&table, "local/x"), Some(hashed));
         assert_eq!(
             shard.for_publish(&table, "local/x", (hashed + 1) % 4),
-            hashed
+            Some(hashed)
         );
         // A topic a shard claimed first keeps that shard, whatever its hash.
         let other = (owner_of("gw/t", 4) + 1) % 4;
-        assert_eq!(shard.for_publish(&table, "gw/t", other), other);
-        assert_eq!(local.for_local_publish(&table, "gw/t"), other);
+        assert_eq!(shard.for_publish(&table, "gw/t", other), Some(other));
+        assert_eq!(local.for_local_publish(&table, "gw/t"), Some(other));
         // Repeats come from the cache (`handle_tests.rs` shows they take no lock).
-        assert_eq!(local.for_local_publish(&table, "gw/t"), other);
-        assert_eq!(local.for_local_publish(&table, "local/x"), hashed);
+        assert_eq!(local.for_local_publish(&table, "gw/t"), Some(other));
+        assert_eq!(local.for_local_publish(&table, "local/x"), Some(hashed));
     }
 
     #[test]
     fn racing_claims_agree_on_one_owner() {
-        let table = Arc::new(OwnerTable::new(8));
+        let table = Arc::new(OwnerTable::new(8, 100_000));
         let answers: Vec<Vec<u16>> = (0..8u16)
             .map(|me| {
                 let table = table.clone();
                 std::thread::spawn(move || {
                     let mut cache = OwnerCache::default();
                     (0..500)
-                        .map(|t| cache.for_publish(&table, &format!("t/{t}"), me))
+                        .map(|t| cache.for_publish(&table, &format!("t/{t}"), me).unwrap())
                         .collect::<Vec<u16>>()
                 })
             })

@@ -274,7 +274,7 @@ impl Reactor {
         self.core.shut_down(now);
         self.flush(now);
         for slot in 0..self.links.len() {
-            self.core.handle_closed(slot);
+            self.core.handle_closed(now, slot);
         }
         self.drop_closed();
         self.publish_stats();
@@ -382,7 +382,7 @@ impl Reactor {
             let (rend, len) = (link.rend, link.rbuf.len());
             match link.stream.read(&mut link.rbuf[rend..len]) {
                 Ok(0) => {
-                    self.core.handle_closed(slot);
+                    self.core.handle_closed(now, slot);
                     self.drop_closed();
                     return;
                 }
@@ -411,14 +411,14 @@ impl Reactor {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => {
-                    self.io_error(slot, "read", &e);
+                    self.io_error(now, slot, "read", &e);
                     return;
                 }
             }
         }
     }
 
-    fn io_error(&mut self, slot: usize, what: &str, e: &io::Error) {
+    fn io_error(&mut self, now: Instant, slot: usize, what: &str, e: &io::Error) {
         self.counters.io_errors += 1;
         if !matches!(
             e.kind(),
@@ -427,7 +427,7 @@ impl Reactor {
             let id = self.core.session(slot).map_or(0, |s| s.id);
             eprintln!("lanpush: connection {id}: {what} failed: {e}");
         }
-        self.core.handle_closed(slot);
+        self.core.handle_closed(now, slot);
         self.drop_closed();
     }
 

@@ -138,9 +138,26 @@ impl Fatal {
     pub(crate) fn new(code: u16, reason: impl Into<String>) -> Fatal {
         Fatal {
             code,
-            reason: reason.into(),
+            reason: bounded_reason(reason.into()),
         }
     }
+}
+
+/// Longest ERROR reason the engine sends: reasons quote client input (topics, patterns, an
+/// ERROR the client sent), and an ERROR must stay far below any frame limit.
+pub(crate) const MAX_REASON_BYTES: usize = 256;
+
+/// `reason` cut to [`MAX_REASON_BYTES`] on a character boundary, marked with "…" when cut.
+pub(crate) fn bounded_reason(mut reason: String) -> String {
+    if reason.len() > MAX_REASON_BYTES {
+        let mut end = MAX_REASON_BYTES - '…'.len_utf8();
+        while !reason.is_char_boundary(end) {
+            end -= 1;
+        }
+        reason.truncate(end);
+        reason.push('…');
+    }
+    reason
 }
 
 #[derive(Debug)]
@@ -511,7 +528,8 @@ impl Session {
                 if self.ping_outstanding {
                     expire
                 } else {
-                    expire.min(self.last_heard.max(self.last_sent) + self.keepalive)
+                    // PING when nothing was heard, or nothing sent, for one keep-alive.
+                    expire.min(self.last_heard.min(self.last_sent) + self.keepalive)
                 }
             }
         }
@@ -688,6 +706,24 @@ mod tests {
         assert!(!s.wants_stats(), "the answer is still queued");
         s.outbox.consume(10);
         assert!(s.wants_stats());
+    }
+
+    #[test]
+    fn reasons_are_cut_on_a_character_boundary() {
+        let long = "é".repeat(300);
+        let cut = bounded_reason(long);
+        assert!(cut.len() <= MAX_REASON_BYTES && cut.ends_with('…'));
+        assert_eq!(bounded_reason("short".into()), "short");
+    }
+
+    #[test]
+    fn a_receive_only_client_is_pinged_one_keepalive_after_it_last_spoke() {
+        let t0 = Instant::now();
+        let mut s = session(t0, 10, false);
+        s.phase = Phase::Open;
+        s.last_heard = t0 + Duration::from_millis(400);
+        s.last_sent = t0 + Duration::from_millis(900);
+        assert_eq!(s.poll_timeout(), t0 + Duration::from_millis(1400));
     }
 
     #[test]

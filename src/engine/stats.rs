@@ -101,6 +101,18 @@ pub(crate) fn stats_frame(mut doc: serde_json::Value, max_frame_bytes: usize) ->
         if buf.len() - proto::LEN_PREFIX_BYTES <= max_frame_bytes {
             return buf.into();
         }
+        // Per-connection latency summaries go first: the counters matter more.
+        if let Some(latency) = doc
+            .get_mut("latency")
+            .and_then(|l| l.get_mut("connections"))
+            .and_then(serde_json::Value::as_object_mut)
+            .filter(|m| !m.is_empty())
+        {
+            let omitted = latency.len();
+            latency.clear();
+            doc["latency_connections_omitted"] = omitted.into();
+            continue;
+        }
         let Some(list) = doc
             .get_mut("connections")
             .and_then(serde_json::Value::as_array_mut)

@@ -23,6 +23,15 @@ struct TopicEntry {
     snapshot: Option<SharedFrame>,
     /// Recent frames, oldest first, with consecutive sequence numbers ending at `seq`.
     ring: VecDeque<SharedFrame>,
+    /// Stamp of the last update, matching this topic's live entry in the retained LRU.
+    updated: u64,
+}
+
+impl TopicEntry {
+    /// Bytes of retained value this topic holds (the value and its snapshot-flagged copy).
+    fn retained_bytes(&self) -> usize {
+        self.last.as_ref().map_or(0, |f| f.len()) + self.snapshot.as_ref().map_or(0, |f| f.len())
+    }
 }
 
 impl TopicEntry {
@@ -51,11 +60,25 @@ pub struct TopicStore {
     order: VecDeque<u32>,
     ring_bytes: usize,
     max_ring_bytes: usize,
+    /// Bytes of retained values (and their snapshot copies), bounded by `max_retained_bytes`.
+    retained_bytes: usize,
+    max_retained_bytes: usize,
+    /// Topics by last update, oldest first: `(id, stamp)`, live while the topic's `updated`
+    /// equals the stamp (older entries are skipped, and compacted away in bulk).
+    lru: VecDeque<(u32, u64)>,
+    next_stamp: u64,
+    /// Retained values dropped to keep within `max_retained_bytes`.
+    retained_evicted: u64,
 }
 
 impl TopicStore {
-    pub fn new(max_ring_bytes: usize) -> TopicStore {
+    pub fn new(max_ring_bytes: usize, max_retained_bytes: usize) -> TopicStore {
         TopicStore {
+            retained_bytes: 0,
+            max_retained_bytes,
+            lru: VecDeque::new(),
+            next_stamp: 1,
+            retained_evicted: 0,
             by_name: HashMap::default(),
             ids: TopicTree::new(),
             topics: Vec::new(),
@@ -73,6 +96,14 @@ impl TopicStore {
         self.ring_bytes
     }
 
+    pub fn retained_bytes(&self) -> usize {
+        self.retained_bytes
+    }
+
+    pub fn retained_evicted(&self) -> u64 {
+        self.retained_evicted
+    }
+
     /// Takes a publish in: next sequence number, the DATA frame encoded once straight into one
     /// shared allocation, retained and put in the ring. Returns the shared frame.
     pub fn ingest(&mut self, publish: &PublishRef<'_>, ingest_ts_ns: u64) -> SharedFrame {
@@ -87,6 +118,7 @@ impl TopicStore {
                     last: None,
                     snapshot: None,
                     ring: VecDeque::new(),
+                    updated: 0,
                 });
                 id
             }
@@ -97,15 +129,45 @@ impl TopicStore {
         let frame = shared_frame_filled(proto::data_frame_total_len(publish), |buf| {
             proto::write_data_from_publish(buf, publish, seq, ingest_ts_ns, 0)
         });
+        self.retained_bytes -= entry.retained_bytes();
         entry.last = Some(frame.clone());
         entry.snapshot = None;
+        self.retained_bytes += frame.len();
+        entry.updated = self.next_stamp;
         if self.max_ring_bytes > 0 {
             entry.ring.push_back(frame.clone());
             self.order.push_back(id);
             self.ring_bytes += frame.len();
             self.evict();
         }
+        self.lru.push_back((id, self.next_stamp));
+        self.next_stamp += 1;
+        self.evict_retained();
         frame
+    }
+
+    /// Drops the retained values updated longest ago until the bound holds again.
+    fn evict_retained(&mut self) {
+        while self.retained_bytes > self.max_retained_bytes {
+            let Some((id, stamp)) = self.lru.pop_front() else {
+                return;
+            };
+            let entry = &mut self.topics[id as usize];
+            if entry.updated != stamp {
+                continue;
+            }
+            self.retained_bytes -= entry.retained_bytes();
+            entry.last = None;
+            entry.snapshot = None;
+            self.retained_evicted += 1;
+        }
+        // Superseded entries pile up for topics updated often: drop them once they outnumber
+        // the live ones, so the queue stays within twice the topics (amortised O(1) a publish).
+        if self.lru.len() > 2 * self.topics.len() + 64 {
+            let topics = &self.topics;
+            self.lru
+                .retain(|&(id, stamp)| topics[id as usize].updated == stamp);
+        }
     }
 
     fn evict(&mut self) {
@@ -125,11 +187,19 @@ impl TopicStore {
         for id in ids {
             let entry = &mut self.topics[id as usize];
             let Some(last) = &entry.last else { continue };
-            let snap = entry.snapshot.get_or_insert_with(|| {
-                Arc::from(proto::data_frame_with_flags(last, DATA_FLAG_SNAPSHOT))
-            });
-            out.push(snap.clone());
+            let snap = match &entry.snapshot {
+                Some(snap) => snap.clone(),
+                None => {
+                    let snap: SharedFrame =
+                        Arc::from(proto::data_frame_with_flags(last, DATA_FLAG_SNAPSHOT));
+                    self.retained_bytes += snap.len();
+                    entry.snapshot = Some(snap.clone());
+                    snap
+                }
+            };
+            out.push(snap);
         }
+        self.evict_retained();
     }
 
     /// Every message of `topic` from `from_seq` on, up to `budget` bytes (at least one frame).
@@ -240,7 +310,7 @@ mod tests {
 
     #[test]
     fn sequences_are_per_topic_and_the_snapshot_is_the_latest() {
-        let mut store = TopicStore::new(1 << 20);
+        let mut store = TopicStore::new(1 << 20, usize::MAX);
         publish(&mut store, "a/x", b"1");
         publish(&mut store, "a/x", b"2");
         publish(&mut store, "a/y", b"1");
@@ -254,9 +324,9 @@ mod tests {
 
     #[test]
     fn replay_names_evicted_messages_in_a_gap_then_replays_the_rest() {
-        let frame_len = publish(&mut TopicStore::new(0), "t", b"p").len();
+        let frame_len = publish(&mut TopicStore::new(0, usize::MAX), "t", b"p").len();
         // Room for exactly 3 frames across topics.
-        let mut store = TopicStore::new(3 * frame_len);
+        let mut store = TopicStore::new(3 * frame_len, usize::MAX);
         for _ in 0..4 {
             publish(&mut store, "t", b"p");
         }
@@ -279,7 +349,7 @@ mod tests {
 
     #[test]
     fn replay_stops_at_the_budget_and_says_where_to_continue() {
-        let mut store = TopicStore::new(1 << 20);
+        let mut store = TopicStore::new(1 << 20, usize::MAX);
         let len = (0..10)
             .map(|_| publish(&mut store, "t", b"p").len())
             .last()
@@ -296,7 +366,7 @@ mod tests {
 
     #[test]
     fn resume_replays_unnamed_topics_from_their_first_message() {
-        let mut store = TopicStore::new(1 << 20);
+        let mut store = TopicStore::new(1 << 20, usize::MAX);
         for topic in ["a/x", "a/x", "a/y", "a/x"] {
             publish(&mut store, topic, b"p");
         }
@@ -313,5 +383,35 @@ mod tests {
         got.sort();
         assert_eq!(got, ["a/x#3 f0", "a/y#1 f0"]);
         assert!(lagged.is_empty());
+    }
+
+    #[test]
+    fn retained_values_are_bounded_and_the_stalest_go_first() {
+        let frame_len = publish(&mut TopicStore::new(0, usize::MAX), "t/0", b"p").len();
+        let mut store = TopicStore::new(0, 3 * frame_len);
+        for t in 0..3 {
+            publish(&mut store, &format!("t/{t}"), b"p");
+        }
+        publish(&mut store, "t/0", b"q"); // t/1 is now the stalest
+        publish(&mut store, "t/3", b"p");
+        assert_eq!(store.retained_evicted(), 1);
+        assert!(store.retained_bytes() <= 3 * frame_len);
+        let mut snap = Vec::new();
+        store.snapshot("t/+", &mut snap);
+        let topics: Vec<&str> = snap
+            .iter()
+            .map(|f| proto::data_frame_topic(f).unwrap())
+            .collect();
+        assert!(!topics.contains(&"t/1"), "{topics:?}");
+        // The topic's numbering goes on.
+        assert_eq!(
+            proto::data_frame_seq(&publish(&mut store, "t/1", b"p")),
+            Some(2)
+        );
+        // Many updates of few topics keep the LRU queue within twice the topics.
+        for i in 0..10_000 {
+            publish(&mut store, &format!("t/{}", i % 4), b"p");
+        }
+        assert!(store.lru.len() <= 2 * store.len() + 64 + 1);
     }
 }

@@ -34,6 +34,10 @@ fn engine_help(name: &str) -> &'static str {
         "keepalive_timeouts" => "Connections closed for silence past their keep-alive.",
         "handshake_timeouts" => "Connections closed for not sending HELLO in time.",
         "ring_bytes" => "Bytes held in the replay rings.",
+        "retained_bytes" => "Bytes of retained values (last value per topic) held.",
+        "retained_evicted" => "Retained values dropped to keep within retained.max_bytes.",
+        "topics_refused" => "Publishes to a new topic refused at limits.max_topics.",
+        "reactor_failures" => "Reactor threads that failed (the engine then shuts down).",
         "throttled_turns" => "Reactor turns that held reads back for a full peer inbox.",
         _ => "Engine figure from the stats document.",
     }

@@ -37,6 +37,9 @@ pub mod error_code {
     /// The engine cannot answer this request now (e.g. too many STATS requests queued); the
     /// connection stays open and may ask again.
     pub const BUSY: u16 = 14;
+    /// A PUBLISH to a new topic while the engine holds `limits.max_topics`; the connection
+    /// stays open and known topics go on.
+    pub const TOO_MANY_TOPICS: u16 = 15;
 }
 
 /// First frame from a client.
