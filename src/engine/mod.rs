@@ -7,6 +7,7 @@
 //! (the kernel's SO_REUSEPORT hash can leave one shard with most of a handful of connections).
 //! Everything after accept lives in `shard.rs`.
 
+mod bench_api;
 mod core;
 #[cfg(test)]
 mod core_tests;
@@ -39,6 +40,9 @@ use crate::config::Config;
 use crate::proto::{self, PublishRef};
 use notify::{Inbox, Mailbox, Notifier};
 use reactor::{Reactor, ShardMsg, WAKER_TOKEN};
+
+#[doc(hidden)]
+pub use bench_api::FanoutBench;
 
 /// Bound of each shard's inbox, in messages (each message is a batch from one loop turn).
 const INBOX_CAPACITY: usize = 256;
