@@ -1,101 +1,74 @@
-//! The per-subscriber delivery path without sockets, and the latency recording on it.
+//! The delivery path without sockets, and the latency recording on it.
 //!
-//! - `outbox/*`: one shared 100-byte DATA frame queued to 100 subscribers' [`Outbox`]es (an
-//!   `Arc` clone and a push each), then each outbox flushed as the reactor does: `fill_slices`
-//!   into a stack array of `IoSlice`s, a pretend write of everything, `consume`. Per frame
-//!   delivered; with 64 slices and with the engine's 1024 (whose initialisation is part of
-//!   every write).
+//! - `fanout_1_shard/*`, `fanout_2_shards/*`: the engine's real path through
+//!   [`FanoutBench`]: a PUBLISH frame of a 64-byte payload fed to the fan-out core as a socket
+//!   read would (decode, route, sequence, encode the DATA frame once, retain and ring, match,
+//!   queue to each subscriber), then one flush (vectored writes of the shared frames into a
+//!   transport that takes everything, latency recorded per frame written). Per message
+//!   delivered, to 1, 10 and 100 subscribers; with 16 messages per flush (16 frames per
+//!   write), the batching a busy reactor turn gets. With 2 shards the subscribers are on the
+//!   shard that does not own the topic: every message also crosses the shard-to-shard hand-off.
+//!   Write coalescing and timers are off (see `src/engine/bench_api.rs`).
 //! - `record_delivery/*`: [`ShardMetrics::record_delivery`] per frame written: consecutive
 //!   frames of one connection and one prefix (the common case), four prefixes interleaved (each
 //!   hits its way of the prefix cache), eight (the cache misses every frame), connections
-//!   alternating (the connection cache misses every frame); and, as the baseline in the same run, `hdrhistogram::Histogram::saturating_record` of the same three
-//!   values with no lookup at all.
-//! - `delivery_path`: queue, flush, read the frame's timestamps and record it, per frame.
+//!   alternating (the connection cache misses every frame); and, as the baseline in the same
+//!   run, `hdrhistogram::Histogram::saturating_record` of the same three values with no lookup
+//!   at all.
 //! - `snapshot`: [`ShardMetrics::snapshot`] as the shard takes it every ~250 ms.
 //!
 //! `cargo bench --bench fanout` (add `-- --quick` for a short run).
 
-use std::io::IoSlice;
-use std::sync::Arc;
-
 use criterion::{black_box, criterion_group, criterion_main, Criterion, Throughput};
 use lanpush::config::MetricsConfig;
-use lanpush::engine::outbox::{Outbox, SharedFrame};
-use lanpush::metrics::{data_frame_stamp, ShardMetrics};
-use lanpush::proto::{self, DataHeader};
+use lanpush::engine::FanoutBench;
+use lanpush::metrics::ShardMetrics;
 
 const SUBSCRIBERS: usize = 100;
-const FRAME_BYTES: usize = 100;
 const T0: u64 = 1_700_000_000_000_000_000;
+const TOPIC: &str = "plant/line1/press04/temp";
+const PAYLOAD: [u8; 64] = [7; 64];
 
-/// A 100-byte DATA frame on `topic`.
-fn frame(topic: &str) -> SharedFrame {
-    let header = DataHeader {
-        seq: 1,
-        source_ts_ns: T0 - 2_000_000,
-        ingest_ts_ns: T0,
-        quality: 192,
-        flags: 0,
-    };
-    let fixed = proto::FRAME_HEADER_BYTES + proto::DATA_FIXED_BYTES + topic.len();
-    let mut buf = Vec::new();
-    proto::encode_data(&mut buf, &header, topic, &vec![7u8; FRAME_BYTES - fixed]);
-    assert_eq!(buf.len(), FRAME_BYTES);
-    Arc::from(buf)
+/// A bench of `subscribers` on `shards` shards, checked to deliver before it is measured.
+fn bench_of(shards: u16, subscribers: usize) -> FanoutBench {
+    let mut bench = FanoutBench::new(shards, subscribers, TOPIC);
+    let before = bench.delivered();
+    bench.publish(TOPIC, &PAYLOAD);
+    bench.flush();
+    assert_eq!(bench.delivered() - before, subscribers as u64);
+    bench
 }
 
-fn outboxes() -> Vec<Outbox> {
-    (0..SUBSCRIBERS)
-        .map(|_| Outbox::new(4 << 20, 65536))
-        .collect()
-}
-
-/// Flushes one outbox completely, as one vectored write that takes everything.
-fn flush<const IOVECS: usize>(outbox: &mut Outbox) -> usize {
-    let written = {
-        let mut slices = [IoSlice::new(&[]); IOVECS];
-        let n = outbox.fill_slices(&mut slices, 512 * 1024);
-        slices[..n].iter().map(|s| s.len()).sum::<usize>()
-    };
-    outbox.consume(written);
-    written
-}
-
-fn outbox(c: &mut Criterion) {
-    let shared = frame("plant/line1/press04/temp");
-    let mut boxes = outboxes();
-    let mut group = c.benchmark_group("outbox_100_subscribers");
-    for batch in [1usize, 16] {
-        group.throughput(Throughput::Elements((SUBSCRIBERS * batch) as u64));
-        group.bench_function(format!("push_{batch}_then_flush_64_iovecs"), |b| {
+fn fanout(c: &mut Criterion) {
+    for shards in [1u16, 2] {
+        let name = if shards == 1 {
+            "fanout_1_shard"
+        } else {
+            "fanout_2_shards"
+        };
+        let mut group = c.benchmark_group(name);
+        for subscribers in [1usize, 10, 100] {
+            let mut bench = bench_of(shards, subscribers);
+            group.throughput(Throughput::Elements(subscribers as u64));
+            group.bench_function(format!("1_msg_to_{subscribers}_subscribers"), |b| {
+                b.iter(|| {
+                    bench.publish(TOPIC, black_box(&PAYLOAD));
+                    bench.flush();
+                })
+            });
+        }
+        let mut bench = bench_of(shards, SUBSCRIBERS);
+        group.throughput(Throughput::Elements(16 * SUBSCRIBERS as u64));
+        group.bench_function(format!("16_msgs_to_{SUBSCRIBERS}_subscribers"), |b| {
             b.iter(|| {
-                for ob in boxes.iter_mut() {
-                    for _ in 0..batch {
-                        ob.push(Arc::clone(&shared)).expect("room");
-                    }
+                for _ in 0..16 {
+                    bench.publish(TOPIC, black_box(&PAYLOAD));
                 }
-                let mut total = 0;
-                for ob in boxes.iter_mut() {
-                    total += flush::<64>(ob);
-                }
-                black_box(total)
+                bench.flush();
             })
         });
+        group.finish();
     }
-    group.throughput(Throughput::Elements(SUBSCRIBERS as u64));
-    group.bench_function("push_1_then_flush_1024_iovecs", |b| {
-        b.iter(|| {
-            for ob in boxes.iter_mut() {
-                ob.push(Arc::clone(&shared)).expect("room");
-            }
-            let mut total = 0;
-            for ob in boxes.iter_mut() {
-                total += flush::<1024>(ob);
-            }
-            black_box(total)
-        })
-    });
-    group.finish();
 }
 
 fn record_delivery(c: &mut Criterion) {
@@ -169,51 +142,6 @@ fn record_delivery(c: &mut Criterion) {
     group.finish();
 }
 
-fn delivery_path(c: &mut Criterion) {
-    let config = MetricsConfig::default();
-    let frames: Vec<SharedFrame> = (0..16)
-        .map(|t| frame(&format!("plant/line1/tag{t:02}")))
-        .collect();
-    let mut boxes = outboxes();
-    let mut metrics = ShardMetrics::new(&config);
-    let mut now = T0 + 30_000;
-    let mut group = c.benchmark_group("delivery_path_100_subscribers");
-    group.throughput(Throughput::Elements((SUBSCRIBERS * frames.len()) as u64));
-    group.bench_function("push_16_flush_record", |b| {
-        b.iter(|| {
-            for ob in boxes.iter_mut() {
-                for f in &frames {
-                    ob.push(Arc::clone(f)).expect("room");
-                }
-            }
-            now += 1_000;
-            for (conn, ob) in boxes.iter_mut().enumerate() {
-                // What the flush would record: every frame the write completed.
-                let written = {
-                    let mut slices = [IoSlice::new(&[]); 64];
-                    let n = ob.fill_slices(&mut slices, 512 * 1024);
-                    let mut written = 0;
-                    for s in &slices[..n] {
-                        if let Some(stamp) = data_frame_stamp(s) {
-                            metrics.record_delivery(
-                                conn as u64,
-                                stamp.topic,
-                                stamp.ingest_ts_ns,
-                                stamp.source_ts_ns,
-                                now,
-                            );
-                        }
-                        written += s.len();
-                    }
-                    written
-                };
-                ob.consume(written);
-            }
-        })
-    });
-    group.finish();
-}
-
 /// What the shard pays every ~250 ms: a snapshot of 10 prefixes and 1,000 connections, all of
 /// which received frames since the last one (the worst case: idle ones reuse their summary).
 fn snapshot(c: &mut Criterion) {
@@ -235,5 +163,5 @@ fn snapshot(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, outbox, record_delivery, delivery_path, snapshot);
+criterion_group!(benches, fanout, record_delivery, snapshot);
 criterion_main!(benches);

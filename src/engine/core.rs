@@ -165,6 +165,9 @@ pub(crate) struct FanoutCore {
     /// Messages for each peer shard, in order.
     outgoing: Vec<Vec<CoreMsg>>,
     dirty: Vec<usize>,
+    /// `flush`'s second list, kept empty between flushes: the two swap, so neither loses its
+    /// capacity and a flush allocates nothing however many connections it writes.
+    spare_dirty: Vec<usize>,
     closed: Vec<usize>,
     /// Session deadlines (time, slot, connection id); stale entries are skipped when popped.
     deadlines: BinaryHeap<Reverse<(Instant, u32, u64)>>,
@@ -215,6 +218,7 @@ impl FanoutCore {
             owners: OwnerCache::default(),
             outgoing: (0..n_shards).map(|_| Vec::new()).collect(),
             dirty: Vec::new(),
+            spare_dirty: Vec::new(),
             closed: Vec::new(),
             deadlines: BinaryHeap::new(),
             matches: Vec::new(),
@@ -621,11 +625,11 @@ impl FanoutCore {
     /// Writes every connection with queued output that write coalescing lets go now, in
     /// vectored writes through `transport`.
     pub(crate) fn flush(&mut self, now: Instant, transport: &mut impl Transport) {
-        let dirty = std::mem::take(&mut self.dirty);
-        let mut still = Vec::new();
+        let mut dirty = std::mem::take(&mut self.dirty);
+        let mut still = std::mem::take(&mut self.spare_dirty);
         self.flush_now = false;
         self.flush_at = None;
-        for slot in dirty {
+        for slot in dirty.drain(..) {
             let Some(session) = self.sessions.get_mut(slot).and_then(Option::as_mut) else {
                 continue;
             };
@@ -669,6 +673,7 @@ impl FanoutCore {
         self.flush_now |= !self.dirty.is_empty();
         still.append(&mut self.dirty);
         self.dirty = still;
+        self.spare_dirty = dirty;
     }
 
     /// Closes every connection with SHUTTING_DOWN (the driver flushes once more, then drops

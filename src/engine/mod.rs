@@ -7,6 +7,7 @@
 //! (the kernel's SO_REUSEPORT hash can leave one shard with most of a handful of connections).
 //! Everything after accept lives in `shard.rs`.
 
+mod bench_api;
 mod clients;
 mod core;
 #[cfg(test)]
@@ -40,6 +41,9 @@ use crate::config::Config;
 use crate::proto::{self, PublishRef};
 use notify::{Inbox, Mailbox, Notifier};
 use reactor::{Reactor, ShardMsg, WAKER_TOKEN};
+
+#[doc(hidden)]
+pub use bench_api::FanoutBench;
 
 /// Bound of each shard's inbox, in messages (each message is a batch from one loop turn).
 const INBOX_CAPACITY: usize = 256;

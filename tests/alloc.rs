@@ -1,0 +1,134 @@
+//! What the house style promises, counted: at steady state, delivering a message to N
+//! subscribers allocates nothing per subscriber. The real delivery path ([`FanoutBench`]:
+//! PUBLISH bytes in, the fan-out core, vectored writes out) runs under a counting global
+//! allocator; a message to 100 subscribers must cost as many allocations as one to 10.
+//!
+//! The counter is thread-local: tests run in parallel threads, and each counts only its own.
+
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::cell::Cell;
+
+use lanpush::config::Config;
+use lanpush::engine::FanoutBench;
+
+/// The system allocator, counting the allocations (reallocations included: a growing `Vec`
+/// is a new allocation) made by the current thread.
+struct Counting;
+
+thread_local! {
+    // `const`-initialised and without a destructor: reading it never allocates and works even
+    // while the thread's other locals are being torn down.
+    static ALLOCATIONS: Cell<u64> = const { Cell::new(0) };
+}
+
+fn count_one() {
+    // `try_with` fails only once the thread is gone; an allocation then is not ours to count.
+    let _ = ALLOCATIONS.try_with(|n| n.set(n.get() + 1));
+}
+
+/// Allocations made by this thread so far.
+fn allocations() -> u64 {
+    ALLOCATIONS.with(Cell::get)
+}
+
+// SAFETY: every method forwards to `System` with the caller's arguments unchanged, so `System`'s
+// guarantees are ours; counting touches only a thread-local `Cell` and never allocates.
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        count_one();
+        // SAFETY: the caller upholds `GlobalAlloc::alloc`'s contract (non-zero size), which is
+        // `System::alloc`'s.
+        unsafe { System.alloc(layout) }
+    }
+
+    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
+        count_one();
+        // SAFETY: as for `alloc`.
+        unsafe { System.alloc_zeroed(layout) }
+    }
+
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        count_one();
+        // SAFETY: `ptr` was allocated by this allocator, that is by `System`, with `layout`, and
+        // the caller upholds the rest of `realloc`'s contract.
+        unsafe { System.realloc(ptr, layout, new_size) }
+    }
+
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        // SAFETY: `ptr` was allocated by `System` (through this allocator) with `layout`.
+        unsafe { System.dealloc(ptr, layout) }
+    }
+}
+
+#[global_allocator]
+static GLOBAL: Counting = Counting;
+
+const TOPIC: &str = "plant/line1/press04/temp";
+const PAYLOAD: [u8; 64] = [7; 64];
+/// Messages published before counting: enough to fill the replay ring below several times
+/// over, so every queue, map and ring on the path has reached its steady capacity.
+const WARM_UP: u64 = 5_000;
+/// Messages counted.
+const K: u64 = 1_000;
+
+/// Allocations made while `K` messages are each published then flushed, for one publisher and
+/// `subscribers` subscribers on `shards` shards, after a warm-up.
+fn allocations_for(shards: u16, subscribers: usize) -> u64 {
+    let mut config = Config::default();
+    // A ring that the warm-up fills (about 500 frames per shard): the default 64 MiB would take
+    // some 500,000 messages before its `VecDeque`s stop growing.
+    config.retained.ring_bytes = 64 * 1024 * shards as usize;
+    let mut bench = FanoutBench::with_config(config, shards, subscribers, TOPIC);
+    for _ in 0..WARM_UP {
+        bench.publish(TOPIC, &PAYLOAD);
+        bench.flush();
+    }
+    let (delivered, bytes) = (bench.delivered(), bench.bytes_written());
+    let before = allocations();
+    for _ in 0..K {
+        bench.publish(TOPIC, &PAYLOAD);
+        bench.flush();
+    }
+    let counted = allocations() - before;
+    // The path ran: every message reached every subscriber and was written.
+    assert_eq!(bench.delivered() - delivered, K * subscribers as u64);
+    assert!(bench.bytes_written() - bytes >= K * subscribers as u64 * PAYLOAD.len() as u64);
+    counted
+}
+
+/// Checks that messages to 10 and to 100 subscribers cost the same allocations, at most
+/// `per_message` each; returns the count for `K` messages.
+fn assert_flat(shards: u16, per_message: u64) -> u64 {
+    let ten = allocations_for(shards, 10);
+    let hundred = allocations_for(shards, 100);
+    eprintln!(
+        "{shards} shard(s): {ten} allocations for {K} messages to 10 subscribers, {hundred} to 100"
+    );
+    assert_eq!(
+        ten, hundred,
+        "{shards} shard(s), {K} messages: {ten} allocations with 10 subscribers, {hundred} with \
+         100: something on the delivery path allocates per subscriber or per write"
+    );
+    assert!(
+        ten <= per_message * K,
+        "{shards} shard(s): {ten} allocations for {K} messages, more than {per_message} each"
+    );
+    ten
+}
+
+/// One allocation per message: the DATA frame, encoded once into the shared buffer that every
+/// subscriber's queue holds a handle to.
+#[test]
+fn delivery_allocates_nothing_per_subscriber_on_one_shard() {
+    assert_flat(1, 1);
+}
+
+/// Subscribers on another shard than the topic's owner: three allocations per message, none
+/// per subscriber. The DATA frame; the owner's outgoing queue for the peer, which the driver
+/// takes whole each turn (as the reactor's `send_outgoing` does) so the next turn's first
+/// message allocates a new one; and the `CoreMsg::Deliver` batch of frames. The last two are
+/// per peer shard and per turn: each turn here carries one message, under load they carry many.
+#[test]
+fn delivery_allocates_nothing_per_subscriber_across_shards() {
+    assert_flat(2, 3);
+}
