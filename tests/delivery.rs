@@ -271,56 +271,6 @@ fn memory_growth_bound(connections: u64) -> u64 {
         + SLACK_BYTES
 }
 
-/// Samples the engine's VmRSS every 10 ms until dropped; keeps the peak.
-struct RssSampler {
-    stop: std::sync::Arc<AtomicBool>,
-    peak_kib: std::sync::Arc<AtomicU64>,
-    samples: std::sync::Arc<AtomicU64>,
-    thread: Option<thread::JoinHandle<()>>,
-}
-
-impl RssSampler {
-    fn start(pid: u32) -> RssSampler {
-        let stop = std::sync::Arc::new(AtomicBool::new(false));
-        let peak_kib = std::sync::Arc::new(AtomicU64::new(0));
-        let samples = std::sync::Arc::new(AtomicU64::new(0));
-        let (stop2, peak2, samples2) = (stop.clone(), peak_kib.clone(), samples.clone());
-        let thread = thread::spawn(move || {
-            while !stop2.load(Ordering::Relaxed) {
-                if let Some(kib) = util::vm_rss_kib(pid) {
-                    peak2.fetch_max(kib, Ordering::Relaxed);
-                    samples2.fetch_add(1, Ordering::Relaxed);
-                }
-                thread::sleep(Duration::from_millis(10));
-            }
-        });
-        RssSampler {
-            stop,
-            peak_kib,
-            samples,
-            thread: Some(thread),
-        }
-    }
-
-    /// Stops sampling; returns (peak KiB, number of samples).
-    fn finish(mut self) -> (u64, u64) {
-        self.stop.store(true, Ordering::Relaxed);
-        if let Some(t) = self.thread.take() {
-            t.join().unwrap();
-        }
-        (
-            self.peak_kib.load(Ordering::Relaxed),
-            self.samples.load(Ordering::Relaxed),
-        )
-    }
-}
-
-impl Drop for RssSampler {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-    }
-}
-
 /// What the paced publisher of the stalled-subscriber test did.
 struct PublishReport {
     small_per_topic: u64,
@@ -484,7 +434,7 @@ fn a_stalled_subscriber_costs_bounded_memory_and_blocks_no_one() {
             thread::sleep(Duration::from_millis(5));
         }
         let baseline_kib = util::vm_rss_kib(server.pid()).expect("engine VmRSS");
-        let sampler = RssSampler::start(server.pid());
+        let sampler = util::RssSampler::start(server.pid());
 
         let report = publish_paced(&mut publisher, &small, &bulk);
         // Everything is published: the fast subscribers know where to stop (+1: the warm-up).

@@ -7,6 +7,7 @@
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::process::{Child, ChildStdin, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{self, Receiver};
 use std::sync::{Arc, Mutex};
 use std::thread::{self, JoinHandle};
@@ -18,6 +19,12 @@ use lanpush::proto::{
 };
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_lanpush");
+
+/// The `lanpush` binary the tests run: [`BIN`], or the one `LANPUSH_TEST_BIN` names, so that a
+/// test can be shown to fail against an older build (`LANPUSH_TEST_BIN=/path/to/old/lanpush`).
+pub fn bin() -> String {
+    std::env::var("LANPUSH_TEST_BIN").unwrap_or_else(|_| BIN.to_string())
+}
 
 /// Generous bound for anything that should take milliseconds; only a broken build reaches it.
 pub const STEP: Duration = Duration::from_secs(10);
@@ -36,7 +43,7 @@ impl Server {
     }
 
     pub fn start_with(extra: &[&str]) -> Server {
-        let mut child = Command::new(BIN)
+        let mut child = Command::new(bin())
             .args(["serve", "--listen", "127.0.0.1:0"])
             .args(extra)
             .stdin(Stdio::null())
@@ -180,7 +187,7 @@ pub struct Cli {
 
 impl Cli {
     pub fn spawn(args: &[&str]) -> Cli {
-        let mut child = Command::new(BIN)
+        let mut child = Command::new(bin())
             .args(args)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
@@ -321,7 +328,11 @@ pub struct Raw {
 
 impl Raw {
     pub fn connect(addr: SocketAddr) -> Raw {
-        let stream = TcpStream::connect(addr).expect("connect");
+        Raw::from_stream(TcpStream::connect(addr).expect("connect"))
+    }
+
+    /// A connection made elsewhere (e.g. with a connect timeout), with Nagle off.
+    pub fn from_stream(stream: TcpStream) -> Raw {
         stream.set_nodelay(true).unwrap();
         Raw {
             stream,
@@ -331,14 +342,36 @@ impl Raw {
 
     /// HELLO with `keepalive_ms`, then the WELCOME.
     pub fn hello(&mut self, keepalive_ms: u32) -> Welcome {
-        self.send(&Frame::Hello(Hello {
-            version: PROTOCOL_VERSION,
-            client_id: "raw-test".into(),
-            keepalive_ms,
-        }));
+        self.send_hello("raw-test", keepalive_ms);
         match self.read(STEP) {
             Some(Got::Welcome(w)) => w,
             other => panic!("expected WELCOME, got {other:?}"),
+        }
+    }
+
+    /// Sends HELLO and returns without waiting for the WELCOME.
+    pub fn send_hello(&mut self, client_id: &str, keepalive_ms: u32) {
+        self.send(&Frame::Hello(Hello {
+            version: PROTOCOL_VERSION,
+            client_id: client_id.into(),
+            keepalive_ms,
+        }));
+    }
+
+    /// A PING round trip: sends PING `nonce` and reads until its PONG, answering the engine's
+    /// PINGs meanwhile and panicking on anything else. Returns the round-trip time.
+    pub fn ping(&mut self, nonce: u64, timeout: Duration) -> Duration {
+        let start = Instant::now();
+        let deadline = start + timeout;
+        self.send(&Frame::Ping { nonce });
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.read(left) {
+                Some(Got::Pong(n)) if n == nonce => return start.elapsed(),
+                Some(Got::Ping(n)) => self.send(&Frame::Pong { nonce: n }),
+                None => panic!("no PONG {nonce} within {timeout:?}"),
+                Some(other) => panic!("waiting for PONG {nonce}, got {other:?}"),
+            }
         }
     }
 
@@ -464,9 +497,68 @@ pub fn wait_process_state(pid: u32, want: char, timeout: Duration) {
 
 /// Resident memory of a process in KiB (`VmRSS` in /proc/PID/status).
 pub fn vm_rss_kib(pid: u32) -> Option<u64> {
+    proc_status_kib(pid, "VmRSS")
+}
+
+/// A KiB figure from /proc/PID/status: `VmRSS`, `RssAnon` (heap and stacks), `RssFile`
+/// (mapped files: the binary's pages as they are first run), ...
+pub fn proc_status_kib(pid: u32, field: &str) -> Option<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+    let line = status.lines().find(|l| {
+        l.strip_prefix(field)
+            .is_some_and(|rest| rest.starts_with(':'))
+    })?;
     line.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// Samples the engine's VmRSS every 10 ms until dropped; keeps the peak.
+pub struct RssSampler {
+    stop: Arc<AtomicBool>,
+    peak_kib: Arc<AtomicU64>,
+    samples: Arc<AtomicU64>,
+    thread: Option<thread::JoinHandle<()>>,
+}
+
+impl RssSampler {
+    pub fn start(pid: u32) -> RssSampler {
+        let stop = Arc::new(AtomicBool::new(false));
+        let peak_kib = Arc::new(AtomicU64::new(0));
+        let samples = Arc::new(AtomicU64::new(0));
+        let (stop2, peak2, samples2) = (stop.clone(), peak_kib.clone(), samples.clone());
+        let thread = thread::spawn(move || {
+            while !stop2.load(Ordering::Relaxed) {
+                if let Some(kib) = vm_rss_kib(pid) {
+                    peak2.fetch_max(kib, Ordering::Relaxed);
+                    samples2.fetch_add(1, Ordering::Relaxed);
+                }
+                thread::sleep(Duration::from_millis(10));
+            }
+        });
+        RssSampler {
+            stop,
+            peak_kib,
+            samples,
+            thread: Some(thread),
+        }
+    }
+
+    /// Stops sampling; returns (peak KiB, number of samples).
+    pub fn finish(mut self) -> (u64, u64) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            t.join().unwrap();
+        }
+        (
+            self.peak_kib.load(Ordering::Relaxed),
+            self.samples.load(Ordering::Relaxed),
+        )
+    }
+}
+
+impl Drop for RssSampler {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
 }
 
 /// A CLI child stopped with SIGSTOP: it never reads its socket. On drop it is sent SIGCONT and
