@@ -108,8 +108,21 @@ pub(crate) enum CoreMsg {
         frames: Vec<SharedFrame>,
         topics: Vec<(String, Option<u64>)>,
     },
+    /// Subscription `key` of shard `from` is gone: its pattern no longer draws frames there.
+    Unsubscribed {
+        from: u16,
+        key: u64,
+        pattern: String,
+    },
     /// The stats thread's answer to a connection's STATS_REQUEST.
     StatsReply { conn: ConnRef, frame: SharedFrame },
+}
+
+/// A subscription on another shard, in this shard's remote-interest index.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct RemoteSub {
+    peer: u16,
+    key: u64,
 }
 
 /// A connection on a shard: its slot and its engine-wide id (slots are reused, ids are not).
@@ -149,6 +162,8 @@ pub(crate) struct Counters {
     pub handshake_timeouts: u64,
     /// Connections closed with SHUTTING_DOWN.
     pub shutdown_closes: u64,
+    /// DATA frames this shard (as owner) sent to other shards: one per interested shard.
+    pub frames_to_peers: u64,
 }
 
 pub(crate) struct FanoutCore {
@@ -192,6 +207,12 @@ pub(crate) struct FanoutCore {
     now: Instant,
     /// STATS requests for the stats thread.
     stats_requests: Vec<ConnRef>,
+    /// Every other shard's subscriptions (learnt from their snapshot requests): a topic's
+    /// frames go only to the shards with a match (cached per topic in the store).
+    remote: TopicIndex<RemoteSub>,
+    remote_matches: Vec<RemoteSub>,
+    /// Bumped at every change of `remote`: cached interest with another epoch is stale.
+    interest_epoch: u64,
 }
 
 impl FanoutCore {
@@ -235,6 +256,9 @@ impl FanoutCore {
             next_metrics: now,
             now,
             stats_requests: Vec::new(),
+            remote: TopicIndex::new(),
+            remote_matches: Vec::new(),
+            interest_epoch: 1,
         }
     }
 
@@ -392,14 +416,7 @@ impl FanoutCore {
                 let session = self.session_mut(slot).expect("looked up above");
                 match session.remove_sub(sub_id) {
                     Some((pos, sub)) => {
-                        self.index.remove(
-                            &sub.pattern,
-                            &SubRef {
-                                slot: slot as u32,
-                                pos,
-                                key: sub.key,
-                            },
-                        );
+                        self.forget_sub(slot, pos, sub);
                         Ok(())
                     }
                     None => self.refuse(
@@ -447,6 +464,16 @@ impl FanoutCore {
                 pattern,
                 resume,
             } => {
+                // From now on the topics it matches are sent to `from`; what was sent before is
+                // skipped there until this reply arrives.
+                self.remote.insert(
+                    &pattern,
+                    RemoteSub {
+                        peer: from,
+                        key: sub.key,
+                    },
+                );
+                self.interest_epoch += 1;
                 let (frames, lagged) = self.snapshot(&pattern, resume.as_deref());
                 let reply = CoreMsg::SnapshotReply {
                     from: self.id,
@@ -475,6 +502,10 @@ impl FanoutCore {
                 frames,
                 topics,
             } => self.handle_replay_reply(conn, frames, topics),
+            CoreMsg::Unsubscribed { from, key, pattern } => {
+                self.remote.remove(&pattern, &RemoteSub { peer: from, key });
+                self.interest_epoch += 1;
+            }
             CoreMsg::StatsReply { conn, frame } => {
                 let slot = conn.slot as usize;
                 let Some(session) = self
@@ -950,16 +981,48 @@ impl FanoutCore {
         let Some(session) = self.sessions.get_mut(slot).and_then(Option::as_mut) else {
             return;
         };
-        for (pos, sub) in session.drain_subs() {
-            self.index.remove(
-                &sub.pattern,
-                &SubRef {
-                    slot: slot as u32,
-                    pos,
-                    key: sub.key,
-                },
-            );
+        let subs: Vec<(u32, Sub)> = session.drain_subs().collect();
+        for (pos, sub) in subs {
+            self.forget_sub(slot, pos, sub);
         }
+    }
+
+    /// A subscription removed from its session leaves the index here and the interest
+    /// summaries of the other shards.
+    fn forget_sub(&mut self, slot: usize, pos: u32, sub: Sub) {
+        self.index.remove(
+            &sub.pattern,
+            &SubRef {
+                slot: slot as u32,
+                pos,
+                key: sub.key,
+            },
+        );
+        for peer in 0..self.n_shards {
+            if peer != self.id {
+                self.outgoing[peer as usize].push(CoreMsg::Unsubscribed {
+                    from: self.id,
+                    key: sub.key,
+                    pattern: sub.pattern.clone(),
+                });
+            }
+        }
+    }
+
+    /// The other shards with a subscription that matches topic `id`'s name `topic`: computed
+    /// from the remote-interest index once per topic and change of interest, then cached.
+    fn peers_interested(&mut self, id: u32, topic: &str) -> u64 {
+        let cached = self.store.interest(id);
+        if cached.0 == self.interest_epoch {
+            return cached.1;
+        }
+        let mut remote = std::mem::take(&mut self.remote_matches);
+        remote.clear();
+        self.remote.collect_matches(topic, &mut remote);
+        let mask = remote.iter().fold(0u64, |m, r| m | 1u64 << r.peer);
+        self.remote_matches = remote;
+        *self.store.interest(id) = (self.interest_epoch, mask);
+        mask
     }
 
     fn close(&mut self, slot: usize) {
@@ -1023,11 +1086,17 @@ impl FanoutCore {
 
     /// The owner's half of a publish: sequence, encode once, retain, fan out.
     fn ingest(&mut self, publish: &PublishRef<'_>, ingest_ts_ns: u64) {
-        let frame = self.store.ingest(publish, ingest_ts_ns);
-        for peer in 0..self.n_shards {
-            if peer == self.id {
-                continue;
-            }
+        let (frame, id) = self.store.ingest(publish, ingest_ts_ns);
+        // Only to the shards that have a subscription it can match.
+        let mut peers = if self.n_shards > 1 {
+            self.peers_interested(id, publish.topic)
+        } else {
+            0
+        };
+        while peers != 0 {
+            let peer = peers.trailing_zeros() as u16;
+            peers &= peers - 1;
+            self.counters.frames_to_peers += 1;
             let queue = &mut self.outgoing[peer as usize];
             match queue.last_mut() {
                 Some(CoreMsg::Deliver { frames, .. }) => frames.push(frame.clone()),

@@ -657,3 +657,43 @@ fn a_client_answering_pings_is_pinged_every_keepalive() {
         "{pings} PINGs in 5 s at a 1 s keep-alive"
     );
 }
+
+#[test]
+fn frames_go_only_to_shards_with_a_matching_subscription() {
+    let mut c = Cluster::new(3, |_| {});
+    let publisher = c.connect(2, "gw");
+    let hmi = c.connect(0, "hmi");
+    let other = c.connect(1, "other");
+    c.subscribe(hmi, 1, "a/#", DeliveryMode::All);
+    c.subscribe(other, 1, "z/#", DeliveryMode::All);
+    c.run();
+    c.recv(hmi);
+    c.recv(other);
+    c.publish(publisher, "a/1", b"x");
+    c.publish(publisher, "b/1", b"x");
+    c.run();
+    assert_eq!(
+        c.cores[2].counters.frames_to_peers, 1,
+        "a/1 to shard 0 only"
+    );
+    assert_eq!(data(&c.recv(hmi)).len(), 1);
+    // Interest follows subscriptions as they come and go.
+    c.subscribe(other, 2, "b/+", DeliveryMode::All);
+    c.unsubscribe(hmi, 1);
+    c.run();
+    c.recv(other);
+    c.publish(publisher, "a/1", b"y");
+    c.publish(publisher, "b/1", b"y");
+    c.run();
+    assert_eq!(
+        c.cores[2].counters.frames_to_peers, 2,
+        "b/1 to shard 1 only"
+    );
+    assert_eq!(data(&c.recv(other)).len(), 1);
+    assert_eq!(c.recv(hmi), []);
+    // A connection that goes away takes its interest with it.
+    c.hang_up(other);
+    c.publish(publisher, "b/1", b"z");
+    c.run();
+    assert_eq!(c.cores[2].counters.frames_to_peers, 2);
+}

@@ -116,6 +116,7 @@ pub(crate) struct ShardStats {
     pub retained_bytes: AtomicUsize,
     pub retained_evicted: AtomicU64,
     pub topics_refused: AtomicU64,
+    pub frames_to_peers: AtomicU64,
     pub throttled_turns: AtomicU64,
 }
 
@@ -230,7 +231,7 @@ impl EngineShared {
         connections: Vec<serde_json::Value>,
         partial: bool,
     ) -> serde_json::Value {
-        let fields: [(&str, StatField); 24] = [
+        let fields: &[(&str, StatField)] = &[
             ("connections", |s| {
                 s.connections.load(Ordering::Relaxed) as u64
             }),
@@ -275,6 +276,9 @@ impl EngineShared {
             ("retained_evicted", |s| {
                 s.retained_evicted.load(Ordering::Relaxed)
             }),
+            ("frames_to_peers", |s| {
+                s.frames_to_peers.load(Ordering::Relaxed)
+            }),
             ("topics_refused", |s| {
                 s.topics_refused.load(Ordering::Relaxed)
             }),
@@ -283,7 +287,7 @@ impl EngineShared {
             }),
         ];
         let mut totals = serde_json::Map::new();
-        for (name, get) in fields {
+        for &(name, get) in fields {
             totals.insert(name.into(), self.shards.iter().map(get).sum::<u64>().into());
         }
         totals.insert(
@@ -297,7 +301,7 @@ impl EngineShared {
             .map(|(i, s)| {
                 let mut m = serde_json::Map::new();
                 m.insert("reactor".into(), i.into());
-                for (name, get) in fields {
+                for &(name, get) in fields {
                     m.insert(name.into(), get(s).into());
                 }
                 m.into()

@@ -25,6 +25,8 @@ struct TopicEntry {
     ring: VecDeque<SharedFrame>,
     /// Stamp of the last update, matching this topic's live entry in the retained LRU.
     updated: u64,
+    /// The fan-out core's cache of which other shards want this topic: (epoch, shard mask).
+    interest: (u64, u64),
 }
 
 impl TopicEntry {
@@ -105,8 +107,9 @@ impl TopicStore {
     }
 
     /// Takes a publish in: next sequence number, the DATA frame encoded once straight into one
-    /// shared allocation, retained and put in the ring. Returns the shared frame.
-    pub fn ingest(&mut self, publish: &PublishRef<'_>, ingest_ts_ns: u64) -> SharedFrame {
+    /// shared allocation, retained and put in the ring. Returns the shared frame and the topic's
+    /// id.
+    pub fn ingest(&mut self, publish: &PublishRef<'_>, ingest_ts_ns: u64) -> (SharedFrame, u32) {
         let id = match self.by_name.get(publish.topic) {
             Some(&id) => id,
             None => {
@@ -119,6 +122,7 @@ impl TopicStore {
                     snapshot: None,
                     ring: VecDeque::new(),
                     updated: 0,
+                    interest: (0, 0),
                 });
                 id
             }
@@ -143,7 +147,12 @@ impl TopicStore {
         self.lru.push_back((id, self.next_stamp));
         self.next_stamp += 1;
         self.evict_retained();
-        frame
+        (frame, id)
+    }
+
+    /// The fan-out core's per-topic interest cache (`core.rs`): (epoch, shard mask).
+    pub fn interest(&mut self, id: u32) -> &mut (u64, u64) {
+        &mut self.topics[id as usize].interest
     }
 
     /// Drops the retained values updated longest ago until the bound holds again.
@@ -289,7 +298,7 @@ mod tests {
             quality: 192,
             payload,
         };
-        store.ingest(&p, 9)
+        store.ingest(&p, 9).0
     }
 
     /// (kind, topic, seq or range) of each frame, for compact assertions.

@@ -36,6 +36,7 @@ fn engine_help(name: &str) -> &'static str {
         "ring_bytes" => "Bytes held in the replay rings.",
         "retained_bytes" => "Bytes of retained values (last value per topic) held.",
         "retained_evicted" => "Retained values dropped to keep within retained.max_bytes.",
+        "frames_to_peers" => "DATA frames an owner reactor sent to other reactors with a matching subscription.",
         "topics_refused" => "Publishes to a new topic refused at limits.max_topics.",
         "reactor_failures" => "Reactor threads that failed (the engine then shuts down).",
         "throttled_turns" => "Reactor turns that held reads back for a full peer inbox.",
