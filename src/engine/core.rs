@@ -68,8 +68,6 @@ const MAX_WRITE_BYTES: usize = 512 * 1024;
 pub(crate) const COALESCE_BYTES: usize = 16 * 1024;
 /// How often the write-coalescing interval is recomputed from the connections written.
 pub(crate) const TICK: Duration = Duration::from_millis(25);
-/// How often the latency histograms are handed to the metrics board.
-const METRICS_SNAPSHOT_EVERY: Duration = Duration::from_millis(250);
 
 /// Messages between shards, as values.
 #[derive(Debug)]
@@ -202,7 +200,6 @@ pub(crate) struct FanoutCore {
     tick_started: Instant,
     /// Connections written since `tick_started`: the busy count for the coalescing interval.
     written_this_tick: usize,
-    next_metrics: Instant,
     /// The time of the input being handled (every `handle_*` sets it).
     now: Instant,
     /// STATS requests for the stats thread.
@@ -253,7 +250,6 @@ impl FanoutCore {
             next_tick: now,
             tick_started: now,
             written_this_tick: 0,
-            next_metrics: now,
             now,
             stats_requests: Vec::new(),
             remote: TopicIndex::new(),
@@ -618,11 +614,6 @@ impl FanoutCore {
             self.written_this_tick = 0;
             self.tick_started = now;
             self.next_tick = now + TICK;
-            if now >= self.next_metrics {
-                let snapshot = self.metrics.snapshot();
-                self.shared.metrics.publish(self.id as usize, snapshot);
-                self.next_metrics = now + METRICS_SNAPSHOT_EVERY;
-            }
         }
     }
 
@@ -756,8 +747,17 @@ impl FanoutCore {
         s.topics_refused.store(c.topics_refused, Ordering::Relaxed);
     }
 
+    /// This shard's part of a stats document, made when someone asks (never on a timer): posts
+    /// its latency histograms to the metrics board and returns its connections' figures.
+    pub(crate) fn report(&self) -> Vec<serde_json::Value> {
+        self.shared
+            .metrics
+            .publish(self.id as usize, self.metrics.snapshot());
+        self.connections_json()
+    }
+
     /// What `lanpush stats` shows for each open connection of this shard.
-    pub(crate) fn connections_json(&self) -> Vec<serde_json::Value> {
+    fn connections_json(&self) -> Vec<serde_json::Value> {
         self.sessions
             .iter()
             .flatten()

@@ -266,11 +266,7 @@ impl Cluster {
             }
             if !stats_requests.is_empty() {
                 moved = true;
-                let connections = self
-                    .cores
-                    .iter()
-                    .flat_map(FanoutCore::connections_json)
-                    .collect();
+                let connections = self.cores.iter().flat_map(FanoutCore::report).collect();
                 let doc = self.shared.stats_document(connections, false);
                 let frame = super::stats::stats_frame(doc, self.max_frame_bytes);
                 for (i, conn) in stats_requests {

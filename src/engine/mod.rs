@@ -5,7 +5,8 @@
 //! core when `server.pin_threads` is on) and returns. Shard 0 also accepts connections and deals
 //! them round-robin to the shards, so every shard gets an even share of long-lived connections
 //! (the kernel's SO_REUSEPORT hash can leave one shard with most of a handful of connections).
-//! Everything after accept lives in `shard.rs`.
+//! After accept, a connection belongs to its reactor (`reactor.rs`, the only code holding file
+//! descriptors), which feeds the sans-IO fan-out core (`core.rs`, sessions in `session.rs`).
 
 mod bench_api;
 mod clients;

@@ -461,7 +461,7 @@ impl Reactor {
                 }
                 ShardMsg::CollectConns(reply) => {
                     // The channel has room for every reactor's answer: never blocks.
-                    let _ = reply.try_send(self.core.connections_json());
+                    let _ = reply.try_send(self.core.report());
                 }
                 ShardMsg::Shutdown => self.shutting_down = true,
             }

@@ -4,8 +4,9 @@
 //!
 //! A STATS_REQUEST becomes a [`StatsJob`] that the reactor hands over without blocking (a full
 //! queue is answered with ERROR BUSY). The thread takes every job queued, asks each reactor for
-//! its connections' figures (`ShardMsg::CollectConns`, answered between two loop turns), merges
-//! the latency histograms the reactors publish, builds one document for all of them, bounds it
+//! its report (`ShardMsg::CollectConns`, answered between two loop turns: its connections'
+//! figures, and its latency histograms posted to the metrics board — reactors make neither on a
+//! timer), merges the histograms, builds one document for all of them, bounds it
 //! to the frame limit, and sends each requester's reactor the encoded STATS frame. A connection
 //! has at most one request in flight (the core coalesces the rest), so a client that floods
 //! STATS_REQUESTs costs one document per reply it actually reads.

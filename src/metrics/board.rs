@@ -7,9 +7,10 @@ use crate::config::MetricsConfig;
 
 /// One slot per shard holding its latest [`MetricsSnapshot`].
 ///
-/// A shard posts with [`publish`](Self::publish) every ~250 ms (a pointer swap under a mutex no
-/// reader holds for longer than an `Arc` clone); a reader (`/metrics`, STATS) calls
-/// [`merged`](Self::merged), which merges outside the locks.
+/// A shard posts with [`publish`](Self::publish) when a reader asks for its report (a pointer
+/// swap under a mutex no reader holds for longer than an `Arc` clone; `engine/stats.rs`); the
+/// reader (`/metrics`, STATS) then calls [`merged`](Self::merged), which merges outside the
+/// locks.
 #[derive(Debug)]
 pub struct MetricsBoard {
     max_us: u64,

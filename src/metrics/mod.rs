@@ -1,8 +1,8 @@
 //! Latency histograms, their snapshots, the Prometheus text format and the HTTP endpoint.
 //!
 //! ```text
-//!  shard thread (hot path)                     any thread (every ~250 ms / on request)
-//!  ─────────────────────────                   ───────────────────────────────────────
+//!  shard thread (hot path)                     on request (STATS, /metrics), via the stats
+//!  ─────────────────────────                   collector asking each reactor for its report
 //!  flush: frame fully written ─▶ ShardMetrics ──snapshot()──▶ MetricsBoard::publish(shard)
 //!         record_delivery(conn, topic,                              │
 //!                         ingest, source, now)           MetricsBoard::merged()
