@@ -12,17 +12,6 @@ use std::sync::Arc;
 /// One encoded frame, shared by every queue it was delivered to.
 pub type SharedFrame = Arc<[u8]>;
 
-/// A new shared frame of `len` bytes written by `fill` in place: one allocation, no copy
-/// through a scratch buffer.
-pub fn shared_frame_filled(len: usize, fill: impl FnOnce(&mut [u8])) -> SharedFrame {
-    let zeroed = Arc::<[u8]>::new_zeroed_slice(len);
-    // SAFETY: the slice is zero-initialised, and every bit pattern (zero included) is a valid u8.
-    let mut frame = unsafe { zeroed.assume_init() };
-    // A freshly made Arc has no other reference, so get_mut always succeeds.
-    fill(Arc::get_mut(&mut frame).expect("a new Arc is unique"));
-    frame
-}
-
 #[derive(Debug)]
 pub struct Outbox {
     frames: VecDeque<SharedFrame>,

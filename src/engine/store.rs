@@ -10,7 +10,7 @@ use std::collections::VecDeque;
 use ahash::HashMap;
 use std::sync::Arc;
 
-use super::outbox::{shared_frame_filled, SharedFrame};
+use super::outbox::SharedFrame;
 use crate::proto::{self, Frame, Gap, PublishRef, DATA_FLAG_SNAPSHOT};
 use crate::topic::TopicTree;
 
@@ -130,9 +130,7 @@ impl TopicStore {
         let entry = &mut self.topics[id as usize];
         entry.seq += 1;
         let seq = entry.seq;
-        let frame = shared_frame_filled(proto::data_frame_total_len(publish), |buf| {
-            proto::write_data_from_publish(buf, publish, seq, ingest_ts_ns, 0)
-        });
+        let frame = proto::data_frame_shared(publish, seq, ingest_ts_ns, 0);
         self.retained_bytes -= entry.retained_bytes();
         entry.last = Some(frame.clone());
         entry.snapshot = None;

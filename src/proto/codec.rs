@@ -122,20 +122,17 @@ pub fn data_frame_total_len(publish: &PublishRef<'_>) -> usize {
     FRAME_HEADER_BYTES + DATA_FIXED_BYTES + publish.topic.len() + publish.payload.len()
 }
 
-/// Writes the DATA frame for a publish into `out`, which must be exactly
-/// [`data_frame_total_len`] bytes: the engine's one copy of the payload, straight into the
-/// shared allocation every subscriber's queue will hold.
-pub fn write_data_from_publish(
-    out: &mut [u8],
+/// The DATA frame for a publish, written straight into one new shared allocation: the engine's
+/// one copy of the payload, which every subscriber's queue will hold.
+pub fn data_frame_shared(
     publish: &PublishRef<'_>,
     seq: u64,
     ingest_ts_ns: u64,
     flags: u8,
-) {
-    assert_eq!(out.len(), data_frame_total_len(publish), "DATA frame size");
-    let len = (out.len() - LEN_PREFIX_BYTES) as u32;
-    let (head, rest) = out.split_at_mut(FRAME_HEADER_BYTES + DATA_FIXED_BYTES);
-    head[..4].copy_from_slice(&len.to_le_bytes());
+) -> std::sync::Arc<[u8]> {
+    let len = data_frame_total_len(publish);
+    let mut head = [0u8; FRAME_HEADER_BYTES + DATA_FIXED_BYTES];
+    head[..4].copy_from_slice(&((len - LEN_PREFIX_BYTES) as u32).to_le_bytes());
     head[4] = KIND_DATA;
     head[5..13].copy_from_slice(&seq.to_le_bytes());
     head[13..21].copy_from_slice(&publish.source_ts_ns.to_le_bytes());
@@ -143,9 +140,19 @@ pub fn write_data_from_publish(
     head[29] = publish.quality;
     head[30] = flags;
     head[31..33].copy_from_slice(&(publish.topic.len() as u16).to_le_bytes());
+    let mut frame = std::sync::Arc::<[u8]>::new_uninit_slice(len);
+    // A freshly made Arc has no other reference, so get_mut always succeeds.
+    let buf = std::sync::Arc::get_mut(&mut frame).expect("a new Arc is unique");
+    let (h, rest) = buf.split_at_mut(head.len());
     let (topic, payload) = rest.split_at_mut(publish.topic.len());
-    topic.copy_from_slice(publish.topic.as_bytes());
-    payload.copy_from_slice(publish.payload);
+    h.write_copy_of_slice(&head);
+    topic.write_copy_of_slice(publish.topic.as_bytes());
+    // The three parts cover the buffer: `len` is their sum (data_frame_total_len), and
+    // copy_from_slice-style writes panic unless each part is filled exactly.
+    payload.write_copy_of_slice(publish.payload);
+    // SAFETY: the three writes above initialised every byte: head, topic and payload are
+    // consecutive, start at 0 and end at `len` (each write_copy_of_slice fills its whole part).
+    unsafe { frame.assume_init() }
 }
 
 /// Builds the DATA frame for a publish.

@@ -23,9 +23,9 @@ mod frames;
 mod tests;
 
 pub use codec::{
-    data_frame_seq, data_frame_topic, data_frame_total_len, data_frame_with_flags, decode_frame,
-    encode_control, encode_data, encode_data_from_publish, encode_frame, encode_ping, encode_pong,
-    encode_publish, frame_len_hint, write_data_from_publish, DecodeError, Decoded,
+    data_frame_seq, data_frame_shared, data_frame_topic, data_frame_total_len,
+    data_frame_with_flags, decode_frame, encode_control, encode_data, encode_data_from_publish,
+    encode_frame, encode_ping, encode_pong, encode_publish, frame_len_hint, DecodeError, Decoded,
 };
 pub use frames::{
     error_code, validate_pattern, validate_topic, DataHeader, DeliveryMode, Frame, Gap, Hello,
