@@ -22,6 +22,7 @@ mod notify;
 pub mod outbox;
 mod owners;
 mod reactor;
+mod readbuf;
 mod session;
 mod stats;
 mod store;

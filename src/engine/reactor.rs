@@ -22,6 +22,7 @@ use mio::{Events, Interest, Poll, Token};
 
 use super::core::{CoreMsg, FanoutCore, Transport};
 use super::notify::{Inbox, Mailbox};
+use super::readbuf::ReadBuf;
 use super::stats::StatsJob;
 use super::timer::DeadlineTimer;
 use super::{now_unix_ns, EngineShared};
@@ -37,8 +38,6 @@ const MAX_EVENTS: usize = 1024;
 /// Bytes read from one connection per loop turn before moving on to the others. Small enough
 /// that one turn's fan-out leaves every subscriber's frames for a single vectored write.
 const READ_BUDGET_BYTES: usize = 64 * 1024;
-/// Size of a connection's read buffer; grows to the largest frame in flight, shrinks back.
-const READ_BUFFER_BYTES: usize = 64 * 1024;
 /// Cross-shard messages handled per loop turn, and frames (in publish and delivery batches):
 /// whichever bound is reached first ends the turn's share of the inbox.
 const MAX_INBOX_MSGS: usize = 256;
@@ -67,9 +66,7 @@ pub(crate) enum ShardMsg {
 /// A connection's transport half: the socket and what has been read but not yet used.
 struct Link {
     stream: TcpStream,
-    rbuf: Vec<u8>,
-    rstart: usize,
-    rend: usize,
+    input: ReadBuf,
 }
 
 /// The reactor's sockets as the core's [`Transport`]; counts failed writes.
@@ -358,9 +355,7 @@ impl Reactor {
         }
         self.links[slot] = Some(Link {
             stream,
-            rbuf: vec![0; READ_BUFFER_BYTES],
-            rstart: 0,
-            rend: 0,
+            input: ReadBuf::default(),
         });
         self.core.open(now, slot, conn_id);
         // Data may have arrived before registration: edge-triggered readiness would not report it.
@@ -376,32 +371,25 @@ impl Reactor {
             let Some(link) = self.links.get_mut(slot).and_then(Option::as_mut) else {
                 return;
             };
-            if link.rend == link.rbuf.len() {
-                compact(link, max_frame);
-            }
-            let (rend, len) = (link.rend, link.rbuf.len());
-            match link.stream.read(&mut link.rbuf[rend..len]) {
+            // The length of a frame larger than the buffer, once its prefix is in (a length
+            // over the limit is refused by the core, not buffered).
+            let needed = proto::frame_len_hint(link.input.data())
+                .filter(|&len| len <= max_frame + proto::LEN_PREFIX_BYTES);
+            match link.stream.read(link.input.spare(needed)) {
                 Ok(0) => {
                     self.core.handle_closed(now, slot);
                     self.drop_closed();
                     return;
                 }
                 Ok(n) => {
-                    link.rend += n;
+                    link.input.filled(n);
                     // The ingest time of every PUBLISH in this read: when the engine took it off
                     // the socket (one clock read per read, not per message).
                     let read_ns = now_unix_ns();
-                    let used = self.core.handle_input(
-                        now,
-                        read_ns,
-                        slot,
-                        &link.rbuf[link.rstart..link.rend],
-                    );
-                    link.rstart += used;
-                    if link.rstart == link.rend {
-                        link.rstart = 0;
-                        link.rend = 0;
-                    }
+                    let used = self
+                        .core
+                        .handle_input(now, read_ns, slot, link.input.data());
+                    link.input.consume(used);
                     budget = budget.saturating_sub(n);
                     if budget == 0 {
                         self.read_again.push(slot);
@@ -531,22 +519,6 @@ impl Reactor {
         s.throttled_turns
             .store(c.throttled_turns, Ordering::Relaxed);
         s.io_errors.store(c.io_errors, Ordering::Relaxed);
-    }
-}
-
-/// Makes room at the end of the read buffer: moves a partial frame to the front, and grows the
-/// buffer (up to the largest allowed frame) when one frame does not fit.
-fn compact(link: &mut Link, max_frame: usize) {
-    let pending = link.rend - link.rstart;
-    link.rbuf.copy_within(link.rstart..link.rend, 0);
-    link.rstart = 0;
-    link.rend = pending;
-    let need = proto::frame_len_hint(&link.rbuf[..pending]).unwrap_or(0);
-    if need > link.rbuf.len() && need <= max_frame + proto::LEN_PREFIX_BYTES {
-        link.rbuf.resize(need, 0);
-    } else if pending == 0 && link.rbuf.len() > READ_BUFFER_BYTES {
-        link.rbuf.truncate(READ_BUFFER_BYTES);
-        link.rbuf.shrink_to_fit();
     }
 }
 
