@@ -322,9 +322,13 @@ impl FanoutCore {
         let Some(session) = self.session_mut(slot) else {
             return bytes.len();
         };
-        session.last_heard = now;
         if session.is_closing() {
             return bytes.len();
+        }
+        // Keep-alive counts whole frames, as MQTT counts control packets: a peer that trickles
+        // a frame byte by byte, or starts one and never finishes it, is not heard.
+        if frame_complete(bytes, max_frame) {
+            session.last_heard = now;
         }
         let mut used = 0;
         loop {
@@ -1291,6 +1295,18 @@ impl FanoutCore {
             }
         }
         mark_dirty(session, slot, &mut self.dirty);
+    }
+}
+
+/// Whether `bytes` start with a whole frame, or with a length prefix the decoder will refuse
+/// (an error is news from the peer too).
+fn frame_complete(bytes: &[u8], max_frame: usize) -> bool {
+    match proto::frame_len_hint(bytes) {
+        None => false,
+        Some(total) => {
+            let len = total - proto::LEN_PREFIX_BYTES;
+            len == 0 || len > max_frame || bytes.len() >= total
+        }
     }
 }
 

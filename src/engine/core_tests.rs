@@ -697,3 +697,33 @@ fn frames_go_only_to_shards_with_a_matching_subscription() {
     c.run();
     assert_eq!(c.cores[2].counters.frames_to_peers, 2);
 }
+
+#[test]
+fn a_peer_that_trickles_a_frame_it_never_finishes_is_not_heard() {
+    let mut c = Cluster::new(1, |config| config.keepalive.default_ms = 1000);
+    let slow = c.connect(0, "slow");
+    // A PUBLISH announced as 1,000 bytes, sent one byte every 100 ms and never finished, while
+    // the client ignores the engine's PINGs.
+    let mut frame = 1000u32.to_le_bytes().to_vec();
+    frame.push(crate::proto::KIND_PUBLISH);
+    frame.extend(std::iter::repeat_n(0u8, 995));
+    let mut sent = 0;
+    let mut buffered = Vec::new();
+    let closing = |c: &Cluster| c.cores[0].session(slow.slot).is_none_or(|s| s.is_closing());
+    for _ in 0..30 {
+        if closing(&c) {
+            break;
+        }
+        buffered.push(frame[sent]);
+        sent += 1;
+        assert_eq!(c.send_bytes(slow, &buffered), 0, "no whole frame yet");
+        c.advance(Duration::from_millis(100));
+    }
+    assert!(sent <= 16, "cut within 1.5 keep-alives, after {sent} bytes");
+    assert!(
+        c.recv(slow).contains(&Got::Error {
+            code: error_code::KEEPALIVE_TIMEOUT
+        }),
+        "cut for silence after 1.5 keep-alives, trickle or not"
+    );
+}
