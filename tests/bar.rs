@@ -184,29 +184,7 @@ fn sixty_four_reactors_serve_a_retained_value_then_live_updates() {
         }));
         // PROTOCOL.md §5: the retained value flagged SNAPSHOT, then SUBACK, which closes the
         // snapshot; nothing else (a second SUBACK would show up as the live update's place).
-        match raw.read(STEP) {
-            Some(Got::Data {
-                topic: t,
-                seq,
-                flags,
-                payload,
-            }) => {
-                assert_eq!(
-                    (t.as_str(), seq, payload.as_slice()),
-                    (topic, 1, &b"retained"[..]),
-                    "reactor {reactor}"
-                );
-                assert_ne!(
-                    flags & DATA_FLAG_SNAPSHOT,
-                    0,
-                    "reactor {reactor}: the retained value is not flagged snapshot"
-                );
-            }
-            other => panic!(
-                "subscriber on reactor {reactor} (owner {pub_reactor}): expected the retained \
-                 value, got {other:?}"
-            ),
-        }
+        expect_data(raw, *reactor, topic, 1, b"retained", true);
         match raw.read(STEP) {
             Some(Got::SubAck(a)) if a.sub_id == 1 => {}
             other => panic!("subscriber on reactor {reactor}: expected SUBACK 1, got {other:?}"),
@@ -216,27 +194,32 @@ fn sixty_four_reactors_serve_a_retained_value_then_live_updates() {
     publish(&mut publisher, topic, b"live");
     publisher.ping(2, STEP);
     for (raw, reactor) in &mut subscribers {
-        match raw.read(STEP) {
-            Some(Got::Data {
-                topic: t,
-                seq,
-                flags,
-                payload,
-            }) => {
-                assert_eq!(
-                    (t.as_str(), seq, payload.as_slice()),
-                    (topic, 2, &b"live"[..]),
-                    "reactor {reactor}"
-                );
-                assert_eq!(
-                    flags & DATA_FLAG_SNAPSHOT,
-                    0,
-                    "reactor {reactor}: {flags:#x}"
-                );
-            }
-            other => {
-                panic!("subscriber on reactor {reactor}: expected the live DATA, got {other:?}")
-            }
+        expect_data(raw, *reactor, topic, 2, b"live", false);
+    }
+}
+
+/// The next frame `raw` reads is DATA `seq` of `topic` with `payload`, flagged snapshot or not.
+fn expect_data(raw: &mut Raw, reactor: u16, topic: &str, seq: u64, payload: &[u8], snapshot: bool) {
+    match raw.read(STEP) {
+        Some(Got::Data {
+            topic: t,
+            seq: s,
+            flags,
+            payload: p,
+        }) => {
+            assert_eq!(
+                (t.as_str(), s, p.as_slice()),
+                (topic, seq, payload),
+                "reactor {reactor}"
+            );
+            assert_eq!(
+                flags & DATA_FLAG_SNAPSHOT != 0,
+                snapshot,
+                "reactor {reactor}: snapshot flag {flags:#x}"
+            );
+        }
+        other => {
+            panic!("subscriber on reactor {reactor}: expected DATA {topic} {seq}, got {other:?}")
         }
     }
 }
