@@ -93,7 +93,10 @@ pub enum PublishError {
 }
 
 /// Counters one shard publishes once per loop turn; read by STATS from any thread.
+/// Aligned to its own cache lines: each reactor stores into its `ShardStats` every loop turn,
+/// and neighbours in the `Vec` must not share a line (false sharing between reactors).
 #[derive(Default)]
+#[repr(align(128))]
 pub(crate) struct ShardStats {
     pub connections: AtomicUsize,
     pub subscriptions: AtomicUsize,
