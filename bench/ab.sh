@@ -81,21 +81,7 @@ log() { printf '[ab] %s\n' "$*" >&2; }
 die() { log "error: $*"; exit 1; }
 
 # --- the process this script started, and the trap that stops it ----------------------------
-RUN_PID=""
-
-cleanup() {
-    local status=$?
-    trap - EXIT INT TERM
-    if [[ -n $RUN_PID ]]; then
-        log "stopping the current run (pid $RUN_PID)"
-        stop_pid "$RUN_PID"
-    fi
-    rm -f "$OUT.tmp"
-    exit "$status"
-}
-trap cleanup EXIT
-trap 'exit 130' INT
-trap 'exit 143' TERM
+stop_run_on_exit
 
 # --- what compare.sh defines ----------------------------------------------------------------
 # Its scenario list and, per scenario, "kind|label" (kind thr: delivered msg/s; lat: p50 / p99 /

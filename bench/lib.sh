@@ -1,4 +1,5 @@
-# bench/lib.sh: helpers shared by bench/compare.sh and bench/stalled.sh. Sourced, not run.
+# bench/lib.sh: helpers shared by bench/compare.sh, bench/stalled.sh and bench/ab.sh. Sourced,
+# not run.
 # shellcheck shell=bash
 
 # PID: TERM, up to 5 s, then KILL. Only ever called with PIDs the calling script started.
@@ -32,3 +33,24 @@ fmt_count() { awk -v x="$1" 'BEGIN {
     s = sprintf("%.0f", x); out = ""
     while (length(s) > 3) { out = "," substr(s, length(s) - 2) out; s = substr(s, 1, length(s) - 3) }
     print s out }'; }
+
+# The trap of a script that runs one bounded run at a time (RUN_PID, set by bounded_run) and
+# writes OUT through OUT.tmp: on exit, stop the run in flight, drop OUT.tmp, keep the status.
+# The caller defines `log` (its prefixed stderr line).
+stop_run_on_exit() {
+    RUN_PID=""
+    trap _stop_run_cleanup EXIT
+    trap 'exit 130' INT
+    trap 'exit 143' TERM
+}
+
+_stop_run_cleanup() {
+    local status=$?
+    trap - EXIT INT TERM
+    if [[ -n ${RUN_PID:-} ]]; then
+        log "stopping the current run (pid $RUN_PID)"
+        stop_pid "$RUN_PID"
+    fi
+    rm -f "${OUT:?}.tmp"
+    exit "$status"
+}

@@ -72,21 +72,7 @@ log() { printf '[stalled] %s\n' "$*" >&2; }
 die() { log "error: $*"; exit 1; }
 
 # --- the process this script started, and the trap that stops it ----------------------------
-RUN_PID=""
-
-cleanup() {
-    local status=$?
-    trap - EXIT INT TERM
-    if [[ -n $RUN_PID ]]; then
-        log "stopping the current run (pid $RUN_PID)"
-        stop_pid "$RUN_PID"
-    fi
-    rm -f "$OUT.tmp"
-    exit "$status"
-}
-trap cleanup EXIT
-trap 'exit 130' INT
-trap 'exit 143' TERM
+stop_run_on_exit
 
 # --- arithmetic (awk) -------------------------------------------------------------------------
 # Median of the numbers on stdin: sorted numerically, the middle one, or the mean of the two
