@@ -58,8 +58,9 @@ pub(crate) enum ShardMsg {
         conn_id: u64,
     },
     Core(CoreMsg),
-    /// The stats thread asks for this reactor's connections, as `lanpush stats` shows them.
-    CollectConns(crossbeam_channel::Sender<Vec<serde_json::Value>>),
+    /// The stats thread asks for this reactor's report: its histograms posted to the metrics
+    /// board, and its connections as `lanpush stats` shows them (`FanoutCore::report`).
+    Report(crossbeam_channel::Sender<Vec<serde_json::Value>>),
     Shutdown,
 }
 
@@ -87,12 +88,7 @@ impl Transport for Sockets<'_> {
                 io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
             ) {
                 *self.io_errors += 1;
-                if !matches!(
-                    e.kind(),
-                    io::ErrorKind::ConnectionReset | io::ErrorKind::BrokenPipe
-                ) {
-                    eprintln!("lanpush: write to a connection failed: {e}");
-                }
+                log_io_error(None, "write", e);
             }
         }
         result
@@ -408,13 +404,7 @@ impl Reactor {
 
     fn io_error(&mut self, now: Instant, slot: usize, what: &str, e: &io::Error) {
         self.counters.io_errors += 1;
-        if !matches!(
-            e.kind(),
-            io::ErrorKind::ConnectionReset | io::ErrorKind::BrokenPipe
-        ) {
-            let id = self.core.session(slot).map_or(0, |s| s.id);
-            eprintln!("lanpush: connection {id}: {what} failed: {e}");
-        }
+        log_io_error(self.core.session(slot).map(|s| s.id), what, e);
         self.core.handle_closed(now, slot);
         self.drop_closed();
     }
@@ -447,7 +437,7 @@ impl Reactor {
                     frames_budget = frames_budget.saturating_sub(FanoutCore::msg_weight(&msg));
                     self.core.handle_msg(now, msg);
                 }
-                ShardMsg::CollectConns(reply) => {
+                ShardMsg::Report(reply) => {
                     // The channel has room for every reactor's answer: never blocks.
                     let _ = reply.try_send(self.core.report());
                 }
@@ -519,6 +509,21 @@ impl Reactor {
         s.throttled_turns
             .store(c.throttled_turns, Ordering::Relaxed);
         s.io_errors.store(c.io_errors, Ordering::Relaxed);
+    }
+}
+
+/// Logs a failed read or write, except a peer's reset or broken pipe: those are what a client
+/// vanishing looks like, and are only counted (`io_errors`).
+fn log_io_error(conn_id: Option<u64>, what: &str, e: &io::Error) {
+    if matches!(
+        e.kind(),
+        io::ErrorKind::ConnectionReset | io::ErrorKind::BrokenPipe
+    ) {
+        return;
+    }
+    match conn_id {
+        Some(id) => eprintln!("lanpush: connection {id}: {what} failed: {e}"),
+        None => eprintln!("lanpush: a connection's {what} failed: {e}"),
     }
 }
 

@@ -4,7 +4,7 @@
 //!
 //! A STATS_REQUEST becomes a [`StatsJob`] that the reactor hands over without blocking (a full
 //! queue is answered with ERROR BUSY). The thread takes every job queued, asks each reactor for
-//! its report (`ShardMsg::CollectConns`, answered between two loop turns: its connections'
+//! its report (`ShardMsg::Report`, answered between two loop turns: its connections'
 //! figures, and its latency histograms posted to the metrics board — reactors make neither on a
 //! timer), merges the histograms, builds one document for all of them, bounds it
 //! to the frame limit, and sends each requester's reactor the encoded STATS frame. A connection
@@ -71,7 +71,7 @@ pub(crate) fn collect(shared: &EngineShared, mailboxes: &[Mailbox<ShardMsg>]) ->
     for mailbox in mailboxes {
         let wait = deadline.saturating_duration_since(Instant::now());
         if mailbox
-            .send_timeout(ShardMsg::CollectConns(tx.clone()), wait)
+            .send_timeout(ShardMsg::Report(tx.clone()), wait)
             .is_ok()
         {
             asked += 1;
