@@ -591,12 +591,9 @@ impl FanoutCore {
             match session.handle_timeout(now, handshake_ms) {
                 Timeout::None => {}
                 Timeout::Ping => {
-                    self.scratch.clear();
                     // The nonce is free for the engine to choose; its clock would do, but the
                     // core reads none.
-                    proto::encode_ping(&mut self.scratch, id);
-                    let frame: SharedFrame = Arc::from(&self.scratch[..]);
-                    if let Err(fatal) = self.queue_reply(slot, frame) {
+                    if let Err(fatal) = self.reply(slot, Reply::Ping { nonce: id }) {
                         self.fail(now, slot, fatal);
                     }
                 }

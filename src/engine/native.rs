@@ -40,7 +40,12 @@ pub(crate) enum Reply {
     Pong {
         nonce: u64,
     },
-    /// A non-fatal refusal (fatal ones are built by [`super::session::Session::fail`]).
+    /// The engine's keep-alive probe.
+    Ping {
+        nonce: u64,
+    },
+    /// A refusal: non-fatal from the core, or the last frame before a close
+    /// ([`super::session::Session::fail`], the reactor's refusal at accept).
     Error {
         code: u16,
         reason: String,
@@ -82,6 +87,7 @@ pub(crate) fn encode_reply(out: &mut Vec<u8>, reply: Reply) {
         Reply::Welcome(w) => proto::encode_control(out, &Frame::Welcome(w)),
         Reply::SubAck(a) => proto::encode_control(out, &Frame::SubAck(a)),
         Reply::Pong { nonce } => proto::encode_pong(out, nonce),
+        Reply::Ping { nonce } => proto::encode_ping(out, nonce),
         Reply::Error { code, reason } => {
             proto::encode_control(out, &Frame::Error(WireError { code, reason }))
         }

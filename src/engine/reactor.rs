@@ -21,13 +21,14 @@ use mio::net::{TcpListener, TcpStream};
 use mio::{Events, Interest, Poll, Token};
 
 use super::core::{CoreMsg, FanoutCore, Transport};
+use super::native::{self, Reply};
 use super::notify::{Inbox, Mailbox};
 use super::readbuf::ReadBuf;
 use super::stats::StatsJob;
 use super::timer::DeadlineTimer;
 use super::{now_unix_ns, EngineShared};
 use crate::config::Config;
-use crate::proto::{self, error_code, Frame, WireError};
+use crate::proto::{self, error_code};
 
 pub(crate) const WAKER_TOKEN: Token = Token(usize::MAX - 1);
 const LISTENER_TOKEN: Token = Token(usize::MAX - 2);
@@ -530,12 +531,12 @@ fn log_io_error(conn_id: Option<u64>, what: &str, e: &io::Error) {
 /// Refuses a connection at accept time with an ERROR frame, best effort.
 fn refuse(mut stream: TcpStream, code: u16, reason: &str) {
     let mut buf = Vec::new();
-    proto::encode_control(
+    native::encode_reply(
         &mut buf,
-        &Frame::Error(WireError {
+        Reply::Error {
             code,
             reason: reason.to_string(),
-        }),
+        },
     );
     let _ = stream.write(&buf);
     let _ = stream.shutdown(Shutdown::Write);

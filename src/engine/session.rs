@@ -17,8 +17,9 @@ use std::time::{Duration, Instant};
 
 use ahash::{HashMap, HashSet};
 
+use super::native::{self, Reply};
 use super::outbox::{Outbox, SharedFrame};
-use crate::proto::{self, error_code, DeliveryMode, Frame, WireError};
+use crate::proto::{self, error_code, DeliveryMode};
 
 /// How long a connection being closed with an ERROR may take to read it before it is dropped.
 pub(crate) const LINGER: Duration = Duration::from_secs(1);
@@ -480,12 +481,12 @@ impl Session {
             return false;
         }
         let mut buf = Vec::new();
-        proto::encode_control(
+        native::encode_reply(
             &mut buf,
-            &Frame::Error(WireError {
+            Reply::Error {
                 code: fatal.code,
                 reason: fatal.reason,
-            }),
+            },
         );
         self.outbox.discard_unstarted();
         self.replies.clear();
