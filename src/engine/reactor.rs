@@ -477,22 +477,24 @@ impl Reactor {
             if queue.is_empty() {
                 continue;
             }
-            let mut msgs = std::mem::take(queue).into_iter();
+            // Drained in place, so the queue keeps its capacity from turn to turn.
             let mut kept = Vec::new();
+            let mut msgs = queue.drain(..);
             while let Some(msg) = msgs.next() {
                 match self.peers[peer].try_send(ShardMsg::Core(msg)) {
                     Ok(()) => {}
                     Err(TrySendError::Full(ShardMsg::Core(msg))) => {
                         // The peer is behind: keep the rest, in order, for the next turn.
                         kept.push(msg);
-                        kept.extend(msgs);
+                        kept.extend(msgs.by_ref());
                         break;
                     }
                     Err(_) => {}
                 }
             }
+            drop(msgs);
             throttled |= !kept.is_empty();
-            *self.core.outgoing(peer) = kept;
+            queue.append(&mut kept);
         }
         self.throttled = throttled;
         if throttled {
