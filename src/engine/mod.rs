@@ -21,6 +21,7 @@ mod native;
 mod notify;
 pub mod outbox;
 mod owners;
+mod pacing;
 mod reactor;
 mod readbuf;
 mod session;
@@ -123,6 +124,11 @@ pub(crate) struct ShardStats {
     pub topics_refused: AtomicU64,
     pub frames_to_peers: AtomicU64,
     pub throttled_turns: AtomicU64,
+    pub publishers_paused: AtomicU64,
+    pub pace_releases: AtomicU64,
+    /// Bytes of messages in this reactor's inbox (sent by peers, not yet taken): a sender
+    /// holds its reads back while it is past `reactor::MAX_IN_FLIGHT_BYTES`.
+    pub inbox_bytes: AtomicUsize,
 }
 
 /// State every shard and handle can see.
@@ -290,6 +296,10 @@ impl EngineShared {
             ("throttled_turns", |s| {
                 s.throttled_turns.load(Ordering::Relaxed)
             }),
+            ("publishers_paused", |s| {
+                s.publishers_paused.load(Ordering::Relaxed)
+            }),
+            ("pace_releases", |s| s.pace_releases.load(Ordering::Relaxed)),
         ];
         let mut totals = serde_json::Map::new();
         for &(name, get) in fields {

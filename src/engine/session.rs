@@ -19,6 +19,7 @@ use ahash::{HashMap, HashSet};
 
 use super::native::{self, Reply};
 use super::outbox::{Outbox, SharedFrame};
+use super::pacing::Holds;
 use crate::proto::{self, error_code, DeliveryMode};
 
 /// How long a connection being closed with an ERROR may take to read it before it is dropped.
@@ -84,6 +85,8 @@ pub(crate) struct ConnCounters {
     pub gaps: u64,
     /// Earlier connections with the same client id.
     pub reconnects: u64,
+    /// Times pacing stopped reading this connection (as a publisher).
+    pub paced: u64,
 }
 
 /// A frame kept by its DATA topic: the `latest` overflow holds one per topic and replaces it in
@@ -197,6 +200,11 @@ pub(crate) struct Session {
     pub stats_in_flight: bool,
     /// The last STATS reply, to tell whether it is still unwritten.
     last_stats: Option<SharedFrame>,
+    /// Pacing, as a subscriber: the topics whose publishers this connection holds back.
+    pub holds: Holds,
+    /// Pacing, as a publisher: the engine does not read this connection (it published to a
+    /// topic that a subscriber holds back). Its silence is then the engine's doing.
+    pub paused: bool,
 }
 
 /// The result of [`Session::enqueue`].
@@ -245,6 +253,8 @@ impl Session {
             reply_bytes: 0,
             stats_in_flight: false,
             last_stats: None,
+            holds: Holds::default(),
+            paused: false,
         }
     }
 
@@ -545,6 +555,10 @@ impl Session {
             )),
             Phase::Closing { deadline, .. } if now >= deadline => Timeout::Drop,
             Phase::Open => {
+                if self.paused {
+                    // Not read by choice: not a silent peer.
+                    self.last_heard = now;
+                }
                 let silent = now.saturating_duration_since(self.last_heard);
                 if silent >= self.keepalive.mul_f32(1.5) {
                     Timeout::Expired(Fatal::new(

@@ -40,6 +40,8 @@ fn engine_help(name: &str) -> &'static str {
         "topics_refused" => "Publishes to a new topic refused at limits.max_topics.",
         "reactor_failures" => "Reactor threads that failed (the engine then shuts down).",
         "throttled_turns" => "Reactor turns that held reads back for a full peer inbox.",
+        "publishers_paused" => "Times a publishing connection stopped being read because a subscriber of its topic was a window behind (pacing).",
+        "pace_releases" => "Subscribers released from pacing by the rule (stalled, or behind for too long).",
         _ => "Engine figure from the stats document.",
     }
 }
