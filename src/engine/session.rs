@@ -197,6 +197,10 @@ pub(crate) struct Session {
     pub stats_in_flight: bool,
     /// The last STATS reply, to tell whether it is still unwritten.
     last_stats: Option<SharedFrame>,
+    /// The peer's address, for logs (the driver sets it when it knows it).
+    pub peer: Option<std::net::SocketAddr>,
+    /// Why the connection is closing, for the disconnect log line; `None`: the peer closed it.
+    pub close_cause: Option<String>,
 }
 
 /// The result of [`Session::enqueue`].
@@ -245,6 +249,8 @@ impl Session {
             reply_bytes: 0,
             stats_in_flight: false,
             last_stats: None,
+            peer: None,
+            close_cause: None,
         }
     }
 
