@@ -86,6 +86,18 @@ macro_rules! log_event {
     };
 }
 
+/// A connection's peer address in a log line, `-` when unknown.
+struct Peer(Option<std::net::SocketAddr>);
+
+impl std::fmt::Display for Peer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.0 {
+            Some(addr) => addr.fmt(f),
+            None => f.write_str("-"),
+        }
+    }
+}
+
 /// Messages between shards, as values.
 #[derive(Debug)]
 pub(crate) enum CoreMsg {
@@ -927,7 +939,7 @@ impl FanoutCore {
         let (conn, peer) = (session.id, session.peer);
         log_event!(self, Category::Connect, INFO,
             conn, client_id = %self.session(slot).map_or("", |s| s.client_id.as_str()),
-            peer = ?peer, keepalive_ms, reactor = self.id, "connect");
+            peer = %Peer(peer), keepalive_ms, reactor = self.id, "connect");
         self.arm(slot);
         self.reply(slot, Reply::Welcome(welcome))
     }
@@ -1054,13 +1066,13 @@ impl FanoutCore {
         let (conn, peer) = (session.id, session.peer);
         match category {
             Some(Category::SlowConsumer) => log_event!(self, Category::SlowConsumer, WARN,
-                conn, client_id = %session.client_id, peer = ?peer, reason = %fatal.reason,
+                conn, client_id = %session.client_id, peer = %Peer(peer), reason = %fatal.reason,
                 "slow consumer disconnected (ERROR 10)"),
             Some(Category::Timeout) => log_event!(self, Category::Timeout, INFO,
-                conn, client_id = %session.client_id, peer = ?peer,
+                conn, client_id = %session.client_id, peer = %Peer(peer),
                 code = error_code::name(code), reason = %fatal.reason, "time-out"),
             Some(category) => log_event!(self, category, WARN,
-                conn, client_id = %session.client_id, peer = ?peer,
+                conn, client_id = %session.client_id, peer = %Peer(peer),
                 code = error_code::name(code), reason = %fatal.reason, "protocol error"),
             None => {}
         }
@@ -1145,7 +1157,7 @@ impl FanoutCore {
             // are summed up by the drain's own line.
             if session.close_cause.as_deref() != Some("ERROR 12 SHUTTING_DOWN") {
                 log_event!(self, Category::Disconnect, INFO,
-                    conn = session.id, client_id = %session.client_id, peer = ?session.peer,
+                    conn = session.id, client_id = %session.client_id, peer = %Peer(session.peer),
                     cause = session.close_cause.as_deref().unwrap_or("closed by the peer"),
                     "disconnect");
             }

@@ -595,7 +595,12 @@ impl Engine {
                     value.frames = frames;
                 }
             }
-            persist::write_values(&persister.path, &values, self.config.retained.max_bytes);
+            persist::write_values(
+                &persister.path,
+                &values,
+                self.config.retained.max_bytes,
+                true,
+            );
         }
         first_failure.map_or(Ok(()), Err)
     }

@@ -299,7 +299,7 @@ pub(crate) struct ShardValues {
 pub(crate) type RetainedAnswer = (usize, Option<(u64, Vec<RetainedFrame>)>);
 
 /// Writes the file for the values of every shard; logs the outcome.
-pub(crate) fn write_values(path: &Path, shards: &[ShardValues], max_bytes: usize) {
+pub(crate) fn write_values(path: &Path, shards: &[ShardValues], max_bytes: usize, last: bool) {
     let records: Vec<RetainedRecord> = shards
         .iter()
         .flat_map(|s| s.frames.iter())
@@ -312,10 +312,20 @@ pub(crate) fn write_values(path: &Path, shards: &[ShardValues], max_bytes: usize
             "retained.max_bytes reached: values left out of the snapshot file"
         );
     }
+    let values = records.len() - left_out;
     match save(path, &bytes) {
-        Ok(()) => {
-            tracing::debug!(path = %path.display(), values = records.len() - left_out, bytes = bytes.len(), "retained values saved")
-        }
+        Ok(()) if last => tracing::info!(
+            path = %path.display(),
+            values,
+            bytes = bytes.len(),
+            "retained values saved at shutdown"
+        ),
+        Ok(()) => tracing::debug!(
+            path = %path.display(),
+            values,
+            bytes = bytes.len(),
+            "retained values saved"
+        ),
         Err(e) => tracing::error!(error = %e, "cannot save the retained values"),
     }
 }
@@ -367,7 +377,7 @@ pub(crate) fn spawn(
                     }
                 }
                 if changed {
-                    write_values(&path, &values, max_bytes);
+                    write_values(&path, &values, max_bytes, false);
                 }
             }
         })

@@ -320,8 +320,23 @@ impl Reactor {
             }
             let everyone =
                 self.shared.drain_quiesced.load(Ordering::SeqCst) >= self.n_shards as usize;
-            if now >= deadline || (everyone && self.inbox.rx.is_empty() && !self.core.has_output())
-            {
+            let done = everyone && self.inbox.rx.is_empty() && !self.core.has_output();
+            if done || now >= deadline {
+                let connections = self.links.iter().flatten().count();
+                if done {
+                    tracing::info!(
+                        reactor = self.id,
+                        connections,
+                        "drained: closing connections with ERROR 12"
+                    );
+                } else {
+                    tracing::warn!(
+                        reactor = self.id,
+                        connections,
+                        drain_ms = self.config.server.drain_ms,
+                        "drain deadline reached with frames still queued: closing connections with ERROR 12"
+                    );
+                }
                 return Ok(());
             }
             let nap = DRAIN_NAP.min(deadline.saturating_duration_since(now));

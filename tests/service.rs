@@ -1,0 +1,382 @@
+//! The engine as a plant service, with the real binary: retained values across a SIGTERM
+//! restart, a half-written or damaged snapshot file, SIGHUP reload, the drain on SIGTERM, and
+//! the connection log lines. Every engine listens on 127.0.0.1:0 and keeps its files in a temp
+//! directory of its own; nothing sleeps to synchronise (waits poll a condition to a deadline).
+
+mod util;
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use lanpush::client::{ClientOptions, Event, Message, Publisher, Subscriber, SubscriptionSpec};
+use lanpush::proto::{
+    error_code, DeliveryMode, Frame, Subscribe, DATA_FLAG_RESTORED, DATA_FLAG_SNAPSHOT,
+};
+use util::{signal, Got, Raw, Server, STEP};
+
+/// A directory unique to this test, removed on drop.
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new(name: &str) -> TempDir {
+        let dir =
+            std::env::temp_dir().join(format!("lanpush-service-{}-{name}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("create temp dir");
+        TempDir(dir)
+    }
+
+    fn join(&self, name: &str) -> PathBuf {
+        self.0.join(name)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Writes `toml` as DIR/engine.toml and starts `serve --config` on it.
+fn start(dir: &TempDir, toml: &str) -> Server {
+    let config = dir.join("engine.toml");
+    std::fs::write(&config, toml).expect("write config");
+    Server::start_with(&["--threads", "2", "--config", config.to_str().unwrap()])
+}
+
+fn persist_toml(path: &Path) -> String {
+    format!(
+        "[retained]\npersist_path = {:?}\npersist_interval_ms = 60000\n",
+        path.to_str().unwrap()
+    )
+}
+
+fn opts(server: &Server, id: &str) -> ClientOptions {
+    ClientOptions::new(server.addr_string())
+        .client_id(id)
+        .connect_timeout(STEP)
+}
+
+/// Polls the engine's stderr until it contains `needle`.
+fn wait_stderr(server: &Server, needle: &str) -> String {
+    let deadline = Instant::now() + STEP;
+    loop {
+        let stderr = server.stderr();
+        if stderr.contains(needle) {
+            return stderr;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "stderr has no {needle:?} after {STEP:?}:\n{stderr}"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+fn terminate_and_expect_success(server: &mut Server) {
+    server.terminate();
+    let status = server
+        .wait_exit(STEP)
+        .unwrap_or_else(|| panic!("still running {STEP:?} after SIGTERM"));
+    assert!(status.success(), "{status:?}; stderr:\n{}", server.stderr());
+}
+
+/// The retained snapshot a new subscriber of `pattern` gets: every message up to SUBACK.
+fn snapshot_of(server: &Server, pattern: &str) -> Vec<Message> {
+    let spec = SubscriptionSpec::new(pattern, DeliveryMode::All);
+    let mut sub = Subscriber::connect(opts(server, "snap"), vec![spec]).unwrap();
+    let mut got = Vec::new();
+    let deadline = Instant::now() + Duration::from_millis(500);
+    while Instant::now() < deadline {
+        if let Some(Event::Message(m)) = sub.next_event(Duration::from_millis(50)).unwrap() {
+            got.push(m);
+        }
+    }
+    got.sort_by(|a, b| a.topic.cmp(&b.topic));
+    got
+}
+
+/// The bar: "Engine restarted with SIGTERM: a new subscriber gets every retained value from
+/// before the restart".
+#[test]
+fn retained_values_survive_a_sigterm_restart() {
+    let dir = TempDir::new("restart");
+    let file = dir.join("retained.bin");
+    let toml = persist_toml(&file);
+    let mut server = start(&dir, &toml);
+    let mut publisher = Publisher::connect(opts(&server, "gw")).unwrap();
+    for i in 0..50 {
+        publisher
+            .publish(
+                &format!("plant/line{}/tag{i}", i % 3),
+                format!("v{i}").as_bytes(),
+            )
+            .unwrap();
+    }
+    // The newest value of a topic is the one retained.
+    publisher.publish("plant/line0/tag0", b"newest").unwrap();
+    publisher.confirm(STEP).unwrap();
+    drop(publisher);
+    terminate_and_expect_success(&mut server);
+    assert!(file.exists(), "no snapshot file after SIGTERM");
+
+    let server = start(&dir, &toml);
+    wait_stderr(&server, "retained values restored");
+    let got = snapshot_of(&server, "plant/#");
+    assert_eq!(got.len(), 50, "{got:?}");
+    for m in &got {
+        assert!(m.snapshot && m.restored, "{m:?}");
+        assert_eq!(m.seq, 0, "a restored value is not numbered in the new run");
+        let i: usize = m.topic.rsplit("tag").next().unwrap().parse().unwrap();
+        let want = if i == 0 {
+            "newest".to_string()
+        } else {
+            format!("v{i}")
+        };
+        assert_eq!(m.payload, want.as_bytes(), "{}", m.topic);
+    }
+    // A new publish replaces the restored value and numbers from 1.
+    let mut publisher = Publisher::connect(opts(&server, "gw")).unwrap();
+    publisher.publish("plant/line1/tag1", b"live").unwrap();
+    publisher.confirm(STEP).unwrap();
+    let after = snapshot_of(&server, "plant/line1/tag1");
+    assert_eq!(after.len(), 1);
+    assert_eq!((after[0].seq, after[0].restored), (1, false));
+    assert_eq!(after[0].payload, b"live");
+}
+
+/// A raw subscriber sees the wire flags: SNAPSHOT | RESTORED.
+#[test]
+fn restored_values_carry_the_restored_flag_on_the_wire() {
+    let dir = TempDir::new("flags");
+    let file = dir.join("retained.bin");
+    let toml = persist_toml(&file);
+    let mut server = start(&dir, &toml);
+    let mut publisher = Publisher::connect(opts(&server, "gw")).unwrap();
+    publisher.publish("a/b", b"1").unwrap();
+    publisher.confirm(STEP).unwrap();
+    drop(publisher);
+    terminate_and_expect_success(&mut server);
+
+    let server = start(&dir, &toml);
+    let mut raw = Raw::connect(server.addr);
+    raw.hello(10_000);
+    raw.send(&Frame::Subscribe(Subscribe {
+        sub_id: 1,
+        pattern: "a/#".into(),
+        mode: DeliveryMode::All,
+        resume: Vec::new(),
+    }));
+    match raw.read(STEP) {
+        Some(Got::Data {
+            topic,
+            seq,
+            flags,
+            payload,
+        }) => {
+            assert_eq!(
+                (topic.as_str(), seq, payload.as_slice()),
+                ("a/b", 0, &b"1"[..])
+            );
+            assert_eq!(flags, DATA_FLAG_SNAPSHOT | DATA_FLAG_RESTORED);
+        }
+        other => panic!("expected the restored DATA, got {other:?}"),
+    }
+}
+
+#[test]
+fn a_half_written_temp_file_or_a_damaged_file_does_not_break_start() {
+    let dir = TempDir::new("damaged");
+    let file = dir.join("retained.bin");
+    let toml = persist_toml(&file);
+    // A crash in the middle of a save leaves the temporary file: ignored.
+    std::fs::write(
+        dir.join("retained.bin.tmp"),
+        b"LPRETAIN\x01\x00\x00\x00half",
+    )
+    .unwrap();
+    let mut server = start(&dir, &toml);
+    wait_stderr(&server, "no retained-values file yet");
+    let mut publisher = Publisher::connect(opts(&server, "gw")).unwrap();
+    publisher.publish("t/1", b"x").unwrap();
+    publisher.confirm(STEP).unwrap();
+    drop(publisher);
+    terminate_and_expect_success(&mut server);
+    assert!(
+        !dir.join("retained.bin.tmp").exists(),
+        "the save replaced it"
+    );
+
+    // A file cut short (not something the engine writes, but a disk can): refused, moved
+    // aside for inspection, and the engine serves on without it.
+    let bytes = std::fs::read(&file).unwrap();
+    std::fs::write(&file, &bytes[..bytes.len() - 3]).unwrap();
+    let server = start(&dir, &toml);
+    let stderr = wait_stderr(&server, "retained values not restored");
+    assert!(stderr.contains("cut short"), "{stderr}");
+    assert!(dir.join("retained.bin.corrupt").exists());
+    assert!(snapshot_of(&server, "#").is_empty());
+}
+
+#[test]
+fn sighup_reloads_the_config_file_and_keeps_the_engine_running() {
+    let dir = TempDir::new("hup");
+    let mut server = start(&dir, "[log]\nlevel = \"info\"\n");
+    // The same file, changed: one key that applies at run time, one that needs a restart.
+    std::fs::write(
+        dir.join("engine.toml"),
+        "[log]\nlevel = \"info\"\n[limits]\nmax_connections = 500\nmax_frame_bytes = 65536\n",
+    )
+    .unwrap();
+    signal(server.pid(), libc::SIGHUP);
+    let stderr = wait_stderr(&server, "reloaded configuration (SIGHUP)");
+    assert!(stderr.contains("limits.max_connections"), "{stderr}");
+    assert!(
+        stderr.contains("takes effect after a restart")
+            && stderr.contains("limits.max_frame_bytes"),
+        "{stderr}"
+    );
+    assert!(server.is_running(), "SIGHUP stopped the engine:\n{stderr}");
+    // Still serving.
+    let mut publisher = Publisher::connect(opts(&server, "after-hup")).unwrap();
+    publisher.publish("x", b"1").unwrap();
+    publisher.confirm(STEP).unwrap();
+    // A file that does not parse leaves the running config in place.
+    std::fs::write(
+        dir.join("engine.toml"),
+        "[limits]\nmax_connections = \"many\"\n",
+    )
+    .unwrap();
+    signal(server.pid(), libc::SIGHUP);
+    wait_stderr(&server, "reload (SIGHUP) failed");
+    assert!(server.is_running());
+    terminate_and_expect_success(&mut server);
+}
+
+#[test]
+fn sigterm_drains_tells_clients_shutting_down_and_exits_0() {
+    let dir = TempDir::new("drain");
+    let mut server = start(&dir, "[server]\ndrain_ms = 3000\n");
+    let mut raw = Raw::connect(server.addr);
+    raw.hello(10_000);
+    raw.send(&Frame::Subscribe(Subscribe {
+        sub_id: 1,
+        pattern: "d/#".into(),
+        mode: DeliveryMode::All,
+        resume: Vec::new(),
+    }));
+    assert!(matches!(raw.read(STEP), Some(Got::SubAck(_))));
+    let mut publisher = Publisher::connect(opts(&server, "gw")).unwrap();
+    for i in 0..100 {
+        publisher.publish("d/x", format!("{i}").as_bytes()).unwrap();
+    }
+    publisher.confirm(STEP).unwrap();
+    let started = Instant::now();
+    server.terminate();
+    // Everything published before the signal arrives, then ERROR 12, then the close.
+    let mut seqs = Vec::new();
+    let error = loop {
+        match raw.read(STEP) {
+            Some(Got::Data { seq, .. }) => seqs.push(seq),
+            Some(Got::Error(e)) => break e,
+            Some(Got::Ping(_)) => {}
+            other => panic!("expected DATA or ERROR, got {other:?}"),
+        }
+    };
+    assert_eq!(seqs, (1..=100).collect::<Vec<u64>>());
+    assert_eq!(error.code, error_code::SHUTTING_DOWN);
+    let status = server.wait_exit(STEP).expect("exits after the drain");
+    assert!(status.success(), "{status:?}:\n{}", server.stderr());
+    // Nothing was left to write: the drain did not wait for its deadline.
+    assert!(
+        started.elapsed() < Duration::from_millis(2500),
+        "{:?}",
+        started.elapsed()
+    );
+    let stderr = server.stderr();
+    assert!(stderr.contains("draining"), "{stderr}");
+}
+
+#[test]
+fn connects_disconnects_and_protocol_errors_are_logged_with_their_cause() {
+    let dir = TempDir::new("logs");
+    let server = start(&dir, "[log]\nlevel = \"info\"\n");
+    let publisher = Publisher::connect(opts(&server, "logged-client")).unwrap();
+    let stderr = wait_stderr(&server, "logged-client");
+    assert!(stderr.contains("connect"), "{stderr}");
+    drop(publisher);
+    let stderr = wait_stderr(&server, "closed by the peer");
+    assert!(stderr.contains("disconnect"), "{stderr}");
+    // A protocol error: a frame of an unknown kind.
+    let mut raw = Raw::connect(server.addr);
+    raw.hello(10_000);
+    raw.send_bytes(&[1, 0, 0, 0, 0x7f]);
+    let (error, _) = raw.expect_error_then_close(STEP);
+    assert_eq!(error.code, error_code::MALFORMED);
+    let stderr = wait_stderr(&server, "protocol error");
+    assert!(stderr.contains("MALFORMED"), "{stderr}");
+    // Every line has a timestamp and a level.
+    for line in stderr.lines().filter(|l| l.contains("disconnect")) {
+        assert!(line.starts_with("20"), "no timestamp: {line}");
+        assert!(line.contains("INFO"), "no level: {line}");
+    }
+}
+
+#[test]
+fn the_log_level_comes_from_the_command_line() {
+    let dir = TempDir::new("level");
+    let config = dir.join("engine.toml");
+    std::fs::write(&config, "").unwrap();
+    let server = Server::start_with(&[
+        "--threads",
+        "1",
+        "--config",
+        config.to_str().unwrap(),
+        "--log-level",
+        "warn",
+    ]);
+    let publisher = Publisher::connect(opts(&server, "quiet-client")).unwrap();
+    drop(publisher);
+    // A protocol error is a warning: it is logged, and the info lines before it are not.
+    let mut raw = Raw::connect(server.addr);
+    raw.hello(10_000);
+    raw.send_bytes(&[1, 0, 0, 0, 0x7f]);
+    raw.expect_error_then_close(STEP);
+    let stderr = wait_stderr(&server, "protocol error");
+    assert!(!stderr.contains("quiet-client"), "{stderr}");
+}
+
+/// A crash (SIGKILL) loses at most the last `persist_interval_ms`: the values saved before it
+/// come back.
+#[test]
+fn after_a_crash_the_last_periodic_save_is_restored() {
+    let dir = TempDir::new("crash");
+    let file = dir.join("retained.bin");
+    let toml = format!(
+        "[retained]\npersist_path = {:?}\npersist_interval_ms = 100\n",
+        file.to_str().unwrap()
+    );
+    let mut server = start(&dir, &toml);
+    let mut publisher = Publisher::connect(opts(&server, "gw")).unwrap();
+    publisher.publish("c/1", b"saved").unwrap();
+    publisher.confirm(STEP).unwrap();
+    // Wait for a periodic save that holds the value.
+    let deadline = Instant::now() + STEP;
+    loop {
+        let saved = lanpush::engine::persist::load(&file, 1 << 20)
+            .ok()
+            .flatten()
+            .unwrap_or_default();
+        if saved.iter().any(|r| r.topic == "c/1") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no periodic save within {STEP:?}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    signal(server.pid(), libc::SIGKILL);
+    server.wait_exit(STEP).expect("killed");
+    let server = start(&dir, &toml);
+    let got = snapshot_of(&server, "c/#");
+    assert_eq!(got.len(), 1, "{got:?}");
+    assert_eq!((got[0].payload.as_slice(), got[0].restored), (&b"saved"[..], true));
+}
