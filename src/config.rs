@@ -479,6 +479,15 @@ mod tests {
             if path.extension().is_some_and(|e| e == "toml") {
                 Config::from_file(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
                 seen += 1;
+            } else {
+                // Every other file is checked by a test of its own.
+                let checked_elsewhere = ["lanpush.service"]; // tests/service.rs
+                let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
+                assert!(
+                    checked_elsewhere.contains(&name),
+                    "{}: no test parses this file",
+                    path.display()
+                );
             }
         }
         assert!(seen >= 1);

@@ -370,7 +370,10 @@ fn after_a_crash_the_last_periodic_save_is_restored() {
         if saved.iter().any(|r| r.topic == "c/1") {
             break;
         }
-        assert!(Instant::now() < deadline, "no periodic save within {STEP:?}");
+        assert!(
+            Instant::now() < deadline,
+            "no periodic save within {STEP:?}"
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
     signal(server.pid(), libc::SIGKILL);
@@ -378,5 +381,89 @@ fn after_a_crash_the_last_periodic_save_is_restored() {
     let server = start(&dir, &toml);
     let got = snapshot_of(&server, "c/#");
     assert_eq!(got.len(), 1, "{got:?}");
-    assert_eq!((got[0].payload.as_slice(), got[0].restored), (&b"saved"[..], true));
+    assert_eq!(
+        (got[0].payload.as_slice(), got[0].restored),
+        (&b"saved"[..], true)
+    );
+}
+
+/// `configs/lanpush.service`, read as systemd reads it (`[Section]`, `Key=Value`, `#`
+/// comments): readiness notification, reload by SIGHUP, a descriptor limit that covers the
+/// config it runs, hardening, and a config file that is in `configs/` and valid.
+#[test]
+fn the_systemd_unit_is_well_formed_and_matches_its_config() {
+    let root = env!("CARGO_MANIFEST_DIR");
+    let text = std::fs::read_to_string(format!("{root}/configs/lanpush.service")).unwrap();
+    let mut section = String::new();
+    let mut keys: Vec<(String, String, String)> = Vec::new();
+    for (n, line) in text.lines().enumerate() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') || line.starts_with(';') {
+            continue;
+        }
+        if let Some(name) = line.strip_prefix('[').and_then(|l| l.strip_suffix(']')) {
+            section = name.to_string();
+            continue;
+        }
+        let (key, value) = line
+            .split_once('=')
+            .unwrap_or_else(|| panic!("line {}: not Key=Value: {line}", n + 1));
+        assert!(!section.is_empty(), "line {}: key outside a section", n + 1);
+        assert!(
+            key.chars().all(|c| c.is_ascii_alphanumeric()),
+            "line {}: bad key {key:?}",
+            n + 1
+        );
+        keys.push((section.clone(), key.to_string(), value.to_string()));
+    }
+    let get = |s: &str, k: &str| {
+        keys.iter()
+            .find(|(sec, key, _)| sec == s && key == k)
+            .map(|(_, _, v)| v.as_str())
+            .unwrap_or_else(|| panic!("[{s}] {k}= missing"))
+    };
+    assert_eq!(get("Service", "Type"), "notify");
+    assert!(get("Service", "ExecReload").contains("-HUP $MAINPID"));
+    for hardening in [
+        "NoNewPrivileges",
+        "ProtectSystem",
+        "ProtectHome",
+        "PrivateTmp",
+        "RestrictAddressFamilies",
+        "SystemCallFilter",
+        "CapabilityBoundingSet",
+    ] {
+        get("Service", hardening);
+    }
+    assert_eq!(get("Install", "WantedBy"), "multi-user.target");
+    // The config it runs is the one in configs/, and the unit's limits fit it.
+    let exec = get("Service", "ExecStart");
+    let config_path = exec
+        .split_whitespace()
+        .skip_while(|w| *w != "--config")
+        .nth(1)
+        .expect("ExecStart has --config");
+    let name = Path::new(config_path)
+        .file_name()
+        .unwrap()
+        .to_str()
+        .unwrap();
+    let config =
+        lanpush::config::Config::from_file(&PathBuf::from(format!("{root}/configs/{name}")))
+            .unwrap();
+    let nofile: u64 = get("Service", "LimitNOFILE").parse().unwrap();
+    let needed =
+        lanpush::service::nofile_needed(config.limits.max_connections, lanpush::engine::MAX_SHARDS);
+    assert!(nofile >= needed, "LimitNOFILE={nofile} < {needed}");
+    let state = get("Service", "StateDirectory");
+    let persist = config
+        .retained
+        .persist_file()
+        .expect("the unit persists retained values");
+    assert!(
+        persist.starts_with(format!("/var/lib/{state}")),
+        "{persist:?}"
+    );
+    let timeout_s: u64 = get("Service", "TimeoutStopSec").parse().unwrap();
+    assert!(timeout_s * 1000 > config.server.drain_ms + 5000);
 }
