@@ -253,48 +253,69 @@ fn sighup_reloads_the_config_file_and_keeps_the_engine_running() {
     terminate_and_expect_success(&mut server);
 }
 
+/// Four reactors, subscribers on each, a topic owned by the first publisher's reactor and
+/// published through another: every message read before SIGTERM crosses two hops between
+/// reactors during the drain, and reaches every subscriber before its ERROR 12.
 #[test]
 fn sigterm_drains_tells_clients_shutting_down_and_exits_0() {
     let dir = TempDir::new("drain");
-    let mut server = start(&dir, "[server]\ndrain_ms = 3000\n");
-    let mut raw = Raw::connect(server.addr);
-    raw.hello(10_000);
-    raw.send(&Frame::Subscribe(Subscribe {
-        sub_id: 1,
-        pattern: "d/#".into(),
-        mode: DeliveryMode::All,
-        resume: Vec::new(),
-    }));
-    assert!(matches!(raw.read(STEP), Some(Got::SubAck(_))));
-    let mut publisher = Publisher::connect(opts(&server, "gw")).unwrap();
-    for i in 0..100 {
-        publisher.publish("d/x", format!("{i}").as_bytes()).unwrap();
+    let config = dir.join("engine.toml");
+    std::fs::write(&config, "[server]\ndrain_ms = 5000\n").unwrap();
+    let mut server = Server::start_with(&["--threads", "4", "--config", config.to_str().unwrap()]);
+    let mut subs: Vec<Raw> = (0..8)
+        .map(|i| {
+            let mut raw = Raw::connect(server.addr);
+            raw.hello(10_000);
+            raw.send(&Frame::Subscribe(Subscribe {
+                sub_id: i,
+                pattern: "d/#".into(),
+                mode: DeliveryMode::All,
+                resume: Vec::new(),
+            }));
+            assert!(matches!(raw.read(STEP), Some(Got::SubAck(_))));
+            raw
+        })
+        .collect();
+    let mut owner = Publisher::connect(opts(&server, "gw-owner")).unwrap();
+    owner.publish("d/x", b"0").unwrap();
+    owner.confirm(STEP).unwrap();
+    let owner_reactor = owner.welcome().unwrap().reactor;
+    let mut other = (0..8)
+        .map(|i| Publisher::connect(opts(&server, &format!("gw-{i}"))).unwrap())
+        .find(|p| p.welcome().unwrap().reactor != owner_reactor)
+        .expect("a publisher on another reactor");
+    for i in 1..=300 {
+        other.publish("d/x", format!("{i}").as_bytes()).unwrap();
     }
-    publisher.confirm(STEP).unwrap();
+    other.confirm(STEP).unwrap();
     let started = Instant::now();
     server.terminate();
-    // Everything published before the signal arrives, then ERROR 12, then the close.
-    let mut seqs = Vec::new();
-    let error = loop {
-        match raw.read(STEP) {
-            Some(Got::Data { seq, .. }) => seqs.push(seq),
-            Some(Got::Error(e)) => break e,
-            Some(Got::Ping(_)) => {}
-            other => panic!("expected DATA or ERROR, got {other:?}"),
-        }
-    };
-    assert_eq!(seqs, (1..=100).collect::<Vec<u64>>());
-    assert_eq!(error.code, error_code::SHUTTING_DOWN);
+    for (n, raw) in subs.iter_mut().enumerate() {
+        let mut seqs = Vec::new();
+        let error = loop {
+            match raw.read(STEP) {
+                Some(Got::Data { seq, .. }) => seqs.push(seq),
+                Some(Got::Error(e)) => break e,
+                Some(Got::Ping(_)) => {}
+                other => panic!("subscriber {n}: expected DATA or ERROR, got {other:?}"),
+            }
+        };
+        assert_eq!(seqs, (1..=301).collect::<Vec<u64>>(), "subscriber {n}");
+        assert_eq!(error.code, error_code::SHUTTING_DOWN);
+    }
     let status = server.wait_exit(STEP).expect("exits after the drain");
     assert!(status.success(), "{status:?}:\n{}", server.stderr());
     // Nothing was left to write: the drain did not wait for its deadline.
     assert!(
-        started.elapsed() < Duration::from_millis(2500),
+        started.elapsed() < Duration::from_millis(4000),
         "{:?}",
         started.elapsed()
     );
     let stderr = server.stderr();
-    assert!(stderr.contains("draining"), "{stderr}");
+    assert!(
+        stderr.contains("draining") && stderr.contains("drained"),
+        "{stderr}"
+    );
 }
 
 #[test]

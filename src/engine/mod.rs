@@ -155,6 +155,8 @@ pub(crate) struct EngineShared {
     /// Reactors that, draining, stopped reading and sent every publish they had read: once all
     /// have, no publish is on its way anywhere but in an inbox.
     drain_quiesced: AtomicUsize,
+    /// Draining reactors with nothing in their inbox or outgoing queues (`Reactor::drain`).
+    drain_settled: AtomicUsize,
 }
 
 /// Reads one counter of a shard, for the stats document.
@@ -182,6 +184,7 @@ impl EngineShared {
             restored: Mutex::new(Vec::new()),
             final_retained: Mutex::new((0..n_shards).map(|_| None).collect()),
             drain_quiesced: AtomicUsize::new(0),
+            drain_settled: AtomicUsize::new(0),
         }
     }
 

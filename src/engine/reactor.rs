@@ -303,7 +303,8 @@ impl Reactor {
             let _ = self.poll.registry().deregister(&mut listener);
         }
         self.read_again.clear();
-        let mut quiesced = false;
+        let n = self.n_shards as usize;
+        let (mut quiesced, mut settled) = (false, false);
         loop {
             let now = Instant::now();
             self.drain_inbox(now);
@@ -312,15 +313,41 @@ impl Reactor {
             }
             self.flush(now);
             self.drop_closed();
+            let sending = self.new_conns.iter().any(|c| !c.is_empty())
+                || (0..n).any(|peer| !self.core.outgoing(peer).is_empty());
+            if settled && sending {
+                // Not settled while passing something on (a catch-up's replay request).
+                settled = false;
+                self.shared.drain_settled.fetch_sub(1, Ordering::SeqCst);
+            }
             self.send_outgoing();
             self.publish_stats();
+            // Phase 1: every publish this reactor read has gone to its owner.
             if !quiesced && !self.throttled && self.new_conns.iter().all(Vec::is_empty) {
                 quiesced = true;
                 self.shared.drain_quiesced.fetch_add(1, Ordering::SeqCst);
             }
-            let everyone =
-                self.shared.drain_quiesced.load(Ordering::SeqCst) >= self.n_shards as usize;
-            let done = everyone && self.inbox.rx.is_empty() && !self.core.has_output();
+            // Phase 2: once no reactor reads or holds a publish, only inbox messages make new
+            // ones (a publish ingested makes deliveries). A reactor is settled while its inbox
+            // and outgoing queues are empty; a sender counts itself settled only after its
+            // sends, so a reactor that sees everyone settled finds every message in its inbox.
+            let everyone_quiesced = self.shared.drain_quiesced.load(Ordering::SeqCst) >= n;
+            let idle = everyone_quiesced
+                && !self.throttled
+                && self.inbox.rx.is_empty()
+                && self.new_conns.iter().all(Vec::is_empty);
+            if idle != settled {
+                settled = idle;
+                if idle {
+                    self.shared.drain_settled.fetch_add(1, Ordering::SeqCst);
+                } else {
+                    self.shared.drain_settled.fetch_sub(1, Ordering::SeqCst);
+                }
+            }
+            let done = settled
+                && self.shared.drain_settled.load(Ordering::SeqCst) >= n
+                && self.inbox.rx.is_empty()
+                && !self.core.has_output();
             if done || now >= deadline {
                 let connections = self.links.iter().flatten().count();
                 if done {
