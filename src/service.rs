@@ -66,14 +66,15 @@ pub fn raise_nofile(needed: u64) -> io::Result<NofileOutcome> {
     if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
         return Err(io::Error::last_os_error());
     }
-    let (soft, hard) = (lim.rlim_cur as u64, lim.rlim_max as u64);
+    // rlim_t is u64 on Linux.
+    let (soft, hard): (u64, u64) = (lim.rlim_cur, lim.rlim_max);
     if soft >= needed {
         return Ok(NofileOutcome::Enough { soft });
     }
     let target = needed.min(hard);
     if target > soft {
         let raised = libc::rlimit {
-            rlim_cur: target as libc::rlim_t,
+            rlim_cur: target,
             rlim_max: lim.rlim_max,
         };
         // SAFETY: `raised` is a valid rlimit read by the call; the hard limit is unchanged and

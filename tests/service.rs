@@ -488,3 +488,82 @@ fn the_systemd_unit_is_well_formed_and_matches_its_config() {
     let timeout_s: u64 = get("Service", "TimeoutStopSec").parse().unwrap();
     assert!(timeout_s * 1000 > config.server.drain_ms + 5000);
 }
+
+/// `lanpush serve` with RLIMIT_NOFILE set to (`soft`, `hard`) before it runs; returns its
+/// stderr once it has printed `needle` (the child is killed and reaped before returning).
+fn serve_with_nofile(soft: u64, hard: u64, extra: &[&str], needle: &str) -> String {
+    use std::io::Read;
+    use std::os::unix::process::CommandExt;
+    let mut command = std::process::Command::new(util::bin());
+    command
+        .args(["serve", "--listen", "127.0.0.1:0", "--threads", "1"])
+        .args(extra)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped());
+    // SAFETY: the closure runs in the forked child before exec and only calls setrlimit, which
+    // is async-signal-safe; it touches no memory shared with the parent.
+    unsafe {
+        command.pre_exec(move || {
+            let lim = libc::rlimit {
+                rlim_cur: soft,
+                rlim_max: hard,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let mut child = command.spawn().expect("spawn lanpush serve");
+    let mut pipe = child.stderr.take().expect("piped stderr");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut chunk = [0u8; 4096];
+        while let Ok(n) = pipe.read(&mut chunk) {
+            if n == 0 || tx.send(chunk[..n].to_vec()).is_err() {
+                break;
+            }
+        }
+    });
+    let deadline = Instant::now() + STEP;
+    let mut stderr = String::new();
+    while !stderr.contains(needle) && Instant::now() < deadline {
+        if let Ok(bytes) = rx.recv_timeout(Duration::from_millis(50)) {
+            stderr.push_str(&String::from_utf8_lossy(&bytes));
+        }
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(stderr.contains(needle), "no {needle:?} in:\n{stderr}");
+    stderr
+}
+
+#[test]
+fn the_descriptor_limit_is_raised_for_max_connections_or_the_shortfall_is_named() {
+    let dir = TempDir::new("nofile");
+    let config = dir.join("engine.toml");
+    std::fs::write(&config, "[limits]\nmax_connections = 1000\n").unwrap();
+    let config = config.to_str().unwrap();
+    // Room under the hard limit: the soft one is raised.
+    let stderr = serve_with_nofile(64, 4096, &["--config", config], "engine started");
+    assert!(stderr.contains("raised the soft RLIMIT_NOFILE"), "{stderr}");
+    assert!(stderr.contains("from=64"), "{stderr}");
+    // No room: a warning says how many descriptors are missing, and the engine serves on.
+    let stderr = serve_with_nofile(64, 100, &["--config", config], "engine started");
+    assert!(stderr.contains("WARN") && stderr.contains("short=968"), "{stderr}");
+}
+
+#[test]
+fn a_reloaded_limit_applies_to_the_next_connections() {
+    let dir = TempDir::new("hup-limit");
+    let server = start(&dir, "");
+    std::fs::write(dir.join("engine.toml"), "[limits]\nmax_connections = 1\n").unwrap();
+    signal(server.pid(), libc::SIGHUP);
+    wait_stderr(&server, "reloaded configuration (SIGHUP)");
+    let mut first = Raw::connect(server.addr);
+    first.hello(10_000);
+    let mut second = Raw::connect(server.addr);
+    let (error, _) = second.expect_error_then_close(STEP);
+    assert_eq!(error.code, error_code::TOO_MANY_CONNECTIONS);
+}
