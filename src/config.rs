@@ -570,8 +570,10 @@ mod tests {
     #[test]
     fn metrics_defaults() {
         let m = Config::default().metrics;
-        assert_eq!(m.prometheus_listen, "");
-        assert_eq!(m.prometheus_addr(), None);
+        assert_eq!(m.prometheus_listen, "127.0.0.1:9464");
+        assert_eq!(m.prometheus_addr(), Some("127.0.0.1:9464".parse().unwrap()));
+        let off = Config::from_toml_str("[metrics]\nprometheus_listen = \"\"\n", "test").unwrap();
+        assert_eq!(off.metrics.prometheus_addr(), None);
         assert!(!m.prometheus_allow_remote);
         assert_eq!(m.prefix_levels, 2);
         assert_eq!(m.histogram_max_ms, 60_000);

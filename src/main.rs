@@ -30,9 +30,10 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Run the engine. Prints `listening on <ip:port>` on stdout, logs on stderr. SIGHUP
-    /// re-reads the --config file and applies what can change at run time; SIGTERM/SIGINT
-    /// drain (server.drain_ms), save the retained values and exit 0.
+    /// Run the engine. Prints `listening on <ip:port>` on stdout, logs on stderr. Serves
+    /// Prometheus metrics at http://127.0.0.1:9464/metrics (metrics.prometheus_listen; "" turns
+    /// it off). SIGHUP re-reads the --config file and applies what can change at run time;
+    /// SIGTERM/SIGINT drain (server.drain_ms), save the retained values and exit 0.
     Serve(ServeArgs),
     /// Print the embedded default configuration, or check a config file.
     Config(ConfigArgs),
@@ -248,9 +249,17 @@ fn serve(args: ServeArgs) -> Result<(), CliError> {
             }
         })
         .map_err(io_err("cannot start the signal thread"))?;
-    let metrics_server = engine
-        .start_metrics_server()
-        .map_err(io_err("cannot start the metrics endpoint"))?;
+    // A busy metrics port (another engine on this host) costs the endpoint, not the engine.
+    let metrics_server = match engine.start_metrics_server() {
+        Ok(server) => server,
+        Err(e) => {
+            tracing::warn!(
+                error = %e,
+                "cannot start the metrics endpoint (metrics.prometheus_listen): serving without it"
+            );
+            None
+        }
+    };
     if let Some(server) = &metrics_server {
         tracing::info!("metrics on http://{}/metrics", server.local_addr());
     }
@@ -694,6 +703,9 @@ fn render_stats(doc: &serde_json::Value) -> String {
         num(doc, "uptime_ms") / 1000,
         num(doc, "open_connections")
     );
+    if let Some(url) = doc.get("metrics_url").and_then(|u| u.as_str()) {
+        let _ = writeln!(out, "Prometheus metrics: {url}");
+    }
     if let Some(totals) = doc.get("totals").and_then(|t| t.as_object()) {
         for (name, value) in totals {
             let _ = writeln!(out, "  {name:<20} {value}");

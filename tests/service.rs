@@ -551,7 +551,10 @@ fn the_descriptor_limit_is_raised_for_max_connections_or_the_shortfall_is_named(
     assert!(stderr.contains("from=64"), "{stderr}");
     // No room: a warning says how many descriptors are missing, and the engine serves on.
     let stderr = serve_with_nofile(64, 100, &["--config", config], "engine started");
-    assert!(stderr.contains("WARN") && stderr.contains("short=968"), "{stderr}");
+    assert!(
+        stderr.contains("WARN") && stderr.contains("short=968"),
+        "{stderr}"
+    );
 }
 
 #[test]
@@ -566,4 +569,101 @@ fn a_reloaded_limit_applies_to_the_next_connections() {
     let mut second = Raw::connect(server.addr);
     let (error, _) = second.expect_error_then_close(STEP);
     assert_eq!(error.code, error_code::TOO_MANY_CONNECTIONS);
+}
+
+/// GET `path` from an HTTP/1.0-style endpoint; returns the body.
+fn http_get(addr: &str, path: &str) -> String {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(addr).expect("connect to /metrics");
+    stream.set_read_timeout(Some(STEP)).unwrap();
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).unwrap();
+    let (head, body) = response.split_once("\r\n\r\n").expect("an HTTP response");
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    body.to_string()
+}
+
+/// The bar: "/metrics has _bucket series". The real binary's output, checked by the strict
+/// exposition checker: latency histograms in seconds, process_* figures, one family per name.
+#[test]
+fn metrics_are_valid_prometheus_text_with_latency_buckets_and_process_figures() {
+    let dir = TempDir::new("metrics");
+    let server = start(&dir, "[metrics]\nprometheus_listen = \"127.0.0.1:0\"\n");
+    let stderr = wait_stderr(&server, "/metrics");
+    let addr = stderr
+        .split("metrics on http://")
+        .nth(1)
+        .and_then(|rest| rest.split('/').next())
+        .expect("the metrics address on stderr")
+        .to_string();
+    let spec = SubscriptionSpec::new("m/#", DeliveryMode::All);
+    let mut sub = Subscriber::connect(opts(&server, "m-sub"), vec![spec]).unwrap();
+    let mut publisher = Publisher::connect(opts(&server, "m-pub")).unwrap();
+    for i in 0..20 {
+        publisher.publish("m/x", format!("{i}").as_bytes()).unwrap();
+    }
+    publisher.confirm(STEP).unwrap();
+    let mut got = 0;
+    let deadline = Instant::now() + STEP;
+    while got < 20 && Instant::now() < deadline {
+        if let Some(Event::Message(_)) = sub.next_event(Duration::from_millis(50)).unwrap() {
+            got += 1;
+        }
+    }
+    assert_eq!(got, 20);
+    // The histograms count a frame once its write completed; poll until all 20 are in.
+    let deadline = Instant::now() + STEP;
+    let (text, samples) = loop {
+        let text = http_get(&addr, "/metrics");
+        let samples = lanpush::metrics::exposition::parse_exposition(&text)
+            .unwrap_or_else(|e| panic!("{e}\n{text}"));
+        let count = lanpush::metrics::exposition::find(
+            &samples,
+            "lanpush_ingest_to_write_seconds_bucket",
+            &[("le", "+Inf")],
+        )
+        .map_or(0.0, |s| s.value);
+        if count >= 20.0 || Instant::now() >= deadline {
+            break (text, samples);
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(
+        text.contains("# TYPE lanpush_ingest_to_write_seconds histogram"),
+        "{text}"
+    );
+    let buckets = samples
+        .iter()
+        .filter(|s| s.name == "lanpush_ingest_to_write_seconds_bucket")
+        .count();
+    assert!(buckets > 10, "{text}");
+    let inf = lanpush::metrics::exposition::find(
+        &samples,
+        "lanpush_ingest_to_write_seconds_bucket",
+        &[("le", "+Inf")],
+    )
+    .unwrap();
+    assert!(inf.value >= 20.0, "{text}");
+    for name in [
+        "process_cpu_seconds_total",
+        "process_resident_memory_bytes",
+        "process_open_fds",
+        "process_start_time_seconds",
+        "lanpush_connections",
+    ] {
+        assert!(samples.iter().any(|s| s.name == name), "no {name}:\n{text}");
+    }
+    assert!(!text.contains("lanpush_open_connections"), "{text}");
+    // `lanpush stats` names the endpoint.
+    let out = util::run(&["stats", "--server", &server.addr_string()], None, STEP);
+    assert!(
+        out.stdout.contains(&format!("http://{addr}/metrics")),
+        "{}",
+        out.stdout
+    );
 }

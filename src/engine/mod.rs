@@ -157,6 +157,8 @@ pub(crate) struct EngineShared {
     drain_quiesced: AtomicUsize,
     /// Draining reactors with nothing in their inbox or outgoing queues (`Reactor::drain`).
     drain_settled: AtomicUsize,
+    /// Where the Prometheus endpoint listens, once it does: the stats document names it.
+    metrics_addr: std::sync::OnceLock<SocketAddr>,
 }
 
 /// Reads one counter of a shard, for the stats document.
@@ -185,6 +187,7 @@ impl EngineShared {
             final_retained: Mutex::new((0..n_shards).map(|_| None).collect()),
             drain_quiesced: AtomicUsize::new(0),
             drain_settled: AtomicUsize::new(0),
+            metrics_addr: std::sync::OnceLock::new(),
         }
     }
 
@@ -360,6 +363,9 @@ impl EngineShared {
         });
         if partial {
             doc["partial"] = true.into();
+        }
+        if let Some(addr) = self.metrics_addr.get() {
+            doc["metrics_url"] = format!("http://{addr}/metrics").into();
         }
         doc
     }
@@ -541,11 +547,12 @@ impl Engine {
             return Ok(None);
         };
         let shared = Arc::clone(&self.shared);
-        crate::metrics::MetricsServer::start(addr, move || {
+        let server = crate::metrics::MetricsServer::start(addr, move || {
             let stats = stats::collect(&shared, &shared.mailboxes);
             (shared.metrics.merged(), stats)
-        })
-        .map(Some)
+        })?;
+        let _ = self.shared.metrics_addr.set(server.local_addr());
+        Ok(Some(server))
     }
 
     /// Engine counters, as `lanpush stats` shows them (a JSON document).
