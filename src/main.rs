@@ -56,8 +56,8 @@ struct ServeArgs {
     /// Reactor threads, overriding server.threads (0: one per core).
     #[arg(long, value_name = "N")]
     threads: Option<usize>,
-    /// Log level on stderr, overriding log.level: off, error, warn, info, debug, trace.
-    /// SIGHUP re-reads the level from the config file.
+    /// Log level on stderr, overriding log.level (also on a SIGHUP reload): off, error, warn,
+    /// info, debug, trace.
     #[arg(long, value_name = "LEVEL")]
     log_level: Option<String>,
 }
@@ -211,8 +211,7 @@ fn main() -> ExitCode {
 fn serve(args: ServeArgs) -> Result<(), CliError> {
     use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
     let config = serve_config(&args)?;
-    let log_level = args.log_level.as_deref().unwrap_or(&config.log.level);
-    let log = lanpush::log::init(log_level).map_err(|e| CliError::Usage(e.to_string()))?;
+    let log = lanpush::log::init(&config.log.level).map_err(|e| CliError::Usage(e.to_string()))?;
     // Registered before the engine starts, so a signal sent as soon as the "listening on" line
     // is read is already ours (queued until the watcher thread takes it), never the default
     // action: SIGHUP no longer kills the engine.
@@ -284,6 +283,7 @@ fn serve_config(args: &ServeArgs) -> Result<Config, CliError> {
     }
     if let Some(level) = &args.log_level {
         lanpush::log::parse_level(level).map_err(|e| CliError::Usage(e.to_string()))?;
+        config.log.level = level.trim().to_string();
     }
     Ok(config)
 }
@@ -299,10 +299,14 @@ fn handle_sighup(
         "RELOADING=1\nMONOTONIC_USEC={}",
         lanpush::service::monotonic_usec()
     ));
+    if args.config.is_none() {
+        tracing::warn!("reload (SIGHUP): serve runs without --config, nothing to re-read");
+        notify("READY=1");
+        return;
+    }
     match serve_config(args) {
         Err(e) => tracing::error!(error = %e, "reload (SIGHUP) failed: the running config stays"),
         Ok(config) => {
-            // `--log-level` was for the start; a reload takes the file's level.
             if let Err(e) = log.set_level(&config.log.level) {
                 tracing::error!(error = %e, "reload (SIGHUP): log level unchanged");
             }

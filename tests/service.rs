@@ -667,3 +667,34 @@ fn metrics_are_valid_prometheus_text_with_latency_buckets_and_process_figures() 
         out.stdout
     );
 }
+
+#[test]
+fn log_level_on_the_command_line_outlives_a_reload() {
+    let dir = TempDir::new("level-hup");
+    let config = dir.join("engine.toml");
+    std::fs::write(&config, "[log]\nlevel = \"info\"\n").unwrap();
+    let server = Server::start_with(&[
+        "--threads",
+        "1",
+        "--config",
+        config.to_str().unwrap(),
+        "--log-level",
+        "warn",
+    ]);
+    std::fs::write(
+        &config,
+        "[log]\nlevel = \"info\"\n[limits]\nmax_frame_bytes = 4096\n",
+    )
+    .unwrap();
+    signal(server.pid(), libc::SIGHUP);
+    // The restart-only key is a warning; the info summary line stays below the level.
+    wait_stderr(&server, "takes effect after a restart");
+    let publisher = Publisher::connect(opts(&server, "still-quiet")).unwrap();
+    drop(publisher);
+    let mut raw = Raw::connect(server.addr);
+    raw.hello(10_000);
+    raw.send_bytes(&[1, 0, 0, 0, 0x7f]);
+    raw.expect_error_then_close(STEP);
+    let stderr = wait_stderr(&server, "protocol error");
+    assert!(!stderr.contains("still-quiet"), "{stderr}");
+}
