@@ -397,7 +397,7 @@ pub struct Engine {
 struct Persister {
     path: std::path::PathBuf,
     stop: crossbeam_channel::Sender<()>,
-    thread: JoinHandle<Vec<persist::ShardValues>>,
+    thread: JoinHandle<()>,
 }
 
 impl Engine {
@@ -588,11 +588,11 @@ impl Engine {
             });
         }
         if let Some(persister) = self.persist {
-            // The last save: what each reactor held after its drain, or, for one that left
-            // nothing (it failed), what the persist thread last had from it.
+            // The last save, from what each reactor held after its drain; if one left nothing
+            // (it failed), the last periodic file is kept rather than written without its
+            // topics.
             let _ = persister.stop.send(());
-            let mut values = persister.thread.join().unwrap_or_default();
-            values.resize_with(self.shared.shards.len(), Default::default);
+            let _ = persister.thread.join();
             let finals = std::mem::take(
                 &mut *self
                     .shared
@@ -600,17 +600,19 @@ impl Engine {
                     .lock()
                     .unwrap_or_else(|e| e.into_inner()),
             );
-            for (value, last) in values.iter_mut().zip(finals) {
-                if let Some(frames) = last {
-                    value.frames = frames;
-                }
+            match finals.into_iter().collect::<Option<Vec<_>>>() {
+                Some(frames) => persist::write_values(
+                    &persister.path,
+                    &frames,
+                    self.config.retained.max_bytes,
+                    true,
+                ),
+                None => tracing::warn!(
+                    path = %persister.path.display(),
+                    "a reactor stopped without handing over its retained values: the last \
+                     periodic snapshot file is kept"
+                ),
             }
-            persist::write_values(
-                &persister.path,
-                &values,
-                self.config.retained.max_bytes,
-                true,
-            );
         }
         first_failure.map_or(Ok(()), Err)
     }

@@ -288,21 +288,20 @@ pub(crate) fn restore_at_start(
     per_shard
 }
 
-/// What the persist thread keeps of each reactor: the version of its values and the values.
-#[derive(Default, Clone)]
-pub(crate) struct ShardValues {
-    pub version: Option<u64>,
-    pub frames: Vec<RetainedFrame>,
-}
-
-/// A reactor's answer to `ShardMsg::Retained`: `None` if nothing changed since `version`.
+/// A reactor's answer to `ShardMsg::Retained`: `None` if nothing changed since the version
+/// asked about, else its version and retained frames.
 pub(crate) type RetainedAnswer = (usize, Option<(u64, Vec<RetainedFrame>)>);
 
-/// Writes the file for the values of every shard; logs the outcome.
-pub(crate) fn write_values(path: &Path, shards: &[ShardValues], max_bytes: usize, last: bool) {
+/// Writes the file for the retained frames of every shard; logs the outcome.
+pub(crate) fn write_values(
+    path: &Path,
+    shards: &[Vec<RetainedFrame>],
+    max_bytes: usize,
+    last: bool,
+) {
     let records: Vec<RetainedRecord> = shards
         .iter()
-        .flat_map(|s| s.frames.iter())
+        .flatten()
         .filter_map(|f| RetainedRecord::from_frame(f))
         .collect();
     let (bytes, left_out) = encode(&records, max_bytes);
@@ -330,54 +329,81 @@ pub(crate) fn write_values(path: &Path, shards: &[ShardValues], max_bytes: usize
     }
 }
 
-/// Starts the `lanpush-persist` thread: every `interval` it asks each reactor for its retained
-/// values if they changed and rewrites the file when any did. It ends when `stop` is dropped or
-/// sent to, returning the values it last had from each reactor (the final save at shutdown
-/// uses them for a reactor that left none).
+/// Asks every reactor for its retained values (`versions[shard]`: answer "unchanged" if still
+/// at it). Per shard: `None` if it did not answer within [`ANSWER_TIMEOUT`].
+fn ask(mailboxes: &[Mailbox<ShardMsg>], versions: &[Option<u64>]) -> Vec<Option<RetainedAnswer>> {
+    let (tx, rx) = crossbeam_channel::bounded::<RetainedAnswer>(mailboxes.len());
+    let mut asked = 0;
+    for (shard, mailbox) in mailboxes.iter().enumerate() {
+        let msg = ShardMsg::Retained {
+            shard,
+            version: versions[shard],
+            reply: tx.clone(),
+        };
+        if mailbox.send_timeout(msg, ANSWER_TIMEOUT).is_ok() {
+            asked += 1;
+        }
+    }
+    drop(tx);
+    let mut answers: Vec<Option<RetainedAnswer>> = (0..mailboxes.len()).map(|_| None).collect();
+    for _ in 0..asked {
+        let Ok(answer) = rx.recv_timeout(ANSWER_TIMEOUT) else {
+            break;
+        };
+        let shard = answer.0;
+        answers[shard] = Some(answer);
+    }
+    answers
+}
+
+/// Starts the `lanpush-persist` thread. Every `interval` it asks each reactor whether its
+/// retained values changed since the last save (a version number: no frames move when none
+/// did); if any did, it asks every reactor for its values and rewrites the file from them. It
+/// holds the frames only while it writes, so it never keeps superseded values alive, and it
+/// never writes a file that misses a reactor that did not answer. It ends when `stop` is sent
+/// to or dropped.
 pub(crate) fn spawn(
     path: PathBuf,
     interval: Duration,
     max_bytes: usize,
     mailboxes: Vec<Mailbox<ShardMsg>>,
     stop: Receiver<()>,
-) -> io::Result<JoinHandle<Vec<ShardValues>>> {
+) -> io::Result<JoinHandle<()>> {
     std::thread::Builder::new()
         .name("lanpush-persist".into())
         .spawn(move || {
-            let mut values = vec![ShardValues::default(); mailboxes.len()];
+            let mut versions: Vec<Option<u64>> = vec![None; mailboxes.len()];
             loop {
                 match stop.recv_timeout(interval) {
                     Err(RecvTimeoutError::Timeout) => {}
-                    _ => return values,
+                    _ => return,
                 }
-                let (tx, rx) = crossbeam_channel::bounded::<RetainedAnswer>(mailboxes.len());
-                let mut asked = 0;
-                for (shard, mailbox) in mailboxes.iter().enumerate() {
-                    let msg = ShardMsg::Retained {
-                        shard,
-                        version: values[shard].version,
-                        reply: tx.clone(),
-                    };
-                    if mailbox.send_timeout(msg, ANSWER_TIMEOUT).is_ok() {
-                        asked += 1;
+                let changed = ask(&mailboxes, &versions)
+                    .iter()
+                    .any(|a| !matches!(a, Some((_, None))));
+                if !changed {
+                    continue;
+                }
+                let answers = ask(&mailboxes, &vec![None; mailboxes.len()]);
+                let mut frames = Vec::with_capacity(answers.len());
+                for (shard, answer) in answers.into_iter().enumerate() {
+                    match answer {
+                        Some((_, Some((version, values)))) => {
+                            versions[shard] = Some(version);
+                            frames.push(values);
+                        }
+                        _ => {
+                            tracing::warn!(
+                                reactor = shard,
+                                "a reactor did not hand over its retained values: the snapshot \
+                                 file keeps its previous contents"
+                            );
+                            break;
+                        }
                     }
                 }
-                drop(tx);
-                let mut changed = false;
-                for _ in 0..asked {
-                    let Ok((shard, answer)) = rx.recv_timeout(ANSWER_TIMEOUT) else {
-                        break;
-                    };
-                    if let Some((version, frames)) = answer {
-                        values[shard] = ShardValues {
-                            version: Some(version),
-                            frames,
-                        };
-                        changed = true;
-                    }
-                }
-                if changed {
-                    write_values(&path, &values, max_bytes, false);
+                if frames.len() == mailboxes.len() {
+                    write_values(&path, &frames, max_bytes, false);
                 }
             }
         })
