@@ -1054,6 +1054,9 @@ impl FanoutCore {
         let Some(session) = self.sessions.get_mut(slot).and_then(Option::as_mut) else {
             return;
         };
+        if session.is_closing() {
+            return;
+        }
         let code = fatal.code;
         let category = match code {
             error_code::SHUTTING_DOWN => None,
@@ -1082,7 +1085,7 @@ impl FanoutCore {
         if !session.fail(now, fatal) {
             return;
         }
-        session.close_cause = Some(format!("ERROR {code} {}", error_code::name(code)));
+        session.close_code = Some(code);
         let c = &mut self.counters;
         *match code {
             error_code::HANDSHAKE_TIMEOUT => &mut c.handshake_timeouts,
@@ -1155,11 +1158,15 @@ impl FanoutCore {
         if let Some(session) = self.sessions[slot].take() {
             // Connections refused at accept never reach the core; those shut down by the engine
             // are summed up by the drain's own line.
-            if session.close_cause.as_deref() != Some("ERROR 12 SHUTTING_DOWN") {
+            if session.close_code != Some(error_code::SHUTTING_DOWN) {
+                let cause = match (session.close_code, &session.close_cause) {
+                    (Some(code), _) => error_code::name(code),
+                    (None, Some(cause)) => cause.as_str(),
+                    (None, None) => "closed by the peer",
+                };
                 log_event!(self, Category::Disconnect, INFO,
                     conn = session.id, client_id = %session.client_id, peer = %Peer(session.peer),
-                    cause = session.close_cause.as_deref().unwrap_or("closed by the peer"),
-                    "disconnect");
+                    code = session.close_code, cause, "disconnect");
             }
             // A session that said HELLO (not refused at it) holds its client id until now.
             if !session.client_id.is_empty() {

@@ -199,7 +199,9 @@ pub(crate) struct Session {
     last_stats: Option<SharedFrame>,
     /// The peer's address, for logs (the driver sets it when it knows it).
     pub peer: Option<std::net::SocketAddr>,
-    /// Why the connection is closing, for the disconnect log line; `None`: the peer closed it.
+    /// The ERROR code the engine closed the connection with, for the disconnect log line.
+    pub close_code: Option<u16>,
+    /// How its transport failed, for the disconnect log line (neither: the peer closed it).
     pub close_cause: Option<String>,
 }
 
@@ -250,6 +252,7 @@ impl Session {
             stats_in_flight: false,
             last_stats: None,
             peer: None,
+            close_code: None,
             close_cause: None,
         }
     }
