@@ -236,15 +236,30 @@ fn serve(args: ServeArgs) -> Result<(), CliError> {
     std::thread::Builder::new()
         .name("signals".into())
         .spawn(move || {
+            let mut draining = false;
             for signal in signals.forever() {
                 if signal == SIGHUP {
-                    handle_sighup(&args, &reload, &log);
+                    if !draining {
+                        handle_sighup(&args, &reload, &log);
+                    }
                     continue;
                 }
-                tracing::info!(signal, "signal received: draining, then exiting");
+                if draining {
+                    // The operator insists: stop now, without the rest of the drain or the
+                    // final save (the last periodic snapshot file stays).
+                    tracing::warn!(
+                        signal,
+                        "second stop signal: exiting without finishing the drain"
+                    );
+                    std::process::exit(1);
+                }
+                draining = true;
+                tracing::info!(
+                    signal,
+                    "signal received: draining, then exiting (again to stop at once)"
+                );
                 notify("STOPPING=1");
                 shutdown.shutdown();
-                return;
             }
         })
         .map_err(io_err("cannot start the signal thread"))?;

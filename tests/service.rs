@@ -698,3 +698,59 @@ fn log_level_on_the_command_line_outlives_a_reload() {
     let stderr = wait_stderr(&server, "protocol error");
     assert!(!stderr.contains("still-quiet"), "{stderr}");
 }
+
+/// An engine with a subscriber that stopped reading and more queued for it than its socket
+/// takes: its drain cannot finish before the deadline.
+fn engine_with_a_stalled_subscriber(dir: &TempDir, drain_ms: u64) -> (Server, Raw) {
+    // A small kernel send buffer, so most of what is published waits in the engine.
+    let toml =
+        format!("[server]\ndrain_ms = {drain_ms}\n[delivery]\nsocket_send_buffer_bytes = 8192\n");
+    let server = start(dir, &toml);
+    let mut stalled = Raw::connect_with_recv_buffer(server.addr, 4096);
+    stalled.hello(600_000);
+    stalled.send(&Frame::Subscribe(Subscribe {
+        sub_id: 1,
+        pattern: "s/#".into(),
+        mode: DeliveryMode::All,
+        resume: Vec::new(),
+    }));
+    assert!(matches!(stalled.read(STEP), Some(Got::SubAck(_))));
+    let mut publisher = Publisher::connect(opts(&server, "gw")).unwrap();
+    let payload = vec![b'x'; 16 * 1024];
+    for _ in 0..128 {
+        publisher.publish("s/x", &payload).unwrap();
+    }
+    publisher.confirm(STEP).unwrap();
+    (server, stalled)
+}
+
+#[test]
+fn the_drain_ends_at_its_deadline_and_still_exits_0() {
+    let dir = TempDir::new("drain-deadline");
+    let (mut server, _stalled) = engine_with_a_stalled_subscriber(&dir, 300);
+    let started = Instant::now();
+    server.terminate();
+    let status = server
+        .wait_exit(STEP)
+        .expect("exits after the drain deadline");
+    assert!(status.success(), "{status:?}:\n{}", server.stderr());
+    assert!(started.elapsed() >= Duration::from_millis(300));
+    let stderr = server.stderr();
+    assert!(stderr.contains("drain deadline reached"), "{stderr}");
+}
+
+#[test]
+fn a_second_stop_signal_ends_the_drain_at_once() {
+    let dir = TempDir::new("drain-twice");
+    let (mut server, _stalled) = engine_with_a_stalled_subscriber(&dir, 600_000);
+    server.terminate();
+    wait_stderr(&server, "signal received: draining");
+    assert!(
+        server.is_running(),
+        "the drain waits for the stalled subscriber"
+    );
+    signal(server.pid(), libc::SIGINT);
+    let status = server.wait_exit(STEP).expect("exits on the second signal");
+    assert_eq!(status.code(), Some(1), "{}", server.stderr());
+    assert!(server.stderr().contains("second stop signal"));
+}

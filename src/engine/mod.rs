@@ -433,7 +433,7 @@ impl Engine {
             ..EngineShared::new(n, &config)
         });
         if let Some(path) = config.retained.persist_file() {
-            let restored = persist::restore_at_start(&path, &shared, config.retained.max_bytes);
+            let restored = persist::restore_at_start(&path, &shared, &config);
             *shared.restored.lock().unwrap_or_else(|e| e.into_inner()) = restored;
         }
         let cores = if config.server.pin_threads {

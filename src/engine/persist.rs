@@ -253,8 +253,9 @@ pub fn max_file_bytes(max_retained_bytes: usize) -> u64 {
 pub(crate) fn restore_at_start(
     path: &Path,
     shared: &EngineShared,
-    max_retained_bytes: usize,
+    config: &crate::config::Config,
 ) -> Vec<Vec<RetainedFrame>> {
+    let max_retained_bytes = config.retained.max_bytes;
     let mut per_shard: Vec<Vec<RetainedFrame>> = vec![Vec::new(); shared.shards.len()];
     let records = match load(path, max_file_bytes(max_retained_bytes)) {
         Ok(Some(records)) => records,
@@ -274,8 +275,18 @@ pub(crate) fn restore_at_start(
             return per_shard;
         }
     };
-    let (mut restored, mut refused) = (0usize, 0usize);
+    let (mut restored, mut refused, mut invalid) = (0usize, 0usize, 0usize);
     for record in &records {
+        // The limits may have been lowered since the file was written: what the engine would
+        // refuse from a publisher now, it does not restore either.
+        let limits = &config.limits;
+        let data_len = super::core::data_frame_len(record.topic.len(), record.payload.len());
+        if proto::validate_topic(&record.topic, limits.max_topic_bytes).is_err()
+            || data_len > limits.max_frame_bytes
+        {
+            invalid += 1;
+            continue;
+        }
         match shared.owners.claim_for_local(&record.topic) {
             Some(owner) => {
                 per_shard[owner as usize].push(record.to_frame());
@@ -284,7 +295,7 @@ pub(crate) fn restore_at_start(
             None => refused += 1,
         }
     }
-    tracing::info!(path = %path.display(), restored, refused_max_topics = refused, "retained values restored");
+    tracing::info!(path = %path.display(), restored, refused_max_topics = refused, refused_invalid = invalid, "retained values restored");
     per_shard
 }
 
