@@ -754,3 +754,24 @@ fn a_second_stop_signal_ends_the_drain_at_once() {
     assert_eq!(status.code(), Some(1), "{}", server.stderr());
     assert!(server.stderr().contains("second stop signal"));
 }
+
+/// A flood of bad clients cannot flood the log: a burst of lines, then a count.
+#[test]
+fn a_flood_of_protocol_errors_is_rate_limited_in_the_log() {
+    let dir = TempDir::new("flood");
+    let server = start(&dir, "[log]\nlines_per_s = 1\nburst_lines = 5\n");
+    for _ in 0..60 {
+        let mut raw = Raw::connect(server.addr);
+        raw.hello(10_000);
+        raw.send_bytes(&[1, 0, 0, 0, 0x7f]);
+        raw.expect_error_then_close(STEP);
+    }
+    // The suppressed count arrives with the next line let through or the next tick with room.
+    let stderr = wait_stderr(&server, "suppressed");
+    let logged = stderr
+        .lines()
+        .filter(|l| l.contains("protocol error"))
+        .count();
+    // Two reactors, each with its own budget: at most 2 x (5 + about 1 a second).
+    assert!((2..=16).contains(&logged), "{logged} lines:\n{stderr}");
+}
