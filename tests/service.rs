@@ -659,6 +659,32 @@ fn metrics_are_valid_prometheus_text_with_latency_buckets_and_process_figures() 
         assert!(samples.iter().any(|s| s.name == name), "no {name}:\n{text}");
     }
     assert!(!text.contains("lanpush_open_connections"), "{text}");
+    // The Grafana dashboard in configs/ charts only series this output has.
+    let series: std::collections::HashSet<&str> = samples.iter().map(|s| s.name.as_str()).collect();
+    let dashboard: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/configs/grafana-dashboard.json"
+        ))
+        .unwrap(),
+    )
+    .expect("the dashboard is JSON");
+    let mut exprs = 0;
+    for panel in dashboard["panels"].as_array().expect("panels") {
+        for target in panel["targets"].as_array().expect("targets") {
+            let expr = target["expr"].as_str().expect("expr");
+            exprs += 1;
+            for word in expr.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_')) {
+                if word.starts_with("lanpush_") || word.starts_with("process_") {
+                    assert!(
+                        series.contains(word),
+                        "dashboard uses {word}, not in /metrics:\n{text}"
+                    );
+                }
+            }
+        }
+    }
+    assert!(exprs >= 10);
     // `lanpush stats` names the endpoint.
     let out = util::run(&["stats", "--server", &server.addr_string()], None, STEP);
     assert!(

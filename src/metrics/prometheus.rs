@@ -8,7 +8,13 @@ use serde_json::Value;
 use super::snapshot::MetricsSnapshot;
 
 /// Totals of the stats document that are levels, not running counts.
-const GAUGES: [&str; 4] = ["connections", "subscriptions", "topics", "ring_bytes"];
+const GAUGES: [&str; 5] = [
+    "connections",
+    "subscriptions",
+    "topics",
+    "ring_bytes",
+    "retained_bytes",
+];
 
 /// HELP text of the engine counters the stats document is known to carry; others get a generic
 /// one.
