@@ -14,7 +14,9 @@
 //!
 //! A file whose magic, version, length or checksum is wrong is not loaded (the engine starts
 //! with no retained values and says why); nothing past the header is trusted before the
-//! checksum matched, and the body is decoded with bincode's limit set to its length.
+//! checksum matched, and the body is decoded with bincode's allocation limit in proportion to
+//! its length ([`decode_records`]), so a length field cannot make the engine allocate more than
+//! the file could hold.
 //!
 //! **Writing** ([`save`]): the whole file goes to `<path>.tmp`, is fsynced, renamed over
 //! `<path>` and the directory fsynced: a crash leaves the old file or the new one, never half
@@ -168,13 +170,40 @@ pub fn decode(bytes: &[u8]) -> Result<Vec<RetainedRecord>, String> {
     if crc32fast::hash(body) != u32::from_le_bytes(crc) {
         return Err("checksum mismatch".into());
     }
-    let config = bincode::config::standard().with_limit::<{ 1 << 40 }>();
-    let (records, used): (Vec<RetainedRecord>, usize) =
-        bincode::decode_from_slice(body, config).map_err(|e| format!("body: {e}"))?;
+    let (records, used) = decode_records(body).map_err(|e| format!("body: {e}"))?;
     if used != body.len() {
         return Err(format!("{} bytes after the records", body.len() - used));
     }
     Ok(records)
+}
+
+/// Before it allocates a string or a vector, bincode claims its in-memory size against the
+/// configured limit. An honest body claims at most 16 bytes per body byte (a record is 72 bytes
+/// in memory and at least 5 in the file; topic and payload bytes claim one each), so a length
+/// field the body cannot back makes the decode fail at this bound instead of allocating it.
+const CLAIM_BYTES_PER_BODY_BYTE: usize = 16;
+const CLAIM_SLACK_BYTES: usize = 4096;
+
+/// Decodes the records with bincode's limit at the smallest tier (powers of 4, as it takes its
+/// limit as a const generic) that holds the body's claim budget: at most 4 times that budget.
+fn decode_records(
+    body: &[u8],
+) -> Result<(Vec<RetainedRecord>, usize), bincode::error::DecodeError> {
+    let budget = body
+        .len()
+        .saturating_mul(CLAIM_BYTES_PER_BODY_BYTE)
+        .saturating_add(CLAIM_SLACK_BYTES);
+    let config = bincode::config::standard();
+    macro_rules! tiers {
+        ($($bits:literal),+) => {
+            $(if budget <= 1usize << $bits {
+                return bincode::decode_from_slice(body, config.with_limit::<{ 1usize << $bits }>());
+            })+
+        };
+    }
+    tiers!(16, 18, 20, 22, 24, 26, 28, 30, 32, 34, 36, 38);
+    // A file is refused over `max_file_bytes`, far below 2^34 bytes of body.
+    bincode::decode_from_slice(body, config.with_limit::<{ 1usize << 40 }>())
 }
 
 /// The temporary file a save writes before renaming it over `path`.
@@ -466,6 +495,24 @@ mod tests {
             decode(b"not a snapshot file at all").unwrap_err(),
             "wrong magic"
         );
+    }
+
+    #[test]
+    fn a_length_field_the_body_cannot_back_is_refused_not_allocated() {
+        // One record whose payload length claims 2^40 bytes, behind a valid header and CRC.
+        let mut body = vec![1u8]; // one record
+        body.extend_from_slice(&[1, b'a', 0, 0, 192]); // topic "a", timestamps 0, quality
+        body.push(0xFD); // payload length: u64 varint ...
+        body.extend_from_slice(&(1u64 << 40).to_le_bytes());
+        let mut file = Vec::new();
+        file.extend_from_slice(MAGIC);
+        file.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
+        file.extend_from_slice(&0u16.to_le_bytes());
+        file.extend_from_slice(&crc32fast::hash(&body).to_le_bytes());
+        file.extend_from_slice(&(body.len() as u64).to_le_bytes());
+        file.extend_from_slice(&body);
+        let err = decode(&file).unwrap_err();
+        assert!(err.starts_with("body:"), "{err}");
     }
 
     #[test]
