@@ -3,5 +3,6 @@ pub mod client;
 pub mod config;
 pub mod engine;
 pub mod metrics;
+pub mod mqtt;
 pub mod proto;
 pub mod topic;
