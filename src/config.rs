@@ -32,6 +32,7 @@ pub struct Config {
     pub delivery: DeliveryConfig,
     pub retained: RetainedConfig,
     pub metrics: MetricsConfig,
+    pub mqtt: MqttConfig,
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -93,6 +94,47 @@ pub struct RetainedConfig {
     /// Bytes of retained values (one per topic) kept across all reactors; past it the values
     /// updated longest ago are dropped.
     pub max_bytes: usize,
+}
+
+/// The MQTT 3.1.1 listener (docs/PROTOCOL.md §14).
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MqttConfig {
+    /// Address of the MQTT listener; empty turns it off.
+    pub listen: String,
+    /// QoS 1 PUBLISH packets sent to one MQTT connection and not yet acknowledged.
+    pub max_inflight: u16,
+    /// Delivery mode of a QoS 0 subscription: `all` or `latest`.
+    pub qos0_mode: DeliveryMode,
+}
+
+impl MqttConfig {
+    /// The listener's address, or `None` when it is off. Validation has checked that a
+    /// non-empty `listen` parses.
+    pub fn listen_addr(&self) -> Option<SocketAddr> {
+        let text = self.listen.trim();
+        if text.is_empty() {
+            None
+        } else {
+            text.parse().ok()
+        }
+    }
+
+    fn validate(&self) -> Result<(), String> {
+        let text = self.listen.trim();
+        if !text.is_empty() && text.parse::<SocketAddr>().is_err() {
+            return Err(format!(
+                "mqtt.listen = {text:?} is not a socket address such as \"0.0.0.0:1883\" (or \"\" for off)"
+            ));
+        }
+        if self.max_inflight == 0 {
+            return Err("mqtt.max_inflight must be at least 1".into());
+        }
+        if !matches!(self.qos0_mode, DeliveryMode::All | DeliveryMode::Latest) {
+            return Err("mqtt.qos0_mode must be \"all\" or \"latest\"".into());
+        }
+        Ok(())
+    }
 }
 
 /// Latency histograms and the Prometheus endpoint (`src/metrics/`).
@@ -279,6 +321,9 @@ impl Config {
         if let Err(message) = self.metrics.validate() {
             return invalid(message);
         }
+        if let Err(message) = self.mqtt.validate() {
+            return invalid(message);
+        }
         Ok(())
     }
 }
@@ -356,6 +401,36 @@ mod tests {
         let err = Config::from_toml_str("[delivery]\ndefault_mode = \"sometimes\"\n", "test")
             .unwrap_err();
         assert!(err.to_string().contains("sometimes"), "{err}");
+    }
+
+    #[test]
+    fn mqtt_is_off_by_default_and_on_in_the_plant_example() {
+        let m = Config::default().mqtt;
+        assert_eq!(m.listen_addr(), None);
+        assert_eq!(m.qos0_mode, DeliveryMode::Latest);
+        assert_eq!(m.max_inflight, 64);
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/configs/plant.toml");
+        let plant = Config::from_file(Path::new(path)).unwrap();
+        assert_eq!(
+            plant.mqtt.listen_addr(),
+            Some("0.0.0.0:1883".parse().unwrap())
+        );
+    }
+
+    #[test]
+    fn mqtt_invalid_values_are_refused_with_the_key() {
+        let cases = [
+            ("listen = \"localhost:1883\"", "mqtt.listen"),
+            ("max_inflight = 0", "mqtt.max_inflight"),
+            ("qos0_mode = \"disconnect\"", "mqtt.qos0_mode"),
+            ("port = 1883", "port"),
+        ];
+        for (line, key) in cases {
+            let err = Config::from_toml_str(&format!("[mqtt]\n{line}\n"), "test")
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(key), "{line}: {err}");
+        }
     }
 
     #[test]

@@ -53,6 +53,10 @@ struct ServeArgs {
     /// Reactor threads, overriding server.threads (0: one per core).
     #[arg(long, value_name = "N")]
     threads: Option<usize>,
+    /// MQTT listen address, overriding mqtt.listen (port 0 picks a free port; the second
+    /// line printed is `mqtt listening on <ip:port>`).
+    #[arg(long, value_name = "ADDR")]
+    mqtt_listen: Option<SocketAddr>,
 }
 
 #[derive(Args)]
@@ -213,6 +217,9 @@ fn serve(args: ServeArgs) -> Result<(), CliError> {
     if let Some(threads) = args.threads {
         config.server.threads = threads;
     }
+    if let Some(mqtt) = args.mqtt_listen {
+        config.mqtt.listen = mqtt.to_string();
+    }
     // Registered before the engine starts, so a signal sent as soon as the "listening on" line
     // is read is already ours (queued until the watcher thread takes it), never the default
     // action.
@@ -222,6 +229,10 @@ fn serve(args: ServeArgs) -> Result<(), CliError> {
     {
         let mut out = io::stdout().lock();
         writeln!(out, "listening on {}", engine.local_addr())
+            .and_then(|()| match engine.mqtt_addr() {
+                Some(mqtt) => writeln!(out, "mqtt listening on {mqtt}"),
+                None => Ok(()),
+            })
             .and_then(|()| out.flush())
             .map_err(io_err("cannot write to stdout"))?;
     }

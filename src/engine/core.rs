@@ -39,13 +39,15 @@ use std::time::{Duration, Instant};
 
 use ahash::HashMap;
 
+use super::mqtt_session;
 use super::native::{self, Op, Reply};
 use super::outbox::SharedFrame;
 use super::owners::OwnerCache;
 use super::session::{
-    DeliveryCounters, Enqueued, Fatal, Lag, Phase, Session, Sub, SubRef, Timeout,
+    DeliveryCounters, Enqueued, Fatal, Lag, Outgoing, Phase, Session, Sub, SubRef, Timeout,
 };
 use super::store::{Replay, TopicStore};
+use super::wire::WireKind;
 use super::{EngineShared, ShardStats};
 use crate::config::Config;
 use crate::metrics::{data_frame_stamp, ShardMetrics};
@@ -54,6 +56,10 @@ use crate::proto::{
     SubAck, Subscribe, Welcome, PROTOCOL_VERSION,
 };
 use crate::topic::TopicIndex;
+
+/// The MQTT connections' side of the core (a child module, so it reaches the core's state).
+#[path = "mqtt_core.rs"]
+mod mqtt_core;
 
 /// Vectored writes per connection per flush; a connection with more left stays dirty.
 pub(crate) const MAX_WRITES_PER_FLUSH: usize = 4;
@@ -271,10 +277,16 @@ impl FanoutCore {
     /// A new connection in slot `slot` (free: never used, or named by `poll_closed` since).
     /// It must send HELLO within the handshake time-out.
     pub(crate) fn open(&mut self, now: Instant, slot: usize, conn_id: u64) {
+        self.open_wire(now, slot, conn_id, WireKind::Native);
+    }
+
+    /// [`FanoutCore::open`] for a connection speaking `wire` (the listener that accepted it).
+    /// An MQTT connection must send CONNECT within the handshake time-out.
+    pub(crate) fn open_wire(&mut self, now: Instant, slot: usize, conn_id: u64, wire: WireKind) {
         self.now = now;
         let limits = &self.config.limits;
         let delivery = &self.config.delivery;
-        let session = Session::new(
+        let mut session = Session::new(
             conn_id,
             now,
             Duration::from_millis(limits.handshake_timeout_ms),
@@ -283,6 +295,9 @@ impl FanoutCore {
             delivery.queue_max_messages,
             delivery.conflate_always,
         );
+        if wire == WireKind::Mqtt {
+            session.mqtt = Some(self.new_mqtt_state());
+        }
         if self.sessions.len() <= slot {
             self.sessions.resize_with(slot + 1, || None);
         }
@@ -324,6 +339,9 @@ impl FanoutCore {
         };
         if session.is_closing() {
             return bytes.len();
+        }
+        if session.mqtt.is_some() {
+            return self.handle_mqtt_input(now, read_ns, slot, bytes);
         }
         // Keep-alive counts whole frames, as MQTT counts control packets: a peer that trickles
         // a frame byte by byte, or starts one and never finishes it, is not heard.
@@ -768,8 +786,9 @@ impl FanoutCore {
                     .subs()
                     .map(|s| serde_json::json!({"id": s.sub_id, "pattern": s.pattern, "mode": s.mode}))
                     .collect();
-                serde_json::json!({
+                let mut conn = serde_json::json!({
                     "id": s.id,
+                    "protocol": if s.mqtt.is_some() { "mqtt" } else { "native" },
                     "client_id": s.client_id,
                     "reactor": self.id,
                     "subscriptions": subs,
@@ -782,7 +801,11 @@ impl FanoutCore {
                     "replayed": s.stats.replayed,
                     "gaps": s.stats.gaps,
                     "reconnects": s.stats.reconnects,
-                })
+                });
+                if let Some(m) = s.mqtt.as_deref() {
+                    conn["mqtt_inflight"] = m.inflight().into();
+                }
+                conn
             })
             .collect()
     }
@@ -931,7 +954,23 @@ impl FanoutCore {
     /// is cut (the `Err` closes it).
     fn reply(&mut self, slot: usize, reply: Reply) -> Result<(), Fatal> {
         self.scratch.clear();
-        native::encode_reply(&mut self.scratch, reply);
+        let mqtt = self
+            .sessions
+            .get_mut(slot)
+            .and_then(Option::as_mut)
+            .and_then(|s| s.mqtt.as_deref_mut());
+        match mqtt {
+            None => native::encode_reply(&mut self.scratch, reply),
+            Some(m) => {
+                if !mqtt_session::encode_reply(&mut self.scratch, reply, m) {
+                    // No packet, but what came before it (a snapshot's values) waits to go.
+                    if let Some(session) = self.sessions.get_mut(slot).and_then(Option::as_mut) {
+                        mark_dirty(session, slot, &mut self.dirty);
+                    }
+                    return Ok(());
+                }
+            }
+        }
         let frame: SharedFrame = Arc::from(&self.scratch[..]);
         self.queue_reply(slot, frame)
     }
@@ -959,6 +998,15 @@ impl FanoutCore {
             return;
         };
         let code = fatal.code;
+        if session.is_closing() {
+            return;
+        }
+        if code != error_code::SHUTTING_DOWN {
+            self.publish_will(slot);
+        }
+        let Some(session) = self.sessions.get_mut(slot).and_then(Option::as_mut) else {
+            return;
+        };
         if !session.fail(now, fatal) {
             return;
         }
@@ -973,6 +1021,11 @@ impl FanoutCore {
         self.remove_subs(slot);
         self.flush_now = true;
         if let Some(session) = self.sessions.get_mut(slot).and_then(Option::as_mut) {
+            // An MQTT close with nothing to say (no CONNACK refusal) need not linger.
+            if session.mqtt.is_some() && !session.has_output() {
+                self.close(slot);
+                return;
+            }
             mark_dirty(session, slot, &mut self.dirty);
         }
         self.arm(slot);
@@ -1030,6 +1083,7 @@ impl FanoutCore {
         if self.session(slot).is_none() {
             return;
         }
+        self.publish_will(slot);
         self.remove_subs(slot);
         if let Some(session) = self.sessions[slot].take() {
             // A session that said HELLO (not refused at it) holds its client id until now.
@@ -1125,6 +1179,10 @@ impl FanoutCore {
         }
         self.stamp += 1;
         let from_bit = 1u64 << from;
+        // MQTT encodings of this message, made at most once on this shard and shared by every
+        // MQTT subscriber here (mqtt_session.rs): the QoS 0 packet, the QoS 1 payload.
+        let mut mqtt_qos0: Option<SharedFrame> = None;
+        let mut mqtt_payload: Option<SharedFrame> = None;
         for m in &matches {
             let slot = m.slot as usize;
             let Some(session) = self.sessions.get_mut(slot).and_then(Option::as_mut) else {
@@ -1139,9 +1197,18 @@ impl FanoutCore {
             if sub.pending & from_bit != 0 {
                 continue;
             }
-            let mode = sub.mode;
+            let (mode, sub_id) = (sub.mode, sub.sub_id);
             session.stamp = self.stamp;
-            match session.enqueue(topic, frame, mode, &mut self.counters.delivery) {
+            let out = match session.mqtt.as_deref() {
+                None => Outgoing::Data,
+                Some(m) if m.is_qos1(sub_id) => Outgoing::MqttQos1 {
+                    payload: mqtt_payload.get_or_insert_with(|| mqtt_session::payload_of(frame)),
+                },
+                Some(_) => Outgoing::MqttQos0(
+                    mqtt_qos0.get_or_insert_with(|| mqtt_session::qos0_packet(frame)),
+                ),
+            };
+            match session.enqueue_as(topic, frame, out, mode, &mut self.counters.delivery) {
                 Enqueued::Queued | Enqueued::Deferred => mark_dirty(session, slot, &mut self.dirty),
                 Enqueued::Overflow => {
                     let fatal = Fatal::new(
@@ -1352,7 +1419,20 @@ fn write_session(
             Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
             Ok(written) => {
                 let (conn_id, now_ns) = (session.id, transport.unix_ns());
+                let mqtt = &mut session.mqtt;
                 session.outbox.consume_with(written, |frame| {
+                    // An MQTT packet is stamped from the DATA frame it was made from.
+                    let data;
+                    let frame = match mqtt.as_deref_mut() {
+                        None => frame,
+                        Some(m) => match m.take_stamp(frame) {
+                            Some(d) => {
+                                data = d;
+                                &data[..]
+                            }
+                            None => return,
+                        },
+                    };
                     if let Some(s) = data_frame_stamp(frame) {
                         metrics.record_delivery(
                             conn_id,

@@ -17,6 +17,9 @@ mod core_tests;
 mod handle_tests;
 #[cfg(test)]
 mod harness;
+mod mqtt_session;
+#[cfg(test)]
+mod mqtt_tests;
 mod native;
 mod notify;
 pub mod outbox;
@@ -27,6 +30,7 @@ mod session;
 mod stats;
 mod store;
 mod timer;
+mod wire;
 
 use std::cell::RefCell;
 use std::io;
@@ -340,6 +344,8 @@ pub fn now_unix_ns() -> u64 {
 /// [`Engine::join`]. If a reactor fails, the engine shuts itself down and `join` says why.
 pub struct Engine {
     local_addr: SocketAddr,
+    /// The MQTT listener's address, when `mqtt.listen` is set.
+    mqtt_addr: Option<SocketAddr>,
     threads: Vec<JoinHandle<Result<(), EngineError>>>,
     /// Ends once every reactor (each holding a sender of STATS jobs) has exited.
     stats_thread: JoinHandle<()>,
@@ -360,6 +366,19 @@ impl Engine {
         let local_addr = listener
             .local_addr()
             .map_err(|source| EngineError::Listen { addr, source })?;
+        let mqtt_listener = match config.mqtt.listen_addr() {
+            None => None,
+            Some(addr) => {
+                Some(bind_listener(addr).map_err(|source| EngineError::Listen { addr, source })?)
+            }
+        };
+        let mqtt_addr = match &mqtt_listener {
+            None => None,
+            Some(l) => Some(l.local_addr().map_err(|source| EngineError::Listen {
+                addr: config.mqtt.listen_addr().unwrap_or(addr),
+                source,
+            })?),
+        };
         let config = Arc::new(config);
 
         let mut polls = Vec::with_capacity(n);
@@ -393,6 +412,7 @@ impl Engine {
         )
         .map_err(EngineError::Thread)?;
         let mut listener = Some(mio::net::TcpListener::from_std(listener));
+        let mut mqtt_listener = mqtt_listener.map(mio::net::TcpListener::from_std);
         let mut threads = Vec::with_capacity(n);
         for (id, (poll, inbox)) in polls.into_iter().zip(inboxes).enumerate() {
             let started = Reactor::new(
@@ -402,6 +422,7 @@ impl Engine {
                 shared.clone(),
                 poll,
                 if id == 0 { listener.take() } else { None },
+                if id == 0 { mqtt_listener.take() } else { None },
                 inbox,
                 mailboxes.clone(),
                 stats_jobs.clone(),
@@ -423,6 +444,7 @@ impl Engine {
         drop(stats_jobs);
         Ok(Engine {
             local_addr,
+            mqtt_addr,
             threads,
             stats_thread,
             shared,
@@ -433,6 +455,12 @@ impl Engine {
     /// The address the listener is bound to (the real port when the config asked for port 0).
     pub fn local_addr(&self) -> SocketAddr {
         self.local_addr
+    }
+
+    /// The MQTT listener's address (the real port when the config asked for port 0), when
+    /// `mqtt.listen` is set.
+    pub fn mqtt_addr(&self) -> Option<SocketAddr> {
+        self.mqtt_addr
     }
 
     /// Reactor threads running.

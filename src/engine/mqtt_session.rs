@@ -1,0 +1,338 @@
+//! What an MQTT connection holds beyond a native one, as a plain value: its subscriptions by
+//! filter with their granted QoS, the will, the QoS 1 packet ids in flight, and how the engine's
+//! shared DATA frames and replies become MQTT packets.
+//!
+//! Sans-IO, like `session.rs`, which owns one `MqttState` per MQTT connection. The packets the
+//! connection sends are handled by the core (`mqtt_core.rs`); this file only translates.
+//!
+//! Encode-once: a live message reaches an MQTT subscriber as one of two shared encodings, made
+//! at most once per message per shard by the core's `deliver` and shared like the DATA frame:
+//! the whole QoS 0 PUBLISH ([`qos0_packet`]), or, for QoS 1, the payload alone
+//! ([`payload_of`]), written after a small per-subscriber head (fixed header, topic, packet id;
+//! [`crate::mqtt::encode_publish_qos1_head`]) in the same vectored write. Snapshots and replays
+//! are rarer and converted per subscriber ([`replayed_packet`]).
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+
+use ahash::{HashMap, HashSet};
+
+use super::native::Reply;
+use super::outbox::SharedFrame;
+use super::session::Fatal;
+use crate::mqtt::{self, Publish, QoS};
+use crate::proto::{self, error_code, Decoded, Frame, DATA_FLAG_SNAPSHOT};
+
+/// The DATA frame behind a PUBLISH queued to an MQTT connection, for the latency histograms:
+/// the address of the queued packet (its head for QoS 1) and the DATA frame it was made from.
+type Stamp = (usize, SharedFrame);
+
+/// One MQTT connection's protocol state.
+#[derive(Debug)]
+pub(crate) struct MqttState {
+    /// CONNECT has been read: a refusal now is answered with a CONNACK return code.
+    pub connect_seen: bool,
+    /// The will (topic, message), published if the connection ends without DISCONNECT.
+    pub will: Option<(String, Vec<u8>)>,
+    /// Wall-clock time of the connection's last read: the ingest time of its will.
+    pub last_read_ns: u64,
+    /// Engine subscription id of each filter (a SUBSCRIBE to a known filter replaces it).
+    pub filters: HashMap<String, u32>,
+    /// Subscriptions granted QoS 1.
+    qos1_subs: HashSet<u32>,
+    next_sub_id: u32,
+    /// QoS 1 packet ids sent and not yet acknowledged.
+    inflight: HashSet<u16>,
+    max_inflight: usize,
+    next_pkid: u16,
+    stamps: VecDeque<Stamp>,
+    /// A non-fatal refusal the core answered while handling this connection's last packet:
+    /// MQTT 3.1.1 has no such answer, so the MQTT side decides (`mqtt_core.rs`).
+    pub refusal: Option<Fatal>,
+}
+
+impl MqttState {
+    pub(crate) fn new(max_inflight: usize) -> MqttState {
+        MqttState {
+            connect_seen: false,
+            will: None,
+            last_read_ns: 0,
+            filters: HashMap::default(),
+            qos1_subs: HashSet::default(),
+            next_sub_id: 1,
+            inflight: HashSet::default(),
+            max_inflight: max_inflight.max(1),
+            next_pkid: 1,
+            stamps: VecDeque::new(),
+            refusal: None,
+        }
+    }
+
+    /// A new engine subscription id for a filter granted `qos`.
+    pub(crate) fn add_filter(&mut self, filter: &str, qos: QoS) -> u32 {
+        let sub_id = self.next_sub_id;
+        self.next_sub_id = self.next_sub_id.wrapping_add(1);
+        self.filters.insert(filter.to_string(), sub_id);
+        if qos == QoS::AtLeastOnce {
+            self.qos1_subs.insert(sub_id);
+        }
+        sub_id
+    }
+
+    /// Forgets a filter: its engine subscription id, if it was known.
+    pub(crate) fn remove_filter(&mut self, filter: &str) -> Option<u32> {
+        let sub_id = self.filters.remove(filter)?;
+        self.qos1_subs.remove(&sub_id);
+        Some(sub_id)
+    }
+
+    /// Whether a QoS 1 subscription of this connection matches `topic`: a caught-up message
+    /// goes at QoS 1 then.
+    pub(crate) fn has_qos1_match(&self, topic: &str) -> bool {
+        !self.qos1_subs.is_empty()
+            && self.filters.iter().any(|(filter, sub_id)| {
+                self.qos1_subs.contains(sub_id) && crate::topic::pattern_matches(filter, topic)
+            })
+    }
+
+    pub(crate) fn is_qos1(&self, sub_id: u32) -> bool {
+        !self.qos1_subs.is_empty() && self.qos1_subs.contains(&sub_id)
+    }
+
+    /// The QoS 1 window is full: live messages for QoS 1 subscriptions wait (their topics lag
+    /// and are caught up from the replay ring once acknowledgements free the window).
+    pub(crate) fn window_full(&self) -> bool {
+        self.inflight.len() >= self.max_inflight
+    }
+
+    /// At most half the window in flight: the point where lagging topics are caught up.
+    pub(crate) fn window_below_half(&self) -> bool {
+        self.inflight.len() * 2 <= self.max_inflight
+    }
+
+    /// A free packet id, marked in flight. The caller checked [`MqttState::window_full`], and
+    /// the window is at most 65,535, so a free id exists.
+    pub(crate) fn take_pkid(&mut self) -> u16 {
+        loop {
+            let id = self.next_pkid;
+            self.next_pkid = self.next_pkid.checked_add(1).unwrap_or(1);
+            if self.inflight.insert(id) {
+                return id;
+            }
+        }
+    }
+
+    /// PUBACK: the packet id is free again. False if it was not in flight.
+    pub(crate) fn handle_puback(&mut self, pkid: u16) -> bool {
+        self.inflight.remove(&pkid)
+    }
+
+    pub(crate) fn inflight(&self) -> usize {
+        self.inflight.len()
+    }
+
+    /// Remembers which DATA frame the packet queued at `packet` was made from.
+    pub(crate) fn push_stamp(&mut self, packet: &SharedFrame, data: &SharedFrame) {
+        self.stamps
+            .push_back((packet.as_ptr() as usize, data.clone()));
+    }
+
+    /// A queued item was written: its DATA frame, if it was a PUBLISH with a stamp.
+    pub(crate) fn take_stamp(&mut self, written: &[u8]) -> Option<SharedFrame> {
+        match self.stamps.front() {
+            Some((at, _)) if *at == written.as_ptr() as usize => {
+                self.stamps.pop_front().map(|(_, data)| data)
+            }
+            _ => None,
+        }
+    }
+
+    /// The outbox dropped what was not started (the connection is failing).
+    pub(crate) fn clear_stamps(&mut self) {
+        self.stamps.clear();
+    }
+}
+
+/// The MQTT answer to a core reply, appended to `out`; false when there is none. WELCOME is
+/// CONNACK (accepted), PONG is PINGRESP. The engine's keep-alive PING and the SUBACK that
+/// closes a snapshot have no MQTT form (the MQTT SUBACK went out when the SUBSCRIBE was read);
+/// a non-fatal ERROR is kept in `state.refusal` for the MQTT side to decide.
+pub(crate) fn encode_reply(out: &mut Vec<u8>, reply: Reply, state: &mut MqttState) -> bool {
+    match reply {
+        Reply::Welcome(_) => {
+            mqtt::encode_connack(out, false, mqtt::CONNACK_ACCEPTED);
+            true
+        }
+        Reply::Pong { .. } => {
+            mqtt::encode_packet(out, &mqtt::Packet::PingResp);
+            true
+        }
+        Reply::Ping { .. } | Reply::SubAck(_) => false,
+        Reply::Error { code, reason } => {
+            state.refusal = Some(Fatal::new(code, reason));
+            false
+        }
+    }
+}
+
+/// The CONNACK return code that answers a refused CONNECT.
+pub(crate) fn connack_code(error: u16) -> u8 {
+    match error {
+        error_code::VERSION => mqtt::CONNACK_UNACCEPTABLE_PROTOCOL,
+        error_code::HANDSHAKE => mqtt::CONNACK_IDENTIFIER_REJECTED,
+        _ => mqtt::CONNACK_SERVER_UNAVAILABLE,
+    }
+}
+
+/// Topic, payload and SNAPSHOT flag of a DATA frame the engine made (`None` for a GAP).
+fn data_parts(data: &[u8]) -> Option<(&str, &[u8], bool)> {
+    match proto::decode_frame(data, usize::MAX) {
+        Ok(Decoded::Frame(
+            Frame::Data {
+                header,
+                topic,
+                payload,
+            },
+            _,
+        )) => Some((topic, payload, header.flags & DATA_FLAG_SNAPSHOT != 0)),
+        _ => None,
+    }
+}
+
+/// The QoS 0 PUBLISH every MQTT subscriber of a live message shares (RETAIN 0: a live message).
+pub(crate) fn qos0_packet(data: &[u8]) -> SharedFrame {
+    let mut out = Vec::new();
+    if let Some((topic, payload, _)) = data_parts(data) {
+        out.reserve(5 + 2 + topic.len() + payload.len());
+        mqtt::encode_publish(&mut out, &publish(topic, payload, false));
+    }
+    Arc::from(out)
+}
+
+/// The payload of a DATA frame alone, shared by the QoS 1 subscribers of a message.
+pub(crate) fn payload_of(data: &[u8]) -> SharedFrame {
+    Arc::from(data_parts(data).map_or(&[][..], |(_, payload, _)| payload))
+}
+
+/// A snapshot or replayed DATA frame as a PUBLISH for one subscriber. A snapshot value is a
+/// retained message (RETAIN set, QoS 0: the engine does not keep the QoS it was published
+/// with); a caught-up message goes at QoS 1 when a QoS 1 subscription matches it, with a packet
+/// id in flight (the catch-up round is bounded by half the outbox, and the next round waits for
+/// half the window). `None` for a GAP, which MQTT cannot express.
+pub(crate) fn replayed_packet(data: &[u8], state: &mut MqttState) -> Option<SharedFrame> {
+    let (topic, payload, snapshot) = data_parts(data)?;
+    let mut packet = publish(topic, payload, snapshot);
+    if !snapshot && state.has_qos1_match(topic) {
+        packet.qos = QoS::AtLeastOnce;
+        packet.pkid = state.take_pkid();
+    }
+    let mut out = Vec::with_capacity(5 + 2 + topic.len() + 2 + payload.len());
+    mqtt::encode_publish(&mut out, &packet);
+    Some(Arc::from(out))
+}
+
+fn publish<'a>(topic: &'a str, payload: &'a [u8], retain: bool) -> Publish<'a> {
+    Publish {
+        topic,
+        payload,
+        qos: QoS::AtMostOnce,
+        retain,
+        dup: false,
+        pkid: 0,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::proto::DataHeader;
+
+    fn data(topic: &str, payload: &[u8], flags: u8) -> SharedFrame {
+        let mut buf = Vec::new();
+        proto::encode_data(
+            &mut buf,
+            &DataHeader {
+                seq: 3,
+                source_ts_ns: 1,
+                ingest_ts_ns: 2,
+                quality: 192,
+                flags,
+            },
+            topic,
+            payload,
+        );
+        Arc::from(buf)
+    }
+
+    #[test]
+    fn a_live_data_frame_becomes_one_qos0_publish_without_retain() {
+        let packet = qos0_packet(&data("plant/t", b"21.5", 0));
+        assert_eq!(
+            &packet[..],
+            &[0x30, 13, 0, 7, b'p', b'l', b'a', b'n', b't', b'/', b't', b'2', b'1', b'.', b'5']
+        );
+        assert_eq!(&payload_of(&data("plant/t", b"21.5", 0))[..], b"21.5");
+    }
+
+    #[test]
+    fn a_snapshot_value_is_sent_retained_and_a_gap_not_at_all() {
+        let mut s = MqttState::new(4);
+        let packet = replayed_packet(&data("a", b"v", DATA_FLAG_SNAPSHOT), &mut s).unwrap();
+        assert_eq!(&packet[..], &[0x31, 4, 0, 1, b'a', b'v']);
+        let replay = replayed_packet(&data("a", b"v", 0), &mut s).unwrap();
+        assert_eq!(replay[0], 0x30);
+        s.add_filter("+", QoS::AtLeastOnce);
+        let replay = replayed_packet(&data("a", b"v", 0), &mut s).unwrap();
+        assert_eq!(
+            &replay[..],
+            &[0x32, 6, 0, 1, b'a', 0, 1, b'v'],
+            "QoS 1, packet id 1"
+        );
+        let snapshot = replayed_packet(&data("a", b"v", DATA_FLAG_SNAPSHOT), &mut s).unwrap();
+        assert_eq!(snapshot[0], 0x31, "retained values go at QoS 0");
+        let mut gap = Vec::new();
+        proto::encode_control(
+            &mut gap,
+            &Frame::Gap(proto::Gap {
+                topic: "a".into(),
+                from_seq: 1,
+                to_seq: 2,
+            }),
+        );
+        assert_eq!(replayed_packet(&gap, &mut s), None);
+    }
+
+    #[test]
+    fn packet_ids_skip_those_in_flight_and_zero() {
+        let mut s = MqttState::new(3);
+        s.next_pkid = u16::MAX;
+        assert_eq!(s.take_pkid(), u16::MAX);
+        assert_eq!(s.take_pkid(), 1, "0 is never a packet id");
+        assert_eq!(s.take_pkid(), 2);
+        assert!(s.window_full());
+        assert!(s.handle_puback(1));
+        assert!(!s.handle_puback(1), "acknowledged once");
+        s.next_pkid = u16::MAX;
+        assert_eq!(s.take_pkid(), 1, "u16::MAX is still in flight, 1 is free");
+        assert_eq!(s.inflight(), 3);
+    }
+
+    #[test]
+    fn stamps_follow_the_queued_packets_by_address() {
+        let mut s = MqttState::new(4);
+        let d = data("a", b"v", 0);
+        let p = qos0_packet(&d);
+        let other: SharedFrame = Arc::from(&[0xd0u8, 0][..]);
+        s.push_stamp(&p, &d);
+        assert!(s.take_stamp(&other).is_none(), "a reply has no stamp");
+        assert!(Arc::ptr_eq(&s.take_stamp(&p).unwrap(), &d));
+        assert!(s.take_stamp(&p).is_none());
+    }
+
+    #[test]
+    fn refusals_become_connack_codes() {
+        assert_eq!(connack_code(error_code::VERSION), 1);
+        assert_eq!(connack_code(error_code::HANDSHAKE), 2);
+        assert_eq!(connack_code(error_code::TOO_MANY_CONNECTIONS), 3);
+    }
+}

@@ -1,0 +1,512 @@
+//! The MQTT listener's semantics on the in-memory harness (virtual clock, no sockets): the
+//! packet ⇄ `Op` mapping, retained values, QoS 1 both ways with the in-flight window, the will,
+//! keep-alive, malformed packets, and the encode-once sharing of a QoS 0 PUBLISH.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::harness::{Client, Cluster, Got};
+use crate::mqtt::{self, Connect, Decoded, Packet, Publish, QoS, Will};
+
+/// What an MQTT client read, owned.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum In {
+    ConnAck(u8),
+    SubAck(Vec<u8>),
+    Publish {
+        topic: String,
+        payload: Vec<u8>,
+        qos: u8,
+        retain: bool,
+        pkid: u16,
+    },
+    PubAck(u16),
+    UnsubAck,
+    PingResp,
+}
+
+fn decode_all(bytes: &[u8]) -> Vec<In> {
+    let mut out = Vec::new();
+    let mut at = 0;
+    while at < bytes.len() {
+        match mqtt::decode_packet(&bytes[at..], usize::MAX).expect("the engine writes valid MQTT") {
+            Decoded::Packet(p, n) => {
+                at += n;
+                out.push(match p {
+                    Packet::ConnAck { code, .. } => In::ConnAck(code),
+                    Packet::SubAck { codes, .. } => In::SubAck(codes),
+                    Packet::Publish(p) => In::Publish {
+                        topic: p.topic.into(),
+                        payload: p.payload.into(),
+                        qos: p.qos as u8,
+                        retain: p.retain,
+                        pkid: p.pkid,
+                    },
+                    Packet::PubAck { pkid } => In::PubAck(pkid),
+                    Packet::UnsubAck { .. } => In::UnsubAck,
+                    Packet::PingResp => In::PingResp,
+                    other => panic!("the engine sent a client packet: {other:?}"),
+                });
+            }
+            Decoded::NeedMore(_) => panic!("a partial packet in {bytes:02x?}"),
+        }
+    }
+    out
+}
+
+fn publish_in(topic: &str, payload: &[u8], qos: u8, retain: bool, pkid: u16) -> In {
+    In::Publish {
+        topic: topic.into(),
+        payload: payload.into(),
+        qos,
+        retain,
+        pkid,
+    }
+}
+
+struct Mqtt<'a> {
+    cluster: &'a mut Cluster,
+}
+
+impl Mqtt<'_> {
+    fn send(&mut self, client: Client, packet: &Packet<'_>) {
+        let mut bytes = Vec::new();
+        mqtt::encode_packet(&mut bytes, packet);
+        let used = self.cluster.send_bytes(client, &bytes);
+        assert_eq!(used, bytes.len());
+        self.cluster.run();
+    }
+
+    fn recv(&mut self, client: Client) -> Vec<In> {
+        decode_all(&self.cluster.recv_bytes(client))
+    }
+
+    fn connect_with(&mut self, shard: u16, connect: Connect<'_>) -> Client {
+        let client = self.cluster.connect_mqtt_raw(shard);
+        self.send(client, &Packet::Connect(connect));
+        assert_eq!(self.recv(client), vec![In::ConnAck(0)]);
+        client
+    }
+
+    fn connect(&mut self, shard: u16, client_id: &str) -> Client {
+        self.connect_with(shard, connect(client_id, 60, None))
+    }
+
+    fn subscribe(&mut self, client: Client, filter: &str, qos: QoS) -> Vec<In> {
+        self.send(
+            client,
+            &Packet::Subscribe {
+                pkid: 1,
+                filters: vec![(filter, qos)],
+            },
+        );
+        self.recv(client)
+    }
+
+    fn publish(&mut self, client: Client, topic: &str, payload: &[u8], qos: QoS, pkid: u16) {
+        self.send(
+            client,
+            &Packet::Publish(Publish {
+                topic,
+                payload,
+                qos,
+                retain: false,
+                dup: false,
+                pkid,
+            }),
+        );
+    }
+}
+
+fn connect<'a>(client_id: &'a str, keep_alive_s: u16, will: Option<Will<'a>>) -> Connect<'a> {
+    Connect {
+        client_id,
+        clean_session: true,
+        keep_alive_s,
+        username: None,
+        password: None,
+        will,
+    }
+}
+
+fn data_payloads(got: &[Got]) -> Vec<(String, Vec<u8>, bool)> {
+    got.iter()
+        .filter_map(|g| match g {
+            Got::Data {
+                topic,
+                payload,
+                snapshot,
+                ..
+            } => Some((topic.clone(), payload.clone(), *snapshot)),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn mqtt_and_native_clients_see_each_others_messages() {
+    let mut cluster = Cluster::new(2, |_| {});
+    let native_sub = cluster.connect(0, "hmi");
+    cluster.subscribe(native_sub, 1, "plant/#", crate::proto::DeliveryMode::All);
+    cluster.run();
+    cluster.recv(native_sub);
+    let native_pub = cluster.connect(0, "plc");
+    let mut m = Mqtt {
+        cluster: &mut cluster,
+    };
+    // The MQTT clients on the other shard: the messages cross shards both ways.
+    let sub = m.connect(1, "mqtt-sub");
+    assert_eq!(
+        m.subscribe(sub, "plant/+/t", QoS::AtMostOnce),
+        vec![In::SubAck(vec![0])]
+    );
+    let publisher = m.connect(1, "mqtt-pub");
+
+    m.cluster.publish(native_pub, "plant/l1/t", b"21.5");
+    m.cluster.run();
+    assert_eq!(
+        m.recv(sub),
+        vec![publish_in("plant/l1/t", b"21.5", 0, false, 0)]
+    );
+
+    m.publish(publisher, "plant/l2/t", b"7", QoS::AtMostOnce, 0);
+    assert_eq!(
+        m.recv(sub),
+        vec![publish_in("plant/l2/t", b"7", 0, false, 0)]
+    );
+    let got = m.cluster.recv(native_sub);
+    assert_eq!(
+        data_payloads(&got),
+        vec![
+            ("plant/l1/t".to_string(), b"21.5".to_vec(), false),
+            ("plant/l2/t".to_string(), b"7".to_vec(), false)
+        ]
+    );
+    assert!(m.recv(publisher).is_empty(), "QoS 0 has no acknowledgement");
+}
+
+#[test]
+fn retained_values_arrive_after_suback_with_retain_set() {
+    let mut cluster = Cluster::new(2, |_| {});
+    let native_pub = cluster.connect(0, "plc");
+    cluster.publish(native_pub, "plant/a", b"1");
+    cluster.publish(native_pub, "plant/a", b"2");
+    cluster.run();
+    let mut m = Mqtt {
+        cluster: &mut cluster,
+    };
+    let publisher = m.connect(1, "gw");
+    // PUBLISH retain=1 is retained like every message (the engine keeps each topic's last).
+    m.send(
+        publisher,
+        &Packet::Publish(Publish {
+            topic: "plant/b",
+            payload: b"x",
+            qos: QoS::AtMostOnce,
+            retain: true,
+            dup: false,
+            pkid: 0,
+        }),
+    );
+    let late = m.connect(0, "late");
+    let got = m.subscribe(late, "plant/#", QoS::AtLeastOnce);
+    assert_eq!(got[0], In::SubAck(vec![1]));
+    let mut values = got[1..].to_vec();
+    values.sort_by(|a, b| format!("{a:?}").cmp(&format!("{b:?}")));
+    assert_eq!(
+        values,
+        vec![
+            publish_in("plant/a", b"2", 0, true, 0),
+            publish_in("plant/b", b"x", 0, true, 0)
+        ]
+    );
+    // Live messages after it have RETAIN 0.
+    m.cluster.publish(native_pub, "plant/a", b"3");
+    m.cluster.run();
+    assert_eq!(m.recv(late), vec![publish_in("plant/a", b"3", 1, false, 1)]);
+}
+
+#[test]
+fn qos1_inbound_is_acknowledged_once_the_core_took_it() {
+    let mut cluster = Cluster::new(2, |_| {});
+    let native_sub = cluster.connect(1, "hist");
+    cluster.subscribe(native_sub, 1, "#", crate::proto::DeliveryMode::All);
+    cluster.run();
+    cluster.recv(native_sub);
+    let mut m = Mqtt {
+        cluster: &mut cluster,
+    };
+    let publisher = m.connect(0, "gw");
+    m.publish(publisher, "a/b", b"v", QoS::AtLeastOnce, 42);
+    assert_eq!(m.recv(publisher), vec![In::PubAck(42)]);
+    let got = m.cluster.recv(native_sub);
+    assert_eq!(
+        data_payloads(&got),
+        vec![("a/b".to_string(), b"v".to_vec(), false)]
+    );
+}
+
+#[test]
+fn qos1_outbound_respects_the_window_and_catches_up_from_the_ring() {
+    let mut cluster = Cluster::new(1, |c| c.mqtt.max_inflight = 2);
+    let native_pub = cluster.connect(0, "plc");
+    let mut m = Mqtt {
+        cluster: &mut cluster,
+    };
+    let sub = m.connect(0, "hist");
+    assert_eq!(
+        m.subscribe(sub, "t/#", QoS::ExactlyOnce),
+        vec![In::SubAck(vec![1])]
+    );
+    for i in 0..5u8 {
+        m.cluster.publish(native_pub, "t/a", &[i]);
+    }
+    m.cluster.run();
+    let first = m.recv(sub);
+    assert_eq!(
+        first,
+        vec![
+            publish_in("t/a", &[0], 1, false, 1),
+            publish_in("t/a", &[1], 1, false, 2)
+        ],
+        "two in flight, the rest wait"
+    );
+    m.send(sub, &Packet::PubAck { pkid: 1 });
+    // Half the window free: the lagging topic is caught up from the ring, at QoS 1.
+    assert_eq!(
+        m.recv(sub),
+        vec![
+            publish_in("t/a", &[2], 1, false, 3),
+            publish_in("t/a", &[3], 1, false, 4),
+            publish_in("t/a", &[4], 1, false, 5)
+        ],
+        "in order, none lost"
+    );
+    for pkid in 2..=5 {
+        m.send(sub, &Packet::PubAck { pkid });
+    }
+    m.cluster.publish(native_pub, "t/a", b"live");
+    m.cluster.run();
+    assert_eq!(m.recv(sub), vec![publish_in("t/a", b"live", 1, false, 6)]);
+}
+
+#[test]
+fn a_qos0_publish_is_encoded_once_and_shared_by_every_mqtt_subscriber() {
+    let mut cluster = Cluster::new(1, |_| {});
+    let native_pub = cluster.connect(0, "plc");
+    let mut m = Mqtt {
+        cluster: &mut cluster,
+    };
+    let subs: Vec<Client> = (0..3)
+        .map(|i| {
+            let c = m.connect(0, &format!("hmi{i}"));
+            m.subscribe(c, "plant/#", QoS::AtMostOnce);
+            c
+        })
+        .collect();
+    for &c in &subs {
+        m.cluster.set_capacity(c, 0);
+    }
+    m.cluster.publish(native_pub, "plant/t", b"42");
+    m.cluster.run();
+    let core = &m.cluster.cores[0];
+    let fronts: Vec<_> = subs
+        .iter()
+        .map(|c| {
+            core.session(c.slot)
+                .and_then(|s| s.outbox.frames().last().cloned())
+                .expect("queued")
+        })
+        .collect();
+    assert!(fronts.windows(2).all(|w| Arc::ptr_eq(&w[0], &w[1])));
+    assert_eq!(
+        decode_all(&fronts[0]),
+        vec![publish_in("plant/t", b"42", 0, false, 0)]
+    );
+}
+
+#[test]
+fn the_will_is_published_when_the_connection_dies_not_after_disconnect() {
+    let mut cluster = Cluster::new(2, |_| {});
+    let mut m = Mqtt {
+        cluster: &mut cluster,
+    };
+    let watcher = m.connect(0, "watcher");
+    m.subscribe(watcher, "status/#", QoS::AtMostOnce);
+    let will = Will {
+        topic: "status/gw",
+        message: b"offline",
+        qos: QoS::AtMostOnce,
+        retain: true,
+    };
+    let dies = m.connect_with(1, connect("gw", 60, Some(will)));
+    m.cluster.hang_up(dies);
+    assert_eq!(
+        m.recv(watcher),
+        vec![publish_in("status/gw", b"offline", 0, false, 0)]
+    );
+
+    let polite = m.connect_with(
+        1,
+        connect(
+            "gw2",
+            60,
+            Some(Will {
+                topic: "status/gw2",
+                ..will
+            }),
+        ),
+    );
+    m.send(polite, &Packet::Disconnect);
+    assert!(m.cluster.is_closed(polite));
+    assert!(m.recv(watcher).is_empty(), "no will after DISCONNECT");
+}
+
+#[test]
+fn keepalive_closes_after_one_and_a_half_periods_and_publishes_the_will() {
+    let mut cluster = Cluster::new(1, |_| {});
+    let mut m = Mqtt {
+        cluster: &mut cluster,
+    };
+    let watcher = m.connect_with(0, connect("w", 0, None));
+    m.subscribe(watcher, "status/#", QoS::AtMostOnce);
+    let will = Will {
+        topic: "status/x",
+        message: b"lost",
+        qos: QoS::AtMostOnce,
+        retain: false,
+    };
+    let client = m.connect_with(0, connect("x", 2, Some(will)));
+    m.cluster.advance(Duration::from_millis(1_500));
+    m.send(client, &Packet::PingReq);
+    assert_eq!(m.recv(client), vec![In::PingResp]);
+    m.cluster.advance(Duration::from_millis(2_999));
+    assert!(
+        !m.cluster.is_closed(client),
+        "1.5 x 2 s after the PINGREQ: not yet"
+    );
+    assert!(
+        m.cluster.recv_bytes(client).is_empty(),
+        "an MQTT server never pings"
+    );
+    m.cluster.advance(Duration::from_millis(1_100));
+    assert!(m.cluster.write_shut(client) || m.cluster.is_closed(client));
+    assert_eq!(
+        m.recv(watcher),
+        vec![publish_in("status/x", b"lost", 0, false, 0)]
+    );
+    // Keep-alive 0: never closed for silence.
+    m.cluster.advance(Duration::from_secs(3_600));
+    assert!(!m.cluster.is_closed(watcher));
+}
+
+#[test]
+fn malformed_and_unexpected_packets_close_the_connection() {
+    let mut cluster = Cluster::new(1, |_| {});
+    // Not CONNECT first: closed without a CONNACK.
+    let c = cluster.connect_mqtt_raw(0);
+    cluster.send_bytes(c, &[0xc0, 0]);
+    cluster.run();
+    assert!(cluster.recv_bytes(c).is_empty());
+    assert!(cluster.write_shut(c) || cluster.is_closed(c));
+    // MQTT 5: CONNACK 1 (unacceptable protocol level), then the close.
+    let c = cluster.connect_mqtt_raw(0);
+    cluster.send_bytes(
+        c,
+        &[0x10, 12, 0, 4, b'M', b'Q', b'T', b'T', 5, 2, 0, 0, 0, 0],
+    );
+    cluster.run();
+    assert_eq!(decode_all(&cluster.recv_bytes(c)), vec![In::ConnAck(1)]);
+    assert!(cluster.write_shut(c) || cluster.is_closed(c));
+    let mut m = Mqtt {
+        cluster: &mut cluster,
+    };
+    // Empty client id without clean session: CONNACK 2.
+    let c = m.cluster.connect_mqtt_raw(0);
+    m.send(
+        c,
+        &Packet::Connect(Connect {
+            clean_session: false,
+            ..connect("", 10, None)
+        }),
+    );
+    assert_eq!(m.recv(c), vec![In::ConnAck(2)]);
+    for bad in [
+        &[0x36u8, 5, 0, 1, b'a', 0, 1][..], // QoS 3
+        &[0x30, 5, 0, 3, b'a', b'/', b'#'], // wildcard in a topic name
+        &[0x34, 6, 0, 1, b'a', 0, 1, b'v'], // QoS 2
+        &[0x10, 12, 0, 4, b'M', b'Q', b'T', b'T', 4, 2, 0, 0, 0, 0], // CONNECT twice
+        &[0x30, 0xff, 0xff, 0xff, 0x7f],    // larger than max_frame_bytes
+    ] {
+        let c = m.connect(0, "c");
+        let errors_before = m.cluster.cores[0].counters.protocol_errors;
+        m.cluster.send_bytes(c, bad);
+        m.cluster.run();
+        assert!(
+            m.cluster.write_shut(c) || m.cluster.is_closed(c),
+            "{bad:02x?} did not close"
+        );
+        assert_eq!(
+            m.cluster.cores[0].counters.protocol_errors,
+            errors_before + 1
+        );
+    }
+}
+
+#[test]
+fn subscribe_refuses_bad_filters_and_unsubscribe_stops_delivery() {
+    let mut cluster = Cluster::new(1, |_| {});
+    let native_pub = cluster.connect(0, "plc");
+    let mut m = Mqtt {
+        cluster: &mut cluster,
+    };
+    let c = m.connect(0, "hmi");
+    m.send(
+        c,
+        &Packet::Subscribe {
+            pkid: 9,
+            filters: vec![("a/#", QoS::AtMostOnce), ("a/b#", QoS::AtLeastOnce)],
+        },
+    );
+    assert_eq!(m.recv(c), vec![In::SubAck(vec![0, mqtt::SUBACK_FAILURE])]);
+    // The same filter again replaces the subscription: one copy per message.
+    assert_eq!(
+        m.subscribe(c, "a/#", QoS::AtLeastOnce),
+        vec![In::SubAck(vec![1])]
+    );
+    m.cluster.publish(native_pub, "a/x", b"1");
+    m.cluster.run();
+    assert_eq!(m.recv(c), vec![publish_in("a/x", b"1", 1, false, 1)]);
+    m.send(
+        c,
+        &Packet::Unsubscribe {
+            pkid: 10,
+            filters: vec!["a/#", "never/subscribed"],
+        },
+    );
+    assert_eq!(m.recv(c), vec![In::UnsubAck]);
+    m.cluster.publish(native_pub, "a/x", b"2");
+    m.cluster.run();
+    assert!(m.recv(c).is_empty());
+    assert_eq!(
+        m.cluster.cores[0].session(c.slot).map(|s| s.sub_count()),
+        Some(0)
+    );
+}
+
+#[test]
+fn a_snapshot_from_another_shard_only_reaches_the_mqtt_subscriber() {
+    let mut cluster = Cluster::new(2, |_| {});
+    let native_pub = cluster.connect(0, "plc");
+    cluster.publish(native_pub, "plant/a", b"1");
+    cluster.run();
+    let mut m = Mqtt {
+        cluster: &mut cluster,
+    };
+    let late = m.connect(1, "late");
+    let got = m.subscribe(late, "plant/#", QoS::AtMostOnce);
+    assert_eq!(
+        got,
+        vec![In::SubAck(vec![0]), publish_in("plant/a", b"1", 0, true, 0)]
+    );
+}
