@@ -13,9 +13,10 @@
 //!   core has validated it and taken it (ingested on this shard, or queued in this turn's batch
 //!   for the owner shard); refused (bad topic, too large, too many topics) → close, as MQTT 3.1.1
 //!   has no negative acknowledgement. QoS 2 → close (not supported).
-//! - SUBSCRIBE → SUBACK (QoS 1 granted for 1 and 2, 0 for 0; 0x80 for a filter the engine
-//!   refuses), then one `Op::Subscribe` per filter: mode `all` for QoS 1, `mqtt.qos0_mode` for
-//!   QoS 0; the retained snapshot follows as PUBLISH packets with RETAIN set.
+//! - SUBSCRIBE → one `Op::Subscribe` per filter: mode `all` for QoS 1, `mqtt.qos0_mode` for
+//!   QoS 0; the retained snapshot comes as PUBLISH packets with RETAIN set, then SUBACK (QoS 1
+//!   granted for 1 and 2, 0 for 0; 0x80 for a filter the engine refuses) once every filter's
+//!   snapshot is complete, as the native SUBACK: from then on every publish reaches the client.
 //! - UNSUBSCRIBE → `Op::Unsubscribe` per known filter, then UNSUBACK; PINGREQ → `Op::Ping` →
 //!   PINGRESP; PUBACK frees a QoS 1 packet id; DISCONNECT drops the will and closes.
 
@@ -146,11 +147,17 @@ impl FanoutCore {
                     let sub_id = self
                         .session_mut(slot)
                         .and_then(|s| s.mqtt.as_deref_mut())
-                        .and_then(|m| m.remove_filter(filter));
+                        .and_then(|m| {
+                            let sub_id = m.remove_filter(filter)?;
+                            // A snapshot that will never complete holds no SUBACK back.
+                            m.handle_suback(sub_id);
+                            Some(sub_id)
+                        });
                     if let Some(sub_id) = sub_id {
                         self.handle_op(now, 0, slot, Op::Unsubscribe { sub_id })?;
                     }
                 }
+                self.queue_mqtt_subacks(slot)?;
                 let mut ack = Vec::with_capacity(4);
                 mqtt::encode_packet(&mut ack, &Packet::UnsubAck { pkid });
                 self.queue_reply(slot, ack.into())
@@ -261,17 +268,31 @@ impl FanoutCore {
                 resume: Vec::new(),
             });
         }
+        for &sub_id in &replaced {
+            m.handle_suback(sub_id);
+        }
+        m.expect_suback(pkid, codes, ops.iter().map(|s| s.sub_id).collect());
         for sub_id in replaced {
             self.handle_op(now, 0, slot, Op::Unsubscribe { sub_id })?;
         }
-        // SUBACK first: the retained values of each filter follow it.
-        let mut ack = Vec::with_capacity(4 + codes.len());
-        mqtt::encode_packet(&mut ack, &Packet::SubAck { pkid, codes });
-        self.queue_reply(slot, ack.into())?;
         for subscribe in ops {
             self.handle_op(now, 0, slot, Op::Subscribe(subscribe))?;
             // Checked above; a refusal here would be a rule this side does not know yet.
             self.take_mqtt_refusal(slot)?;
+        }
+        // Due now if every snapshot was local (or every filter refused).
+        self.queue_mqtt_subacks(slot)
+    }
+
+    /// Queues the SUBACKs that are due (`MqttState::poll_subacks`).
+    fn queue_mqtt_subacks(&mut self, slot: usize) -> Result<(), Fatal> {
+        let mut acks = Vec::new();
+        let due = self
+            .session_mut(slot)
+            .and_then(|s| s.mqtt.as_deref_mut())
+            .is_some_and(|m| m.poll_subacks(&mut acks));
+        if due {
+            self.queue_reply(slot, acks.into())?;
         }
         Ok(())
     }

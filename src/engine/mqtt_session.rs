@@ -46,6 +46,9 @@ pub(crate) struct MqttState {
     max_inflight: usize,
     next_pkid: u16,
     stamps: VecDeque<Stamp>,
+    /// SUBSCRIBEs not yet answered, in order: packet id, return codes, and the engine
+    /// subscriptions whose snapshot has not completed.
+    pending_subacks: VecDeque<(u16, Vec<u8>, Vec<u32>)>,
     /// A non-fatal refusal the core answered while handling this connection's last packet:
     /// MQTT 3.1.1 has no such answer, so the MQTT side decides (`mqtt_core.rs`).
     pub refusal: Option<Fatal>,
@@ -64,6 +67,7 @@ impl MqttState {
             max_inflight: max_inflight.max(1),
             next_pkid: 1,
             stamps: VecDeque::new(),
+            pending_subacks: VecDeque::new(),
             refusal: None,
         }
     }
@@ -77,6 +81,37 @@ impl MqttState {
             self.qos1_subs.insert(sub_id);
         }
         sub_id
+    }
+
+    /// A SUBSCRIBE to answer once the snapshots of `waiting` (its new engine subscriptions)
+    /// are complete: the SUBACK then tells the client that whatever is published from now on
+    /// reaches it, on every shard (the engine's own SUBACK rule, docs/PROTOCOL.md §5). Spec
+    /// 3.8.4 lets the retained values come before it.
+    pub(crate) fn expect_suback(&mut self, pkid: u16, codes: Vec<u8>, waiting: Vec<u32>) {
+        self.pending_subacks.push_back((pkid, codes, waiting));
+    }
+
+    /// Engine subscription `sub_id` has its snapshot (or is gone).
+    pub(crate) fn handle_suback(&mut self, sub_id: u32) {
+        for (_, _, waiting) in &mut self.pending_subacks {
+            waiting.retain(|&id| id != sub_id);
+        }
+    }
+
+    /// Appends the SUBACKs now due, in SUBSCRIBE order; false if none is.
+    pub(crate) fn poll_subacks(&mut self, out: &mut Vec<u8>) -> bool {
+        let mut any = false;
+        while self
+            .pending_subacks
+            .front()
+            .is_some_and(|(_, _, waiting)| waiting.is_empty())
+        {
+            if let Some((pkid, codes, _)) = self.pending_subacks.pop_front() {
+                mqtt::encode_packet(out, &mqtt::Packet::SubAck { pkid, codes });
+                any = true;
+            }
+        }
+        any
     }
 
     /// Forgets a filter: its engine subscription id, if it was known.
@@ -154,9 +189,9 @@ impl MqttState {
 }
 
 /// The MQTT answer to a core reply, appended to `out`; false when there is none. WELCOME is
-/// CONNACK (accepted), PONG is PINGRESP. The engine's keep-alive PING and the SUBACK that
-/// closes a snapshot have no MQTT form (the MQTT SUBACK went out when the SUBSCRIBE was read);
-/// a non-fatal ERROR is kept in `state.refusal` for the MQTT side to decide.
+/// CONNACK (accepted), PONG is PINGRESP, the engine's SUBACK (a subscription's snapshot is
+/// complete) the MQTT SUBACK once every filter of its SUBSCRIBE is. The engine's keep-alive
+/// PING has no MQTT form; a non-fatal ERROR is kept in `state.refusal` for the MQTT side.
 pub(crate) fn encode_reply(out: &mut Vec<u8>, reply: Reply, state: &mut MqttState) -> bool {
     match reply {
         Reply::Welcome(_) => {
@@ -167,7 +202,11 @@ pub(crate) fn encode_reply(out: &mut Vec<u8>, reply: Reply, state: &mut MqttStat
             mqtt::encode_packet(out, &mqtt::Packet::PingResp);
             true
         }
-        Reply::Ping { .. } | Reply::SubAck(_) => false,
+        Reply::SubAck(a) => {
+            state.handle_suback(a.sub_id);
+            state.poll_subacks(out)
+        }
+        Reply::Ping { .. } => false,
         Reply::Error { code, reason } => {
             state.refusal = Some(Fatal::new(code, reason));
             false
@@ -327,6 +366,20 @@ mod tests {
         assert!(s.take_stamp(&other).is_none(), "a reply has no stamp");
         assert!(Arc::ptr_eq(&s.take_stamp(&p).unwrap(), &d));
         assert!(s.take_stamp(&p).is_none());
+    }
+
+    #[test]
+    fn subacks_wait_for_every_filter_and_keep_subscribe_order() {
+        let mut s = MqttState::new(4);
+        let mut out = Vec::new();
+        s.expect_suback(1, vec![0, 1], vec![10, 11]);
+        s.expect_suback(2, vec![0x80], vec![]);
+        assert!(!s.poll_subacks(&mut out));
+        s.handle_suback(11);
+        assert!(!s.poll_subacks(&mut out), "10 is still waiting");
+        s.handle_suback(10);
+        assert!(s.poll_subacks(&mut out));
+        assert_eq!(out, [0x90, 4, 0, 1, 0, 1, 0x90, 3, 0, 2, 0x80]);
     }
 
     #[test]
