@@ -1001,7 +1001,9 @@ impl FanoutCore {
         if session.is_closing() {
             return;
         }
-        if code != error_code::SHUTTING_DOWN {
+        if code == error_code::SHUTTING_DOWN {
+            self.drop_will(slot);
+        } else {
             self.publish_will(slot);
         }
         let Some(session) = self.sessions.get_mut(slot).and_then(Option::as_mut) else {

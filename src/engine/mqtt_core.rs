@@ -201,9 +201,6 @@ impl FanoutCore {
                 "an empty client id needs clean session (spec 3.1.3.1)",
             ));
         }
-        m.will = connect
-            .will
-            .map(|w| (w.topic.to_string(), w.message.to_vec()));
         let hello = Op::Hello {
             version: PROTOCOL_VERSION,
             client_id: connect.client_id.to_string(),
@@ -212,6 +209,12 @@ impl FanoutCore {
         self.handle_op(now, read_ns, slot, hello)?;
         // The native rules clamp the keep-alive; MQTT's is the client's to choose (spec 3.1.2.10).
         if let Some(session) = self.session_mut(slot) {
+            // Only an accepted connection has a will: a refused CONNECT publishes nothing.
+            if let Some(m) = session.mqtt.as_deref_mut() {
+                m.will = connect
+                    .will
+                    .map(|w| (w.topic.to_string(), w.message.to_vec()));
+            }
             session.keepalive = match connect.keep_alive_s {
                 0 => NO_KEEPALIVE,
                 s => Duration::from_secs(s.into()),
@@ -307,8 +310,16 @@ impl FanoutCore {
         refusal.map_or(Ok(()), Err)
     }
 
+    /// The engine is shutting down: the connection's will is dropped, not published (the
+    /// engine, not the client, ends it, and the other reactors are stopping too).
+    pub(super) fn drop_will(&mut self, slot: usize) {
+        if let Some(m) = self.session_mut(slot).and_then(|s| s.mqtt.as_deref_mut()) {
+            m.will = None;
+        }
+    }
+
     /// The connection in `slot` ends without DISCONNECT (network failure, keep-alive, a
-    /// protocol error, shutdown): its will is published, once, as any publish from it would be.
+    /// protocol error): its will is published, once, as any publish from it would be.
     pub(super) fn publish_will(&mut self, slot: usize) {
         let Some(m) = self.session_mut(slot).and_then(|s| s.mqtt.as_deref_mut()) else {
             return;

@@ -511,3 +511,39 @@ fn suback_waits_for_the_snapshot_of_another_shard() {
         vec![publish_in("plant/a", b"1", 0, true, 0), In::SubAck(vec![0])]
     );
 }
+
+#[test]
+fn no_will_from_a_refused_connect_or_at_engine_shutdown() {
+    let mut cluster = Cluster::new(1, |c| c.limits.max_client_id_bytes = 8);
+    let mut m = Mqtt {
+        cluster: &mut cluster,
+    };
+    let watcher = m.connect(0, "w");
+    m.subscribe(watcher, "status/#", QoS::AtMostOnce);
+    let will = Will {
+        topic: "status/x",
+        message: b"lost",
+        qos: QoS::AtMostOnce,
+        retain: false,
+    };
+    // A client id over limits.max_client_id_bytes: CONNACK 2, and no will.
+    let refused = m.cluster.connect_mqtt_raw(0);
+    m.send(
+        refused,
+        &Packet::Connect(connect("far-too-long-an-id", 10, Some(will))),
+    );
+    assert_eq!(m.recv(refused), vec![In::ConnAck(2)]);
+    m.cluster.hang_up(refused);
+    assert!(m.recv(watcher).is_empty());
+    let gw = m.connect_with(0, connect("gw", 10, Some(will)));
+    let published = m.cluster.cores[0].counters.publishes_in;
+    let now = m.cluster.now;
+    m.cluster.cores[0].shut_down(now);
+    m.cluster.run();
+    // The reactor drops every connection after the shutdown's last flush.
+    m.cluster.hang_up(gw);
+    assert_eq!(
+        m.cluster.cores[0].counters.publishes_in, published,
+        "no will at shutdown"
+    );
+}
