@@ -145,14 +145,18 @@ impl MqttState {
         self.inflight.len() * 2 <= self.max_inflight
     }
 
-    /// A free packet id, marked in flight. The caller checked [`MqttState::window_full`], and
-    /// the window is at most 65,535, so a free id exists.
-    pub(crate) fn take_pkid(&mut self) -> u16 {
+    /// A free packet id, marked in flight; `None` when all 65,535 are (a catch-up may go past
+    /// the window, never past the ids). Below the window, as [`MqttState::window_full`] checks
+    /// for live messages, there always is one.
+    pub(crate) fn take_pkid(&mut self) -> Option<u16> {
+        if self.inflight.len() >= usize::from(u16::MAX) {
+            return None;
+        }
         loop {
             let id = self.next_pkid;
             self.next_pkid = self.next_pkid.checked_add(1).unwrap_or(1);
             if self.inflight.insert(id) {
-                return id;
+                return Some(id);
             }
         }
     }
@@ -257,13 +261,17 @@ pub(crate) fn payload_of(data: &[u8]) -> SharedFrame {
 /// retained message (RETAIN set, QoS 0: the engine does not keep the QoS it was published
 /// with); a caught-up message goes at QoS 1 when a QoS 1 subscription matches it, with a packet
 /// id in flight (the catch-up round is bounded by half the outbox, and the next round waits for
-/// half the window). `None` for a GAP, which MQTT cannot express.
+/// half the window; at QoS 0 once all 65,535 ids are in flight). `None` for a GAP, which MQTT
+/// cannot express.
 pub(crate) fn replayed_packet(data: &[u8], state: &mut MqttState) -> Option<SharedFrame> {
     let (topic, payload, snapshot) = data_parts(data)?;
     let mut packet = publish(topic, payload, snapshot);
     if !snapshot && state.has_qos1_match(topic) {
-        packet.qos = QoS::AtLeastOnce;
-        packet.pkid = state.take_pkid();
+        // Past 65,535 unacknowledged packets, the rest of a catch-up goes at QoS 0.
+        if let Some(pkid) = state.take_pkid() {
+            packet.qos = QoS::AtLeastOnce;
+            packet.pkid = pkid;
+        }
     }
     let mut out = Vec::with_capacity(5 + 2 + topic.len() + 2 + payload.len());
     mqtt::encode_publish(&mut out, &packet);
@@ -345,15 +353,17 @@ mod tests {
     fn packet_ids_skip_those_in_flight_and_zero() {
         let mut s = MqttState::new(3);
         s.next_pkid = u16::MAX;
-        assert_eq!(s.take_pkid(), u16::MAX);
-        assert_eq!(s.take_pkid(), 1, "0 is never a packet id");
-        assert_eq!(s.take_pkid(), 2);
+        assert_eq!(s.take_pkid(), Some(u16::MAX));
+        assert_eq!(s.take_pkid(), Some(1), "0 is never a packet id");
+        assert_eq!(s.take_pkid(), Some(2));
         assert!(s.window_full());
         assert!(s.handle_puback(1));
         assert!(!s.handle_puback(1), "acknowledged once");
         s.next_pkid = u16::MAX;
-        assert_eq!(s.take_pkid(), 1, "u16::MAX is still in flight, 1 is free");
+        assert_eq!(s.take_pkid(), Some(1), "u16::MAX is still in flight, 1 is free");
         assert_eq!(s.inflight(), 3);
+        while s.take_pkid().is_some() {}
+        assert_eq!(s.inflight(), 65_535, "every id, then None instead of a loop");
     }
 
     #[test]

@@ -424,8 +424,10 @@ impl Session {
                 if mqtt.window_full() || !self.outbox.has_room(head_bytes + payload.len()) {
                     return false;
                 }
+                let Some(pkid) = mqtt.take_pkid() else {
+                    return false;
+                };
                 let mut head = Vec::with_capacity(head_bytes);
-                let pkid = mqtt.take_pkid();
                 crate::mqtt::encode_publish_qos1_head(&mut head, topic, payload.len(), false, pkid);
                 let head: SharedFrame = head.into();
                 mqtt.push_stamp(&head, frame);
