@@ -5,7 +5,7 @@
 //! **The run-loop contract** (the reactor in `reactor.rs` is one driver, the test harness in
 //! `harness.rs` another):
 //! 1. Feed inputs as they come, each with the time `now` the driver read once for its turn:
-//!    [`FanoutCore::open`] for a new connection, [`FanoutCore::handle_input`] with the bytes a
+//!    [`FanoutCore::open_wire`] for a new connection, [`FanoutCore::handle_input`] with the bytes a
 //!    connection sent, [`FanoutCore::handle_writable`] when its transport can take bytes again,
 //!    [`FanoutCore::handle_closed`] when the peer went away, [`FanoutCore::handle_msg`] for each
 //!    message from another shard, [`FanoutCore::handle_timeout`] when
@@ -274,14 +274,9 @@ impl FanoutCore {
 
     // ----- inputs -----
 
-    /// A new connection in slot `slot` (free: never used, or named by `poll_closed` since).
-    /// It must send HELLO within the handshake time-out.
-    pub(crate) fn open(&mut self, now: Instant, slot: usize, conn_id: u64) {
-        self.open_wire(now, slot, conn_id, WireKind::Native);
-    }
-
-    /// [`FanoutCore::open`] for a connection speaking `wire` (the listener that accepted it).
-    /// An MQTT connection must send CONNECT within the handshake time-out.
+    /// A new connection in slot `slot` (free: never used, or named by `poll_closed` since),
+    /// speaking `wire` (the listener that accepted it). It must send HELLO (MQTT: CONNECT)
+    /// within the handshake time-out.
     pub(crate) fn open_wire(&mut self, now: Instant, slot: usize, conn_id: u64, wire: WireKind) {
         self.now = now;
         let limits = &self.config.limits;

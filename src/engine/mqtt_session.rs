@@ -244,12 +244,11 @@ fn data_parts(data: &[u8]) -> Option<(&str, &[u8], bool)> {
 
 /// The QoS 0 PUBLISH every MQTT subscriber of a live message shares (RETAIN 0: a live message).
 pub(crate) fn qos0_packet(data: &[u8]) -> SharedFrame {
-    let mut out = Vec::new();
-    if let Some((topic, payload, _)) = data_parts(data) {
-        out.reserve(5 + 2 + topic.len() + payload.len());
-        mqtt::encode_publish(&mut out, &publish(topic, payload, false));
+    match data_parts(data) {
+        Some((topic, payload, _)) => mqtt::publish_shared(topic, payload, false),
+        // Only DATA frames are delivered live; nothing else has an MQTT form.
+        None => Arc::from(&[][..]),
     }
-    Arc::from(out)
 }
 
 /// The payload of a DATA frame alone, shared by the QoS 1 subscribers of a message.
@@ -360,10 +359,18 @@ mod tests {
         assert!(s.handle_puback(1));
         assert!(!s.handle_puback(1), "acknowledged once");
         s.next_pkid = u16::MAX;
-        assert_eq!(s.take_pkid(), Some(1), "u16::MAX is still in flight, 1 is free");
+        assert_eq!(
+            s.take_pkid(),
+            Some(1),
+            "u16::MAX is still in flight, 1 is free"
+        );
         assert_eq!(s.inflight(), 3);
         while s.take_pkid().is_some() {}
-        assert_eq!(s.inflight(), 65_535, "every id, then None instead of a loop");
+        assert_eq!(
+            s.inflight(),
+            65_535,
+            "every id, then None instead of a loop"
+        );
     }
 
     #[test]

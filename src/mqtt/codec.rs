@@ -494,6 +494,35 @@ pub fn encode_publish(out: &mut Vec<u8>, publish: &Publish<'_>) {
     out.extend_from_slice(publish.payload);
 }
 
+/// A whole QoS 0 PUBLISH in one new shared allocation (no `Vec` first): the packet every MQTT
+/// subscriber of a message shares. Same bytes as [`encode_publish`].
+pub fn publish_shared(topic: &str, payload: &[u8], retain: bool) -> std::sync::Arc<[u8]> {
+    let mut head = [0u8; 5 + 2];
+    let mut at = 0;
+    let mut remaining = 2 + topic.len() + payload.len();
+    head[0] = publish_first_byte(QoS::AtMostOnce, retain, false);
+    loop {
+        at += 1;
+        let mut b = (remaining & 0x7f) as u8;
+        remaining >>= 7;
+        if remaining > 0 {
+            b |= 0x80;
+        }
+        head[at] = b;
+        if remaining == 0 {
+            break;
+        }
+    }
+    head[at + 1..at + 3].copy_from_slice(&(topic.len() as u16).to_be_bytes());
+    // A chain of slice iterators has an exact length (TrustedLen): collected in one allocation.
+    head[..at + 3]
+        .iter()
+        .chain(topic.as_bytes())
+        .chain(payload)
+        .copied()
+        .collect()
+}
+
 /// Appends the head of a QoS 1 PUBLISH, everything before its payload (fixed header, topic,
 /// packet id): the packet is this head followed by `payload_bytes` of payload, which the
 /// engine writes from a buffer shared by every subscriber.

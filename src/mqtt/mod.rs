@@ -19,7 +19,7 @@ mod tests;
 
 pub use codec::{
     decode_packet, encode_connack, encode_packet, encode_publish, encode_publish_qos1_head,
-    packet_len_hint, publish_topic, Connect, DecodeError, Decoded, Packet, Publish, QoS, Will,
-    CONNACK_ACCEPTED, CONNACK_IDENTIFIER_REJECTED, CONNACK_SERVER_UNAVAILABLE,
+    packet_len_hint, publish_shared, publish_topic, Connect, DecodeError, Decoded, Packet, Publish,
+    QoS, Will, CONNACK_ACCEPTED, CONNACK_IDENTIFIER_REJECTED, CONNACK_SERVER_UNAVAILABLE,
     CONNACK_UNACCEPTABLE_PROTOCOL, MAX_REMAINING_LENGTH, PROTOCOL_LEVEL_311, SUBACK_FAILURE,
 };

@@ -368,6 +368,9 @@ proptest! {
         };
         let bytes = encoded(&Packet::Publish(p));
         prop_assert_eq!(decode_whole(&bytes), Packet::Publish(p));
+        if qos == QoS::AtMostOnce {
+            prop_assert_eq!(&publish_shared(&topic, &payload, retain)[..], &bytes[..]);
+        }
         prop_assert_eq!(decode_packet(&bytes[..bytes.len() - 1], MAX), Ok(Decoded::NeedMore(1)));
     }
 
