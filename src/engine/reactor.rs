@@ -323,7 +323,7 @@ impl Reactor {
                 Err(e) => {
                     // EMFILE and friends: the connections stay in the backlog; try again soon.
                     eprintln!("lanpush: accept failed: {e}");
-                    self.accept_again = Some(now + ACCEPT_RETRY);
+                    self.accept_again_at(now + ACCEPT_RETRY);
                     return;
                 }
             };
@@ -358,7 +358,12 @@ impl Reactor {
             }
         }
         // Budget spent: the rest of the backlog is taken next turn.
-        self.accept_again = Some(now);
+        self.accept_again_at(now);
+    }
+
+    /// Accepts again at `at`, or earlier if the other listener asked for that.
+    fn accept_again_at(&mut self, at: Instant) {
+        self.accept_again = Some(self.accept_again.map_or(at, |again| again.min(at)));
     }
 
     fn add_conn(&mut self, mut stream: TcpStream, conn_id: u64, wire: WireKind, now: Instant) {
