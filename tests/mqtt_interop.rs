@@ -124,6 +124,14 @@ impl Tool {
         }
     }
 
+    /// Waits for the program to exit by itself (killing it after [`STEP`]).
+    fn wait_exit(mut self) -> std::process::ExitStatus {
+        util::wait_deadline(&mut self.child, STEP).unwrap_or_else(|| {
+            self.kill();
+            panic!("the program did not exit within {STEP:?}")
+        })
+    }
+
     fn kill(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
@@ -383,4 +391,61 @@ fn a_refused_mqtt_client_does_not_disturb_the_others() {
     let sub = mosquitto_sub(mqtt, "x", "0", "%t %p");
     mosquitto_pub(mqtt, &["-t", "x", "-m", "still-serving"]);
     assert_eq!(sub.wait_line("a message", message_line), "x still-serving");
+}
+
+#[test]
+fn a_persistent_paho_session_gets_what_was_published_while_it_was_away() {
+    require_paho();
+    let (server, mqtt) = mqtt_server();
+    let port = mqtt.port().to_string();
+    let script = format!("{PAHO_DIR}/paho_persistent.py");
+    let paho = |mode: &str, count: &str| {
+        Tool::spawn(
+            "python3",
+            &[
+                &script,
+                mode,
+                "127.0.0.1",
+                &port,
+                "historian-7",
+                "plant/hist/#",
+                count,
+            ],
+        )
+    };
+    let first = paho("subscribe", "0");
+    first.wait_line("subscribed", |l| l == "subscribed");
+    // Gone (DISCONNECT): the session stays. Published while it is away:
+    let out = first.wait_exit();
+    assert!(out.success(), "the first Paho run failed");
+    for value in ["1", "2"] {
+        let out = run(
+            &[
+                "pub",
+                "--server",
+                &server.addr_string(),
+                "plant/hist/flow",
+                value,
+            ],
+            None,
+            STEP,
+        );
+        assert!(out.status.success(), "{}", out.stderr);
+    }
+    let second = paho("resume", "2");
+    let line = |what| {
+        serde_json::from_str::<serde_json::Value>(&second.wait_line(what, |l| l.starts_with('{')))
+            .unwrap()
+    };
+    assert_eq!(
+        line("CONNACK"),
+        serde_json::json!({"session_present": true})
+    );
+    assert_eq!(
+        [line("a message"), line("a message")],
+        [
+            serde_json::json!({"topic": "plant/hist/flow", "payload": "1", "qos": 1}),
+            serde_json::json!({"topic": "plant/hist/flow", "payload": "2", "qos": 1}),
+        ]
+    );
 }

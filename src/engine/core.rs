@@ -1081,6 +1081,7 @@ impl FanoutCore {
             return;
         }
         self.publish_will(slot);
+        self.save_mqtt_session(slot);
         self.remove_subs(slot);
         if let Some(session) = self.sessions[slot].take() {
             // A session that said HELLO (not refused at it) holds its client id until now.

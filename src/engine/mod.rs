@@ -18,6 +18,7 @@ mod handle_tests;
 #[cfg(test)]
 mod harness;
 mod mqtt_session;
+mod mqtt_sessions;
 #[cfg(test)]
 mod mqtt_tests;
 mod native;
@@ -143,6 +144,8 @@ pub(crate) struct EngineShared {
     pub clients: clients::ClientSessions,
     /// Which shard owns each topic (`owners.rs`).
     pub owners: owners::OwnerTable,
+    /// Persistent MQTT sessions of the clients that are gone (`mqtt_sessions.rs`).
+    pub mqtt_sessions: mqtt_sessions::MqttSessions,
     /// One sender into each reactor's inbox, indexed by reactor.
     mailboxes: Vec<Mailbox<ShardMsg>>,
     /// Set once, by [`EngineShared::request_shutdown`]; see [`EngineShared::shutdown_requested`].
@@ -170,6 +173,10 @@ impl EngineShared {
                 config.limits.max_connections,
             ),
             owners: owners::OwnerTable::new(n_shards as u16, config.limits.max_topics),
+            mqtt_sessions: mqtt_sessions::MqttSessions::new(
+                std::time::Duration::from_secs(config.limits.client_session_expiry_s),
+                config.limits.max_connections,
+            ),
             mailboxes: Vec::new(),
             shutting_down: AtomicBool::new(false),
             reactor_failures: AtomicU64::new(0),

@@ -9,6 +9,8 @@
 //! - CONNECT → `Op::Hello` (the client id, the native keep-alive rules, and the admission
 //!   checks every listener shares); WELCOME → CONNACK 0; a refusal → CONNACK 1/2/3 and a close.
 //!   The MQTT keep-alive is then set as the client asked (0: none), closed after 1.5× silence.
+//!   Clean session 0 resumes the id's saved session (`mqtt_sessions.rs`): its filters are
+//!   subscribed again, QoS 1 ones from the acknowledged positions (a native resume).
 //! - PUBLISH → `Op::Publish` (quality 192 "good", source timestamp 0); QoS 1 → PUBACK once the
 //!   core has validated it and taken it (ingested on this shard, or queued in this turn's batch
 //!   for the owner shard); refused (bad topic, too large, too many topics) → close, as MQTT 3.1.1
@@ -24,10 +26,13 @@ use std::time::{Duration, Instant};
 
 use super::FanoutCore;
 use crate::engine::mqtt_session::MqttState;
+use crate::engine::mqtt_sessions::SavedSession;
 use crate::engine::native::Op;
 use crate::engine::session::{Fatal, Phase};
 use crate::mqtt::{self, Connect, Decoded, Packet, QoS};
-use crate::proto::{self, error_code, DeliveryMode, PublishRef, Subscribe, PROTOCOL_VERSION};
+use crate::proto::{
+    self, error_code, DeliveryMode, PublishRef, Subscribe, TopicPosition, PROTOCOL_VERSION,
+};
 
 /// Quality given to messages published over MQTT, which has no such field: OPC "good".
 pub(crate) const MQTT_QUALITY: u8 = 192;
@@ -190,17 +195,32 @@ impl FanoutCore {
         slot: usize,
         connect: Connect<'_>,
     ) -> Result<(), Fatal> {
-        let session = self.session_mut(slot).expect("the caller looked it up");
-        let Some(m) = session.mqtt.as_deref_mut() else {
-            return Ok(());
-        };
-        m.connect_seen = true;
         if connect.client_id.is_empty() && !connect.clean_session {
+            if let Some(m) = self.session_mut(slot).and_then(|s| s.mqtt.as_deref_mut()) {
+                m.connect_seen = true;
+            }
             return Err(Fatal::new(
                 error_code::HANDSHAKE,
                 "an empty client id needs clean session (spec 3.1.3.1)",
             ));
         }
+        // A persistent session resumes what the id's last connection left (spec 3.1.2.4); a
+        // clean one discards it.
+        let saved = match (connect.client_id.is_empty(), connect.clean_session) {
+            (true, _) => None,
+            (false, true) => {
+                self.shared.mqtt_sessions.forget(connect.client_id);
+                None
+            }
+            (false, false) => self.shared.mqtt_sessions.take(connect.client_id, now),
+        };
+        let session = self.session_mut(slot).expect("the caller looked it up");
+        let Some(m) = session.mqtt.as_deref_mut() else {
+            return Ok(());
+        };
+        m.connect_seen = true;
+        m.clean_session = connect.clean_session;
+        m.session_present = saved.is_some();
         let hello = Op::Hello {
             version: PROTOCOL_VERSION,
             client_id: connect.client_id.to_string(),
@@ -222,7 +242,71 @@ impl FanoutCore {
             session.armed = None;
         }
         self.arm(slot);
+        match saved {
+            Some(saved) => self.restore_mqtt_session(now, slot, saved),
+            None => Ok(()),
+        }
+    }
+
+    /// Subscribes a resumed persistent session's filters again: the QoS 1 ones from the
+    /// positions the client acknowledged, as a native resume (what it missed comes from the
+    /// replay ring, at QoS 1; topics it had no position for, from the oldest message the ring
+    /// holds), the QoS 0 ones with the retained snapshot. No SUBACK: the client asked nothing.
+    fn restore_mqtt_session(
+        &mut self,
+        now: Instant,
+        slot: usize,
+        saved: SavedSession,
+    ) -> Result<(), Fatal> {
+        let qos0_mode = self.config.mqtt.qos0_mode;
+        let positions: Vec<TopicPosition> = saved
+            .positions
+            .into_iter()
+            .map(|(topic, last_seq)| TopicPosition { topic, last_seq })
+            // The empty topic, which no message has: "resuming" even with no position.
+            .chain(std::iter::once(TopicPosition {
+                topic: String::new(),
+                last_seq: 0,
+            }))
+            .collect();
+        for (filter, qos) in saved.filters {
+            let Some(m) = self.session_mut(slot).and_then(|s| s.mqtt.as_deref_mut()) else {
+                return Ok(());
+            };
+            let sub_id = m.add_filter(&filter, qos);
+            let (mode, resume) = match qos {
+                QoS::AtMostOnce => (qos0_mode, Vec::new()),
+                _ => (DeliveryMode::All, positions.clone()),
+            };
+            let subscribe = Subscribe {
+                sub_id,
+                pattern: filter,
+                mode,
+                resume,
+            };
+            self.handle_op(now, 0, slot, Op::Subscribe(subscribe))?;
+            self.take_mqtt_refusal(slot)?;
+        }
         Ok(())
+    }
+
+    /// A persistent session's connection closed: its filters and acknowledged positions are
+    /// kept for the client id's next CONNECT (`mqtt_sessions.rs`).
+    pub(super) fn save_mqtt_session(&mut self, slot: usize) {
+        let Some(session) = self.session(slot) else {
+            return;
+        };
+        let Some(m) = session.mqtt.as_deref() else {
+            return;
+        };
+        // The client id is set once CONNECT is accepted, and only then.
+        if m.clean_session || session.client_id.is_empty() {
+            return;
+        }
+        let saved = m.saved_session();
+        self.shared
+            .mqtt_sessions
+            .save(&session.client_id, saved, self.now);
     }
 
     fn handle_mqtt_subscribe(

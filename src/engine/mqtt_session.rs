@@ -17,6 +17,7 @@ use std::sync::Arc;
 
 use ahash::{HashMap, HashSet};
 
+use super::mqtt_sessions::SavedSession;
 use super::native::Reply;
 use super::outbox::SharedFrame;
 use super::session::Fatal;
@@ -41,8 +42,14 @@ pub(crate) struct MqttState {
     /// Subscriptions granted QoS 1.
     qos1_subs: HashSet<u32>,
     next_sub_id: u32,
-    /// QoS 1 packet ids sent and not yet acknowledged.
-    inflight: HashSet<u16>,
+    /// QoS 1 packet ids sent and not yet acknowledged, with the DATA frame each was made from.
+    inflight: HashMap<u16, SharedFrame>,
+    /// Per topic, the highest sequence number acknowledged at QoS 1 (persistent sessions).
+    acked: HashMap<String, u64>,
+    /// CONNECT asked for a clean session (0: the session is saved when the connection closes).
+    pub clean_session: bool,
+    /// CONNECT found a saved session: CONNACK says so.
+    pub session_present: bool,
     max_inflight: usize,
     next_pkid: u16,
     stamps: VecDeque<Stamp>,
@@ -63,7 +70,10 @@ impl MqttState {
             filters: HashMap::default(),
             qos1_subs: HashSet::default(),
             next_sub_id: 1,
-            inflight: HashSet::default(),
+            inflight: HashMap::default(),
+            acked: HashMap::default(),
+            clean_session: true,
+            session_present: false,
             max_inflight: max_inflight.max(1),
             next_pkid: 1,
             stamps: VecDeque::new(),
@@ -145,25 +155,82 @@ impl MqttState {
         self.inflight.len() * 2 <= self.max_inflight
     }
 
-    /// A free packet id, marked in flight; `None` when all 65,535 are (a catch-up may go past
-    /// the window, never past the ids). Below the window, as [`MqttState::window_full`] checks
-    /// for live messages, there always is one.
-    pub(crate) fn take_pkid(&mut self) -> Option<u16> {
+    /// A free packet id, marked in flight for the message of DATA frame `data`; `None` when
+    /// all 65,535 are (a catch-up may go past the window, never past the ids). Below the
+    /// window, as [`MqttState::window_full`] checks for live messages, there always is one.
+    pub(crate) fn take_pkid(&mut self, data: &SharedFrame) -> Option<u16> {
         if self.inflight.len() >= usize::from(u16::MAX) {
             return None;
         }
         loop {
             let id = self.next_pkid;
             self.next_pkid = self.next_pkid.checked_add(1).unwrap_or(1);
-            if self.inflight.insert(id) {
+            if let std::collections::hash_map::Entry::Vacant(free) = self.inflight.entry(id) {
+                free.insert(data.clone());
                 return Some(id);
             }
         }
     }
 
-    /// PUBACK: the packet id is free again. False if it was not in flight.
+    /// PUBACK: the packet id is free again, and a persistent session remembers how far the
+    /// client got on the topic. False if it was not in flight.
     pub(crate) fn handle_puback(&mut self, pkid: u16) -> bool {
-        self.inflight.remove(&pkid)
+        let Some(data) = self.inflight.remove(&pkid) else {
+            return false;
+        };
+        if !self.clean_session {
+            if let (Some(topic), Some(seq)) =
+                (proto::data_frame_topic(&data), proto::data_frame_seq(&data))
+            {
+                match self.acked.get_mut(topic) {
+                    Some(acked) => *acked = (*acked).max(seq),
+                    None => {
+                        self.acked.insert(topic.to_string(), seq);
+                    }
+                }
+            }
+        }
+        true
+    }
+
+    /// What a persistent session saves: its filters with their QoS, and per topic the last
+    /// sequence number from which everything before is acknowledged (a message still in flight
+    /// is sent again: at least once).
+    pub(crate) fn saved_session(&self) -> SavedSession {
+        let mut positions: HashMap<&str, u64> = HashMap::default();
+        for (topic, &seq) in &self.acked {
+            positions.insert(topic, seq);
+        }
+        for data in self.inflight.values() {
+            if let (Some(topic), Some(seq)) =
+                (proto::data_frame_topic(data), proto::data_frame_seq(data))
+            {
+                let before = seq.saturating_sub(1);
+                positions
+                    .entry(topic)
+                    .and_modify(|p| *p = (*p).min(before))
+                    .or_insert(before);
+            }
+        }
+        let filters = self
+            .filters
+            .iter()
+            .map(|(filter, sub_id)| {
+                let qos = if self.qos1_subs.contains(sub_id) {
+                    QoS::AtLeastOnce
+                } else {
+                    QoS::AtMostOnce
+                };
+                (filter.clone(), qos)
+            })
+            .collect();
+        SavedSession {
+            filters,
+            positions: positions
+                .into_iter()
+                .map(|(topic, seq)| (topic.to_string(), seq))
+                .collect(),
+        }
     }
 
     pub(crate) fn inflight(&self) -> usize {
@@ -199,7 +266,7 @@ impl MqttState {
 pub(crate) fn encode_reply(out: &mut Vec<u8>, reply: Reply, state: &mut MqttState) -> bool {
     match reply {
         Reply::Welcome(_) => {
-            mqtt::encode_connack(out, false, mqtt::CONNACK_ACCEPTED);
+            mqtt::encode_connack(out, state.session_present, mqtt::CONNACK_ACCEPTED);
             true
         }
         Reply::Pong { .. } => {
@@ -262,12 +329,12 @@ pub(crate) fn payload_of(data: &[u8]) -> SharedFrame {
 /// id in flight (the catch-up round is bounded by half the outbox, and the next round waits for
 /// half the window; at QoS 0 once all 65,535 ids are in flight). `None` for a GAP, which MQTT
 /// cannot express.
-pub(crate) fn replayed_packet(data: &[u8], state: &mut MqttState) -> Option<SharedFrame> {
+pub(crate) fn replayed_packet(data: &SharedFrame, state: &mut MqttState) -> Option<SharedFrame> {
     let (topic, payload, snapshot) = data_parts(data)?;
     let mut packet = publish(topic, payload, snapshot);
     if !snapshot && state.has_qos1_match(topic) {
         // Past 65,535 unacknowledged packets, the rest of a catch-up goes at QoS 0.
-        if let Some(pkid) = state.take_pkid() {
+        if let Some(pkid) = state.take_pkid(data) {
             packet.qos = QoS::AtLeastOnce;
             packet.pkid = pkid;
         }
@@ -345,27 +412,28 @@ mod tests {
                 to_seq: 2,
             }),
         );
-        assert_eq!(replayed_packet(&gap, &mut s), None);
+        assert_eq!(replayed_packet(&Arc::from(gap), &mut s), None);
     }
 
     #[test]
     fn packet_ids_skip_those_in_flight_and_zero() {
         let mut s = MqttState::new(3);
+        let d = data("a", b"v", 0);
         s.next_pkid = u16::MAX;
-        assert_eq!(s.take_pkid(), Some(u16::MAX));
-        assert_eq!(s.take_pkid(), Some(1), "0 is never a packet id");
-        assert_eq!(s.take_pkid(), Some(2));
+        assert_eq!(s.take_pkid(&d), Some(u16::MAX));
+        assert_eq!(s.take_pkid(&d), Some(1), "0 is never a packet id");
+        assert_eq!(s.take_pkid(&d), Some(2));
         assert!(s.window_full());
         assert!(s.handle_puback(1));
         assert!(!s.handle_puback(1), "acknowledged once");
         s.next_pkid = u16::MAX;
         assert_eq!(
-            s.take_pkid(),
+            s.take_pkid(&d),
             Some(1),
             "u16::MAX is still in flight, 1 is free"
         );
         assert_eq!(s.inflight(), 3);
-        while s.take_pkid().is_some() {}
+        while s.take_pkid(&d).is_some() {}
         assert_eq!(
             s.inflight(),
             65_535,
@@ -397,6 +465,46 @@ mod tests {
         s.handle_suback(10);
         assert!(s.poll_subacks(&mut out));
         assert_eq!(out, [0x90, 4, 0, 1, 0, 1, 0x90, 3, 0, 2, 0x80]);
+    }
+
+    #[test]
+    fn a_persistent_session_saves_what_is_acknowledged_and_resends_what_is_not() {
+        let mut s = MqttState::new(8);
+        s.clean_session = false;
+        s.add_filter("t/#", QoS::AtLeastOnce);
+        s.add_filter("u", QoS::AtMostOnce);
+        let seq = |topic: &str, n: u64| {
+            let mut buf = Vec::new();
+            proto::encode_data(
+                &mut buf,
+                &DataHeader {
+                    seq: n,
+                    ..DataHeader::default()
+                },
+                topic,
+                b"v",
+            );
+            SharedFrame::from(buf)
+        };
+        let ids: Vec<u16> = (1..=4)
+            .map(|n| s.take_pkid(&seq("t/a", n)).unwrap())
+            .collect();
+        s.take_pkid(&seq("t/b", 7)).unwrap();
+        // 1, 2 and 4 acknowledged; 3 is not: the client resumes after 2.
+        for &id in &[ids[0], ids[1], ids[3]] {
+            assert!(s.handle_puback(id));
+        }
+        let mut saved = s.saved_session();
+        saved.filters.sort();
+        saved.positions.sort();
+        assert_eq!(
+            saved.filters,
+            vec![
+                ("t/#".into(), QoS::AtLeastOnce),
+                ("u".into(), QoS::AtMostOnce)
+            ]
+        );
+        assert_eq!(saved.positions, vec![("t/a".into(), 2), ("t/b".into(), 6)]);
     }
 
     #[test]

@@ -12,6 +12,8 @@ use crate::mqtt::{self, Connect, Decoded, Packet, Publish, QoS, Will};
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum In {
     ConnAck(u8),
+    /// CONNACK with session present 1.
+    ConnAckResumed,
     SubAck(Vec<u8>),
     Publish {
         topic: String,
@@ -33,6 +35,10 @@ fn decode_all(bytes: &[u8]) -> Vec<In> {
             Decoded::Packet(p, n) => {
                 at += n;
                 out.push(match p {
+                    Packet::ConnAck {
+                        session_present: true,
+                        code: 0,
+                    } => In::ConnAckResumed,
                     Packet::ConnAck { code, .. } => In::ConnAck(code),
                     Packet::SubAck { codes, .. } => In::SubAck(codes),
                     Packet::Publish(p) => In::Publish {
@@ -615,5 +621,68 @@ fn packets_fed_one_byte_at_a_time_are_handled_once_whole() {
     assert_eq!(
         decode_all(&cluster.recv_bytes(c)),
         vec![publish_in("a/b", b"v", 1, false, 1)]
+    );
+}
+
+#[test]
+fn a_persistent_session_resumes_from_what_the_client_acknowledged() {
+    let mut cluster = Cluster::new(2, |_| {});
+    let native_pub = cluster.connect(0, "plc");
+    let mut m = Mqtt {
+        cluster: &mut cluster,
+    };
+    let persistent = |clean_session| Connect {
+        clean_session,
+        ..connect("historian", 30, None)
+    };
+    let first = m.connect_with(1, persistent(false));
+    assert_eq!(
+        m.subscribe(first, "t/#", QoS::AtLeastOnce),
+        vec![In::SubAck(vec![1])]
+    );
+    for i in 1..=3u8 {
+        m.cluster.publish(native_pub, "t/a", &[i]);
+    }
+    m.cluster.run();
+    assert_eq!(m.recv(first).len(), 3);
+    // 1 and 2 acknowledged, 3 not; then the connection dies and 4, 5 are published.
+    m.send(first, &Packet::PubAck { pkid: 1 });
+    m.send(first, &Packet::PubAck { pkid: 2 });
+    m.cluster.hang_up(first);
+    for i in 4..=5u8 {
+        m.cluster.publish(native_pub, "t/a", &[i]);
+    }
+    m.cluster.run();
+
+    // Back, on the other reactor, without subscribing: 3 (unacknowledged), 4 and 5, at QoS 1.
+    let again = m.cluster.connect_mqtt_raw(0);
+    m.send(again, &Packet::Connect(persistent(false)));
+    let got = m.recv(again);
+    assert_eq!(got[0], In::ConnAckResumed);
+    let payloads: Vec<(Vec<u8>, u8)> = got[1..]
+        .iter()
+        .map(|p| match p {
+            In::Publish { payload, qos, .. } => (payload.clone(), *qos),
+            other => panic!("{other:?}"),
+        })
+        .collect();
+    assert_eq!(payloads, vec![(vec![3], 1), (vec![4], 1), (vec![5], 1)]);
+    m.cluster.publish(native_pub, "t/a", &[6]);
+    m.cluster.run();
+    assert!(matches!(
+        &m.recv(again)[..],
+        [In::Publish { payload, qos: 1, .. }] if payload == &[6]
+    ));
+    m.cluster.hang_up(again);
+
+    // A clean session discards it: nothing resumes, now or on the next persistent CONNECT.
+    let clean = m.connect_with(1, persistent(true));
+    m.cluster.hang_up(clean);
+    let last = m.connect_with(1, persistent(false));
+    m.cluster.publish(native_pub, "t/a", &[7]);
+    m.cluster.run();
+    assert!(
+        m.recv(last).is_empty(),
+        "no subscription survived the clean session"
     );
 }

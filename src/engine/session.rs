@@ -424,7 +424,7 @@ impl Session {
                 if mqtt.window_full() || !self.outbox.has_room(head_bytes + payload.len()) {
                     return false;
                 }
-                let Some(pkid) = mqtt.take_pkid() else {
+                let Some(pkid) = mqtt.take_pkid(frame) else {
                     return false;
                 };
                 let mut head = Vec::with_capacity(head_bytes);
