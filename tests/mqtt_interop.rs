@@ -1,6 +1,7 @@
 //! Interop of the MQTT listener with clients no one here wrote: `mosquitto_pub` /
 //! `mosquitto_sub` (Debian's mosquitto-clients) and Paho (PyPI paho-mqtt), against the real
-//! binary on 127.0.0.1 port 0, both directions, retained values, the will, QoS 1.
+//! binary on 127.0.0.1 port 0, both directions, retained values, the will, QoS 1, a persistent
+//! session.
 //!
 //! The tools are installed by `.ci/run`. A test whose tool is missing **fails**, with the
 //! command that installs it: a skipped interop test would pass while proving nothing.
