@@ -33,6 +33,7 @@ pub struct Config {
     pub retained: RetainedConfig,
     pub metrics: MetricsConfig,
     pub log: LogConfig,
+    pub mqtt: MqttConfig,
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -140,6 +141,47 @@ pub struct LogConfig {
 impl LogConfig {
     /// The level names `level` accepts.
     pub const LEVELS: [&'static str; 6] = ["off", "error", "warn", "info", "debug", "trace"];
+}
+
+/// The MQTT 3.1.1 listener (docs/PROTOCOL.md §14).
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MqttConfig {
+    /// Address of the MQTT listener; empty turns it off.
+    pub listen: String,
+    /// QoS 1 PUBLISH packets sent to one MQTT connection and not yet acknowledged.
+    pub max_inflight: u16,
+    /// Delivery mode of a QoS 0 subscription: `all` or `latest`.
+    pub qos0_mode: DeliveryMode,
+}
+
+impl MqttConfig {
+    /// The listener's address, or `None` when it is off. Validation has checked that a
+    /// non-empty `listen` parses.
+    pub fn listen_addr(&self) -> Option<SocketAddr> {
+        let text = self.listen.trim();
+        if text.is_empty() {
+            None
+        } else {
+            text.parse().ok()
+        }
+    }
+
+    fn validate(&self) -> Result<(), String> {
+        let text = self.listen.trim();
+        if !text.is_empty() && text.parse::<SocketAddr>().is_err() {
+            return Err(format!(
+                "mqtt.listen = {text:?} is not a socket address such as \"0.0.0.0:1883\" (or \"\" for off)"
+            ));
+        }
+        if self.max_inflight == 0 {
+            return Err("mqtt.max_inflight must be at least 1".into());
+        }
+        if !matches!(self.qos0_mode, DeliveryMode::All | DeliveryMode::Latest) {
+            return Err("mqtt.qos0_mode must be \"all\" or \"latest\"".into());
+        }
+        Ok(())
+    }
 }
 
 /// Latency histograms and the Prometheus endpoint (`src/metrics/`).
@@ -354,6 +396,9 @@ impl Config {
         if let Err(message) = self.metrics.validate() {
             return invalid(message);
         }
+        if let Err(message) = self.mqtt.validate() {
+            return invalid(message);
+        }
         Ok(())
     }
 }
@@ -420,6 +465,9 @@ impl Config {
             delivery.socket_send_buffer_bytes,
             delivery.reactor_writes_per_s,
             delivery.max_write_interval_us,
+            delivery.pace_window_bytes,
+            delivery.stall_ms,
+            delivery.pace_release_ms,
         );
         diff_keys!(
             old,
@@ -443,6 +491,9 @@ impl Config {
             metrics.prometheus_allow_remote,
             metrics.prefix_levels,
             metrics.histogram_max_ms,
+            mqtt.listen,
+            mqtt.max_inflight,
+            mqtt.qos0_mode,
         );
         ReloadPlan {
             config: out,
@@ -584,6 +635,36 @@ mod tests {
         assert!(e.to_string().contains("persist_interval_ms"), "{e}");
         let c = Config::from_toml_str("[retained]\npersist_path = \"/x/r.bin\"\n", "test").unwrap();
         assert_eq!(c.retained.persist_file(), Some("/x/r.bin".into()));
+    }
+
+    #[test]
+    fn mqtt_is_off_by_default_and_on_in_the_plant_example() {
+        let m = Config::default().mqtt;
+        assert_eq!(m.listen_addr(), None);
+        assert_eq!(m.qos0_mode, DeliveryMode::Latest);
+        assert_eq!(m.max_inflight, 64);
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/configs/plant.toml");
+        let plant = Config::from_file(Path::new(path)).unwrap();
+        assert_eq!(
+            plant.mqtt.listen_addr(),
+            Some("0.0.0.0:1883".parse().unwrap())
+        );
+    }
+
+    #[test]
+    fn mqtt_invalid_values_are_refused_with_the_key() {
+        let cases = [
+            ("listen = \"localhost:1883\"", "mqtt.listen"),
+            ("max_inflight = 0", "mqtt.max_inflight"),
+            ("qos0_mode = \"disconnect\"", "mqtt.qos0_mode"),
+            ("port = 1883", "port"),
+        ];
+        for (line, key) in cases {
+            let err = Config::from_toml_str(&format!("[mqtt]\n{line}\n"), "test")
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(key), "{line}: {err}");
+        }
     }
 
     #[test]

@@ -4,6 +4,7 @@ pub mod config;
 pub mod engine;
 pub mod log;
 pub mod metrics;
+pub mod mqtt;
 pub mod proto;
 pub mod service;
 pub mod topic;

@@ -60,6 +60,10 @@ struct ServeArgs {
     /// info, debug, trace.
     #[arg(long, value_name = "LEVEL")]
     log_level: Option<String>,
+    /// MQTT listen address, overriding mqtt.listen (port 0 picks a free port; the second
+    /// line printed is `mqtt listening on <ip:port>`).
+    #[arg(long, value_name = "ADDR")]
+    mqtt_listen: Option<SocketAddr>,
 }
 
 #[derive(Args)]
@@ -222,6 +226,10 @@ fn serve(args: ServeArgs) -> Result<(), CliError> {
     {
         let mut out = io::stdout().lock();
         writeln!(out, "listening on {}", engine.local_addr())
+            .and_then(|()| match engine.mqtt_addr() {
+                Some(mqtt) => writeln!(out, "mqtt listening on {mqtt}"),
+                None => Ok(()),
+            })
             .and_then(|()| out.flush())
             .map_err(io_err("cannot write to stdout"))?;
     }
@@ -299,6 +307,9 @@ fn serve_config(args: &ServeArgs) -> Result<Config, CliError> {
     if let Some(level) = &args.log_level {
         lanpush::log::parse_level(level).map_err(|e| CliError::Usage(e.to_string()))?;
         config.log.level = level.trim().to_string();
+    }
+    if let Some(mqtt) = args.mqtt_listen {
+        config.mqtt.listen = mqtt.to_string();
     }
     Ok(config)
 }

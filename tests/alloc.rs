@@ -74,11 +74,20 @@ const K: u64 = 1_000;
 /// Allocations made while `K` messages are each published then flushed, for one publisher and
 /// `subscribers` subscribers on `shards` shards, after a warm-up.
 fn allocations_for(shards: u16, subscribers: usize) -> u64 {
+    allocations_with(shards, subscribers, false)
+}
+
+/// As [`allocations_for`], the subscribers native (`mqtt` false) or MQTT QoS 0 connections.
+fn allocations_with(shards: u16, subscribers: usize, mqtt: bool) -> u64 {
     let mut config = Config::default();
     // A ring that the warm-up fills (about 500 frames per shard): the default 64 MiB would take
     // some 500,000 messages before its `VecDeque`s stop growing.
     config.retained.ring_bytes = 64 * 1024 * shards as usize;
-    let mut bench = FanoutBench::with_config(config, shards, subscribers, TOPIC);
+    let mut bench = if mqtt {
+        FanoutBench::with_mqtt_subscribers(config, shards, subscribers, TOPIC)
+    } else {
+        FanoutBench::with_config(config, shards, subscribers, TOPIC)
+    };
     for _ in 0..WARM_UP {
         bench.publish(TOPIC, &PAYLOAD);
         bench.flush();
@@ -131,4 +140,23 @@ fn delivery_allocates_nothing_per_subscriber_on_one_shard() {
 #[test]
 fn delivery_allocates_nothing_per_subscriber_across_shards() {
     assert_flat(2, 3);
+}
+
+/// MQTT subscribers (QoS 0): two allocations per message on one shard, none per subscriber. The
+/// DATA frame, and the QoS 0 PUBLISH made from it once on the shard, whose `Arc` every MQTT
+/// subscriber's queue holds (docs/ARCHITECTURE.md, "MQTT listener").
+#[test]
+fn mqtt_delivery_allocates_nothing_per_subscriber() {
+    let ten = allocations_with(1, 10, true);
+    let hundred = allocations_with(1, 100, true);
+    eprintln!("MQTT: {ten} allocations for {K} messages to 10 subscribers, {hundred} to 100");
+    assert_eq!(
+        ten, hundred,
+        "{K} messages: {ten} allocations with 10 MQTT subscribers, {hundred} with 100: the \
+         MQTT encoding is made per subscriber"
+    );
+    assert!(
+        ten <= 2 * K,
+        "{ten} allocations for {K} messages, more than 2 each"
+    );
 }

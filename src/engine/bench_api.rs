@@ -19,8 +19,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::core::{FanoutCore, Transport};
+use super::wire::WireKind;
 use super::EngineShared;
 use crate::config::Config;
+use crate::mqtt;
 use crate::proto::{self, DeliveryMode, Frame, Hello, PublishRef, Subscribe};
 
 /// How far the virtual clock moves at each publish and each flush.
@@ -62,10 +64,31 @@ impl FanoutBench {
     /// Panics if `shards` is 0 or above [`super::MAX_SHARDS`], or if a subscriber is not open
     /// with its snapshot complete once the set-up has settled (a refused pattern, say).
     pub fn with_config(
+        config: Config,
+        shards: u16,
+        subscribers: usize,
+        pattern: &str,
+    ) -> FanoutBench {
+        FanoutBench::build(config, shards, subscribers, pattern, WireKind::Native)
+    }
+
+    /// As [`FanoutBench::with_config`], the subscribers MQTT 3.1.1 connections (CONNECT, then
+    /// SUBSCRIBE to `pattern` at QoS 0): what the MQTT listener's fan-out costs.
+    pub fn with_mqtt_subscribers(
+        config: Config,
+        shards: u16,
+        subscribers: usize,
+        pattern: &str,
+    ) -> FanoutBench {
+        FanoutBench::build(config, shards, subscribers, pattern, WireKind::Mqtt)
+    }
+
+    fn build(
         mut config: Config,
         shards: u16,
         subscribers: usize,
         pattern: &str,
+        wire: WireKind,
     ) -> FanoutBench {
         assert!(
             (1..=super::MAX_SHARDS as u16).contains(&shards),
@@ -89,39 +112,76 @@ impl FanoutBench {
         };
         let last = shards - 1;
         let mut conn_id = 0;
-        let mut open = |bench: &mut FanoutBench, shard: u16, slot: usize, name: String| {
-            conn_id += 1;
-            let core = &mut bench.cores[shard as usize];
-            core.open(bench.now, slot, conn_id);
-            core.handle_writable(slot);
-            bench.feed(
-                shard,
-                slot,
-                &Frame::Hello(Hello {
-                    version: proto::PROTOCOL_VERSION,
-                    client_id: name,
-                    keepalive_ms: 0,
-                }),
-            );
-        };
-        open(&mut bench, 0, PUBLISHER_SLOT, "bench-publisher".into());
+        let mut open =
+            |bench: &mut FanoutBench, shard: u16, slot: usize, name: String, wire: WireKind| {
+                conn_id += 1;
+                let core = &mut bench.cores[shard as usize];
+                core.open_wire(bench.now, slot, conn_id, wire);
+                core.handle_writable(slot);
+                match wire {
+                    WireKind::Native => bench.feed(
+                        shard,
+                        slot,
+                        &Frame::Hello(Hello {
+                            version: proto::PROTOCOL_VERSION,
+                            client_id: name,
+                            keepalive_ms: 0,
+                        }),
+                    ),
+                    WireKind::Mqtt => bench.feed_mqtt(
+                        shard,
+                        slot,
+                        &mqtt::Packet::Connect(mqtt::Connect {
+                            client_id: &name,
+                            clean_session: true,
+                            keep_alive_s: 0,
+                            username: None,
+                            password: None,
+                            will: None,
+                        }),
+                    ),
+                }
+            };
+        open(
+            &mut bench,
+            0,
+            PUBLISHER_SLOT,
+            "bench-publisher".into(),
+            WireKind::Native,
+        );
         // Subscribers take the slots after the publisher's on its shard, from 0 on another.
         let first = if last == 0 { 1 } else { 0 };
         for i in 0..subscribers {
-            open(&mut bench, last, first + i, format!("bench-subscriber-{i}"));
+            open(
+                &mut bench,
+                last,
+                first + i,
+                format!("bench-subscriber-{i}"),
+                wire,
+            );
         }
         bench.settle();
         for i in 0..subscribers {
-            bench.feed(
-                last,
-                first + i,
-                &Frame::Subscribe(Subscribe {
-                    sub_id: 1,
-                    pattern: pattern.into(),
-                    mode: DeliveryMode::Default,
-                    resume: Vec::new(),
-                }),
-            );
+            match wire {
+                WireKind::Native => bench.feed(
+                    last,
+                    first + i,
+                    &Frame::Subscribe(Subscribe {
+                        sub_id: 1,
+                        pattern: pattern.into(),
+                        mode: DeliveryMode::Default,
+                        resume: Vec::new(),
+                    }),
+                ),
+                WireKind::Mqtt => bench.feed_mqtt(
+                    last,
+                    first + i,
+                    &mqtt::Packet::Subscribe {
+                        pkid: 1,
+                        filters: vec![(pattern, mqtt::QoS::AtMostOnce)],
+                    },
+                ),
+            }
         }
         bench.settle();
         let core = &bench.cores[last as usize];
@@ -209,6 +269,15 @@ impl FanoutBench {
     fn feed(&mut self, shard: u16, slot: usize, frame: &Frame<'_>) {
         self.frame.clear();
         proto::encode_frame(&mut self.frame, frame);
+        let read_ns = self.unix_ns();
+        let core = &mut self.cores[shard as usize];
+        core.handle_input(self.now, read_ns, slot, &self.frame);
+    }
+
+    /// Encodes an MQTT `packet` and feeds it to the connection in `slot` of `shard` (set-up only).
+    fn feed_mqtt(&mut self, shard: u16, slot: usize, packet: &mqtt::Packet<'_>) {
+        self.frame.clear();
+        mqtt::encode_packet(&mut self.frame, packet);
         let read_ns = self.unix_ns();
         let core = &mut self.cores[shard as usize];
         core.handle_input(self.now, read_ns, slot, &self.frame);

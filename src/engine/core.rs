@@ -5,7 +5,7 @@
 //! **The run-loop contract** (the reactor in `reactor.rs` is one driver, the test harness in
 //! `harness.rs` another):
 //! 1. Feed inputs as they come, each with the time `now` the driver read once for its turn:
-//!    [`FanoutCore::open`] for a new connection, [`FanoutCore::handle_input`] with the bytes a
+//!    [`FanoutCore::open_wire`] for a new connection, [`FanoutCore::handle_input`] with the bytes a
 //!    connection sent, [`FanoutCore::handle_writable`] when its transport can take bytes again,
 //!    [`FanoutCore::handle_closed`] when the peer went away, [`FanoutCore::handle_msg`] for each
 //!    message from another shard, [`FanoutCore::handle_timeout`] when
@@ -39,14 +39,16 @@ use std::time::{Duration, Instant};
 
 use ahash::HashMap;
 
+use super::mqtt_session;
 use super::native::{self, Op, Reply};
 use super::outbox::SharedFrame;
 use super::owners::OwnerCache;
 use super::pacing::{PaceBook, Release};
 use super::session::{
-    DeliveryCounters, Enqueued, Fatal, Lag, Phase, Session, Sub, SubRef, Timeout,
+    DeliveryCounters, Enqueued, Fatal, Lag, Outgoing, Phase, Session, Sub, SubRef, Timeout,
 };
 use super::store::{Replay, TopicStore};
+use super::wire::WireKind;
 use super::{EngineShared, ShardStats};
 use crate::config::Config;
 use crate::log::{Admit, Category, LogLimiter};
@@ -56,6 +58,10 @@ use crate::proto::{
     SubAck, Subscribe, Welcome, PROTOCOL_VERSION,
 };
 use crate::topic::TopicIndex;
+
+/// The MQTT connections' side of the core (a child module, so it reaches the core's state).
+#[path = "mqtt_core.rs"]
+mod mqtt_core;
 
 /// Vectored writes per connection per flush; a connection with more left stays dirty.
 pub(crate) const MAX_WRITES_PER_FLUSH: usize = 4;
@@ -320,13 +326,14 @@ impl FanoutCore {
 
     // ----- inputs -----
 
-    /// A new connection in slot `slot` (free: never used, or named by `poll_closed` since).
-    /// It must send HELLO within the handshake time-out.
-    pub(crate) fn open(&mut self, now: Instant, slot: usize, conn_id: u64) {
+    /// A new connection in slot `slot` (free: never used, or named by `poll_closed` since),
+    /// speaking `wire` (the listener that accepted it). It must send HELLO (MQTT: CONNECT)
+    /// within the handshake time-out.
+    pub(crate) fn open_wire(&mut self, now: Instant, slot: usize, conn_id: u64, wire: WireKind) {
         self.now = now;
         let limits = &self.config.limits;
         let delivery = &self.config.delivery;
-        let session = Session::new(
+        let mut session = Session::new(
             conn_id,
             now,
             Duration::from_millis(limits.handshake_timeout_ms),
@@ -335,6 +342,9 @@ impl FanoutCore {
             delivery.queue_max_messages,
             delivery.conflate_always,
         );
+        if wire == WireKind::Mqtt {
+            session.mqtt = Some(self.new_mqtt_state());
+        }
         if self.sessions.len() <= slot {
             self.sessions.resize_with(slot + 1, || None);
         }
@@ -379,6 +389,9 @@ impl FanoutCore {
         }
         if session.paused {
             return 0;
+        }
+        if session.mqtt.is_some() {
+            return self.handle_mqtt_input(now, read_ns, slot, bytes);
         }
         // Keep-alive counts whole frames, as MQTT counts control packets: a peer that trickles
         // a frame byte by byte, or starts one and never finishes it, is not heard.
@@ -938,8 +951,9 @@ impl FanoutCore {
                     .subs()
                     .map(|s| serde_json::json!({"id": s.sub_id, "pattern": s.pattern, "mode": s.mode}))
                     .collect();
-                serde_json::json!({
+                let mut conn = serde_json::json!({
                     "id": s.id,
+                    "protocol": if s.mqtt.is_some() { "mqtt" } else { "native" },
                     "client_id": s.client_id,
                     "reactor": self.id,
                     "subscriptions": subs,
@@ -956,7 +970,11 @@ impl FanoutCore {
                     "paused": s.paused,
                     "holding": s.holds.is_holding(),
                     "pacing_released": s.holds.released,
-                })
+                });
+                if let Some(m) = s.mqtt.as_deref() {
+                    conn["mqtt_inflight"] = m.inflight().into();
+                }
+                conn
             })
             .collect()
     }
@@ -1109,7 +1127,23 @@ impl FanoutCore {
     /// is cut (the `Err` closes it).
     fn reply(&mut self, slot: usize, reply: Reply) -> Result<(), Fatal> {
         self.scratch.clear();
-        native::encode_reply(&mut self.scratch, reply);
+        let mqtt = self
+            .sessions
+            .get_mut(slot)
+            .and_then(Option::as_mut)
+            .and_then(|s| s.mqtt.as_deref_mut());
+        match mqtt {
+            None => native::encode_reply(&mut self.scratch, reply),
+            Some(m) => {
+                if !mqtt_session::encode_reply(&mut self.scratch, reply, m) {
+                    // No packet, but what came before it (a snapshot's values) waits to go.
+                    if let Some(session) = self.sessions.get_mut(slot).and_then(Option::as_mut) {
+                        mark_dirty(session, slot, &mut self.dirty);
+                    }
+                    return Ok(());
+                }
+            }
+        }
         let frame: SharedFrame = Arc::from(&self.scratch[..]);
         self.queue_reply(slot, frame)
     }
@@ -1140,6 +1174,14 @@ impl FanoutCore {
             return;
         }
         let code = fatal.code;
+        if code == error_code::SHUTTING_DOWN {
+            self.drop_will(slot);
+        } else {
+            self.publish_will(slot);
+        }
+        let Some(session) = self.sessions.get_mut(slot).and_then(Option::as_mut) else {
+            return;
+        };
         let category = match code {
             error_code::SHUTTING_DOWN => None,
             error_code::SLOW_CONSUMER => Some(Category::SlowConsumer),
@@ -1179,6 +1221,11 @@ impl FanoutCore {
         self.remove_subs(slot);
         self.flush_now = true;
         if let Some(session) = self.sessions.get_mut(slot).and_then(Option::as_mut) {
+            // An MQTT close with nothing to say (no CONNACK refusal) need not linger.
+            if session.mqtt.is_some() && !session.has_output() {
+                self.close(slot);
+                return;
+            }
             mark_dirty(session, slot, &mut self.dirty);
         }
         self.arm(slot);
@@ -1236,6 +1283,8 @@ impl FanoutCore {
         if self.session(slot).is_none() {
             return;
         }
+        self.publish_will(slot);
+        self.save_mqtt_session(slot);
         self.remove_subs(slot);
         self.release_holds(slot, None);
         if let Some(session) = self.sessions[slot].take() {
@@ -1347,6 +1396,10 @@ impl FanoutCore {
         }
         self.stamp += 1;
         let from_bit = 1u64 << from;
+        // MQTT encodings of this message, made at most once on this shard and shared by every
+        // MQTT subscriber here (mqtt_session.rs): the QoS 0 packet, the QoS 1 payload.
+        let mut mqtt_qos0: Option<SharedFrame> = None;
+        let mut mqtt_payload: Option<SharedFrame> = None;
         for m in &matches {
             let slot = m.slot as usize;
             let Some(session) = self.sessions.get_mut(slot).and_then(Option::as_mut) else {
@@ -1361,9 +1414,18 @@ impl FanoutCore {
             if sub.pending & from_bit != 0 {
                 continue;
             }
-            let mode = sub.mode;
+            let (mode, sub_id) = (sub.mode, sub.sub_id);
             session.stamp = self.stamp;
-            let enqueued = session.enqueue(topic, frame, mode, &mut self.counters.delivery);
+            let out = match session.mqtt.as_deref() {
+                None => Outgoing::Data,
+                Some(m) if m.is_qos1(sub_id) => Outgoing::MqttQos1 {
+                    payload: mqtt_payload.get_or_insert_with(|| mqtt_session::payload_of(frame)),
+                },
+                Some(_) => Outgoing::MqttQos0(
+                    mqtt_qos0.get_or_insert_with(|| mqtt_session::qos0_packet(frame)),
+                ),
+            };
+            let enqueued = session.enqueue_as(topic, frame, out, mode, &mut self.counters.delivery);
             // Pacing: a healthy `all` subscriber past the window, or lagging this topic (its
             // frames deferred to a replay), holds the topic back.
             let window = self.config.delivery.pace_window();
@@ -1671,7 +1733,20 @@ fn write_session(
             Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
             Ok(written) => {
                 let (conn_id, now_ns) = (session.id, transport.unix_ns());
+                let mqtt = &mut session.mqtt;
                 session.outbox.consume_with(written, |frame| {
+                    // An MQTT packet is stamped from the DATA frame it was made from.
+                    let data;
+                    let frame = match mqtt.as_deref_mut() {
+                        None => frame,
+                        Some(m) => match m.take_stamp(frame) {
+                            Some(d) => {
+                                data = d;
+                                &data[..]
+                            }
+                            None => return,
+                        },
+                    };
                     if let Some(s) = data_frame_stamp(frame) {
                         metrics.record_delivery(
                             conn_id,

@@ -10,6 +10,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::core::{FanoutCore, Transport};
+use super::wire::WireKind;
 use super::EngineShared;
 use crate::config::Config;
 use crate::proto::{
@@ -152,6 +153,10 @@ impl Cluster {
 
     /// A new connection on `shard` whose socket takes `capacity` bytes between two reads.
     pub(crate) fn connect_raw(&mut self, shard: u16, capacity: usize) -> Client {
+        self.connect_raw_wire(shard, capacity, WireKind::Native)
+    }
+
+    fn connect_raw_wire(&mut self, shard: u16, capacity: usize, wire: WireKind) -> Client {
         let pipes = &mut self.pipes[shard as usize];
         let slot = pipes.iter().position(|p| p.closed).unwrap_or_else(|| {
             pipes.push(Pipe::default());
@@ -165,9 +170,26 @@ impl Cluster {
         let id = self.next_conn_id;
         self.next_conn_id += 1;
         let core = &mut self.cores[shard as usize];
-        core.open(self.now, slot, id);
+        core.open_wire(self.now, slot, id, wire);
         core.handle_writable(slot);
         Client { shard, slot }
+    }
+
+    /// A new MQTT connection on `shard`, reading freely; it has sent nothing yet.
+    pub(crate) fn connect_mqtt_raw(&mut self, shard: u16) -> Client {
+        self.connect_raw_wire(shard, usize::MAX / 2, WireKind::Mqtt)
+    }
+
+    /// Everything the client can read now, as raw bytes (an MQTT client decodes them itself).
+    pub(crate) fn recv_bytes(&mut self, client: Client) -> Vec<u8> {
+        let pipe = &mut self.pipes[client.shard as usize][client.slot];
+        let bytes = std::mem::take(&mut pipe.unread);
+        let blocked = pipe.window == 0;
+        pipe.window = pipe.capacity;
+        if blocked && pipe.capacity > 0 && !pipe.closed {
+            self.cores[client.shard as usize].handle_writable(client.slot);
+        }
+        bytes
     }
 
     /// A connected client past its HELLO/WELCOME, reading freely.

@@ -17,6 +17,10 @@ mod core_tests;
 mod handle_tests;
 #[cfg(test)]
 mod harness;
+mod mqtt_session;
+mod mqtt_sessions;
+#[cfg(test)]
+mod mqtt_tests;
 mod native;
 mod notify;
 pub mod outbox;
@@ -29,6 +33,7 @@ mod session;
 mod stats;
 mod store;
 mod timer;
+mod wire;
 
 use std::cell::RefCell;
 use std::io;
@@ -147,6 +152,8 @@ pub(crate) struct EngineShared {
     pub clients: clients::ClientSessions,
     /// Which shard owns each topic (`owners.rs`).
     pub owners: owners::OwnerTable,
+    /// Persistent MQTT sessions of the clients that are gone (`mqtt_sessions.rs`).
+    pub mqtt_sessions: mqtt_sessions::MqttSessions,
     /// One sender into each reactor's inbox, indexed by reactor.
     mailboxes: Vec<Mailbox<ShardMsg>>,
     /// Set once, by [`EngineShared::request_shutdown`]; see [`EngineShared::shutdown_requested`].
@@ -186,6 +193,10 @@ impl EngineShared {
                 config.limits.max_connections,
             ),
             owners: owners::OwnerTable::new(n_shards as u16, config.limits.max_topics),
+            mqtt_sessions: mqtt_sessions::MqttSessions::new(
+                std::time::Duration::from_secs(config.limits.client_session_expiry_s),
+                config.limits.max_connections,
+            ),
             mailboxes: Vec::new(),
             shutting_down: AtomicBool::new(false),
             reactor_failures: AtomicU64::new(0),
@@ -393,6 +404,8 @@ pub fn now_unix_ns() -> u64 {
 /// [`Engine::join`]. If a reactor fails, the engine shuts itself down and `join` says why.
 pub struct Engine {
     local_addr: SocketAddr,
+    /// The MQTT listener's address, when `mqtt.listen` is set.
+    mqtt_addr: Option<SocketAddr>,
     threads: Vec<JoinHandle<Result<(), EngineError>>>,
     /// Ends once every reactor (each holding a sender of STATS jobs) has exited.
     stats_thread: JoinHandle<()>,
@@ -423,6 +436,19 @@ impl Engine {
         let local_addr = listener
             .local_addr()
             .map_err(|source| EngineError::Listen { addr, source })?;
+        let mqtt_listener = match config.mqtt.listen_addr() {
+            None => None,
+            Some(addr) => {
+                Some(bind_listener(addr).map_err(|source| EngineError::Listen { addr, source })?)
+            }
+        };
+        let mqtt_addr = match &mqtt_listener {
+            None => None,
+            Some(l) => Some(l.local_addr().map_err(|source| EngineError::Listen {
+                addr: config.mqtt.listen_addr().unwrap_or(addr),
+                source,
+            })?),
+        };
         let config = Arc::new(config);
 
         let mut polls = Vec::with_capacity(n);
@@ -460,6 +486,7 @@ impl Engine {
         )
         .map_err(EngineError::Thread)?;
         let mut listener = Some(mio::net::TcpListener::from_std(listener));
+        let mut mqtt_listener = mqtt_listener.map(mio::net::TcpListener::from_std);
         let mut threads = Vec::with_capacity(n);
         for (id, (poll, inbox)) in polls.into_iter().zip(inboxes).enumerate() {
             let started = Reactor::new(
@@ -469,6 +496,7 @@ impl Engine {
                 shared.clone(),
                 poll,
                 if id == 0 { listener.take() } else { None },
+                if id == 0 { mqtt_listener.take() } else { None },
                 inbox,
                 mailboxes.clone(),
                 stats_jobs.clone(),
@@ -510,6 +538,7 @@ impl Engine {
         };
         Ok(Engine {
             local_addr,
+            mqtt_addr,
             threads,
             stats_thread,
             shared,
@@ -530,6 +559,12 @@ impl Engine {
     /// The address the listener is bound to (the real port when the config asked for port 0).
     pub fn local_addr(&self) -> SocketAddr {
         self.local_addr
+    }
+
+    /// The MQTT listener's address (the real port when the config asked for port 0), when
+    /// `mqtt.listen` is set.
+    pub fn mqtt_addr(&self) -> Option<SocketAddr> {
+        self.mqtt_addr
     }
 
     /// Reactor threads running.

@@ -134,6 +134,12 @@ impl Outbox {
         self.queued_bytes = self.frames.iter().map(|f| f.len()).sum();
     }
 
+    /// The frames queued, front first (tests look at what is shared).
+    #[cfg(test)]
+    pub fn frames(&self) -> impl Iterator<Item = &SharedFrame> {
+        self.frames.iter()
+    }
+
     /// True when the front frame is partly written: nothing may be inserted before it.
     pub fn mid_frame(&self) -> bool {
         self.front_written > 0

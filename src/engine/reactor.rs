@@ -26,6 +26,7 @@ use super::notify::{Inbox, Mailbox};
 use super::readbuf::ReadBuf;
 use super::stats::StatsJob;
 use super::timer::DeadlineTimer;
+use super::wire::WireKind;
 use super::{now_unix_ns, EngineShared};
 use crate::config::Config;
 use crate::proto::{self, error_code};
@@ -33,6 +34,7 @@ use crate::proto::{self, error_code};
 pub(crate) const WAKER_TOKEN: Token = Token(usize::MAX - 1);
 const LISTENER_TOKEN: Token = Token(usize::MAX - 2);
 const TIMER_TOKEN: Token = Token(usize::MAX - 3);
+const MQTT_LISTENER_TOKEN: Token = Token(usize::MAX - 4);
 
 /// Readiness events taken per `poll` call.
 const MAX_EVENTS: usize = 1024;
@@ -64,6 +66,7 @@ pub(crate) enum ShardMsg {
     NewConn {
         stream: TcpStream,
         conn_id: u64,
+        wire: WireKind,
     },
     /// A core message from a `LocalPublisher` or the stats thread.
     Core(CoreMsg),
@@ -88,6 +91,7 @@ pub(crate) enum ShardMsg {
 struct Link {
     stream: TcpStream,
     input: ReadBuf,
+    wire: WireKind,
 }
 
 /// The reactor's sockets as the core's [`Transport`]; counts failed writes.
@@ -142,6 +146,8 @@ pub(crate) struct Reactor {
     shared: Arc<EngineShared>,
     poll: Poll,
     listener: Option<TcpListener>,
+    /// The MQTT listener (`mqtt.listen`), on the same reactor as the native one.
+    mqtt_listener: Option<TcpListener>,
     /// The listener may still hold connections (budget spent or a failed accept): accept
     /// again at this time without waiting for an event (edge-triggered readiness would not
     /// report them again).
@@ -150,7 +156,7 @@ pub(crate) struct Reactor {
     inbox: Inbox<ShardMsg>,
     peers: Vec<Mailbox<ShardMsg>>,
     /// Connections for each peer, sent before the core's messages.
-    new_conns: Vec<Vec<(TcpStream, u64)>>,
+    new_conns: Vec<Vec<(TcpStream, u64, WireKind)>>,
     links: Vec<Option<Link>>,
     free_slots: Vec<usize>,
     read_again: Vec<usize>,
@@ -177,6 +183,7 @@ impl Reactor {
         shared: Arc<EngineShared>,
         poll: Poll,
         listener: Option<TcpListener>,
+        mqtt_listener: Option<TcpListener>,
         inbox: Inbox<ShardMsg>,
         peers: Vec<Mailbox<ShardMsg>>,
         stats_jobs: crossbeam_channel::Sender<StatsJob>,
@@ -185,6 +192,11 @@ impl Reactor {
         if let Some(l) = listener.as_mut() {
             poll.registry()
                 .register(l, LISTENER_TOKEN, Interest::READABLE)?;
+        }
+        let mut mqtt_listener = mqtt_listener;
+        if let Some(l) = mqtt_listener.as_mut() {
+            poll.registry()
+                .register(l, MQTT_LISTENER_TOKEN, Interest::READABLE)?;
         }
         let mut timer = DeadlineTimer::new()?;
         poll.registry()
@@ -198,6 +210,7 @@ impl Reactor {
             shared,
             poll,
             listener,
+            mqtt_listener,
             accept_again: None,
             next_target: 0,
             inbox,
@@ -253,7 +266,7 @@ impl Reactor {
                 match event.token() {
                     WAKER_TOKEN => {}
                     TIMER_TOKEN => self.timer.fired(),
-                    LISTENER_TOKEN => self.accept(now),
+                    LISTENER_TOKEN | MQTT_LISTENER_TOKEN => self.accept(now),
                     Token(slot) => {
                         if event.is_writable() {
                             self.core.handle_writable(slot);
@@ -403,12 +416,22 @@ impl Reactor {
 
     // ----- accepting -----
 
-    /// Accepts until the backlog is empty or the turn's budget is spent; in the latter case
-    /// (and after a failure) the next turn goes on without waiting for another event.
+    /// Accepts on every listener until its backlog is empty or the turn's budget is spent; in
+    /// the latter case (and after a failure) the next turn goes on without waiting for another
+    /// event.
     fn accept(&mut self, now: Instant) {
         self.accept_again = None;
+        self.accept_from(now, WireKind::Native);
+        self.accept_from(now, WireKind::Mqtt);
+    }
+
+    fn accept_from(&mut self, now: Instant, wire: WireKind) {
         for _ in 0..MAX_ACCEPTS {
-            let Some(listener) = self.listener.as_ref() else {
+            let listener = match wire {
+                WireKind::Native => self.listener.as_ref(),
+                WireKind::Mqtt => self.mqtt_listener.as_ref(),
+            };
+            let Some(listener) = listener else {
                 return;
             };
             let (stream, _peer) = match listener.accept() {
@@ -423,18 +446,21 @@ impl Reactor {
                         open_connections = self.shared.open_connections.load(Ordering::Relaxed),
                         "accept failed; retrying in 100 ms"
                     );
-                    self.accept_again = Some(now + ACCEPT_RETRY);
+                    self.accept_again_at(now + ACCEPT_RETRY);
                     return;
                 }
             };
             let open = self.shared.open_connections.fetch_add(1, Ordering::Relaxed);
             if open >= self.config.limits.max_connections {
                 self.shared.open_connections.fetch_sub(1, Ordering::Relaxed);
-                refuse(
-                    stream,
-                    error_code::TOO_MANY_CONNECTIONS,
-                    "the engine is at max_connections",
-                );
+                // MQTT has no answer before CONNECT: the close alone refuses it.
+                if wire == WireKind::Native {
+                    refuse(
+                        stream,
+                        error_code::TOO_MANY_CONNECTIONS,
+                        "the engine is at max_connections",
+                    );
+                }
                 continue;
             }
             let _ = stream.set_nodelay(true);
@@ -449,16 +475,21 @@ impl Reactor {
             let target = self.next_target % self.n_shards as usize;
             self.next_target = self.next_target.wrapping_add(1);
             if target == self.id as usize {
-                self.add_conn(stream, conn_id, now);
+                self.add_conn(stream, conn_id, wire, now);
             } else {
-                self.new_conns[target].push((stream, conn_id));
+                self.new_conns[target].push((stream, conn_id, wire));
             }
         }
         // Budget spent: the rest of the backlog is taken next turn.
-        self.accept_again = Some(now);
+        self.accept_again_at(now);
     }
 
-    fn add_conn(&mut self, mut stream: TcpStream, conn_id: u64, now: Instant) {
+    /// Accepts again at `at`, or earlier if the other listener asked for that.
+    fn accept_again_at(&mut self, at: Instant) {
+        self.accept_again = Some(self.accept_again.map_or(at, |again| again.min(at)));
+    }
+
+    fn add_conn(&mut self, mut stream: TcpStream, conn_id: u64, wire: WireKind, now: Instant) {
         if self.draining {
             self.shared.open_connections.fetch_sub(1, Ordering::Relaxed);
             refuse(
@@ -486,8 +517,9 @@ impl Reactor {
         self.links[slot] = Some(Link {
             stream,
             input: ReadBuf::default(),
+            wire,
         });
-        self.core.open(now, slot, conn_id);
+        self.core.open_wire(now, slot, conn_id, wire);
         if let Ok(peer) = peer {
             self.core.set_peer(slot, peer);
         }
@@ -511,8 +543,13 @@ impl Reactor {
             };
             // The length of a frame larger than the buffer, once its prefix is in (a length
             // over the limit is refused by the core, not buffered).
-            let needed = proto::frame_len_hint(link.input.data())
-                .filter(|&len| len <= max_frame + proto::LEN_PREFIX_BYTES);
+            let needed = match link.wire {
+                WireKind::Native => proto::frame_len_hint(link.input.data())
+                    .filter(|&len| len <= max_frame + proto::LEN_PREFIX_BYTES),
+                // An MQTT fixed header is at most 5 bytes.
+                WireKind::Mqtt => crate::mqtt::packet_len_hint(link.input.data())
+                    .filter(|&len| len <= max_frame + 5),
+            };
             match link.stream.read(link.input.spare(needed)) {
                 Ok(0) => {
                     self.core.handle_closed(now, slot);
@@ -591,7 +628,11 @@ impl Reactor {
                 return;
             };
             match msg {
-                ShardMsg::NewConn { stream, conn_id } => self.add_conn(stream, conn_id, now),
+                ShardMsg::NewConn {
+                    stream,
+                    conn_id,
+                    wire,
+                } => self.add_conn(stream, conn_id, wire, now),
                 ShardMsg::Core(msg) => {
                     frames_budget = frames_budget.saturating_sub(FanoutCore::msg_weight(&msg));
                     self.core.handle_msg(now, msg);
@@ -646,11 +687,17 @@ impl Reactor {
                 continue;
             }
             let conns = std::mem::take(&mut self.new_conns[peer]);
-            for (stream, conn_id) in conns {
-                if let Err(TrySendError::Full(ShardMsg::NewConn { stream, conn_id })) =
-                    self.peers[peer].try_send(ShardMsg::NewConn { stream, conn_id })
-                {
-                    self.new_conns[peer].push((stream, conn_id));
+            for (stream, conn_id, wire) in conns {
+                if let Err(TrySendError::Full(ShardMsg::NewConn {
+                    stream,
+                    conn_id,
+                    wire,
+                })) = self.peers[peer].try_send(ShardMsg::NewConn {
+                    stream,
+                    conn_id,
+                    wire,
+                }) {
+                    self.new_conns[peer].push((stream, conn_id, wire));
                 }
             }
             let queue = self.core.outgoing(peer);

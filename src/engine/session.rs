@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 
 use ahash::{HashMap, HashSet};
 
+use super::mqtt_session::{self, MqttState};
 use super::native::{self, Reply};
 use super::outbox::{Outbox, SharedFrame};
 use super::pacing::Holds;
@@ -90,15 +91,31 @@ pub(crate) struct ConnCounters {
 }
 
 /// A frame kept by its DATA topic: the `latest` overflow holds one per topic and replaces it in
-/// place, so a conflated message costs no allocation for its key.
+/// place, so a conflated message costs no allocation for its key. `wire` is what goes to the
+/// socket when it is not the DATA frame itself (an MQTT connection's shared PUBLISH).
 #[derive(Debug, Clone)]
-struct ByTopic(SharedFrame);
+struct ByTopic {
+    data: SharedFrame,
+    wire: Option<SharedFrame>,
+}
 
 impl ByTopic {
     fn topic(&self) -> &str {
         // Only DATA frames are conflated; their topic was decoded when they were matched.
-        proto::data_frame_topic(&self.0).unwrap_or("")
+        proto::data_frame_topic(&self.data).unwrap_or("")
     }
+}
+
+/// How a live DATA frame goes to a connection's socket ([`Session::enqueue_as`]).
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Outgoing<'a> {
+    /// The DATA frame itself (native connections).
+    Data,
+    /// An MQTT QoS 0 PUBLISH shared by every MQTT subscriber of the message on this shard.
+    MqttQos0(&'a SharedFrame),
+    /// MQTT QoS 1: a per-subscriber head (fixed header, topic, packet id), then this payload,
+    /// shared by every QoS 1 subscriber of the message on this shard.
+    MqttQos1 { payload: &'a SharedFrame },
 }
 
 impl PartialEq for ByTopic {
@@ -211,6 +228,8 @@ pub(crate) struct Session {
     pub close_code: Option<u16>,
     /// How its transport failed, for the disconnect log line (neither: the peer closed it).
     pub close_cause: Option<String>,
+    /// MQTT connections only (`mqtt_session.rs`): `None` for a native connection.
+    pub mqtt: Option<Box<MqttState>>,
 }
 
 /// The result of [`Session::enqueue`].
@@ -264,6 +283,7 @@ impl Session {
             peer: None,
             close_code: None,
             close_cause: None,
+            mqtt: None,
         }
     }
 
@@ -341,10 +361,24 @@ impl Session {
     // ----- delivery -----
 
     /// Puts a DATA frame of `topic` on the queue, applying the subscription's mode on overflow.
+    #[cfg(test)]
     pub(crate) fn enqueue(
         &mut self,
         topic: &str,
         frame: &SharedFrame,
+        mode: DeliveryMode,
+        counters: &mut DeliveryCounters,
+    ) -> Enqueued {
+        self.enqueue_as(topic, frame, Outgoing::Data, mode, counters)
+    }
+
+    /// [`Session::enqueue`], with the frame going to the socket in the form `out` says (an MQTT
+    /// connection's packets). Overflow state (lag, conflation) is kept by DATA frame either way.
+    pub(crate) fn enqueue_as(
+        &mut self,
+        topic: &str,
+        frame: &SharedFrame,
+        out: Outgoing<'_>,
         mode: DeliveryMode,
         counters: &mut DeliveryCounters,
     ) -> Enqueued {
@@ -357,14 +391,22 @@ impl Session {
         let conflating = mode == DeliveryMode::Latest
             && (self.conflate_always
                 || (!self.conflated.is_empty() && self.conflated.contains(topic)));
-        if !conflating && self.outbox.push(frame.clone()).is_ok() {
+        if !conflating && self.push_live(topic, frame, out) {
             counters.delivered += 1;
             self.stats.delivered += 1;
             return Enqueued::Queued;
         }
         match mode {
             DeliveryMode::Latest => {
-                if self.conflated.replace(ByTopic(frame.clone())).is_some() {
+                let wire = match out {
+                    Outgoing::MqttQos0(packet) => Some(packet.clone()),
+                    Outgoing::Data | Outgoing::MqttQos1 { .. } => None,
+                };
+                let entry = ByTopic {
+                    data: frame.clone(),
+                    wire,
+                };
+                if self.conflated.replace(entry).is_some() {
                     counters.conflated += 1;
                     self.stats.conflated += 1;
                 }
@@ -386,7 +428,40 @@ impl Session {
         }
     }
 
+    /// Queues a live frame if the outbox (and, for MQTT QoS 1, the in-flight window) has room.
+    fn push_live(&mut self, topic: &str, frame: &SharedFrame, out: Outgoing<'_>) -> bool {
+        match (out, self.mqtt.as_deref_mut()) {
+            (Outgoing::MqttQos0(packet), Some(mqtt)) => {
+                if self.outbox.push(packet.clone()).is_err() {
+                    return false;
+                }
+                mqtt.push_stamp(packet, frame);
+                true
+            }
+            (Outgoing::MqttQos1 { payload }, Some(mqtt)) => {
+                let head_bytes = 5 + 2 + topic.len() + 2;
+                if mqtt.window_full() || !self.outbox.has_room(head_bytes + payload.len()) {
+                    return false;
+                }
+                let Some(pkid) = mqtt.take_pkid(frame) else {
+                    return false;
+                };
+                let mut head = Vec::with_capacity(head_bytes);
+                crate::mqtt::encode_publish_qos1_head(&mut head, topic, payload.len(), false, pkid);
+                let head: SharedFrame = head.into();
+                mqtt.push_stamp(&head, frame);
+                // Checked above: both fit. Head and payload go out in the same vectored write.
+                self.outbox.push_unbounded(head);
+                self.outbox.push_unbounded(payload.clone());
+                true
+            }
+            _ => self.outbox.push(frame.clone()).is_ok(),
+        }
+    }
+
     /// Queues the frames of a snapshot, resume or catch-up reply (bounded by their producer).
+    /// An MQTT connection gets each as a QoS 0 PUBLISH of its own (RETAIN set on snapshot
+    /// values); a GAP has no MQTT form and is counted but not sent.
     pub(crate) fn queue_replayed(
         &mut self,
         frames: Vec<SharedFrame>,
@@ -400,7 +475,15 @@ impl Session {
                 self.stats.replayed += 1;
                 counters.replayed += 1;
             }
-            self.outbox.push_unbounded(frame);
+            match self.mqtt.as_deref_mut() {
+                None => self.outbox.push_unbounded(frame),
+                Some(mqtt) => {
+                    if let Some(packet) = mqtt_session::replayed_packet(&frame, mqtt) {
+                        mqtt.push_stamp(&packet, &frame);
+                        self.outbox.push_unbounded(packet);
+                    }
+                }
+            }
         }
     }
 
@@ -418,7 +501,14 @@ impl Session {
             self.outbox.is_below_half()
         };
         if ready {
-            for ByTopic(frame) in self.conflated.drain() {
+            for ByTopic { data, wire } in self.conflated.drain() {
+                let frame = match (wire, self.mqtt.as_deref_mut()) {
+                    (Some(packet), Some(mqtt)) => {
+                        mqtt.push_stamp(&packet, &data);
+                        packet
+                    }
+                    _ => data,
+                };
                 self.outbox.push_unbounded(frame);
                 counters.delivered += 1;
                 self.stats.delivered += 1;
@@ -434,7 +524,10 @@ impl Session {
     /// Topics whose catch-up should be requested now: lagging, not yet requested, and the
     /// queue has drained below half. Marks them requested.
     pub(crate) fn take_replay_requests(&mut self) -> Vec<(String, u64)> {
-        if !self.outbox.is_below_half() || !self.lag.values().any(|l| !l.requested) {
+        if !self.outbox.is_below_half()
+            || !self.lag.values().any(|l| !l.requested)
+            || self.mqtt.as_deref().is_some_and(|m| !m.window_below_half())
+        {
             return Vec::new();
         }
         self.lag
@@ -500,19 +593,31 @@ impl Session {
             return false;
         }
         let mut buf = Vec::new();
-        native::encode_reply(
-            &mut buf,
-            Reply::Error {
-                code: fatal.code,
-                reason: fatal.reason,
-            },
-        );
+        match self.mqtt.as_deref_mut() {
+            None => native::encode_reply(
+                &mut buf,
+                Reply::Error {
+                    code: fatal.code,
+                    reason: fatal.reason,
+                },
+            ),
+            // MQTT has no ERROR: a refused CONNECT gets its CONNACK code, anything else a close.
+            Some(mqtt) => {
+                mqtt.clear_stamps();
+                if mqtt.connect_seen && matches!(self.phase, Phase::AwaitHello { .. }) {
+                    let code = mqtt_session::connack_code(fatal.code);
+                    crate::mqtt::encode_connack(&mut buf, false, code);
+                }
+            }
+        }
         self.outbox.discard_unstarted();
         self.replies.clear();
         self.reply_bytes = 0;
         self.conflated.clear();
         self.lag.clear();
-        self.outbox.push_unbounded(buf.into());
+        if !buf.is_empty() {
+            self.outbox.push_unbounded(buf.into());
+        }
         // A closing connection is written at once: the reason must not wait for coalescing.
         self.writable = true;
         self.phase = Phase::Closing {
@@ -545,7 +650,8 @@ impl Session {
             Phase::AwaitHello { deadline } | Phase::Closing { deadline, .. } => deadline,
             Phase::Open => {
                 let expire = self.last_heard + self.keepalive.mul_f32(1.5);
-                if self.ping_outstanding {
+                // An MQTT server never pings (the client's PINGREQ is its heartbeat).
+                if self.ping_outstanding || self.mqtt.is_some() {
                     expire
                 } else {
                     // PING when nothing was heard, or nothing sent, for one keep-alive.
@@ -579,6 +685,7 @@ impl Session {
                         ),
                     ))
                 } else if !self.ping_outstanding
+                    && self.mqtt.is_none()
                     && (silent >= self.keepalive
                         || now.saturating_duration_since(self.last_sent) >= self.keepalive)
                 {

@@ -33,6 +33,8 @@ pub const STEP: Duration = Duration::from_secs(10);
 pub struct Server {
     child: Child,
     pub addr: SocketAddr,
+    /// The MQTT listener's address, when started with `--mqtt-listen` (second stdout line).
+    pub mqtt_addr: Option<SocketAddr>,
     stderr: Arc<Mutex<String>>,
 }
 
@@ -57,7 +59,9 @@ impl Server {
         let stdout = child.stdout.take().expect("piped stdout");
         thread::spawn(move || {
             let mut lines = BufReader::new(stdout).lines();
-            if let Some(Ok(line)) = lines.next() {
+            // The "listening on" lines come first; nobody waits for the later ones.
+            for line in lines.by_ref().take(2) {
+                let Ok(line) = line else { break };
                 let _ = tx.send(line);
             }
             // Keep draining so the engine never blocks on a full pipe.
@@ -78,9 +82,18 @@ impl Server {
             .strip_prefix("listening on ")
             .and_then(|a| a.parse().ok())
             .unwrap_or_else(|| panic!("first line is not `listening on ADDR`: {line:?}"));
+        let mqtt_addr = extra.contains(&"--mqtt-listen").then(|| {
+            let line = rx
+                .recv_timeout(STEP)
+                .unwrap_or_else(|_| panic!("no `mqtt listening on` line"));
+            line.strip_prefix("mqtt listening on ")
+                .and_then(|a| a.parse().ok())
+                .unwrap_or_else(|| panic!("second line is not `mqtt listening on ADDR`: {line:?}"))
+        });
         Server {
             child,
             addr,
+            mqtt_addr,
             stderr,
         }
     }
