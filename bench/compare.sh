@@ -17,6 +17,8 @@
 #   lat10k-10 lat10k-100 lat100k-10 lat100k-100
 #                                           fan-out at R msg/s to S subscribers: p50/p99/p99.9
 #   fanin100                                fan-in 100 publishers -> 1 wildcard subscriber
+#   open1 open10                            fan-out 1 -> S open loop (--window 0): issue 9's bar
+#   stalled10                               10,000 msg/s -> 10 healthy + 1 stalled subscriber
 #
 # Environment (defaults in brackets):
 #   SCENARIOS [all above]   TARGETS ["lanpush mqtt nats redis"]
@@ -38,7 +40,7 @@ set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 # shellcheck source=bench/lib.sh
 source "$ROOT/bench/lib.sh"
-ALL_SCENARIOS="fanout1 fanout10 fanout100 fanout1000 lat10k-10 lat10k-100 lat100k-10 lat100k-100 fanin100"
+ALL_SCENARIOS="fanout1 fanout10 fanout100 fanout1000 lat10k-10 lat10k-100 lat100k-10 lat100k-100 fanin100 open1 open10 stalled10"
 SCENARIOS=${SCENARIOS:-$ALL_SCENARIOS}
 TARGETS=${TARGETS:-lanpush mqtt nats redis}
 DURATION=${DURATION:-10}
@@ -211,6 +213,9 @@ declare -A SCENARIO=(
     [lat100k-10]="lat|100,000 msg/s → 10 subscribers|fanout --publishers 1 --subscribers 10 --rate 100000"
     [lat100k-100]="lat|100,000 msg/s → 100 subscribers|fanout --publishers 1 --subscribers 100 --rate 100000"
     [fanin100]="thr|fan-in 100 → 1|fanin --publishers 100 --subscribers 1 --rate 0"
+    [open1]="thr|fan-out 1 → 1, open loop|fanout --publishers 1 --subscribers 1 --rate 0 --window 0"
+    [open10]="thr|fan-out 1 → 10, open loop|fanout --publishers 1 --subscribers 10 --rate 0 --window 0"
+    [stalled10]="lat|10,000 msg/s → 10 + 1 stalled|fanout --publishers 1 --subscribers 10 --stalled 1 --rate 10000"
 )
 
 run_one() { # SCENARIO TARGET: one bounded run; leaves RAW/<s>.<t>.json, .log, .rc

@@ -697,9 +697,10 @@ impl FanoutCore {
                 Duration::from_millis(d.pace_release_ms),
             );
             if let Some(session) = self.sessions.get(slot).and_then(Option::as_ref) {
-                if let Some(why) = session
-                    .holds
-                    .release_due(now, session.last_sent, stall, release)
+                if let Some(why) =
+                    session
+                        .holds
+                        .release_due(now, session.blocked_since, stall, release)
                 {
                     self.release_holds(slot, Some(why));
                 }
@@ -784,7 +785,7 @@ impl FanoutCore {
         let d = &self.config.delivery;
         let mut at = session.poll_timeout();
         if let Some(release_at) = session.holds.deadline(
-            session.last_sent,
+            session.blocked_since,
             Duration::from_millis(d.stall_ms),
             Duration::from_millis(d.pace_release_ms),
         ) {
@@ -861,12 +862,16 @@ impl FanoutCore {
             let drained = session.holds.is_holding()
                 && session.outbox.queued_bytes() <= window / 2
                 && session.lag.is_empty();
+            // A holder whose socket just stopped taking bytes: its stall deadline is due sooner.
+            let rearm = session.holds.is_holding() && session.blocked_since == Some(now);
             if session.holds.released && session.outbox.is_empty() && session.lag.is_empty() {
                 session.holds.released = false;
             }
             let topics = session.take_replay_requests();
             if drained {
                 self.release_holds(slot, None);
+            } else if rearm {
+                self.arm(slot);
             }
             if !topics.is_empty() {
                 self.request_replays(slot, topics);
@@ -1760,8 +1765,12 @@ fn write_session(
                 counters.writes += 1;
                 counters.bytes_written += written as u64;
                 session.last_sent = now;
+                session.blocked_since = None;
             }
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => session.writable = false,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                session.writable = false;
+                session.blocked_since.get_or_insert(now);
+            }
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
             Err(e) => return Err(e),
         }

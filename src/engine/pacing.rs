@@ -94,27 +94,31 @@ impl Holds {
         std::mem::take(&mut self.topics).into_iter()
     }
 
-    /// When the release rule would next apply, given the last time the socket took bytes.
+    /// When the release rule would next apply, given since when the socket has taken nothing
+    /// with bytes waiting (`blocked_since`, `None` while writes make progress).
     pub(crate) fn deadline(
         &self,
-        last_sent: Instant,
+        blocked_since: Option<Instant>,
         stall: Duration,
         release: Duration,
     ) -> Option<Instant> {
         let since = self.since?;
-        Some((since.max(last_sent) + stall).min(since + release))
+        let behind = since + release;
+        Some(blocked_since.map_or(behind, |b| (b + stall).min(behind)))
     }
 
     /// The release rule at `now`: `Some` if the connection must stop pacing.
     pub(crate) fn release_due(
         &self,
         now: Instant,
-        last_sent: Instant,
+        blocked_since: Option<Instant>,
         stall: Duration,
         release: Duration,
     ) -> Option<Release> {
         let since = self.since?;
-        let quiet = now.saturating_duration_since(since.max(last_sent));
+        // Counted from when the socket stopped taking bytes, which may be long before the hold:
+        // a subscriber stalled for a while is let go at once instead of pacing for stall_ms.
+        let quiet = blocked_since.map_or(Duration::ZERO, |b| now.saturating_duration_since(b));
         let held = now.saturating_duration_since(since);
         if quiet >= stall {
             Some(Release::Stalled(quiet))
@@ -283,23 +287,36 @@ mod tests {
         let t0 = Instant::now();
         let (stall, release) = (250 * MS, 5000 * MS);
         let mut holds = Holds::default();
-        assert_eq!(holds.deadline(t0, stall, release), None);
+        assert_eq!(holds.deadline(Some(t0), stall, release), None);
         assert!(holds.add(t0, "a"));
         assert!(!holds.add(t0 + MS, "b"));
         assert!(holds.holds("a") && !holds.holds("c"));
-        // Stalled: nothing written since before the hold.
-        assert_eq!(holds.deadline(t0, stall, release), Some(t0 + stall));
-        assert_eq!(holds.release_due(t0 + 249 * MS, t0, stall, release), None);
+        // Stalled: the socket stopped taking bytes when the hold began.
+        let blocked = Some(t0);
+        assert_eq!(holds.deadline(blocked, stall, release), Some(t0 + stall));
         assert_eq!(
-            holds.release_due(t0 + stall, t0, stall, release),
+            holds.release_due(t0 + 249 * MS, blocked, stall, release),
+            None
+        );
+        assert_eq!(
+            holds.release_due(t0 + stall, blocked, stall, release),
             Some(Release::Stalled(stall))
         );
-        // Slow but live: written to every 100 ms, never drained; released at 5 s.
-        let now = t0 + 4900 * MS;
-        assert_eq!(holds.release_due(now, now - 100 * MS, stall, release), None);
-        let now = t0 + release;
+        // Stalled long before the hold: let go at once.
+        let long_ago = Some(t0 - 2 * stall);
+        assert_eq!(holds.deadline(long_ago, stall, release), Some(t0 - stall));
+        assert!(matches!(
+            holds.release_due(t0, long_ago, stall, release),
+            Some(Release::Stalled(_))
+        ));
+        // Slow but live: its writes make progress (not blocked), it never drains; released at 5 s.
+        assert_eq!(holds.deadline(None, stall, release), Some(t0 + release));
         assert_eq!(
-            holds.release_due(now, now - 100 * MS, stall, release),
+            holds.release_due(t0 + 4900 * MS, None, stall, release),
+            None
+        );
+        assert_eq!(
+            holds.release_due(t0 + release, None, stall, release),
             Some(Release::Behind(release))
         );
         let taken: Vec<_> = holds.take().collect();

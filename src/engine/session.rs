@@ -222,6 +222,9 @@ pub(crate) struct Session {
     /// Pacing, as a publisher: the engine does not read this connection (it published to a
     /// topic that a subscriber holds back). Its silence is then the engine's doing.
     pub paused: bool,
+    /// Since when the socket has taken nothing while bytes waited for it (a write would
+    /// block); `None` once a write makes progress. Pacing's stall rule counts from here.
+    pub blocked_since: Option<Instant>,
     /// The peer's address, for logs (the driver sets it when it knows it).
     pub peer: Option<std::net::SocketAddr>,
     /// The ERROR code the engine closed the connection with, for the disconnect log line.
@@ -280,6 +283,7 @@ impl Session {
             last_stats: None,
             holds: Holds::default(),
             paused: false,
+            blocked_since: None,
             peer: None,
             close_code: None,
             close_cause: None,
