@@ -69,6 +69,8 @@ pub(crate) enum ShardMsg {
 struct Link {
     stream: TcpStream,
     input: ReadBuf,
+    /// The source address, counted in `EngineShared::sources` while the link lives.
+    peer: Option<std::net::SocketAddr>,
 }
 
 /// The reactor's sockets as the core's [`Transport`]; counts failed writes.
@@ -293,7 +295,7 @@ impl Reactor {
             let Some(listener) = self.listener.as_ref() else {
                 return;
             };
-            let (stream, _peer) = match listener.accept() {
+            let (stream, peer) = match listener.accept() {
                 Ok(pair) => pair,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
@@ -312,6 +314,17 @@ impl Reactor {
                     error_code::TOO_MANY_CONNECTIONS,
                     "the engine is at max_connections",
                 );
+                continue;
+            }
+            if !self.admit_source(peer) {
+                self.core.handle_address_refused(now, peer);
+                let reason = format!(
+                    "too many connections from {} (limits.max_connections_per_address = {})",
+                    peer.ip(),
+                    self.config.limits.max_connections_per_address
+                );
+                self.shared.open_connections.fetch_sub(1, Ordering::Relaxed);
+                refuse(stream, error_code::TOO_MANY_CONNECTIONS, &reason);
                 continue;
             }
             let _ = stream.set_nodelay(true);
@@ -335,7 +348,30 @@ impl Reactor {
         self.accept_again = Some(now);
     }
 
+    /// Counts a connection from `peer` against `limits.max_connections_per_address`.
+    fn admit_source(&self, peer: std::net::SocketAddr) -> bool {
+        self.config.limits.max_connections_per_address == 0
+            || self
+                .shared
+                .sources
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .try_admit(peer.ip())
+    }
+
+    /// A connection counted by [`Reactor::admit_source`] is gone.
+    fn release_source(&self, peer: Option<std::net::SocketAddr>) {
+        if let Some(peer) = peer.filter(|_| self.config.limits.max_connections_per_address > 0) {
+            self.shared
+                .sources
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .release(peer.ip());
+        }
+    }
+
     fn add_conn(&mut self, mut stream: TcpStream, conn_id: u64, now: Instant) {
+        let peer = stream.peer_addr().ok();
         let slot = self.free_slots.pop().unwrap_or_else(|| {
             self.links.push(None);
             self.links.len() - 1
@@ -346,6 +382,7 @@ impl Reactor {
             Interest::READABLE | Interest::WRITABLE,
         ) {
             eprintln!("lanpush: cannot register connection {conn_id}: {e}");
+            self.release_source(peer);
             self.free_slots.push(slot);
             self.shared.open_connections.fetch_sub(1, Ordering::Relaxed);
             return;
@@ -353,8 +390,12 @@ impl Reactor {
         self.links[slot] = Some(Link {
             stream,
             input: ReadBuf::default(),
+            peer,
         });
         self.core.open(now, slot, conn_id);
+        if let Some(peer) = peer {
+            self.core.set_peer_addr(slot, peer);
+        }
         // Data may have arrived before registration: edge-triggered readiness would not report it.
         self.read_again.push(slot);
     }
@@ -415,6 +456,7 @@ impl Reactor {
         while let Some(slot) = self.core.poll_closed() {
             if let Some(mut link) = self.links.get_mut(slot).and_then(Option::take) {
                 let _ = self.poll.registry().deregister(&mut link.stream);
+                self.release_source(link.peer);
                 self.free_slots.push(slot);
                 self.shared.open_connections.fetch_sub(1, Ordering::Relaxed);
             }
@@ -452,6 +494,7 @@ impl Reactor {
             let job = StatsJob {
                 shard: self.id,
                 conn,
+                viewer: self.core.stats_viewer(conn),
             };
             if self.stats_jobs.try_send(job).is_err() {
                 self.core.handle_stats_busy(conn);

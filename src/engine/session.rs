@@ -13,12 +13,15 @@
 use std::borrow::Borrow;
 use std::collections::VecDeque;
 use std::hash::{Hash, Hasher};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use ahash::{HashMap, HashSet};
 
+use super::guard::Guard;
 use super::native::{self, Reply};
 use super::outbox::{Outbox, SharedFrame};
+use crate::auth::TopicFilter;
 use crate::proto::{self, error_code, DeliveryMode};
 
 /// How long a connection being closed with an ERROR may take to read it before it is dropped.
@@ -48,6 +51,8 @@ pub(crate) struct Sub {
     pub mode: DeliveryMode,
     /// Bit i set: the snapshot from shard i has not arrived; its live frames are skipped.
     pub pending: u64,
+    /// A pattern the identity may only partly receive: the topics it may (`guard.rs`).
+    pub filter: Option<Arc<TopicFilter>>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -197,6 +202,8 @@ pub(crate) struct Session {
     pub stats_in_flight: bool,
     /// The last STATS reply, to tell whether it is still unwritten.
     last_stats: Option<SharedFrame>,
+    /// Identity, source address, publish rate (`guard.rs`).
+    pub guard: Guard,
 }
 
 /// The result of [`Session::enqueue`].
@@ -245,6 +252,7 @@ impl Session {
             reply_bytes: 0,
             stats_in_flight: false,
             last_stats: None,
+            guard: Guard::default(),
         }
     }
 
@@ -590,7 +598,6 @@ pub(crate) struct DeliveryCounters {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::Arc;
 
     fn data(topic: &str, seq: u64) -> SharedFrame {
         let mut buf = Vec::new();

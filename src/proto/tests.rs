@@ -28,6 +28,7 @@ fn hello() -> Hello {
         version: 1,
         client_id: "plc-gw-7".into(),
         keepalive_ms: 10_000,
+        token: String::new(),
     }
 }
 
@@ -579,13 +580,16 @@ fn payload() -> impl Strategy<Value = Vec<u8>> {
 /// since `any::<u64>()` favours edge values).
 fn any_frame() -> impl Strategy<Value = Owned> {
     let plain = prop_oneof![
-        (any::<u16>(), text(), any::<u32>()).prop_map(|(version, client_id, keepalive_ms)| {
-            Frame::Hello(Hello {
-                version,
-                client_id,
-                keepalive_ms,
-            })
-        }),
+        (any::<u16>(), text(), any::<u32>(), text()).prop_map(
+            |(version, client_id, keepalive_ms, token)| {
+                Frame::Hello(Hello {
+                    version,
+                    client_id,
+                    keepalive_ms,
+                    token,
+                })
+            }
+        ),
         (
             any::<u16>(),
             any::<u32>(),

@@ -355,6 +355,7 @@ impl Raw {
             version: PROTOCOL_VERSION,
             client_id: client_id.into(),
             keepalive_ms,
+            token: String::new(),
         }));
     }
 
