@@ -41,7 +41,6 @@ use ahash::HashMap;
 
 use super::audit::AuditKind;
 use super::guard::{quote, ShardGuard};
-use super::limits::RateVerdict;
 use super::native::{self, Op, Reply};
 use super::outbox::SharedFrame;
 use super::owners::OwnerCache;
@@ -1466,22 +1465,14 @@ impl FanoutCore {
     ) -> Option<Result<(), Fatal>> {
         let session = self.sessions.get_mut(slot).and_then(Option::as_mut)?;
         // The rate first: it bounds what even a client sending refused PUBLISHes costs.
-        if let RateVerdict::Drop(tell) = session.guard.check_rate(now) {
+        if !session.guard.check_rate(now) {
             self.guard.counters.rate_limited += 1;
-            let Some(dropped) = tell else {
-                // Dropped quietly: the client was told less than a second ago.
-                return Some(Ok(()));
-            };
             let reason = format!(
-                "PUBLISH: over limits.max_publish_rate_per_s = {}; {dropped} dropped since the last notice",
+                "PUBLISH to {}: over limits.max_publish_rate_per_s = {}, dropped",
+                quote(topic),
                 self.config.limits.max_publish_rate_per_s
             );
-            self.audit(now, slot, AuditKind::LimitHit, &reason);
-            let reply = Reply::Error {
-                code: error_code::RATE_LIMITED,
-                reason,
-            };
-            return Some(self.reply(slot, reply));
+            return Some(self.notify_refused(now, slot, error_code::RATE_LIMITED, reason));
         }
         if session.guard.identity.acl.may_publish(topic) {
             return None;
@@ -1492,8 +1483,53 @@ impl FanoutCore {
             quote(session.guard.who())
         );
         self.guard.counters.acl_denied += 1;
-        self.audit(now, slot, AuditKind::AclDenied, &reason);
-        Some(self.refuse(slot, error_code::FORBIDDEN, reason))
+        Some(self.notify_refused(now, slot, error_code::FORBIDDEN, reason))
+    }
+
+    /// Tells the client a PUBLISH was refused (FORBIDDEN, RATE_LIMITED) and audits it, unless
+    /// its last such notice is still unwritten: then the refusal is only counted, and the next
+    /// notice says how many went untold. So a client pipelining thousands of refused PUBLISHes
+    /// gets about one ERROR per write instead of cutting itself off with unread replies, and a
+    /// refusal is still always followed by an ERROR before anything queued after it (a PONG:
+    /// `Publisher::confirm` sees it).
+    fn notify_refused(
+        &mut self,
+        now: Instant,
+        slot: usize,
+        code: u16,
+        reason: String,
+    ) -> Result<(), Fatal> {
+        let Some(session) = self.sessions.get_mut(slot).and_then(Option::as_mut) else {
+            return Ok(());
+        };
+        let Some(untold) = session.guard.take_untold() else {
+            return Ok(());
+        };
+        let reason = if untold > 0 {
+            format!("{reason} (and {untold} more PUBLISHes refused since the last notice)")
+        } else {
+            reason
+        };
+        let kind = if code == error_code::FORBIDDEN {
+            AuditKind::AclDenied
+        } else {
+            AuditKind::LimitHit
+        };
+        self.audit(now, slot, kind, &reason);
+        self.scratch.clear();
+        native::encode_reply(
+            &mut self.scratch,
+            Reply::Error {
+                code,
+                reason: super::session::bounded_reason(reason),
+            },
+        );
+        let frame: SharedFrame = Arc::from(&self.scratch[..]);
+        if let Some(session) = self.sessions.get_mut(slot).and_then(Option::as_mut) {
+            session.guard.notice = Some(Arc::downgrade(&frame));
+        }
+        self.counters.requests_refused += 1;
+        self.queue_reply(slot, frame)
     }
 
     /// The ACL on a SUBSCRIBE: `Ok(None)` wholly allowed, `Ok(Some)` the filter of a partly

@@ -4,11 +4,11 @@
 //! themselves are in `crate::auth`, shared with every listener kind.
 
 use std::net::SocketAddr;
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, OnceLock, Weak};
 use std::time::Instant;
 
 use super::audit::{AuditKind, AuditLog};
-use super::limits::{PublishRate, RateVerdict, TokenBucket};
+use super::limits::TokenBucket;
 use super::session::Fatal;
 use crate::auth::{AuthError, Authenticator, Identity};
 use crate::config::Config;
@@ -50,7 +50,14 @@ fn nobody() -> Arc<Identity> {
 pub(crate) struct Guard {
     pub identity: Arc<Identity>,
     pub peer: Option<SocketAddr>,
-    rate: Option<PublishRate>,
+    /// `limits.max_publish_rate_per_s`, bursts of one second's worth.
+    rate: Option<TokenBucket>,
+    /// The last ERROR about a refused PUBLISH; while it is unwritten further refusals are only
+    /// counted in `untold`. Weak, so it does not count as a holder itself: an unwritten reply is
+    /// held by the outbox and the session's reply list (two), a written one by the list at
+    /// most (`Session::queue_reply`).
+    pub notice: Option<Weak<[u8]>>,
+    untold: u64,
 }
 
 impl Default for Guard {
@@ -59,6 +66,8 @@ impl Default for Guard {
             identity: nobody(),
             peer: None,
             rate: None,
+            notice: None,
+            untold: 0,
         }
     }
 }
@@ -73,15 +82,24 @@ impl Guard {
     pub(crate) fn admit(&mut self, identity: Arc<Identity>, config: &Config, now: Instant) {
         self.identity = identity;
         let rate = config.limits.max_publish_rate_per_s;
-        self.rate = (rate > 0).then(|| PublishRate::new(rate, now));
+        self.rate = (rate > 0).then(|| TokenBucket::new(rate, rate, now));
     }
 
-    /// The publish rate's verdict on one more PUBLISH.
-    pub(crate) fn check_rate(&mut self, now: Instant) -> RateVerdict {
-        match &mut self.rate {
-            None => RateVerdict::Pass,
-            Some(rate) => rate.check(now),
+    /// Whether one more PUBLISH is within the rate at `now`.
+    pub(crate) fn check_rate(&mut self, now: Instant) -> bool {
+        self.rate.as_mut().is_none_or(|bucket| bucket.try_take(now))
+    }
+
+    /// A PUBLISH was refused: `Some(untold)` if the client should get a notice now (the
+    /// refusals since the last one, not counting this one), `None` if the last notice is still
+    /// unwritten (this refusal is counted for the next).
+    pub(crate) fn take_untold(&mut self) -> Option<u64> {
+        if self.notice.as_ref().is_some_and(|n| n.strong_count() > 1) {
+            self.untold += 1;
+            return None;
         }
+        self.notice = None;
+        Some(std::mem::take(&mut self.untold))
     }
 }
 

@@ -55,49 +55,6 @@ impl TokenBucket {
     }
 }
 
-/// A connection's PUBLISH rate limit (`limits.max_publish_rate_per_s`): over it, PUBLISHes are
-/// dropped and counted, and the client is told by one RATE_LIMITED ERROR per second at most
-/// (an ERROR per dropped message would be a flood of its own).
-#[derive(Debug, Clone)]
-pub(crate) struct PublishRate {
-    bucket: TokenBucket,
-    /// Dropped since the last ERROR.
-    dropped: u64,
-    /// When the next ERROR may go.
-    next_error: Option<Instant>,
-}
-
-/// What to do with one PUBLISH.
-#[derive(Debug, PartialEq, Eq)]
-pub(crate) enum RateVerdict {
-    Pass,
-    /// Drop it; tell the client `Some(n)`: n dropped since the last ERROR, this one included.
-    Drop(Option<u64>),
-}
-
-impl PublishRate {
-    /// Bursts of up to one second's worth pass.
-    pub(crate) fn new(rate_per_s: u64, now: Instant) -> PublishRate {
-        PublishRate {
-            bucket: TokenBucket::new(rate_per_s, rate_per_s, now),
-            dropped: 0,
-            next_error: None,
-        }
-    }
-
-    pub(crate) fn check(&mut self, now: Instant) -> RateVerdict {
-        if self.bucket.try_take(now) {
-            return RateVerdict::Pass;
-        }
-        self.dropped += 1;
-        if self.next_error.is_some_and(|at| now < at) {
-            return RateVerdict::Drop(None);
-        }
-        self.next_error = Some(now + Duration::from_secs(1));
-        RateVerdict::Drop(Some(std::mem::take(&mut self.dropped)))
-    }
-}
-
 /// Connections open per source address (`limits.max_connections_per_address`; 0 = no limit).
 /// The acceptor admits, whoever drops the connection releases. Entries at zero are removed, so
 /// it holds one entry per address with a connection open.
@@ -164,26 +121,6 @@ mod tests {
         assert_eq!((0..20).filter(|_| b.try_take(later)).count(), 5);
         // Time going backwards gives nothing.
         assert!(!b.try_take(t0));
-    }
-
-    #[test]
-    fn a_fast_publisher_is_told_once_a_second_with_the_count() {
-        let t0 = Instant::now();
-        let mut r = PublishRate::new(100, t0);
-        for _ in 0..100 {
-            assert_eq!(r.check(t0), RateVerdict::Pass);
-        }
-        assert_eq!(r.check(t0), RateVerdict::Drop(Some(1)));
-        for _ in 0..49 {
-            assert_eq!(r.check(t0), RateVerdict::Drop(None));
-        }
-        // A second later the bucket is full again; once it is empty, the next ERROR counts
-        // everything dropped since the last.
-        let t1 = t0 + Duration::from_secs(1);
-        for _ in 0..100 {
-            assert_eq!(r.check(t1), RateVerdict::Pass);
-        }
-        assert_eq!(r.check(t1), RateVerdict::Drop(Some(50)));
     }
 
     #[test]
