@@ -445,3 +445,82 @@ fn the_default_config_lets_anonymous_clients_do_everything_as_before() {
         "anonymous is admin by default"
     );
 }
+
+/// Audit lines, captured from `tracing` on this thread.
+#[derive(Clone, Default)]
+struct Capture(std::sync::Arc<std::sync::Mutex<Vec<String>>>);
+
+impl tracing::Subscriber for Capture {
+    fn enabled(&self, _: &tracing::Metadata<'_>) -> bool {
+        true
+    }
+    fn new_span(&self, _: &tracing::span::Attributes<'_>) -> tracing::span::Id {
+        tracing::span::Id::from_u64(1)
+    }
+    fn record(&self, _: &tracing::span::Id, _: &tracing::span::Record<'_>) {}
+    fn record_follows_from(&self, _: &tracing::span::Id, _: &tracing::span::Id) {}
+    fn event(&self, event: &tracing::Event<'_>) {
+        struct Line(String);
+        impl tracing::field::Visit for Line {
+            fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn std::fmt::Debug) {
+                self.0.push_str(&format!("{}={:?} ", field.name(), value));
+            }
+        }
+        if event.metadata().target() == "lanpush::audit" {
+            let mut line = Line(String::new());
+            event.record(&mut line);
+            self.0.lock().unwrap().push(line.0);
+        }
+    }
+    fn enter(&self, _: &tracing::span::Id) {}
+    fn exit(&self, _: &tracing::span::Id) {}
+}
+
+#[test]
+fn the_audit_log_writes_a_line_per_event_up_to_its_rate_then_sums_up() {
+    let capture = Capture::default();
+    let lines = capture.0.clone();
+    tracing::subscriber::with_default(capture, || {
+        let mut c = secure(1, |config| config.auth.max_verifications_per_s = 2);
+        let op = c.connect_as(0, "panel", "op:op-pw");
+        c.publish(op, "plant/line1/valve_cmd", b"OPEN");
+        c.run();
+        {
+            let lines = lines.lock().unwrap();
+            assert_eq!(lines.len(), 1, "{lines:?}");
+            let line = &lines[0];
+            for part in [
+                "event=\"acl_denied\"",
+                "who=\"op\"",
+                "plant/line1/valve_cmd",
+                "not allowed",
+            ] {
+                assert!(line.contains(part), "{part}: {line}");
+            }
+        }
+        // A password-guessing flood: 100 failures, 20 lines a second at most.
+        for _ in 0..100 {
+            c.hello_as(0, "guess", "op:guess");
+        }
+        assert_eq!(lines.lock().unwrap().len(), 20, "the window's share");
+        assert_eq!(counter(&c, "auth_failures"), 100, "all counted");
+        c.advance(Duration::from_secs(1));
+        c.hello_as(0, "guess", "op:guess");
+        let lines = lines.lock().unwrap();
+        assert_eq!(lines.len(), 22);
+        assert!(
+            lines[20].contains("event=\"suppressed\"") && lines[20].contains("auth_failure=81"),
+            "{}",
+            lines[20]
+        );
+        assert!(
+            lines[21].contains("event=\"auth_failure\""),
+            "{}",
+            lines[21]
+        );
+        assert!(
+            !lines.iter().any(|l| l.contains("guess\"")),
+            "no secret logged"
+        );
+    });
+}
