@@ -4,7 +4,7 @@
 //!
 //! **Secrets** are stored in the config as argon2 PHC strings (`lanpush passwd` makes one), never
 //! in clear. Checking one costs what its parameters say (19 MiB and 2 passes, the argon2 crate's
-//! defaults and OWASP's minimum: about 25 ms on the reference machine, by design), and it runs on
+//! defaults and OWASP's minimum: 31 ms on the reference machine, `bench/auth.rs`, by design), and it runs on
 //! the reactor thread that got the HELLO, where it stalls that reactor's other connections. So:
 //!
 //! - **a secret that verified is remembered**: per configured user, a keyed BLAKE2b digest of the
@@ -15,8 +15,8 @@
 //! - **argon2 runs are budgeted per reactor** (`auth.max_verifications_per_s`, a token bucket
 //!   the caller owns and passes in): past it, a HELLO that would need one is refused with
 //!   UNAUTHENTICATED ("too many authentication attempts") before any hashing. A password-guessing
-//!   client therefore costs a reactor at most that many runs a second (20 by default: about half
-//!   a core worst case, and at most one run, ~25 ms, between two turns);
+//!   client therefore costs a reactor at most that many runs a second (10 by default: about a
+//!   third of a core worst case, and at most one run, ~30 ms, between two turns);
 //! - an unknown user is verified against a dummy hash, so unknown users and wrong secrets take the
 //!   same time and the same budget (no user enumeration by timing).
 
