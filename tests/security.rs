@@ -369,3 +369,39 @@ fn an_error_quotes_at_most_a_short_prefix_of_a_65_kb_topic() {
     }
     assert_eq!(server.stats()["totals"]["topic_limit"], 2);
 }
+
+#[test]
+fn the_cli_authenticates_with_the_token_from_the_environment() {
+    let (server, _config) = secure();
+    let addr = server.addr_string();
+    let sub = Cli::spawn_env(
+        &["sub", "--server", &addr, "--count", "1", "plant/#"],
+        &[("LANPUSH_TOKEN", "hmi:hmi-pw")],
+    );
+    sub.wait_stderr_line("subscribed:", STEP);
+    let out = run(
+        &[
+            "pub",
+            "--server",
+            &addr,
+            "--token",
+            "gw:gw-pw",
+            "plant/line1/temp",
+            "21.5",
+        ],
+        None,
+        STEP,
+    );
+    assert!(out.status.success(), "{}", out.stderr);
+    let got = sub.finish(STEP);
+    assert!(got.status.success(), "{}", got.stderr);
+    assert!(got.stdout.contains("plant/line1/temp") && got.stdout.contains("21.5"));
+    // The same subscriber without credentials is refused before it subscribes.
+    let out = run(&["sub", "--server", &addr, "plant/#"], None, STEP);
+    assert!(!out.status.success());
+    assert!(
+        out.stderr.contains("credentials required"),
+        "{}",
+        out.stderr
+    );
+}
