@@ -40,6 +40,15 @@ fn engine_help(name: &str) -> &'static str {
         "topics_refused" => "Publishes to a new topic refused at limits.max_topics.",
         "reactor_failures" => "Reactor threads that failed (the engine then shuts down).",
         "throttled_turns" => "Reactor turns that held reads back for a full peer inbox.",
+        "auth_failures" => "HELLOs refused for missing, unknown or wrong credentials (ERROR 16).",
+        "acl_denied" => "PUBLISHes and SUBSCRIBEs refused by the identity's ACL (ERROR 17).",
+        "acl_filtered" => "Frames a partly allowed subscription matched but may not receive.",
+        "id_conflicts" => "HELLOs refused: the client id was held by another identity (ERROR 18).",
+        "id_takeovers" => "Connections closed because the same identity took their client id over.",
+        "rate_limited" => "PUBLISHes dropped over limits.max_publish_rate_per_s (ERROR 19).",
+        "subscriptions_refused" => "SUBSCRIBEs refused at limits.max_subscriptions_per_connection.",
+        "topic_limit" => "Topics or patterns refused as too long or too deep.",
+        "address_refused" => "Connections refused at limits.max_connections_per_address.",
         _ => "Engine figure from the stats document.",
     }
 }
