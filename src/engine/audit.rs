@@ -125,6 +125,11 @@ impl AuditLimiter {
 pub(crate) struct AuditLog {
     limiter: AuditLimiter,
     reactor: u16,
+    /// Tests only: every line written, as `event who detail`. (A `tracing` subscriber in a
+    /// test sees nothing when another test thread registers the same call site first, so the
+    /// tests read this copy.)
+    #[cfg(test)]
+    pub(crate) written: Vec<String>,
 }
 
 impl AuditLog {
@@ -132,6 +137,8 @@ impl AuditLog {
         AuditLog {
             limiter: AuditLimiter::new(AUDIT_LINES_PER_S),
             reactor,
+            #[cfg(test)]
+            written: Vec::new(),
         }
     }
 
@@ -151,6 +158,8 @@ impl AuditLog {
             Admit::Suppress => {}
             Admit::Write(report) => {
                 if let Some(s) = report {
+                    #[cfg(test)]
+                    self.written.push(format!("suppressed - {s}"));
                     tracing::warn!(
                         target: "lanpush::audit",
                         event = "suppressed",
@@ -159,6 +168,9 @@ impl AuditLog {
                         "audit lines suppressed in the last second: {s}"
                     );
                 }
+                #[cfg(test)]
+                self.written
+                    .push(format!("{} {who} {detail}", kind.as_str()));
                 let peer = peer.map_or_else(|| "-".to_string(), |p| p.to_string());
                 tracing::warn!(
                     target: "lanpush::audit",

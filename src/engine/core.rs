@@ -856,6 +856,12 @@ impl FanoutCore {
         let identity = self
             .guard
             .authenticate(&self.shared.auth, token, now, conn_id, peer)?;
+        let user = identity.user.clone();
+        // Admitted before the client id is claimed, so the audit lines of a takeover or a
+        // conflict name the identity (the session is not open until WELCOME).
+        let config = self.config.clone();
+        let session = self.session_mut(slot).expect("caller looked it up");
+        session.guard.admit(identity, &config, now);
         let reconnects = if client_id.is_empty() {
             0
         } else {
@@ -869,7 +875,7 @@ impl FanoutCore {
             match self
                 .shared
                 .clients
-                .hello(&client_id, now, identity.user.as_deref(), holder)
+                .hello(&client_id, now, user.as_deref(), holder)
             {
                 Ok(claim) => {
                     if let Some(old) = claim.taken_from {
@@ -883,11 +889,7 @@ impl FanoutCore {
                         "HELLO refused: client id {} is held by another identity",
                         quote(&client_id)
                     );
-                    let session = self.session(slot).expect("caller looked it up");
-                    let mut guard = session.guard.clone();
-                    guard.admit(identity, &self.config, now);
-                    self.guard
-                        .record(now, AuditKind::IdConflict, conn_id, &guard, &detail);
+                    self.audit(now, slot, AuditKind::IdConflict, &detail);
                     return Err(Fatal::new(
                         error_code::CLIENT_ID_IN_USE,
                         format!(
@@ -907,14 +909,12 @@ impl FanoutCore {
             connection_id: 0,
             engine_id: self.shared.engine_id,
         };
-        let config = self.config.clone();
         let session = self.session_mut(slot).expect("caller looked it up");
         let welcome = Welcome {
             connection_id: session.id,
             ..welcome
         };
         session.stats.reconnects = reconnects;
-        session.guard.admit(identity, &config, now);
         session.phase = Phase::Open;
         session.client_id = client_id;
         session.keepalive = Duration::from_millis(keepalive_ms as u64);
