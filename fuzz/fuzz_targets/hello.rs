@@ -26,8 +26,13 @@ fuzz_target!(|body: &[u8]| {
         }
         other => panic!("re-encoded {hello:?} decodes as {other:?}"),
     }
-    if hello.token.len() > 8 && !hello.client_id.contains(&hello.token) {
-        assert!(!format!("{hello:?}").contains(&hello.token), "Debug shows the token");
+    if !hello.token.is_empty() {
+        // Debug is the same whatever the (non-empty) token: it shows none of it.
+        let other = lanpush::proto::Hello {
+            token: "x".into(),
+            ..hello.clone()
+        };
+        assert_eq!(format!("{hello:?}"), format!("{other:?}"), "Debug shows the token");
     }
     match Authenticator::split_token(&hello.token) {
         Ok(None) => assert!(hello.token.is_empty()),
