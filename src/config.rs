@@ -86,9 +86,22 @@ pub struct DeliveryConfig {
     pub reactor_writes_per_s: u64,
     /// Write coalescing: the longest a connection waits between two writes; 0 turns it off.
     pub max_write_interval_us: u64,
+    /// Pacing: queued bytes past which a healthy `all` subscriber holds its publishers back;
+    /// 0 turns pacing off. See [`DeliveryConfig::pace_window`].
+    pub pace_window_bytes: usize,
+    /// Pacing: a holding subscriber whose socket takes nothing for this long is released.
+    pub stall_ms: u64,
+    /// Pacing: a subscriber that holds for this long without once draining is released.
+    pub pace_release_ms: u64,
 }
 
 impl DeliveryConfig {
+    /// The pace window in force: `pace_window_bytes`, capped at half of `queue_max_bytes` so
+    /// that the rest of the queue absorbs what is in flight while a publisher is being paused.
+    pub fn pace_window(&self) -> usize {
+        self.pace_window_bytes.min(self.queue_max_bytes / 2)
+    }
+
     /// Largest accepted `max_write_interval_us`: coalescing longer than this is a
     /// misconfiguration.
     pub const MAX_WRITE_INTERVAL_US: u64 = 100_000;
@@ -399,6 +412,12 @@ impl Config {
             return invalid(format!(
                 "delivery.queue_max_bytes = {} must be at least 64 KiB (or max_frame_bytes if smaller) and queue_max_messages at least 1",
                 d.queue_max_bytes
+            ));
+        }
+        if d.pace_window_bytes > 0 && (d.stall_ms == 0 || d.pace_release_ms < d.stall_ms) {
+            return invalid(format!(
+                "delivery: need 0 < stall_ms <= pace_release_ms, have stall_ms = {}, pace_release_ms = {}",
+                d.stall_ms, d.pace_release_ms
             ));
         }
         if d.max_write_interval_us > DeliveryConfig::MAX_WRITE_INTERVAL_US {

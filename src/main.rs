@@ -345,9 +345,11 @@ fn publish(args: PubArgs) -> Result<(), CliError> {
             publish_synthetic(&mut publisher, topic, quality, count, args.rate, args.size)?;
             publisher.confirm(CONFIRM_TIMEOUT)?;
             let secs = started.elapsed().as_secs_f64();
+            let c = publisher.counters();
             eprintln!(
-                "published {count} messages in {secs:.3} s ({:.0} msg/s)",
-                count as f64 / secs.max(1e-9)
+                "published {count} messages in {secs:.3} s ({:.0} msg/s); {}",
+                count as f64 / secs.max(1e-9),
+                paced_summary(c.paced_writes, c.paced_ns, c.writes)
             );
             return Ok(());
         }
@@ -379,6 +381,17 @@ fn publish(args: PubArgs) -> Result<(), CliError> {
 }
 
 const CONFIRM_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// `pub`'s account of backpressure: how many of its writes waited for the engine.
+fn paced_summary(paced_writes: u64, paced_ns: u64, writes: u64) -> String {
+    if paced_writes == 0 {
+        return "not paced (the engine took every write at once)".to_string();
+    }
+    format!(
+        "paced by the engine: {paced_writes} of {writes} writes waited, {:.1} ms in all (its `all` subscribers were behind; see docs/ARCHITECTURE.md, \"Pacing\")",
+        paced_ns as f64 / 1e6
+    )
+}
 
 /// Publishes 1..=count, padded to `size` bytes, at `rate` messages/s on a fixed schedule
 /// (message i is due at start + i/rate, so a late message does not delay the ones after it).

@@ -132,10 +132,29 @@ impl Conn {
 
     /// Writes all of `bytes` (blocking, bounded by `io_timeout`). A short write followed by an
     /// error leaves the stream mid-frame: the caller must drop the connection.
-    pub(crate) fn send(&mut self, bytes: &[u8]) -> io::Result<()> {
-        self.stream.write_all(bytes)?;
+    ///
+    /// Returns how long the write had to wait for the kernel to take the bytes: `None` when it
+    /// took them at once. A wait means the engine is not reading this connection fast enough:
+    /// it is pacing this publisher (docs/ARCHITECTURE.md, "Pacing").
+    pub(crate) fn send(&mut self, bytes: &[u8]) -> io::Result<Option<Duration>> {
+        // One non-blocking attempt first (a flag on the call, not on the socket), so that a
+        // wait is seen rather than guessed from timings.
+        let sent =
+            match socket2::SockRef::from(&self.stream).send_with_flags(bytes, libc::MSG_DONTWAIT) {
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => 0,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => 0,
+                Err(e) => return Err(e),
+            };
+        let waited = if sent < bytes.len() {
+            let started = Instant::now();
+            self.stream.write_all(&bytes[sent..])?;
+            Some(started.elapsed())
+        } else {
+            None
+        };
         self.last_send = Instant::now();
-        Ok(())
+        Ok(waited)
     }
 
     /// Received bytes not yet consumed.

@@ -40,6 +40,11 @@ pub struct PublisherCounters {
     /// ERROR frames received from the engine.
     pub engine_errors: u64,
     pub pings_sent: u64,
+    /// Writes that had to wait for the engine to take their bytes: the engine was pacing this
+    /// publisher (its subscribers in mode `all` were behind), or the network was slow.
+    pub paced_writes: u64,
+    /// Time spent waiting in those writes, in nanoseconds.
+    pub paced_ns: u64,
 }
 
 /// Publishes to the engine over one TCP connection, batching frames into large writes.
@@ -157,8 +162,13 @@ impl Publisher {
         }
         if !self.out.is_empty() {
             let conn = self.conn.as_mut().expect("ensure_connected returned Ok");
-            if let Err(e) = conn.send(&self.out) {
-                return Err(self.lose(format!("write failed: {e}")));
+            match conn.send(&self.out) {
+                Ok(None) => {}
+                Ok(Some(waited)) => {
+                    self.counters.paced_writes += 1;
+                    self.counters.paced_ns += waited.as_nanos() as u64;
+                }
+                Err(e) => return Err(self.lose(format!("write failed: {e}"))),
             }
             self.counters.published += self.out_frames;
             self.counters.writes += 1;

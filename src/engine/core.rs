@@ -44,6 +44,7 @@ use super::guard::{quote, ShardGuard};
 use super::native::{self, Op, Reply};
 use super::outbox::SharedFrame;
 use super::owners::OwnerCache;
+use super::pacing::{PaceBook, Release};
 use super::session::{
     DeliveryCounters, Enqueued, Fatal, Lag, Phase, Session, Sub, SubRef, Timeout,
 };
@@ -119,6 +120,9 @@ pub(crate) enum CoreMsg {
     },
     /// The stats thread's answer to a connection's STATS_REQUEST.
     StatsReply { conn: ConnRef, frame: SharedFrame },
+    /// Pacing (`pacing.rs`), to every shard: the topic's gate opened, its paused publishers
+    /// may be read again.
+    Resume { topic: String },
 }
 
 /// A subscription on another shard, in this shard's remote-interest index.
@@ -170,6 +174,10 @@ pub(crate) struct Counters {
     /// Connections closed with UNAUTHENTICATED or CLIENT_ID_IN_USE (each cause has its own
     /// counter in `guard.counters`; this one only keeps them out of `protocol_errors`).
     pub security_closes: u64,
+    /// Times a publishing connection stopped being read because a subscriber held its topic.
+    pub publishers_paused: u64,
+    /// Subscribers released from pacing by the rule (stalled, or behind for too long).
+    pub pace_releases: u64,
 }
 
 pub(crate) struct FanoutCore {
@@ -220,6 +228,10 @@ pub(crate) struct FanoutCore {
     interest_epoch: u64,
     /// Authentication budget, audit log and security counters (`guard.rs`).
     pub(crate) guard: ShardGuard,
+    /// Pacing: this shard's holders, paused topics and paused connections.
+    pace: PaceBook,
+    /// Paused connections that may be read again, for the driver.
+    resumed: Vec<usize>,
 }
 
 impl FanoutCore {
@@ -266,6 +278,8 @@ impl FanoutCore {
             interest_epoch: 1,
             guard: ShardGuard::new(id, &config, now),
             config,
+            pace: PaceBook::new(id),
+            resumed: Vec::new(),
         }
     }
 
@@ -336,6 +350,9 @@ impl FanoutCore {
         if session.is_closing() {
             return bytes.len();
         }
+        if session.paused {
+            return 0;
+        }
         // Keep-alive counts whole frames, as MQTT counts control packets: a peer that trickles
         // a frame byte by byte, or starts one and never finishes it, is not heard.
         if frame_complete(bytes, max_frame) {
@@ -356,8 +373,12 @@ impl FanoutCore {
                 return bytes.len();
             }
             // Delivering its own publish may have cut this connection (mode `disconnect`).
-            if self.session(slot).is_none_or(Session::is_closing) {
-                return bytes.len();
+            match self.session(slot) {
+                None => return bytes.len(),
+                Some(s) if s.is_closing() => return bytes.len(),
+                // Paced: the rest waits in the driver's read buffer until the topic resumes.
+                Some(s) if s.paused => return used,
+                Some(_) => {}
             }
         }
     }
@@ -411,7 +432,10 @@ impl FanoutCore {
                     );
                     return self.refuse(slot, error_code::FRAME_TOO_LARGE, reason);
                 }
-                if self.route_publish(&publish, read_ns) {
+                if let Some(held) = self.route_publish(&publish, read_ns) {
+                    if held {
+                        self.pause(slot, publish.topic);
+                    }
                     return Ok(());
                 }
                 let reason = format!(
@@ -469,7 +493,7 @@ impl FanoutCore {
     pub(crate) fn handle_msg(&mut self, now: Instant, msg: CoreMsg) {
         self.now = now;
         match msg {
-            CoreMsg::Publish(buf) => self.handle_publish_batch(&buf),
+            CoreMsg::Publish(batch) => self.handle_publish_batch(&batch),
             CoreMsg::Deliver { from, frames } => {
                 for frame in &frames {
                     self.deliver(from, frame);
@@ -524,6 +548,7 @@ impl FanoutCore {
                 self.remote.remove(&pattern, &RemoteSub { peer: from, key });
                 self.interest_epoch += 1;
             }
+            CoreMsg::Resume { topic } => self.resume(Some(&topic)),
             CoreMsg::StatsReply { conn, frame } => {
                 let slot = conn.slot as usize;
                 let Some(session) = self
@@ -563,9 +588,21 @@ impl FanoutCore {
     pub(crate) fn msg_weight(msg: &CoreMsg) -> usize {
         match msg {
             // A publish batch holds frames of at least PUBLISH_FIXED_BYTES each.
-            CoreMsg::Publish(buf) => buf.len() / 64 + 1,
+            CoreMsg::Publish(batch) => batch.len() / 64 + 1,
             CoreMsg::Deliver { frames, .. } => frames.len(),
             _ => 1,
+        }
+    }
+
+    /// Bytes a message carries, for the bound on what is in flight to a peer's inbox.
+    pub(crate) fn msg_bytes(msg: &CoreMsg) -> usize {
+        let frames = |f: &[SharedFrame]| f.iter().map(|f| f.len()).sum::<usize>();
+        match msg {
+            CoreMsg::Publish(batch) => batch.len(),
+            CoreMsg::Deliver { frames: f, .. }
+            | CoreMsg::SnapshotReply { frames: f, .. }
+            | CoreMsg::ReplayReply { frames: f, .. } => frames(f),
+            _ => 64,
         }
     }
 
@@ -621,6 +658,19 @@ impl FanoutCore {
                     continue;
                 }
             }
+            let d = &self.config.delivery;
+            let (stall, release) = (
+                Duration::from_millis(d.stall_ms),
+                Duration::from_millis(d.pace_release_ms),
+            );
+            if let Some(session) = self.sessions.get(slot).and_then(Option::as_ref) {
+                if let Some(why) = session
+                    .holds
+                    .release_due(now, session.last_sent, stall, release)
+                {
+                    self.release_holds(slot, Some(why));
+                }
+            }
             self.arm(slot);
         }
         if now >= self.next_tick {
@@ -632,6 +682,11 @@ impl FanoutCore {
             );
             self.written_this_tick = 0;
             self.tick_started = now;
+            // Pacing's safety net: a connection paused on a gate that has opened, whatever
+            // became of the message saying so.
+            if self.pace.paused_connections() > 0 {
+                self.resume(None);
+            }
             self.next_tick = now + TICK;
         }
     }
@@ -642,7 +697,15 @@ impl FanoutCore {
         let Some(session) = self.sessions.get_mut(slot).and_then(Option::as_mut) else {
             return;
         };
-        let at = session.poll_timeout();
+        let d = &self.config.delivery;
+        let mut at = session.poll_timeout();
+        if let Some(release_at) = session.holds.deadline(
+            session.last_sent,
+            Duration::from_millis(d.stall_ms),
+            Duration::from_millis(d.pace_release_ms),
+        ) {
+            at = at.min(release_at);
+        }
         if session.armed.is_none_or(|armed| at < armed) {
             session.armed = Some(at);
             self.deadlines.push(Reverse((at, slot as u32, session.id)));
@@ -705,7 +768,19 @@ impl FanoutCore {
                 still.push(slot);
                 self.flush_now = true;
             }
+            // Pacing: a holder that drained below half the window, with nothing left to catch
+            // up from the ring, lets go; a released one may pace again once its queue is empty.
+            let window = self.config.delivery.pace_window();
+            let drained = session.holds.is_holding()
+                && session.outbox.queued_bytes() <= window / 2
+                && session.lag.is_empty();
+            if session.holds.released && session.outbox.is_empty() && session.lag.is_empty() {
+                session.holds.released = false;
+            }
             let topics = session.take_replay_requests();
+            if drained {
+                self.release_holds(slot, None);
+            }
             if !topics.is_empty() {
                 self.request_replays(slot, topics);
             }
@@ -776,6 +851,9 @@ impl FanoutCore {
         s.topic_limit.store(g.topic_limit, Ordering::Relaxed);
         s.address_refused
             .store(g.address_refused, Ordering::Relaxed);
+        s.publishers_paused
+            .store(c.publishers_paused, Ordering::Relaxed);
+        s.pace_releases.store(c.pace_releases, Ordering::Relaxed);
     }
 
     /// This shard's part of a stats document, made when someone asks (never on a timer): posts
@@ -812,6 +890,10 @@ impl FanoutCore {
                     "replayed": s.stats.replayed,
                     "gaps": s.stats.gaps,
                     "reconnects": s.stats.reconnects,
+                    "paced": s.stats.paced,
+                    "paused": s.paused,
+                    "holding": s.holds.is_holding(),
+                    "pacing_released": s.holds.released,
                 })
             })
             .collect()
@@ -1126,7 +1208,11 @@ impl FanoutCore {
             return;
         }
         self.remove_subs(slot);
+        self.release_holds(slot, None);
         if let Some(session) = self.sessions[slot].take() {
+            if session.paused {
+                self.pace.forget(slot, session.id);
+            }
             // A session that said HELLO (not refused at it) holds its client id until now.
             if !session.client_id.is_empty() {
                 self.shared
@@ -1141,20 +1227,20 @@ impl FanoutCore {
 
     // ----- publishing and fan-out -----
 
-    /// Sends a validated publish to its topic's owner (maybe this shard). `false`: a new topic
-    /// past `limits.max_topics`, not taken.
-    fn route_publish(&mut self, publish: &PublishRef<'_>, ingest_ts_ns: u64) -> bool {
-        let Some(owner) = self
-            .owners
-            .for_publish(&self.shared.owners, publish.topic, self.id)
+    /// Sends a validated publish to its topic's owner (maybe this shard). `None`: a new topic
+    /// past `limits.max_topics`, not taken; else whether the topic's pacing gate is closed.
+    fn route_publish(&mut self, publish: &PublishRef<'_>, ingest_ts_ns: u64) -> Option<bool> {
+        let Some((owner, held)) =
+            self.owners
+                .for_publish(&self.shared.owners, publish.topic, self.id)
         else {
             self.counters.topics_refused += 1;
-            return false;
+            return None;
         };
         self.counters.publishes_in += 1;
         if owner == self.id {
             self.ingest(publish, ingest_ts_ns);
-            return true;
+            return Some(held);
         }
         let queue = &mut self.outgoing[owner as usize];
         if !matches!(queue.last(), Some(CoreMsg::Publish(_))) {
@@ -1164,7 +1250,7 @@ impl FanoutCore {
             batch.extend_from_slice(&ingest_ts_ns.to_le_bytes());
             proto::encode_publish(batch, publish);
         }
-        true
+        Some(held)
     }
 
     fn handle_publish_batch(&mut self, mut buf: &[u8]) {
@@ -1242,7 +1328,16 @@ impl FanoutCore {
             }
             let mode = sub.mode;
             session.stamp = self.stamp;
-            match session.enqueue(topic, frame, mode, &mut self.counters.delivery) {
+            let enqueued = session.enqueue(topic, frame, mode, &mut self.counters.delivery);
+            // Pacing: a healthy `all` subscriber past the window, or lagging this topic (its
+            // frames deferred to a replay), holds the topic back.
+            let window = self.config.delivery.pace_window();
+            let hold = window > 0
+                && matches!(mode, DeliveryMode::All | DeliveryMode::Default)
+                && (session.outbox.queued_bytes() > window || enqueued == Enqueued::Deferred)
+                && !session.holds.released
+                && !session.holds.holds(topic);
+            match enqueued {
                 Enqueued::Queued | Enqueued::Deferred => mark_dirty(session, slot, &mut self.dirty),
                 Enqueued::Overflow => {
                     let fatal = Fatal::new(
@@ -1252,8 +1347,96 @@ impl FanoutCore {
                     self.fail(self.now, slot, fatal);
                 }
             }
+            if hold {
+                self.hold(slot, topic);
+            }
         }
         self.matches = matches;
+    }
+
+    // ----- pacing (pacing.rs) -----
+
+    /// Connection `slot` holds `topic` back: its queue passed the pace window while an `all`
+    /// subscription took the topic's frames, or their frames wait for a replay.
+    fn hold(&mut self, slot: usize, topic: &str) {
+        let Some(gate) = self.owners.gate(&self.shared.owners, topic) else {
+            return;
+        };
+        let Some(session) = self.sessions.get_mut(slot).and_then(Option::as_mut) else {
+            return;
+        };
+        let first = session.holds.add(self.now, topic);
+        self.pace.hold(topic, gate);
+        if first {
+            self.arm(slot);
+        }
+    }
+
+    /// Connection `slot` lets go of every topic it holds: it drained, closed, or was released
+    /// by the rule (`release`, counted and logged).
+    fn release_holds(&mut self, slot: usize, release: Option<Release>) {
+        let Some(session) = self.sessions.get_mut(slot).and_then(Option::as_mut) else {
+            return;
+        };
+        if let Some(release) = release {
+            session.holds.released = true;
+            self.counters.pace_releases += 1;
+            eprintln!(
+                "lanpush: connection {} ({:?}) released from pacing: {release}; its subscriptions' modes apply",
+                session.id, session.client_id
+            );
+        }
+        let topics: Vec<String> = session.holds.take().collect();
+        for topic in topics {
+            if self.pace.unhold(&topic) {
+                // Open for every shard: each resumes the connections it paused on the topic.
+                for peer in 0..self.n_shards {
+                    if peer != self.id {
+                        let topic = topic.clone();
+                        self.outgoing[peer as usize].push(CoreMsg::Resume { topic });
+                    }
+                }
+                self.resume(Some(&topic));
+            }
+        }
+    }
+
+    /// Connection `slot` published to a topic whose gate is closed: it is not read until the
+    /// gate opens.
+    fn pause(&mut self, slot: usize, topic: &str) {
+        let Some(gate) = self.owners.gate(&self.shared.owners, topic) else {
+            return;
+        };
+        let Some(session) = self.sessions.get_mut(slot).and_then(Option::as_mut) else {
+            return;
+        };
+        session.paused = true;
+        session.stats.paced += 1;
+        self.pace.pause(slot, session.id, topic, gate);
+        self.counters.publishers_paused += 1;
+    }
+
+    /// `topic`'s gate opened (`None`: the periodic check of every gate): the connections
+    /// paused on it are read again.
+    fn resume(&mut self, topic: Option<&str>) {
+        self.pace.handle_resume(topic);
+        while let Some(slot) = self.pace.poll_resumed() {
+            if let Some(session) = self.sessions.get_mut(slot).and_then(Option::as_mut) {
+                session.paused = false;
+                self.resumed.push(slot);
+            }
+        }
+    }
+
+    /// Whether the driver must leave connection `slot` unread (pacing).
+    pub(crate) fn is_paused(&self, slot: usize) -> bool {
+        self.session(slot).is_some_and(|s| s.paused)
+    }
+
+    /// A paused connection that may be read again: the driver hands it the bytes it kept
+    /// ([`FanoutCore::handle_input`]) and reads its socket until it would block.
+    pub(crate) fn poll_resumed(&mut self) -> Option<usize> {
+        self.resumed.pop()
     }
 
     /// This shard's answer to a subscription: retained values, or the replay after `resume`.

@@ -729,3 +729,277 @@ fn a_peer_that_trickles_a_frame_it_never_finishes_is_not_heard() {
         "cut for silence after 1.5 keep-alives, trickle or not"
     );
 }
+
+// ----- pacing (pacing.rs) -----
+
+const PACE_WINDOW: usize = 16 * 1024;
+
+/// `n` shards with small queues, a pace window and a ring too small to cover an overload, so
+/// that anything pacing fails to hold back ends as a GAP.
+fn pacing_cluster(n: u16, pace_window_bytes: usize) -> Cluster {
+    Cluster::new(n, |c| {
+        c.delivery.queue_max_bytes = 64 * 1024;
+        c.delivery.pace_window_bytes = pace_window_bytes;
+        c.delivery.max_write_interval_us = 0;
+        c.retained.ring_bytes = 16 * 1024 * n as usize;
+    })
+}
+
+fn payload(i: usize) -> Vec<u8> {
+    let mut p = format!("{i:08}").into_bytes();
+    p.resize(64, b'.');
+    p
+}
+
+/// Publishes `n` messages to `topic` in turns of `per_turn` (a reactor reads a bounded amount
+/// per turn), the subscribers reading between turns; returns what each subscriber read.
+fn publish_in_turns(
+    c: &mut Cluster,
+    publisher: Client,
+    topic: &str,
+    n: usize,
+    per_turn: usize,
+    subs: &[Client],
+) -> Vec<Vec<Got>> {
+    let mut got = vec![Vec::new(); subs.len()];
+    let mut sent = 0;
+    for _ in 0..100_000 {
+        for i in sent..(sent + per_turn).min(n) {
+            c.publish(publisher, topic, &payload(i));
+        }
+        sent = (sent + per_turn).min(n);
+        c.run();
+        for (sub, got) in subs.iter().zip(&mut got) {
+            got.extend(c.recv(*sub));
+        }
+        c.run();
+        if sent == n && c.unread_by_engine(publisher) == 0 && quiet(c, subs, &mut got) {
+            return got;
+        }
+    }
+    panic!("never settled");
+}
+
+/// Reads until nothing more arrives.
+fn quiet(c: &mut Cluster, subs: &[Client], got: &mut [Vec<Got>]) -> bool {
+    let mut moved = false;
+    for (sub, got) in subs.iter().zip(got.iter_mut()) {
+        let more = c.recv(*sub);
+        moved |= !more.is_empty();
+        got.extend(more);
+    }
+    c.run();
+    !moved
+}
+
+fn seqs(got: &[Got], topic: &str) -> Vec<u64> {
+    data(got)
+        .into_iter()
+        .filter(|(t, _, snapshot)| t == topic && !snapshot)
+        .map(|(_, seq, _)| seq)
+        .collect()
+}
+
+fn gaps(got: &[Got]) -> usize {
+    got.iter().filter(|g| matches!(g, Got::Gap { .. })).count()
+}
+
+fn paused_total(c: &Cluster) -> u64 {
+    c.cores.iter().map(|k| k.counters.publishers_paused).sum()
+}
+
+/// One publisher faster than one subscriber: placed so that the hold and the pause cross
+/// `hops` shards (publisher, owner and subscriber on the same or different shards).
+fn fast_publisher_slow_subscriber(n_shards: u16, pace_window_bytes: usize) -> (Vec<Got>, u64) {
+    let mut c = pacing_cluster(n_shards, pace_window_bytes);
+    let last = n_shards - 1;
+    // The topic's owner is its first publisher's shard: the last one.
+    let first = c.connect(last, "first");
+    c.publish(first, "plant/a", b"first");
+    c.run();
+    let publisher = c.connect(0, "gw");
+    let sub = c.connect(last.min(1), "historian");
+    c.subscribe(sub, 1, "plant/a", DeliveryMode::All);
+    c.run();
+    c.recv(sub);
+    // The subscriber's socket takes 2 KiB between two reads: far slower than the publisher.
+    c.set_capacity(sub, 2048);
+    let got = publish_in_turns(&mut c, publisher, "plant/a", 3000, 40, &[sub]);
+    (got.into_iter().next().unwrap(), paused_total(&c))
+}
+
+#[test]
+fn a_publisher_faster_than_its_subscriber_is_paced_and_nothing_is_lost() {
+    // 1 shard; publisher and subscriber apart (owner beside the subscriber); all three apart.
+    for n_shards in [1, 2, 3] {
+        let (got, paused) = fast_publisher_slow_subscriber(n_shards, PACE_WINDOW);
+        assert_eq!(gaps(&got), 0, "{n_shards} shards: no GAP");
+        assert_eq!(
+            seqs(&got, "plant/a"),
+            (2..=3001).collect::<Vec<u64>>(),
+            "{n_shards} shards: every message once, in order"
+        );
+        assert!(paused > 0, "{n_shards} shards: the publisher was paced");
+    }
+    // The same run without pacing loses messages to GAPs: the test can tell.
+    let (got, paused) = fast_publisher_slow_subscriber(2, 0);
+    assert!(gaps(&got) > 0 && paused == 0);
+}
+
+#[test]
+fn a_stalled_subscriber_holds_the_publisher_for_stall_ms_then_is_released() {
+    let mut c = pacing_cluster(2, PACE_WINDOW);
+    let publisher = c.connect(0, "gw");
+    let healthy: Vec<Client> = (0..4)
+        .map(|i| c.connect(i % 2, &format!("hmi{i}")))
+        .collect();
+    let stalled = c.connect(1, "stalled");
+    for (i, sub) in healthy.iter().chain([&stalled]).enumerate() {
+        c.subscribe(*sub, i as u32 + 1, "plant/#", DeliveryMode::All);
+    }
+    c.run();
+    for sub in healthy.iter().chain([&stalled]) {
+        c.recv(*sub);
+    }
+    c.set_capacity(stalled, 0);
+    let start = c.now;
+    let n = 3000;
+    let mut got = vec![Vec::new(); healthy.len()];
+    for i in 0..n {
+        c.publish(publisher, "plant/a", &payload(i));
+        if i % 40 == 39 {
+            c.run();
+            for (sub, got) in healthy.iter().zip(&mut got) {
+                got.extend(c.recv(*sub));
+            }
+        }
+    }
+    c.run();
+    assert!(
+        c.unread_by_engine(publisher) > 0,
+        "the stalled subscriber holds the publisher back"
+    );
+    // Nothing moves until the release rule lets go, stall_ms after the hold.
+    let stall = Duration::from_millis(crate::config::Config::default().delivery.stall_ms);
+    c.advance(stall - Duration::from_millis(1));
+    assert!(c.unread_by_engine(publisher) > 0);
+    c.advance(Duration::from_millis(1));
+    for _ in 0..1000 {
+        c.run();
+        for (sub, got) in healthy.iter().zip(&mut got) {
+            got.extend(c.recv(*sub));
+        }
+        if c.unread_by_engine(publisher) == 0 && quiet(&mut c, &healthy, &mut got) {
+            break;
+        }
+    }
+    assert!(c.now - start <= stall, "paced for at most stall_ms");
+    for got in &got {
+        assert_eq!(gaps(got), 0);
+        assert_eq!(seqs(got, "plant/a"), (1..=n as u64).collect::<Vec<_>>());
+    }
+    let releases: u64 = c.cores.iter().map(|k| k.counters.pace_releases).sum();
+    assert_eq!(releases, 1);
+    // The released one goes to its mode: it lagged past the ring, so it reads GAPs.
+    c.set_capacity(stalled, usize::MAX / 2);
+    let mut late = Vec::new();
+    for _ in 0..100 {
+        c.run();
+        let more = c.recv(stalled);
+        if more.is_empty() {
+            break;
+        }
+        late.extend(more);
+    }
+    contiguous(&late, HashMap::new());
+    assert!(
+        gaps(&late) > 0,
+        "the stalled subscriber is told what it lost"
+    );
+}
+
+#[test]
+fn pacing_one_gateway_leaves_another_gateways_topics_alone() {
+    let mut c = pacing_cluster(2, PACE_WINDOW);
+    let gw_a = c.connect(0, "gw-a");
+    let gw_b = c.connect(0, "gw-b");
+    let slow = c.connect(1, "slow");
+    let fast = c.connect(1, "fast");
+    c.subscribe(slow, 1, "a/#", DeliveryMode::All);
+    c.subscribe(fast, 1, "b/#", DeliveryMode::All);
+    c.run();
+    c.recv(slow);
+    c.recv(fast);
+    c.set_capacity(slow, 0);
+    let mut got = Vec::new();
+    for i in 0..2000 {
+        c.publish(gw_a, "a/x", &payload(i));
+        c.publish(gw_b, "b/y", &payload(i));
+        if i % 40 == 39 {
+            c.run();
+            got.extend(c.recv(fast));
+        }
+    }
+    c.run();
+    got.extend(c.recv(fast));
+    assert!(c.unread_by_engine(gw_a) > 0, "gateway a is paced");
+    assert_eq!(c.unread_by_engine(gw_b), 0, "gateway b is not");
+    assert_eq!(seqs(&got, "b/y"), (1..=2000).collect::<Vec<_>>());
+}
+
+#[test]
+fn latest_subscribers_never_hold_a_publisher_back() {
+    let mut c = pacing_cluster(2, PACE_WINDOW);
+    let publisher = c.connect(0, "gw");
+    let panel = c.connect(1, "panel");
+    c.subscribe(panel, 1, "plant/#", DeliveryMode::Latest);
+    c.run();
+    c.recv(panel);
+    c.set_capacity(panel, 0);
+    for i in 0..3000 {
+        c.publish(publisher, "plant/a", &payload(i));
+        if i % 40 == 39 {
+            c.run();
+        }
+    }
+    c.run();
+    assert_eq!(c.unread_by_engine(publisher), 0);
+    assert_eq!(paused_total(&c), 0);
+    c.set_capacity(panel, usize::MAX / 2);
+    let got = c.recv(panel);
+    assert_eq!(
+        seqs(&got, "plant/a").last(),
+        Some(&3000),
+        "ends on the newest value"
+    );
+}
+
+#[test]
+fn a_paused_publisher_is_not_timed_out_for_the_silence_pacing_causes() {
+    let mut c = Cluster::new(1, |c| {
+        c.delivery.queue_max_bytes = 64 * 1024;
+        c.delivery.pace_window_bytes = PACE_WINDOW;
+        c.delivery.max_write_interval_us = 0;
+        c.delivery.stall_ms = 60_000;
+        c.delivery.pace_release_ms = 60_000;
+    });
+    let publisher = c.connect(0, "gw");
+    let sub = c.connect(0, "hmi");
+    c.subscribe(sub, 1, "plant/#", DeliveryMode::All);
+    c.run();
+    c.recv(sub);
+    c.set_capacity(sub, 0);
+    for i in 0..1000 {
+        c.publish(publisher, "plant/a", &payload(i));
+    }
+    c.run();
+    assert!(c.unread_by_engine(publisher) > 0);
+    // 20 s paused, past 1.5x the default 10 s keep-alive; the subscriber stays heard.
+    for i in 0..4 {
+        c.send(sub, &Frame::Ping { nonce: i });
+        c.advance(Duration::from_secs(5));
+    }
+    assert!(!c.is_closed(publisher) && !c.is_closed(sub));
+    assert_eq!(c.cores[0].counters.keepalive_timeouts, 0);
+    assert!(c.unread_by_engine(publisher) > 0, "still paused");
+}

@@ -17,6 +17,10 @@ use crate::proto::{
     TopicPosition, Unsubscribe,
 };
 
+/// What the driver reads of a resumed connection's waiting bytes per turn (a reactor reads
+/// `READ_BUDGET_BYTES` per connection and turn; the tests' queues are small to match).
+const READ_TURN_BYTES: usize = 4096;
+
 /// The wall clock of the virtual time origin (ns since the UNIX epoch).
 const T0_UNIX_NS: u64 = 1_700_000_000_000_000_000;
 
@@ -75,6 +79,8 @@ struct Pipe {
     /// The reasons of the ERRORs and the documents of the STATS the client read, in order.
     reasons: Vec<String>,
     stats: Vec<String>,
+    /// Bytes the client sent that the engine left unread (pacing paused the connection).
+    unread_by_engine: Vec<u8>,
 }
 
 struct Pipes<'a> {
@@ -194,9 +200,61 @@ impl Cluster {
     }
 
     /// Feeds raw bytes; returns how many the core used (the rest would stay in the read buffer).
+    /// While pacing pauses the connection, its bytes wait (as in the kernel) until it resumes.
     pub(crate) fn send_bytes(&mut self, client: Client, bytes: &[u8]) -> usize {
         let read_ns = self.unix_ns();
-        self.cores[client.shard as usize].handle_input(self.now, read_ns, client.slot, bytes)
+        let (shard, slot) = (client.shard as usize, client.slot);
+        let waiting = &mut self.pipes[shard][slot].unread_by_engine;
+        if !waiting.is_empty() {
+            waiting.extend_from_slice(bytes);
+            return 0;
+        }
+        let used = self.cores[shard].handle_input(self.now, read_ns, slot, bytes);
+        if self.cores[shard].is_paused(slot) {
+            self.pipes[shard][slot]
+                .unread_by_engine
+                .extend_from_slice(&bytes[used..]);
+        }
+        used
+    }
+
+    /// Bytes the client sent that the engine has not read yet (pacing).
+    pub(crate) fn unread_by_engine(&self, client: Client) -> usize {
+        self.pipes[client.shard as usize][client.slot]
+            .unread_by_engine
+            .len()
+    }
+
+    /// The driver's part of pacing: a connection left unread is read again once resumed, a
+    /// bounded amount per turn as a reactor reads.
+    fn feed_unread(&mut self) -> bool {
+        let read_ns = self.unix_ns();
+        let mut moved = false;
+        for (shard, core) in self.cores.iter_mut().enumerate() {
+            while core.poll_resumed().is_some() {}
+            for (slot, pipe) in self.pipes[shard].iter_mut().enumerate() {
+                if pipe.unread_by_engine.is_empty() || pipe.closed || core.is_paused(slot) {
+                    continue;
+                }
+                moved = true;
+                let len = pipe.unread_by_engine.len();
+                let mut used = core.handle_input(
+                    self.now,
+                    read_ns,
+                    slot,
+                    &pipe.unread_by_engine[..len.min(READ_TURN_BYTES)],
+                );
+                if used == 0 && !core.is_paused(slot) {
+                    // A frame longer than a turn's read: it is all in the buffer by now.
+                    used = core.handle_input(self.now, read_ns, slot, &pipe.unread_by_engine);
+                }
+                pipe.unread_by_engine.drain(..used.min(len));
+                if core.session(slot).is_none() {
+                    pipe.unread_by_engine.clear();
+                }
+            }
+        }
+        moved
     }
 
     pub(crate) fn publish(&mut self, client: Client, topic: &str, payload: &[u8]) {
@@ -285,6 +343,7 @@ impl Cluster {
                     self.cores[i].handle_msg(self.now, msg);
                 }
             }
+            moved |= self.feed_unread();
             let n = self.cores.len();
             for from in 0..n {
                 for to in 0..n {

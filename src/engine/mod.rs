@@ -26,6 +26,7 @@ mod native;
 mod notify;
 pub mod outbox;
 mod owners;
+mod pacing;
 mod reactor;
 mod readbuf;
 mod session;
@@ -137,6 +138,11 @@ pub(crate) struct ShardStats {
     pub subscriptions_refused: AtomicU64,
     pub topic_limit: AtomicU64,
     pub address_refused: AtomicU64,
+    pub publishers_paused: AtomicU64,
+    pub pace_releases: AtomicU64,
+    /// Bytes of messages in this reactor's inbox (sent by peers, not yet taken): a sender
+    /// holds its reads back while it is past `reactor::MAX_IN_FLIGHT_BYTES`.
+    pub inbox_bytes: AtomicUsize,
 }
 
 /// State every shard and handle can see.
@@ -325,6 +331,10 @@ impl EngineShared {
             ("address_refused", |s| {
                 s.address_refused.load(Ordering::Relaxed)
             }),
+            ("publishers_paused", |s| {
+                s.publishers_paused.load(Ordering::Relaxed)
+            }),
+            ("pace_releases", |s| s.pace_releases.load(Ordering::Relaxed)),
         ];
         let mut totals = serde_json::Map::new();
         for &(name, get) in fields {

@@ -15,7 +15,10 @@
 //! channels between shards.
 
 use ahash::HashMap;
-use std::sync::Mutex;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+
+use super::pacing::Gate;
 
 /// The shard `topic` hashes to: FNV-1a, cheap on short topics and stable, so tests can
 /// predict it. The owner of topics no shard has claimed.
@@ -36,7 +39,15 @@ pub(crate) fn owner_of(topic: &str, n_shards: u16) -> u16 {
 pub(crate) struct OwnerTable {
     n_shards: u16,
     max_topics: usize,
-    owners: Mutex<HashMap<Box<str>, u16>>,
+    owners: Mutex<HashMap<Box<str>, Owned>>,
+}
+
+/// What the table knows of a topic: its owner, and its pacing gate (`pacing.rs`), shared by
+/// every shard so that a hold takes effect at the publisher's next message.
+#[derive(Clone)]
+pub(crate) struct Owned {
+    pub owner: u16,
+    pub gate: Gate,
 }
 
 impl OwnerTable {
@@ -50,33 +61,42 @@ impl OwnerTable {
 
     /// The owner of `topic`, which becomes `claimant` if it has none yet; `None` if it has none
     /// and the engine already holds `max_topics` topics.
+    #[cfg(test)]
     pub(crate) fn claim(&self, topic: &str, claimant: u16) -> Option<u16> {
+        self.claim_owned(topic, claimant).map(|o| o.owner)
+    }
+
+    fn claim_owned(&self, topic: &str, claimant: u16) -> Option<Owned> {
         debug_assert!(claimant < self.n_shards);
         let mut owners = self.owners.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(&owner) = owners.get(topic) {
-            return Some(owner);
+        if let Some(owned) = owners.get(topic) {
+            return Some(owned.clone());
         }
         if owners.len() >= self.max_topics {
             return None;
         }
-        owners.insert(topic.into(), claimant);
-        Some(claimant)
+        let owned = Owned {
+            owner: claimant,
+            gate: Arc::default(),
+        };
+        owners.insert(topic.into(), owned.clone());
+        Some(owned)
     }
 
-    /// The owner of `topic` if some shard has claimed it.
-    pub(crate) fn get(&self, topic: &str) -> Option<u16> {
+    /// The owner of `topic` and its gate, if some shard has claimed it.
+    pub(crate) fn get(&self, topic: &str) -> Option<Owned> {
         let owners = self.owners.lock().unwrap_or_else(|e| e.into_inner());
-        owners.get(topic).copied()
+        owners.get(topic).cloned()
     }
 
     /// The owner for a publish that does not come through a shard: claimed for the hash owner.
-    pub(crate) fn claim_for_local(&self, topic: &str) -> Option<u16> {
-        self.claim(topic, owner_of(topic, self.n_shards))
+    fn claim_for_local(&self, topic: &str) -> Option<Owned> {
+        self.claim_owned(topic, owner_of(topic, self.n_shards))
     }
 
     /// Holds the table's mutex, so a test can show that a path does not take it.
     #[cfg(test)]
-    pub(crate) fn lock_for_test(&self) -> std::sync::MutexGuard<'_, HashMap<Box<str>, u16>> {
+    pub(crate) fn lock_for_test(&self) -> std::sync::MutexGuard<'_, HashMap<Box<str>, Owned>> {
         self.owners.lock().unwrap_or_else(|e| e.into_inner())
     }
 }
@@ -84,41 +104,62 @@ impl OwnerTable {
 /// One shard's copy of the answers it has had from the [`OwnerTable`].
 #[derive(Default)]
 pub(crate) struct OwnerCache {
-    known: HashMap<Box<str>, u16>,
+    known: HashMap<Box<str>, Owned>,
 }
 
 impl OwnerCache {
     /// The owner of a topic this shard is about to publish: `me` if nobody owns it yet; `None`
     /// if it is a new topic past the engine's limit.
-    pub(crate) fn for_publish(&mut self, table: &OwnerTable, topic: &str, me: u16) -> Option<u16> {
-        if let Some(&owner) = self.known.get(topic) {
-            return Some(owner);
+    ///
+    /// With it, whether the topic's gate is closed (a subscriber holds it back: pacing).
+    pub(crate) fn for_publish(
+        &mut self,
+        table: &OwnerTable,
+        topic: &str,
+        me: u16,
+    ) -> Option<(u16, bool)> {
+        if let Some(owned) = self.known.get(topic) {
+            return Some((owned.owner, owned.gate.load(Ordering::Relaxed) != 0));
         }
-        let owner = table.claim(topic, me)?;
-        self.known.insert(topic.into(), owner);
-        Some(owner)
+        let owned = table.claim_owned(topic, me)?;
+        let answer = (owned.owner, owned.gate.load(Ordering::Relaxed) != 0);
+        self.known.insert(topic.into(), owned);
+        Some(answer)
+    }
+
+    /// The pacing gate of a topic some shard has claimed (asked of the table once per topic).
+    pub(crate) fn gate(&mut self, table: &OwnerTable, topic: &str) -> Option<Gate> {
+        if let Some(owned) = self.known.get(topic) {
+            return Some(owned.gate.clone());
+        }
+        let owned = table.get(topic)?;
+        let gate = owned.gate.clone();
+        self.known.insert(topic.into(), owned);
+        Some(gate)
     }
 
     /// The owner of a topic an in-process publisher is about to publish: the hash owner if
     /// nobody owns it yet ([`OwnerTable::claim_for_local`]). Asks the table once per topic.
     pub(crate) fn for_local_publish(&mut self, table: &OwnerTable, topic: &str) -> Option<u16> {
-        if let Some(&owner) = self.known.get(topic) {
-            return Some(owner);
+        if let Some(owned) = self.known.get(topic) {
+            return Some(owned.owner);
         }
-        let owner = table.claim_for_local(topic)?;
-        self.known.insert(topic.into(), owner);
+        let owned = table.claim_for_local(topic)?;
+        let owner = owned.owner;
+        self.known.insert(topic.into(), owned);
         Some(owner)
     }
 
     /// The owner of a topic this shard needs something from (a replay). A topic nobody has
     /// published has no messages to replay; its hash owner answers for it, and is not cached.
     pub(crate) fn lookup(&mut self, table: &OwnerTable, topic: &str) -> u16 {
-        if let Some(&owner) = self.known.get(topic) {
-            return owner;
+        if let Some(owned) = self.known.get(topic) {
+            return owned.owner;
         }
         match table.get(topic) {
-            Some(owner) => {
-                self.known.insert(topic.into(), owner);
+            Some(owned) => {
+                let owner = owned.owner;
+                self.known.insert(topic.into(), owned);
                 owner
             }
             None => owner_of(topic, table.n_shards),
@@ -134,12 +175,16 @@ mod tests {
     fn the_topic_limit_refuses_new_topics_only() {
         let table = OwnerTable::new(2, 2);
         let mut cache = OwnerCache::default();
-        assert_eq!(cache.for_publish(&table, "a", 0), Some(0));
+        assert_eq!(cache.for_publish(&table, "a", 0).map(|(o, _)| o), Some(0));
         assert_eq!(table.claim("b", 1), Some(1));
-        assert_eq!(cache.for_publish(&table, "c", 0), None, "a third topic");
-        assert_eq!(table.claim_for_local("c"), None);
         assert_eq!(
-            cache.for_publish(&table, "b", 0),
+            cache.for_publish(&table, "c", 0).map(|(o, _)| o),
+            None,
+            "a third topic"
+        );
+        assert!(table.claim_for_local("c").is_none());
+        assert_eq!(
+            cache.for_publish(&table, "b", 0).map(|(o, _)| o),
             Some(1),
             "known topics go on"
         );
@@ -164,20 +209,23 @@ mod tests {
     fn the_first_publisher_shard_owns_a_topic_for_good() {
         let table = OwnerTable::new(4, 1000);
         let (mut a, mut b) = (OwnerCache::default(), OwnerCache::default());
-        assert_eq!(a.for_publish(&table, "gw1/tag1", 3), Some(3));
         assert_eq!(
-            b.for_publish(&table, "gw1/tag1", 1),
+            a.for_publish(&table, "gw1/tag1", 3).map(|(o, _)| o),
+            Some(3)
+        );
+        assert_eq!(
+            b.for_publish(&table, "gw1/tag1", 1).map(|(o, _)| o),
             Some(3),
             "claimed already"
         );
         assert_eq!(b.lookup(&table, "gw1/tag1"), 3);
         // A lookup never claims: an unpublished topic answers with its hash owner.
         assert_eq!(a.lookup(&table, "never"), owner_of("never", 4));
-        assert_eq!(b.for_publish(&table, "never", 2), Some(2));
+        assert_eq!(b.for_publish(&table, "never", 2).map(|(o, _)| o), Some(2));
         assert_eq!(a.lookup(&table, "never"), 2, "not cached before the claim");
         // The in-process publisher claims for the hash owner.
         assert_eq!(
-            table.claim_for_local("local/x"),
+            table.claim_for_local("local/x").map(|o| o.owner),
             Some(owner_of("local/x", 4))
         );
     }
@@ -189,12 +237,17 @@ mod tests {
         let hashed = owner_of("local/x", 4);
         assert_eq!(local.for_local_publish(&table, "local/x"), Some(hashed));
         assert_eq!(
-            shard.for_publish(&table, "local/x", (hashed + 1) % 4),
+            shard
+                .for_publish(&table, "local/x", (hashed + 1) % 4)
+                .map(|(o, _)| o),
             Some(hashed)
         );
         // A topic a shard claimed first keeps that shard, whatever its hash.
         let other = (owner_of("gw/t", 4) + 1) % 4;
-        assert_eq!(shard.for_publish(&table, "gw/t", other), Some(other));
+        assert_eq!(
+            shard.for_publish(&table, "gw/t", other).map(|(o, _)| o),
+            Some(other)
+        );
         assert_eq!(local.for_local_publish(&table, "gw/t"), Some(other));
         // Repeats come from the cache (`handle_tests.rs` shows they take no lock).
         assert_eq!(local.for_local_publish(&table, "gw/t"), Some(other));
@@ -210,7 +263,7 @@ mod tests {
                 std::thread::spawn(move || {
                     let mut cache = OwnerCache::default();
                     (0..500)
-                        .map(|t| cache.for_publish(&table, &format!("t/{t}"), me).unwrap())
+                        .map(|t| cache.for_publish(&table, &format!("t/{t}"), me).unwrap().0)
                         .collect::<Vec<u16>>()
                 })
             })

@@ -43,6 +43,11 @@ const READ_BUDGET_BYTES: usize = 64 * 1024;
 /// whichever bound is reached first ends the turn's share of the inbox.
 const MAX_INBOX_MSGS: usize = 256;
 const MAX_INBOX_FRAMES: usize = 16 * 1024;
+/// Bytes of messages a reactor lets wait in one peer's inbox before it stops reading its own
+/// connections until the peer catches up. Bounds what is in flight between reactors, so that a
+/// subscriber's queue overshoots the pace window (`delivery.pace_window_bytes`) by at most about
+/// this much while its publisher is being paused.
+pub(crate) const MAX_IN_FLIGHT_BYTES: usize = 1024 * 1024;
 /// Longest sleep while reads are held back for a peer reactor whose inbox is full.
 const THROTTLE_NAP: Duration = Duration::from_micros(200);
 /// Connections accepted per loop turn; the rest of the backlog is taken on the next turns.
@@ -58,7 +63,10 @@ pub(crate) enum ShardMsg {
         stream: TcpStream,
         conn_id: u64,
     },
+    /// A core message from a `LocalPublisher` or the stats thread.
     Core(CoreMsg),
+    /// A core message from a peer reactor, counted in the receiver's `inbox_bytes`.
+    Peer(CoreMsg),
     /// The stats thread asks for this reactor's report: its histograms posted to the metrics
     /// board, and its connections as `lanpush stats` shows them (`FanoutCore::report`).
     Report(crossbeam_channel::Sender<Vec<serde_json::Value>>),
@@ -262,6 +270,7 @@ impl Reactor {
             }
             self.forward_stats_requests();
             self.flush(now);
+            self.resume_paused(now);
             self.drop_closed();
             self.send_outgoing();
             self.publish_stats();
@@ -406,6 +415,11 @@ impl Reactor {
         let max_frame = self.config.limits.max_frame_bytes;
         let mut budget = READ_BUDGET_BYTES;
         loop {
+            // Pacing: a paused connection is left unread (its bytes wait in the kernel) until
+            // the core resumes it (`resume_paused`).
+            if self.core.is_paused(slot) {
+                return;
+            }
             let Some(link) = self.links.get_mut(slot).and_then(Option::as_mut) else {
                 return;
             };
@@ -444,6 +458,23 @@ impl Reactor {
         }
     }
 
+    /// Connections that pacing paused and has let go: the input they left in their buffer
+    /// first, then their socket, on the next turn.
+    fn resume_paused(&mut self, now: Instant) {
+        while let Some(slot) = self.core.poll_resumed() {
+            let Some(link) = self.links.get_mut(slot).and_then(Option::as_mut) else {
+                continue;
+            };
+            if !link.input.data().is_empty() {
+                let used = self
+                    .core
+                    .handle_input(now, now_unix_ns(), slot, link.input.data());
+                link.input.consume(used);
+            }
+            self.read_again.push(slot);
+        }
+    }
+
     fn io_error(&mut self, now: Instant, slot: usize, what: &str, e: &io::Error) {
         self.counters.io_errors += 1;
         log_io_error(self.core.session(slot).map(|s| s.id), what, e);
@@ -477,6 +508,13 @@ impl Reactor {
             match msg {
                 ShardMsg::NewConn { stream, conn_id } => self.add_conn(stream, conn_id, now),
                 ShardMsg::Core(msg) => {
+                    frames_budget = frames_budget.saturating_sub(FanoutCore::msg_weight(&msg));
+                    self.core.handle_msg(now, msg);
+                }
+                ShardMsg::Peer(msg) => {
+                    self.shared.shards[self.id as usize]
+                        .inbox_bytes
+                        .fetch_sub(FanoutCore::msg_bytes(&msg), Ordering::Relaxed);
                     frames_budget = frames_budget.saturating_sub(FanoutCore::msg_weight(&msg));
                     self.core.handle_msg(now, msg);
                 }
@@ -523,10 +561,20 @@ impl Reactor {
             // Drained in place, so the queue keeps its capacity from turn to turn.
             let mut kept = Vec::new();
             let mut msgs = queue.drain(..);
+            let in_flight = &self.shared.shards[peer].inbox_bytes;
             while let Some(msg) = msgs.next() {
-                match self.peers[peer].try_send(ShardMsg::Core(msg)) {
+                let bytes = FanoutCore::msg_bytes(&msg);
+                if in_flight.load(Ordering::Relaxed) >= MAX_IN_FLIGHT_BYTES {
+                    kept.push(msg);
+                    kept.extend(msgs.by_ref());
+                    break;
+                }
+                // Counted before the send, so the receiver's subtraction never underflows.
+                in_flight.fetch_add(bytes, Ordering::Relaxed);
+                match self.peers[peer].try_send(ShardMsg::Peer(msg)) {
                     Ok(()) => {}
-                    Err(TrySendError::Full(ShardMsg::Core(msg))) => {
+                    Err(TrySendError::Full(ShardMsg::Peer(msg))) => {
+                        in_flight.fetch_sub(bytes, Ordering::Relaxed);
                         // The peer is behind: keep the rest, in order, for the next turn.
                         kept.push(msg);
                         kept.extend(msgs.by_ref());

@@ -21,6 +21,7 @@ use ahash::{HashMap, HashSet};
 use super::guard::Guard;
 use super::native::{self, Reply};
 use super::outbox::{Outbox, SharedFrame};
+use super::pacing::Holds;
 use crate::auth::TopicFilter;
 use crate::proto::{self, error_code, DeliveryMode};
 
@@ -89,6 +90,8 @@ pub(crate) struct ConnCounters {
     pub gaps: u64,
     /// Earlier connections with the same client id.
     pub reconnects: u64,
+    /// Times pacing stopped reading this connection (as a publisher).
+    pub paced: u64,
 }
 
 /// A frame kept by its DATA topic: the `latest` overflow holds one per topic and replaces it in
@@ -204,6 +207,11 @@ pub(crate) struct Session {
     last_stats: Option<SharedFrame>,
     /// Identity, source address, publish rate (`guard.rs`).
     pub guard: Guard,
+    /// Pacing, as a subscriber: the topics whose publishers this connection holds back.
+    pub holds: Holds,
+    /// Pacing, as a publisher: the engine does not read this connection (it published to a
+    /// topic that a subscriber holds back). Its silence is then the engine's doing.
+    pub paused: bool,
 }
 
 /// The result of [`Session::enqueue`].
@@ -253,6 +261,8 @@ impl Session {
             stats_in_flight: false,
             last_stats: None,
             guard: Guard::default(),
+            holds: Holds::default(),
+            paused: false,
         }
     }
 
@@ -553,6 +563,10 @@ impl Session {
             )),
             Phase::Closing { deadline, .. } if now >= deadline => Timeout::Drop,
             Phase::Open => {
+                if self.paused {
+                    // Not read by choice: not a silent peer.
+                    self.last_heard = now;
+                }
                 let silent = now.saturating_duration_since(self.last_heard);
                 if silent >= self.keepalive.mul_f32(1.5) {
                     Timeout::Expired(Fatal::new(

@@ -49,6 +49,8 @@ fn engine_help(name: &str) -> &'static str {
         "subscriptions_refused" => "SUBSCRIBEs refused at limits.max_subscriptions_per_connection.",
         "topic_limit" => "Topics or patterns refused as too long or too deep.",
         "address_refused" => "Connections refused at limits.max_connections_per_address.",
+        "publishers_paused" => "Times a publishing connection stopped being read because a subscriber of its topic was a window behind (pacing).",
+        "pace_releases" => "Subscribers released from pacing by the rule (stalled, or behind for too long).",
         _ => "Engine figure from the stats document.",
     }
 }
