@@ -32,6 +32,7 @@ pub struct Config {
     pub delivery: DeliveryConfig,
     pub retained: RetainedConfig,
     pub metrics: MetricsConfig,
+    pub log: LogConfig,
     pub auth: AuthConfig,
 }
 
@@ -41,6 +42,9 @@ pub struct ServerConfig {
     pub listen: SocketAddr,
     pub threads: usize,
     pub pin_threads: bool,
+    /// On SIGTERM/SIGINT: how long the engine keeps writing queued frames before it closes
+    /// every connection with ERROR 12.
+    pub drain_ms: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -114,6 +118,36 @@ pub struct RetainedConfig {
     /// Bytes of retained values (one per topic) kept across all reactors; past it the values
     /// updated longest ago are dropped.
     pub max_bytes: usize,
+    /// Snapshot file of the retained values, loaded at start and written every
+    /// `persist_interval_ms` and at shutdown; empty turns persistence off.
+    pub persist_path: String,
+    pub persist_interval_ms: u64,
+}
+
+impl RetainedConfig {
+    /// The snapshot file, or `None` when persistence is off.
+    pub fn persist_file(&self) -> Option<std::path::PathBuf> {
+        let text = self.persist_path.trim();
+        (!text.is_empty()).then(|| std::path::PathBuf::from(text))
+    }
+}
+
+/// Logs (`src/log.rs`): one line per connection event on stderr, rate-limited per category.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogConfig {
+    /// "off", "error", "warn", "info", "debug" or "trace".
+    pub level: String,
+    /// Lines each reactor may log per second per category (connect, disconnect, ...); the
+    /// rest are counted and summed up in a "suppressed" line.
+    pub lines_per_s: u32,
+    /// Lines a category may log in a burst before `lines_per_s` applies.
+    pub burst_lines: u32,
+}
+
+impl LogConfig {
+    /// The level names `level` accepts.
+    pub const LEVELS: [&'static str; 6] = ["off", "error", "warn", "info", "debug", "trace"];
 }
 
 /// Authentication and authorisation (`src/auth/`).
@@ -430,6 +464,28 @@ impl Config {
         if d.reactor_writes_per_s == 0 {
             return invalid("delivery.reactor_writes_per_s must be at least 1".into());
         }
+        if !LogConfig::LEVELS.contains(&self.log.level.as_str()) {
+            return invalid(format!(
+                "log.level = {:?} is not one of {}",
+                self.log.level,
+                LogConfig::LEVELS.join(", ")
+            ));
+        }
+        if self.log.lines_per_s == 0 || self.log.burst_lines == 0 {
+            return invalid("log.lines_per_s and log.burst_lines must be at least 1".into());
+        }
+        if self.retained.persist_interval_ms < 100 {
+            return invalid(format!(
+                "retained.persist_interval_ms = {} is below 100",
+                self.retained.persist_interval_ms
+            ));
+        }
+        if self.server.drain_ms > 600_000 {
+            return invalid(format!(
+                "server.drain_ms = {} is outside 0 ..= 600000",
+                self.server.drain_ms
+            ));
+        }
         if let Err(message) = self.metrics.validate() {
             return invalid(message);
         }
@@ -440,6 +496,110 @@ impl Config {
             return invalid(message);
         }
         Ok(())
+    }
+}
+
+/// What a reload (SIGHUP) does with a re-read config file: `config` is the one to run with (the
+/// new values of the keys that can change at run time, the running values of the others),
+/// `applied` names the keys it changes, `needs_restart` the changed keys it leaves alone.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ReloadPlan {
+    pub config: Config,
+    pub applied: Vec<&'static str>,
+    pub needs_restart: Vec<&'static str>,
+}
+
+/// For each listed key (a field path): if `new` differs from `old`, records it in `$list` and,
+/// for a run-time key, copies it into `$out`.
+macro_rules! diff_keys {
+    ($old:ident, $new:ident, $out:ident, $list:expr, copy, $($section:ident . $key:ident),+ $(,)?) => {
+        $(if $old.$section.$key != $new.$section.$key {
+            $list.push(concat!(stringify!($section), ".", stringify!($key)));
+            $out.$section.$key = $new.$section.$key.clone();
+        })+
+    };
+    ($old:ident, $new:ident, $out:ident, $list:expr, keep, $($section:ident . $key:ident),+ $(,)?) => {
+        $(if $old.$section.$key != $new.$section.$key {
+            $list.push(concat!(stringify!($section), ".", stringify!($key)));
+        })+
+    };
+}
+
+impl Config {
+    /// How to go from the running config `self` to a re-read `new` one without a restart.
+    ///
+    /// At run time: the log level and its rate limits, the limits a connection meets at accept,
+    /// HELLO and SUBSCRIBE (`max_connections`, `max_subscriptions_per_connection`,
+    /// `handshake_timeout_ms`, `max_client_id_bytes`), keep-alive, and every `delivery` key.
+    /// They apply to connections (and subscriptions) made after the reload; write coalescing
+    /// from the next 25 ms tick. Everything else is sized or announced at start (listener,
+    /// threads, frame and topic limits announced in WELCOME or holding memory, retained and
+    /// metrics settings; `[auth]` and the per-client limits of issue 11) and needs a restart.
+    pub fn reload_plan(&self, new: &Config) -> ReloadPlan {
+        let (old, mut out) = (self, self.clone());
+        let (mut applied, mut needs_restart) = (Vec::new(), Vec::new());
+        diff_keys!(
+            old,
+            new,
+            out,
+            applied,
+            copy,
+            log.level,
+            log.lines_per_s,
+            log.burst_lines,
+            limits.max_connections,
+            limits.max_subscriptions_per_connection,
+            limits.handshake_timeout_ms,
+            limits.max_client_id_bytes,
+            keepalive.default_ms,
+            keepalive.min_ms,
+            keepalive.max_ms,
+            delivery.default_mode,
+            delivery.queue_max_bytes,
+            delivery.queue_max_messages,
+            delivery.conflate_always,
+            delivery.socket_send_buffer_bytes,
+            delivery.reactor_writes_per_s,
+            delivery.max_write_interval_us,
+        );
+        diff_keys!(
+            old,
+            new,
+            out,
+            needs_restart,
+            keep,
+            server.listen,
+            server.threads,
+            server.pin_threads,
+            server.drain_ms,
+            limits.max_frame_bytes,
+            limits.max_topic_bytes,
+            limits.max_topics,
+            limits.client_session_expiry_s,
+            retained.ring_bytes,
+            retained.max_bytes,
+            retained.persist_path,
+            retained.persist_interval_ms,
+            metrics.prometheus_listen,
+            metrics.prometheus_allow_remote,
+            metrics.prefix_levels,
+            metrics.histogram_max_ms,
+            // The authenticator, the per-address table and each connection's rate are built at
+            // start and at HELLO: a reload would apply them to some connections only.
+            limits.max_connections_per_address,
+            limits.max_publish_rate_per_s,
+            limits.max_topic_levels,
+            auth.anonymous,
+            auth.anonymous_roles,
+            auth.max_verifications_per_s,
+            auth.users,
+            auth.roles,
+        );
+        ReloadPlan {
+            config: out,
+            applied,
+            needs_restart,
+        }
     }
 }
 
@@ -489,6 +649,15 @@ mod tests {
             if path.extension().is_some_and(|e| e == "toml") {
                 Config::from_file(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
                 seen += 1;
+            } else {
+                // Every other file is checked by a test of its own.
+                let checked_elsewhere = ["lanpush.service", "grafana-dashboard.json"]; // tests/service.rs
+                let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
+                assert!(
+                    checked_elsewhere.contains(&name),
+                    "{}: no test parses this file",
+                    path.display()
+                );
             }
         }
         assert!(seen >= 1);
@@ -519,10 +688,73 @@ mod tests {
     }
 
     #[test]
+    fn a_reload_applies_run_time_keys_and_names_the_others() {
+        let old = Config::default();
+        let new = Config::from_toml_str(
+            "[log]\nlevel = \"debug\"\n[delivery]\nqueue_max_bytes = 131072\n\
+             [limits]\nmax_connections = 5\nmax_frame_bytes = 4096\n\
+             [server]\nthreads = 7\n",
+            "test",
+        )
+        .unwrap();
+        let plan = old.reload_plan(&new);
+        assert_eq!(
+            plan.applied,
+            [
+                "log.level",
+                "limits.max_connections",
+                "delivery.queue_max_bytes"
+            ]
+        );
+        assert_eq!(
+            plan.needs_restart,
+            ["server.threads", "limits.max_frame_bytes"]
+        );
+        assert_eq!(plan.config.log.level, "debug");
+        assert_eq!(plan.config.limits.max_connections, 5);
+        assert_eq!(plan.config.delivery.queue_max_bytes, 131072);
+        assert_eq!(
+            plan.config.limits.max_frame_bytes,
+            old.limits.max_frame_bytes
+        );
+        assert_eq!(plan.config.server.threads, old.server.threads);
+        // Authentication is set up at start: a change is named, not applied.
+        let secure = Config::from_toml_str(include_str!("../configs/secure.toml"), "test").unwrap();
+        let plan_auth = old.reload_plan(&secure);
+        for key in [
+            "auth.anonymous",
+            "auth.users",
+            "limits.max_publish_rate_per_s",
+        ] {
+            assert!(plan_auth.needs_restart.contains(&key), "{key}");
+        }
+        assert!(plan_auth.config.auth.anonymous);
+        // The same file again: nothing to do.
+        let again = plan.config.reload_plan(&plan.config);
+        assert!(again.applied.is_empty() && again.needs_restart.is_empty());
+    }
+
+    #[test]
+    fn service_keys_have_sane_defaults_and_bounds() {
+        let c = Config::default();
+        assert_eq!(c.log.level, "info");
+        assert_eq!(c.retained.persist_file(), None);
+        assert_eq!(c.server.drain_ms, 2000);
+        let e = Config::from_toml_str("[log]\nlevel = \"loud\"\n", "test").unwrap_err();
+        assert!(e.to_string().contains("log.level"), "{e}");
+        let e = Config::from_toml_str("[retained]\npersist_interval_ms = 5\n", "test").unwrap_err();
+        assert!(e.to_string().contains("persist_interval_ms"), "{e}");
+        let c = Config::from_toml_str("[retained]\npersist_path = \"/x/r.bin\"\n", "test").unwrap();
+        assert_eq!(c.retained.persist_file(), Some("/x/r.bin".into()));
+    }
+
+    #[test]
     fn metrics_defaults() {
         let m = Config::default().metrics;
-        assert_eq!(m.prometheus_listen, "");
-        assert_eq!(m.prometheus_addr(), None);
+        assert_eq!(m.prometheus_listen, "127.0.0.1:9464");
+        assert_eq!(m.prometheus_addr(), Some("127.0.0.1:9464".parse().unwrap()));
+        let off = Config::from_toml_str("[metrics]\nprometheus_listen = \"\"\n", "test").unwrap();
+        assert_eq!(off.metrics.prometheus_addr(), None);
         assert!(!m.prometheus_allow_remote);
         assert_eq!(m.prefix_levels, 2);
         assert_eq!(m.histogram_max_ms, 60_000);

@@ -3,6 +3,8 @@ pub mod auth;
 pub mod client;
 pub mod config;
 pub mod engine;
+pub mod log;
 pub mod metrics;
 pub mod proto;
+pub mod service;
 pub mod topic;

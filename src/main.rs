@@ -30,7 +30,10 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Run the engine. Prints `listening on <ip:port>` first; stops cleanly on SIGTERM/SIGINT.
+    /// Run the engine. Prints `listening on <ip:port>` on stdout, logs on stderr. Serves
+    /// Prometheus metrics at http://127.0.0.1:9464/metrics (metrics.prometheus_listen; "" turns
+    /// it off). SIGHUP re-reads the --config file and applies what can change at run time;
+    /// SIGTERM/SIGINT drain (server.drain_ms), save the retained values and exit 0.
     Serve(ServeArgs),
     /// Print the embedded default configuration, or check a config file.
     Config(ConfigArgs),
@@ -56,6 +59,10 @@ struct ServeArgs {
     /// Reactor threads, overriding server.threads (0: one per core).
     #[arg(long, value_name = "N")]
     threads: Option<usize>,
+    /// Log level on stderr, overriding log.level (also on a SIGHUP reload): off, error, warn,
+    /// info, debug, trace.
+    #[arg(long, value_name = "LEVEL")]
+    log_level: Option<String>,
 }
 
 #[derive(Args)]
@@ -221,7 +228,83 @@ fn main() -> ExitCode {
 }
 
 fn serve(args: ServeArgs) -> Result<(), CliError> {
-    use signal_hook::consts::{SIGINT, SIGTERM};
+    use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+    let config = serve_config(&args)?;
+    let log = lanpush::log::init(&config.log.level).map_err(|e| CliError::Usage(e.to_string()))?;
+    // Registered before the engine starts, so a signal sent as soon as the "listening on" line
+    // is read is already ours (queued until the watcher thread takes it), never the default
+    // action: SIGHUP no longer kills the engine.
+    let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT, SIGHUP])
+        .map_err(io_err("cannot install signal handlers"))?;
+    raise_nofile(&config);
+    let engine = Engine::start(config)?;
+    {
+        let mut out = io::stdout().lock();
+        writeln!(out, "listening on {}", engine.local_addr())
+            .and_then(|()| out.flush())
+            .map_err(io_err("cannot write to stdout"))?;
+    }
+    tracing::info!(
+        addr = %engine.local_addr(),
+        reactors = engine.reactor_count(),
+        version = env!("CARGO_PKG_VERSION"),
+        "engine started"
+    );
+    let shutdown = engine.shutdown_handle();
+    let reload = engine.reload_handle();
+    std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || {
+            let mut draining = false;
+            for signal in signals.forever() {
+                if signal == SIGHUP {
+                    if !draining {
+                        handle_sighup(&args, &reload, &log);
+                    }
+                    continue;
+                }
+                if draining {
+                    // The operator insists: stop now, without the rest of the drain or the
+                    // final save (the last periodic snapshot file stays).
+                    tracing::warn!(
+                        signal,
+                        "second stop signal: exiting without finishing the drain"
+                    );
+                    std::process::exit(1);
+                }
+                draining = true;
+                tracing::info!(
+                    signal,
+                    "signal received: draining, then exiting (again to stop at once)"
+                );
+                notify("STOPPING=1");
+                shutdown.shutdown();
+            }
+        })
+        .map_err(io_err("cannot start the signal thread"))?;
+    // A busy metrics port (another engine on this host) costs the endpoint, not the engine.
+    let metrics_server = match engine.start_metrics_server() {
+        Ok(server) => server,
+        Err(e) => {
+            tracing::warn!(
+                error = %e,
+                "cannot start the metrics endpoint (metrics.prometheus_listen): serving without it"
+            );
+            None
+        }
+    };
+    if let Some(server) = &metrics_server {
+        tracing::info!("metrics on http://{}/metrics", server.local_addr());
+    }
+    notify("READY=1");
+    engine.join()?;
+    drop(metrics_server);
+    tracing::info!("engine stopped");
+    Ok(())
+}
+
+/// The config `serve` runs with: the file (or the defaults), then the command-line overrides.
+fn serve_config(args: &ServeArgs) -> Result<Config, CliError> {
     let mut config = match &args.config {
         Some(path) => Config::from_file(path)?,
         None => Config::default(),
@@ -232,37 +315,96 @@ fn serve(args: ServeArgs) -> Result<(), CliError> {
     if let Some(threads) = args.threads {
         config.server.threads = threads;
     }
-    // Registered before the engine starts, so a signal sent as soon as the "listening on" line
-    // is read is already ours (queued until the watcher thread takes it), never the default
-    // action.
-    let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT])
-        .map_err(io_err("cannot install signal handlers"))?;
-    let engine = Engine::start(config)?;
-    {
-        let mut out = io::stdout().lock();
-        writeln!(out, "listening on {}", engine.local_addr())
-            .and_then(|()| out.flush())
-            .map_err(io_err("cannot write to stdout"))?;
+    if let Some(level) = &args.log_level {
+        lanpush::log::parse_level(level).map_err(|e| CliError::Usage(e.to_string()))?;
+        config.log.level = level.trim().to_string();
     }
-    let shutdown = engine.shutdown_handle();
-    std::thread::Builder::new()
-        .name("signals".into())
-        .spawn(move || {
-            if let Some(signal) = signals.forever().next() {
-                eprintln!("lanpush: signal {signal} received, shutting down");
-                shutdown.shutdown();
+    Ok(config)
+}
+
+/// SIGHUP: re-read the --config file, apply what can change at run time, log what cannot.
+/// Never stops the engine: a file that does not parse is logged and the running config stays.
+fn handle_sighup(
+    args: &ServeArgs,
+    reload: &lanpush::engine::ReloadHandle,
+    log: &lanpush::log::LogHandle,
+) {
+    notify(&format!(
+        "RELOADING=1\nMONOTONIC_USEC={}",
+        lanpush::service::monotonic_usec()
+    ));
+    if args.config.is_none() {
+        tracing::warn!("reload (SIGHUP): serve runs without --config, nothing to re-read");
+        notify("READY=1");
+        return;
+    }
+    match serve_config(args) {
+        Err(e) => tracing::error!(error = %e, "reload (SIGHUP) failed: the running config stays"),
+        Ok(config) => {
+            if let Err(e) = log.set_level(&config.log.level) {
+                tracing::error!(error = %e, "reload (SIGHUP): log level unchanged");
             }
-        })
-        .map_err(io_err("cannot start the signal thread"))?;
-    let metrics_server = engine
-        .start_metrics_server()
-        .map_err(io_err("cannot start the metrics endpoint"))?;
-    if let Some(server) = &metrics_server {
-        eprintln!("lanpush: metrics on http://{}/metrics", server.local_addr());
+            match reload.reload(&config) {
+                Ok(plan) => {
+                    for key in &plan.needs_restart {
+                        tracing::warn!(
+                            key,
+                            "reload (SIGHUP): changed, takes effect after a restart"
+                        );
+                    }
+                    tracing::info!(
+                        file = ?args.config,
+                        applied = ?plan.applied,
+                        needs_restart = ?plan.needs_restart,
+                        "reloaded configuration (SIGHUP)"
+                    );
+                }
+                Err(e) => tracing::error!(error = %e, "reload (SIGHUP) incomplete"),
+            }
+        }
     }
-    engine.join()?;
-    drop(metrics_server);
-    Ok(())
+    notify("READY=1");
+}
+
+/// Tells systemd (Type=notify) about a state change; nothing when not run by it.
+fn notify(state: &str) {
+    if let Err(e) = lanpush::service::sd_notify(state) {
+        tracing::warn!(error = %e, state, "sd_notify failed");
+    }
+}
+
+/// Raises the soft descriptor limit to what limits.max_connections needs, or says how short
+/// of it the hard limit leaves the engine.
+fn raise_nofile(config: &Config) {
+    use lanpush::service::{nofile_needed, raise_nofile, NofileOutcome};
+    let needed = nofile_needed(config.limits.max_connections, config.reactor_threads());
+    match raise_nofile(needed) {
+        Ok(NofileOutcome::Enough { soft }) => {
+            tracing::debug!(soft, needed, "RLIMIT_NOFILE covers limits.max_connections")
+        }
+        Ok(NofileOutcome::Raised { from, to }) => {
+            tracing::info!(
+                from,
+                to,
+                "raised the soft RLIMIT_NOFILE for limits.max_connections"
+            )
+        }
+        Ok(NofileOutcome::Short {
+            soft,
+            needed,
+            short,
+        }) => tracing::warn!(
+            soft,
+            needed,
+            short,
+            max_connections = config.limits.max_connections,
+            "RLIMIT_NOFILE is {short} descriptors short of what limits.max_connections needs; \
+             accepts will fail past about {} connections (raise LimitNOFILE / ulimit -Hn, or \
+             lower limits.max_connections)",
+            soft.saturating_sub(needed - config.limits.max_connections as u64)
+        ),
+        Err(e) => tracing::warn!(error = %e, needed, "cannot read or raise RLIMIT_NOFILE"),
+    }
 }
 
 /// `lanpush passwd`: the PHC string of a password read from stdin.
@@ -510,10 +652,10 @@ fn subscribe(args: SubArgs) -> Result<(), CliError> {
 }
 
 /// One output line per event. Plain:
-/// `TOPIC seq=N src_ts=NS ingest_ts=NS q=Q [snapshot] VALUE`, where VALUE is the
+/// `TOPIC seq=N src_ts=NS ingest_ts=NS q=Q [snapshot] [restored] VALUE`, where VALUE is the
 /// payload as text if it is UTF-8 without control characters, else `hex:` and its hex digits;
 /// `GAP TOPIC FROM..=TO` for a gap. JSON: an object per message with topic, seq, source_ts_ns,
-/// ingest_ts_ns, quality, snapshot and value (UTF-8) or value_hex; `{"gap":{...}}`.
+/// ingest_ts_ns, quality, snapshot, restored and value (UTF-8) or value_hex; `{"gap":{...}}`.
 /// Reconnections go to stderr.
 fn print_event(out: &mut impl Write, event: &EventRef<'_>, json: bool) -> io::Result<()> {
     match (event, json) {
@@ -527,6 +669,7 @@ fn print_event(out: &mut impl Write, event: &EventRef<'_>, json: bool) -> io::Re
                 ingest_ts_ns: m.ingest_ts_ns,
                 quality: m.quality,
                 snapshot: m.snapshot,
+                restored: m.restored,
                 value: text,
                 value_hex: text.is_none().then(|| hex(m.payload)),
             };
@@ -589,6 +732,7 @@ struct JsonMessage<'a> {
     ingest_ts_ns: u64,
     quality: u8,
     snapshot: bool,
+    restored: bool,
     #[serde(skip_serializing_if = "Option::is_none")]
     value: Option<&'a str>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -603,6 +747,9 @@ fn print_plain(out: &mut impl Write, m: &MessageRef<'_>) -> io::Result<()> {
     )?;
     if m.snapshot {
         out.write_all(b" snapshot")?;
+    }
+    if m.restored {
+        out.write_all(b" restored")?;
     }
     match std::str::from_utf8(m.payload) {
         Ok(text) if !text.chars().any(char::is_control) => writeln!(out, " {text}"),
@@ -653,6 +800,9 @@ fn render_stats(doc: &serde_json::Value) -> String {
         num(doc, "uptime_ms") / 1000,
         num(doc, "open_connections")
     );
+    if let Some(url) = doc.get("metrics_url").and_then(|u| u.as_str()) {
+        let _ = writeln!(out, "Prometheus metrics: {url}");
+    }
     if let Some(totals) = doc.get("totals").and_then(|t| t.as_object()) {
         for (name, value) in totals {
             let _ = writeln!(out, "  {name:<20} {value}");

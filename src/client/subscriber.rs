@@ -9,7 +9,8 @@ use super::options::Reconnect;
 use super::{deadline_after, ping_interval, ClientError, ClientOptions};
 use crate::proto::{
     decode_frame, encode_control, encode_ping, encode_pong, validate_pattern, DecodeError, Decoded,
-    DeliveryMode, Frame, Subscribe, TopicPosition, Welcome, WireError, DATA_FLAG_SNAPSHOT,
+    DeliveryMode, Frame, Subscribe, TopicPosition, Welcome, WireError, DATA_FLAG_RESTORED,
+    DATA_FLAG_SNAPSHOT,
 };
 
 /// One subscription: a pattern (`+` one level, `#` the rest) and its delivery mode.
@@ -39,6 +40,9 @@ pub struct Message {
     pub quality: u8,
     /// The retained value sent on subscribe, not a live update.
     pub snapshot: bool,
+    /// A retained value from before the engine restarted (loaded from its snapshot file; `seq`
+    /// is 0). Always a snapshot too.
+    pub restored: bool,
     pub payload: Vec<u8>,
 }
 
@@ -51,6 +55,8 @@ pub struct MessageRef<'a> {
     pub ingest_ts_ns: u64,
     pub quality: u8,
     pub snapshot: bool,
+    /// See [`Message::restored`].
+    pub restored: bool,
     pub payload: &'a [u8],
 }
 
@@ -63,6 +69,7 @@ impl MessageRef<'_> {
             ingest_ts_ns: self.ingest_ts_ns,
             quality: self.quality,
             snapshot: self.snapshot,
+            restored: self.restored,
             payload: self.payload.to_vec(),
         }
     }
@@ -139,6 +146,7 @@ impl Event {
                 ingest_ts_ns: m.ingest_ts_ns,
                 quality: m.quality,
                 snapshot: m.snapshot,
+                restored: m.restored,
                 payload: &m.payload,
             }),
             Event::Gap {
@@ -612,6 +620,7 @@ fn drain(
                     ingest_ts_ns: header.ingest_ts_ns,
                     quality: header.quality,
                     snapshot: header.flags & DATA_FLAG_SNAPSHOT != 0,
+                    restored: header.flags & DATA_FLAG_RESTORED != 0,
                     payload,
                 }));
             }

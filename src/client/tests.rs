@@ -161,6 +161,7 @@ fn message(topic: &str, seq: u64, snapshot: bool) -> Event {
         ingest_ts_ns: 2,
         quality: 192,
         snapshot,
+        restored: false,
         payload: format!("{topic}#{seq}").into_bytes(),
     })
 }

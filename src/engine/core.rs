@@ -51,6 +51,7 @@ use super::session::{
 use super::store::{Replay, TopicStore};
 use super::{EngineShared, ShardStats};
 use crate::config::Config;
+use crate::log::{Admit, Category, LogLimiter};
 use crate::metrics::{data_frame_stamp, ShardMetrics};
 use crate::proto::{
     self, data_frame_topic, decode_frame, error_code, Decoded, DeliveryMode, Frame, PublishRef,
@@ -71,6 +72,34 @@ const MAX_WRITE_BYTES: usize = 512 * 1024;
 pub(crate) const COALESCE_BYTES: usize = 16 * 1024;
 /// How often the write-coalescing interval is recomputed from the connections written.
 pub(crate) const TICK: Duration = Duration::from_millis(25);
+
+/// Logs one line of a rate-limited category (`log.rs`): nothing is formatted, and no token
+/// spent, when the level is off; a line after dropped ones says how many were dropped.
+macro_rules! log_event {
+    ($core:expr, $category:expr, $level:ident, $($arg:tt)+) => {
+        if tracing::enabled!(tracing::Level::$level) {
+            if let Admit::Log { suppressed } = $core.log.admit($category, $core.now) {
+                if suppressed == 0 {
+                    tracing::event!(tracing::Level::$level, $($arg)+);
+                } else {
+                    tracing::event!(tracing::Level::$level, suppressed, $($arg)+);
+                }
+            }
+        }
+    };
+}
+
+/// A connection's peer address in a log line, `-` when unknown.
+struct Peer(Option<std::net::SocketAddr>);
+
+impl std::fmt::Display for Peer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.0 {
+            Some(addr) => addr.fmt(f),
+            None => f.write_str("-"),
+        }
+    }
+}
 
 /// Messages between shards, as values.
 #[derive(Debug)]
@@ -232,6 +261,8 @@ pub(crate) struct FanoutCore {
     pace: PaceBook,
     /// Paused connections that may be read again, for the driver.
     resumed: Vec<usize>,
+    /// Rate limits of the connection-event log lines.
+    log: LogLimiter,
 }
 
 impl FanoutCore {
@@ -242,11 +273,18 @@ impl FanoutCore {
         shared: Arc<EngineShared>,
         now: Instant,
     ) -> FanoutCore {
+        let mut store = TopicStore::new(
+            config.retained.ring_bytes / n_shards as usize,
+            config.retained.max_bytes / n_shards as usize,
+        );
+        for frame in shared.take_restored(id) {
+            if let Some(topic) = data_frame_topic(&frame).map(str::to_owned) {
+                store.restore(&topic, frame);
+            }
+        }
         FanoutCore {
-            store: TopicStore::new(
-                config.retained.ring_bytes / n_shards as usize,
-                config.retained.max_bytes / n_shards as usize,
-            ),
+            store,
+            log: LogLimiter::new(&config.log, now),
             metrics: ShardMetrics::new(&config.metrics),
             id,
             n_shards,
@@ -688,7 +726,59 @@ impl FanoutCore {
                 self.resume(None);
             }
             self.next_tick = now + TICK;
+            while let Some((category, suppressed)) = self.log.poll_suppressed(now) {
+                tracing::warn!(
+                    category = category.name(),
+                    suppressed,
+                    reactor = self.id,
+                    "log lines suppressed by the rate limit (log.lines_per_s)"
+                );
+            }
         }
+    }
+
+    /// The peer address of the connection in `slot`, for its log lines.
+    pub(crate) fn set_peer(&mut self, slot: usize, peer: std::net::SocketAddr) {
+        if let Some(session) = self.session_mut(slot) {
+            session.peer = Some(peer);
+            session.guard.peer = Some(peer);
+        }
+    }
+
+    /// The transport of `slot` failed (`cause` says how): the session ends at once.
+    pub(crate) fn handle_transport_error(&mut self, now: Instant, slot: usize, cause: String) {
+        if let Some(session) = self.session_mut(slot) {
+            session.close_cause.get_or_insert(cause);
+        }
+        self.handle_closed(now, slot);
+    }
+
+    /// A reloaded configuration (SIGHUP). The caller passes one whose restart-only keys are
+    /// unchanged (`Config::reload_plan`): limits, keep-alive and delivery values apply to
+    /// connections and subscriptions made from now on, write coalescing from the next tick.
+    pub(crate) fn handle_reload(&mut self, config: Arc<Config>) {
+        self.log.handle_reload(&config.log);
+        self.config = config;
+    }
+
+    /// Some connection still has frames queued for its transport (the drain waits for none).
+    pub(crate) fn has_output(&self) -> bool {
+        self.sessions
+            .iter()
+            .flatten()
+            .any(|s| s.has_output() && !s.is_closing())
+    }
+
+    /// Changes whenever a retained value of this shard does.
+    pub(crate) fn retained_version(&self) -> u64 {
+        self.store.retained_version()
+    }
+
+    /// The retained value of every topic this shard owns.
+    pub(crate) fn retained_frames(&self) -> Vec<super::store::RetainedFrame> {
+        let mut out = Vec::new();
+        self.store.retained_frames(&mut out);
+        out
     }
 
     /// Makes sure the heap holds the session's next deadline (an earlier one than it holds
@@ -756,7 +846,10 @@ impl FanoutCore {
                 &mut self.counters,
                 &mut self.metrics,
             );
-            if result.is_err() {
+            if let Err(e) = result {
+                session
+                    .close_cause
+                    .get_or_insert_with(|| format!("write failed: {e}"));
                 self.close(slot);
                 continue;
             }
@@ -1001,6 +1094,10 @@ impl FanoutCore {
         session.client_id = client_id;
         session.keepalive = Duration::from_millis(keepalive_ms as u64);
         session.last_heard = now;
+        let (conn, peer) = (session.id, session.peer);
+        log_event!(self, Category::Connect, INFO,
+            conn, client_id = %self.session(slot).map_or("", |s| s.client_id.as_str()),
+            peer = %Peer(peer), keepalive_ms, reactor = self.id, "connect");
         self.arm(slot);
         self.reply(slot, Reply::Welcome(welcome))
     }
@@ -1133,10 +1230,38 @@ impl FanoutCore {
         let Some(session) = self.sessions.get_mut(slot).and_then(Option::as_mut) else {
             return;
         };
+        if session.is_closing() {
+            return;
+        }
         let code = fatal.code;
+        let category = match code {
+            error_code::SHUTTING_DOWN => None,
+            error_code::SLOW_CONSUMER => Some(Category::SlowConsumer),
+            error_code::HANDSHAKE_TIMEOUT | error_code::KEEPALIVE_TIMEOUT => {
+                Some(Category::Timeout)
+            }
+            _ => Some(Category::ProtocolError),
+        };
+        let (conn, peer) = (session.id, session.peer);
+        match category {
+            Some(Category::SlowConsumer) => log_event!(self, Category::SlowConsumer, WARN,
+                conn, client_id = %session.client_id, peer = %Peer(peer), reason = %fatal.reason,
+                "slow consumer disconnected (ERROR 10)"),
+            Some(Category::Timeout) => log_event!(self, Category::Timeout, INFO,
+                conn, client_id = %session.client_id, peer = %Peer(peer),
+                code = error_code::name(code), reason = %fatal.reason, "time-out"),
+            Some(category) => log_event!(self, category, WARN,
+                conn, client_id = %session.client_id, peer = %Peer(peer),
+                code = error_code::name(code), reason = %fatal.reason, "protocol error"),
+            None => {}
+        }
+        let Some(session) = self.sessions.get_mut(slot).and_then(Option::as_mut) else {
+            return;
+        };
         if !session.fail(now, fatal) {
             return;
         }
+        session.close_code = Some(code);
         let c = &mut self.counters;
         *match code {
             error_code::HANDSHAKE_TIMEOUT => &mut c.handshake_timeouts,
@@ -1212,6 +1337,18 @@ impl FanoutCore {
         if let Some(session) = self.sessions[slot].take() {
             if session.paused {
                 self.pace.forget(slot, session.id);
+            }
+            // Connections refused at accept never reach the core; those shut down by the engine
+            // are summed up by the drain's own line.
+            if session.close_code != Some(error_code::SHUTTING_DOWN) {
+                let cause = match (session.close_code, &session.close_cause) {
+                    (Some(code), _) => error_code::name(code),
+                    (None, Some(cause)) => cause.as_str(),
+                    (None, None) => "closed by the peer",
+                };
+                log_event!(self, Category::Disconnect, INFO,
+                    conn = session.id, client_id = %session.client_id, peer = %Peer(session.peer),
+                    code = session.close_code, cause, "disconnect");
             }
             // A session that said HELLO (not refused at it) holds its client id until now.
             if !session.client_id.is_empty() {
@@ -1381,10 +1518,10 @@ impl FanoutCore {
         if let Some(release) = release {
             session.holds.released = true;
             self.counters.pace_releases += 1;
-            eprintln!(
-                "lanpush: connection {} ({:?}) released from pacing: {release}; its subscriptions' modes apply",
-                session.id, session.client_id
-            );
+            let (conn, client_id, peer) = (session.id, session.client_id.clone(), session.peer);
+            log_event!(self, Category::SlowConsumer, WARN,
+                conn, client_id = %client_id, peer = %Peer(peer), reason = %release,
+                "released from pacing; its subscriptions' modes apply");
         }
         let topics: Vec<String> = session.holds.take().collect();
         for topic in topics {
@@ -1590,14 +1727,6 @@ impl FanoutCore {
 // ----- admission and authorisation: the hooks into `guard.rs` and `crate::auth` -----
 
 impl FanoutCore {
-    /// The source address of the connection in `slot` (for audit lines), told by the driver
-    /// right after [`FanoutCore::open`].
-    pub(crate) fn set_peer_addr(&mut self, slot: usize, peer: std::net::SocketAddr) {
-        if let Some(session) = self.session_mut(slot) {
-            session.guard.peer = Some(peer);
-        }
-    }
-
     /// Reactor 0 refused a connection from `peer` at `limits.max_connections_per_address`.
     pub(crate) fn handle_address_refused(&mut self, now: Instant, peer: std::net::SocketAddr) {
         self.guard.counters.address_refused += 1;

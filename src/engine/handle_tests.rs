@@ -287,7 +287,9 @@ fn join_reports_the_failed_reactor_after_it_stopped_the_others() {
         threads,
         stats_thread: std::thread::spawn(|| {}),
         shared: shared.clone(),
+        current: Arc::new(std::sync::Mutex::new(config.clone())),
         config,
+        persist: None,
     };
     let (done_tx, done_rx) = mpsc::channel();
     std::thread::spawn(move || {

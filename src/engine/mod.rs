@@ -27,6 +27,7 @@ mod notify;
 pub mod outbox;
 mod owners;
 mod pacing;
+pub mod persist;
 mod reactor;
 mod readbuf;
 mod session;
@@ -39,8 +40,9 @@ use std::io;
 use std::net::SocketAddr;
 use std::panic::{self, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
+use std::time::Duration;
 
 use crossbeam_channel::TrySendError;
 use mio::Poll;
@@ -169,6 +171,18 @@ pub(crate) struct EngineShared {
     shutting_down: AtomicBool,
     /// Reactor threads that ended with an error, a panic, or unasked.
     reactor_failures: AtomicU64,
+    /// Retained values loaded from the snapshot file, per owner shard; each core takes its
+    /// list when it is made (`persist.rs`).
+    restored: Mutex<Vec<Vec<store::RetainedFrame>>>,
+    /// What each reactor's store held when it stopped, for the save at shutdown.
+    final_retained: Mutex<Vec<Option<Vec<store::RetainedFrame>>>>,
+    /// Reactors that, draining, stopped reading and sent every publish they had read: once all
+    /// have, no publish is on its way anywhere but in an inbox.
+    drain_quiesced: AtomicUsize,
+    /// Draining reactors with nothing in their inbox or outgoing queues (`Reactor::drain`).
+    drain_settled: AtomicUsize,
+    /// Where the Prometheus endpoint listens, once it does: the stats document names it.
+    metrics_addr: std::sync::OnceLock<SocketAddr>,
 }
 
 /// Reads one counter of a shard, for the stats document.
@@ -197,6 +211,31 @@ impl EngineShared {
             mailboxes: Vec::new(),
             shutting_down: AtomicBool::new(false),
             reactor_failures: AtomicU64::new(0),
+            restored: Mutex::new(Vec::new()),
+            final_retained: Mutex::new((0..n_shards).map(|_| None).collect()),
+            drain_quiesced: AtomicUsize::new(0),
+            drain_settled: AtomicUsize::new(0),
+            metrics_addr: std::sync::OnceLock::new(),
+        }
+    }
+
+    /// Shard `id`'s retained values from the snapshot file (once; empty after).
+    pub(crate) fn take_restored(&self, id: u16) -> Vec<store::RetainedFrame> {
+        let mut restored = self.restored.lock().unwrap_or_else(|e| e.into_inner());
+        restored
+            .get_mut(id as usize)
+            .map(std::mem::take)
+            .unwrap_or_default()
+    }
+
+    /// A reactor's retained values as it stops, for the final save.
+    pub(crate) fn handle_final_retained(&self, id: u16, frames: Vec<store::RetainedFrame>) {
+        let mut finals = self
+            .final_retained
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if let Some(slot) = finals.get_mut(id as usize) {
+            *slot = Some(frames);
         }
     }
 
@@ -249,9 +288,10 @@ impl EngineShared {
                 }
             });
         if let Err(e) = spawned {
-            eprintln!(
-                "lanpush: cannot start a thread to deliver the shutdown to a reactor with a \
-                 full inbox ({e}); it stops when it next sees the shutdown flag"
+            tracing::error!(
+                error = %e,
+                "cannot start a thread to deliver the shutdown to a reactor with a full inbox; \
+                 it stops when it next sees the shutdown flag"
             );
         }
     }
@@ -369,6 +409,9 @@ impl EngineShared {
         if partial {
             doc["partial"] = true.into();
         }
+        if let Some(addr) = self.metrics_addr.get() {
+            doc["metrics_url"] = format!("http://{addr}/metrics").into();
+        }
         doc
     }
 }
@@ -390,6 +433,16 @@ pub struct Engine {
     stats_thread: JoinHandle<()>,
     shared: Arc<EngineShared>,
     config: Arc<Config>,
+    /// The config in force, changed by [`ReloadHandle::reload`].
+    current: Arc<Mutex<Arc<Config>>>,
+    persist: Option<Persister>,
+}
+
+/// The `lanpush-persist` thread (`persist.rs`) and where it writes.
+struct Persister {
+    path: std::path::PathBuf,
+    stop: crossbeam_channel::Sender<()>,
+    thread: JoinHandle<()>,
 }
 
 impl Engine {
@@ -424,6 +477,10 @@ impl Engine {
             mailboxes: mailboxes.clone(),
             ..EngineShared::new(n, &config)
         });
+        if let Some(path) = config.retained.persist_file() {
+            let restored = persist::restore_at_start(&path, &shared, &config);
+            *shared.restored.lock().unwrap_or_else(|e| e.into_inner()) = restored;
+        }
         let cores = if config.server.pin_threads {
             core_affinity::get_core_ids().unwrap_or_default()
         } else {
@@ -466,13 +523,43 @@ impl Engine {
             }
         }
         drop(stats_jobs);
+        let persist = match config.retained.persist_file() {
+            None => None,
+            Some(path) => {
+                let (stop, stopped) = crossbeam_channel::bounded(1);
+                let spawned = persist::spawn(
+                    path.clone(),
+                    Duration::from_millis(config.retained.persist_interval_ms),
+                    config.retained.max_bytes,
+                    mailboxes.clone(),
+                    stopped,
+                );
+                match spawned {
+                    Ok(thread) => Some(Persister { path, stop, thread }),
+                    Err(e) => {
+                        shared.request_shutdown();
+                        return Err(EngineError::Thread(e));
+                    }
+                }
+            }
+        };
         Ok(Engine {
             local_addr,
             threads,
             stats_thread,
             shared,
+            current: Arc::new(Mutex::new(config.clone())),
             config,
+            persist,
         })
+    }
+
+    /// A cloneable handle that applies a re-read config (SIGHUP) to the running engine.
+    pub fn reload_handle(&self) -> ReloadHandle {
+        ReloadHandle {
+            shared: self.shared.clone(),
+            current: self.current.clone(),
+        }
     }
 
     /// The address the listener is bound to (the real port when the config asked for port 0).
@@ -505,11 +592,12 @@ impl Engine {
             return Ok(None);
         };
         let shared = Arc::clone(&self.shared);
-        crate::metrics::MetricsServer::start(addr, move || {
+        let server = crate::metrics::MetricsServer::start(addr, move || {
             let stats = stats::collect(&shared, &shared.mailboxes);
             (shared.metrics.merged(), stats)
-        })
-        .map(Some)
+        })?;
+        let _ = self.shared.metrics_addr.set(server.local_addr());
+        Ok(Some(server))
     }
 
     /// Engine counters, as `lanpush stats` shows them (a JSON document).
@@ -543,6 +631,33 @@ impl Engine {
             first_failure.get_or_insert(EngineError::StatsPanicked {
                 message: panic_message(payload.as_ref()),
             });
+        }
+        if let Some(persister) = self.persist {
+            // The last save, from what each reactor held after its drain; if one left nothing
+            // (it failed), the last periodic file is kept rather than written without its
+            // topics.
+            let _ = persister.stop.send(());
+            let _ = persister.thread.join();
+            let finals = std::mem::take(
+                &mut *self
+                    .shared
+                    .final_retained
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner()),
+            );
+            match finals.into_iter().collect::<Option<Vec<_>>>() {
+                Some(frames) => persist::write_values(
+                    &persister.path,
+                    &frames,
+                    self.config.retained.max_bytes,
+                    true,
+                ),
+                None => tracing::warn!(
+                    path = %persister.path.display(),
+                    "a reactor stopped without handing over its retained values: the last \
+                     periodic snapshot file is kept"
+                ),
+            }
         }
         first_failure.map_or(Ok(()), Err)
     }
@@ -594,7 +709,7 @@ fn reactor_thread_body(
     };
     shared.reactor_failures.fetch_add(1, Ordering::Relaxed);
     shared.request_shutdown();
-    eprintln!("lanpush: {failure}; shutting the engine down");
+    tracing::error!(reactor = id, error = %failure, "reactor failed: shutting the engine down");
     Err(failure)
 }
 
@@ -622,6 +737,49 @@ impl ShutdownHandle {
     pub fn shutdown(&self) {
         self.shared.request_shutdown();
     }
+}
+
+/// Applies a re-read configuration to the running engine (SIGHUP).
+#[derive(Clone)]
+pub struct ReloadHandle {
+    shared: Arc<EngineShared>,
+    current: Arc<Mutex<Arc<Config>>>,
+}
+
+impl ReloadHandle {
+    /// Hands every reactor the run-time keys of `new` that differ from the config in force
+    /// ([`Config::reload_plan`]) and returns the plan: what was applied, and the changed keys
+    /// that need a restart (left as they are). Blocks at most a second per reactor whose inbox
+    /// is full; such a reactor keeps its old values (`applied` is then not true for it, and
+    /// the `Err` says so).
+    pub fn reload(&self, new: &Config) -> Result<crate::config::ReloadPlan, ReloadError> {
+        let mut current = self.current.lock().unwrap_or_else(|e| e.into_inner());
+        let plan = current.reload_plan(new);
+        if plan.applied.is_empty() {
+            return Ok(plan);
+        }
+        let config = Arc::new(plan.config.clone());
+        let mut missed = 0;
+        for mailbox in &self.shared.mailboxes {
+            if mailbox
+                .send_timeout(ShardMsg::Reload(config.clone()), Duration::from_secs(1))
+                .is_err()
+            {
+                missed += 1;
+            }
+        }
+        *current = config;
+        if missed > 0 {
+            return Err(ReloadError::Missed { reactors: missed });
+        }
+        Ok(plan)
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ReloadError {
+    #[error("{reactors} reactor(s) could not take the new configuration (inbox full or gone)")]
+    Missed { reactors: usize },
 }
 
 /// Publishes from inside the engine's process: the message goes straight into its topic's owner

@@ -90,7 +90,7 @@ impl OwnerTable {
     }
 
     /// The owner for a publish that does not come through a shard: claimed for the hash owner.
-    fn claim_for_local(&self, topic: &str) -> Option<Owned> {
+    pub(crate) fn claim_for_local(&self, topic: &str) -> Option<Owned> {
         self.claim_owned(topic, owner_of(topic, self.n_shards))
     }
 

@@ -54,6 +54,8 @@ const THROTTLE_NAP: Duration = Duration::from_micros(200);
 const MAX_ACCEPTS: usize = 256;
 /// After an accept failed for lack of descriptors or memory, wait this long before trying again.
 const ACCEPT_RETRY: Duration = Duration::from_millis(100);
+/// Longest sleep of a draining reactor between two looks at its inbox and sockets.
+const DRAIN_NAP: Duration = Duration::from_millis(2);
 
 /// Messages into a reactor: connections (which only the driver may hold) and the core's
 /// messages.
@@ -70,6 +72,15 @@ pub(crate) enum ShardMsg {
     /// The stats thread asks for this reactor's report: its histograms posted to the metrics
     /// board, and its connections as `lanpush stats` shows them (`FanoutCore::report`).
     Report(crossbeam_channel::Sender<Vec<serde_json::Value>>),
+    /// The persist thread asks for this reactor's retained values, unless they are still at
+    /// `version` (`persist.rs`).
+    Retained {
+        shard: usize,
+        version: Option<u64>,
+        reply: crossbeam_channel::Sender<super::persist::RetainedAnswer>,
+    },
+    /// A reloaded configuration (SIGHUP), restart-only keys unchanged.
+    Reload(Arc<Config>),
     Shutdown,
 }
 
@@ -98,8 +109,8 @@ impl Transport for Sockets<'_> {
                 e.kind(),
                 io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
             ) {
+                // The core closes the connection and logs why (its disconnect line).
                 *self.io_errors += 1;
-                log_io_error(None, "write", e);
             }
         }
         result
@@ -148,6 +159,8 @@ pub(crate) struct Reactor {
     core: FanoutCore,
     counters: DriverCounters,
     shutting_down: bool,
+    /// Draining after a shutdown request: new connections are refused.
+    draining: bool,
     /// A peer's inbox was full at the end of the last turn: socket reads wait (the publishers
     /// feel TCP backpressure) until it has taken this reactor's backlog.
     throttled: bool,
@@ -197,6 +210,7 @@ impl Reactor {
             read_again: Vec::new(),
             counters: DriverCounters::default(),
             shutting_down: false,
+            draining: false,
             throttled: false,
             timer,
             stats_jobs,
@@ -275,6 +289,7 @@ impl Reactor {
             self.send_outgoing();
             self.publish_stats();
         }
+        self.drain(&mut events)?;
         let now = Instant::now();
         self.core.shut_down(now);
         self.flush(now);
@@ -283,7 +298,101 @@ impl Reactor {
         }
         self.drop_closed();
         self.publish_stats();
+        self.shared
+            .handle_final_retained(self.id, self.core.retained_frames());
         Ok(())
+    }
+
+    /// The drain after a shutdown request, up to `server.drain_ms`: stop accepting and reading,
+    /// pass on every publish already read, take in what the other reactors pass on, and write
+    /// out what is queued. Ends early once every reactor has passed its publishes on and this
+    /// one has nothing left to take in or write.
+    fn drain(&mut self, events: &mut Events) -> io::Result<()> {
+        let deadline = Instant::now() + Duration::from_millis(self.config.server.drain_ms);
+        self.draining = true;
+        if let Some(mut listener) = self.listener.take() {
+            let _ = self.poll.registry().deregister(&mut listener);
+        }
+        self.read_again.clear();
+        let n = self.n_shards as usize;
+        let (mut quiesced, mut settled) = (false, false);
+        loop {
+            let now = Instant::now();
+            self.drain_inbox(now);
+            if now >= self.core.poll_timeout() {
+                self.core.handle_timeout(now);
+            }
+            self.flush(now);
+            self.drop_closed();
+            let sending = self.new_conns.iter().any(|c| !c.is_empty())
+                || (0..n).any(|peer| !self.core.outgoing(peer).is_empty());
+            if settled && sending {
+                // Not settled while passing something on (a catch-up's replay request).
+                settled = false;
+                self.shared.drain_settled.fetch_sub(1, Ordering::SeqCst);
+            }
+            self.send_outgoing();
+            self.publish_stats();
+            // Phase 1: every publish this reactor read has gone to its owner.
+            if !quiesced && !self.throttled && self.new_conns.iter().all(Vec::is_empty) {
+                quiesced = true;
+                self.shared.drain_quiesced.fetch_add(1, Ordering::SeqCst);
+            }
+            // Phase 2: once no reactor reads or holds a publish, only inbox messages make new
+            // ones (a publish ingested makes deliveries). A reactor is settled while its inbox
+            // and outgoing queues are empty; a sender counts itself settled only after its
+            // sends, so a reactor that sees everyone settled finds every message in its inbox.
+            let everyone_quiesced = self.shared.drain_quiesced.load(Ordering::SeqCst) >= n;
+            let idle = everyone_quiesced
+                && !self.throttled
+                && self.inbox.rx.is_empty()
+                && self.new_conns.iter().all(Vec::is_empty);
+            if idle != settled {
+                settled = idle;
+                if idle {
+                    self.shared.drain_settled.fetch_add(1, Ordering::SeqCst);
+                } else {
+                    self.shared.drain_settled.fetch_sub(1, Ordering::SeqCst);
+                }
+            }
+            let done = settled
+                && self.shared.drain_settled.load(Ordering::SeqCst) >= n
+                && self.inbox.rx.is_empty()
+                && !self.core.has_output();
+            if done || now >= deadline {
+                let connections = self.links.iter().flatten().count();
+                if done {
+                    tracing::info!(
+                        reactor = self.id,
+                        connections,
+                        "drained: closing connections with ERROR 12"
+                    );
+                } else {
+                    tracing::warn!(
+                        reactor = self.id,
+                        connections,
+                        drain_ms = self.config.server.drain_ms,
+                        "drain deadline reached with frames still queued: closing connections with ERROR 12"
+                    );
+                }
+                return Ok(());
+            }
+            let nap = DRAIN_NAP.min(deadline.saturating_duration_since(now));
+            match self.poll.poll(events, Some(nap)) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e),
+            }
+            for event in events.iter() {
+                match event.token() {
+                    WAKER_TOKEN | LISTENER_TOKEN => {}
+                    TIMER_TOKEN => self.timer.fired(),
+                    // Reads wait: nothing new is taken in while draining.
+                    Token(slot) if event.is_writable() => self.core.handle_writable(slot),
+                    Token(_) => {}
+                }
+            }
+        }
     }
 
     fn flush(&mut self, now: Instant) {
@@ -309,8 +418,13 @@ impl Reactor {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => {
-                    // EMFILE and friends: the connections stay in the backlog; try again soon.
-                    eprintln!("lanpush: accept failed: {e}");
+                    // EMFILE and friends: the connections stay in the backlog; try again soon
+                    // (so this line comes at most every ACCEPT_RETRY).
+                    tracing::warn!(
+                        error = %e,
+                        open_connections = self.shared.open_connections.load(Ordering::Relaxed),
+                        "accept failed; retrying in 100 ms"
+                    );
                     self.accept_again = Some(now + ACCEPT_RETRY);
                     return;
                 }
@@ -381,6 +495,16 @@ impl Reactor {
 
     fn add_conn(&mut self, mut stream: TcpStream, conn_id: u64, now: Instant) {
         let peer = stream.peer_addr().ok();
+        if self.draining {
+            self.release_source(peer);
+            self.shared.open_connections.fetch_sub(1, Ordering::Relaxed);
+            refuse(
+                stream,
+                error_code::SHUTTING_DOWN,
+                "the engine is shutting down",
+            );
+            return;
+        }
         let slot = self.free_slots.pop().unwrap_or_else(|| {
             self.links.push(None);
             self.links.len() - 1
@@ -390,7 +514,7 @@ impl Reactor {
             Token(slot),
             Interest::READABLE | Interest::WRITABLE,
         ) {
-            eprintln!("lanpush: cannot register connection {conn_id}: {e}");
+            tracing::error!(conn = conn_id, error = %e, "cannot register a connection");
             self.release_source(peer);
             self.free_slots.push(slot);
             self.shared.open_connections.fetch_sub(1, Ordering::Relaxed);
@@ -403,7 +527,7 @@ impl Reactor {
         });
         self.core.open(now, slot, conn_id);
         if let Some(peer) = peer {
-            self.core.set_peer_addr(slot, peer);
+            self.core.set_peer(slot, peer);
         }
         // Data may have arrived before registration: edge-triggered readiness would not report it.
         self.read_again.push(slot);
@@ -477,8 +601,8 @@ impl Reactor {
 
     fn io_error(&mut self, now: Instant, slot: usize, what: &str, e: &io::Error) {
         self.counters.io_errors += 1;
-        log_io_error(self.core.session(slot).map(|s| s.id), what, e);
-        self.core.handle_closed(now, slot);
+        self.core
+            .handle_transport_error(now, slot, format!("{what} failed: {e}"));
         self.drop_closed();
     }
 
@@ -521,6 +645,21 @@ impl Reactor {
                 ShardMsg::Report(reply) => {
                     // The channel has room for every reactor's answer: never blocks.
                     let _ = reply.try_send(self.core.report());
+                }
+                ShardMsg::Retained {
+                    shard,
+                    version,
+                    reply,
+                } => {
+                    let now_version = self.core.retained_version();
+                    let answer = (version != Some(now_version))
+                        .then(|| (now_version, self.core.retained_frames()));
+                    // The channel has room for every reactor's answer: never blocks.
+                    let _ = reply.try_send((shard, answer));
+                }
+                ShardMsg::Reload(config) => {
+                    self.config = config.clone();
+                    self.core.handle_reload(config);
                 }
                 ShardMsg::Shutdown => self.shutting_down = true,
             }
@@ -603,21 +742,6 @@ impl Reactor {
         s.throttled_turns
             .store(c.throttled_turns, Ordering::Relaxed);
         s.io_errors.store(c.io_errors, Ordering::Relaxed);
-    }
-}
-
-/// Logs a failed read or write, except a peer's reset or broken pipe: those are what a client
-/// vanishing looks like, and are only counted (`io_errors`).
-fn log_io_error(conn_id: Option<u64>, what: &str, e: &io::Error) {
-    if matches!(
-        e.kind(),
-        io::ErrorKind::ConnectionReset | io::ErrorKind::BrokenPipe
-    ) {
-        return;
-    }
-    match conn_id {
-        Some(id) => eprintln!("lanpush: connection {id}: {what} failed: {e}"),
-        None => eprintln!("lanpush: a connection's {what} failed: {e}"),
     }
 }
 

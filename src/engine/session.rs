@@ -212,6 +212,12 @@ pub(crate) struct Session {
     /// Pacing, as a publisher: the engine does not read this connection (it published to a
     /// topic that a subscriber holds back). Its silence is then the engine's doing.
     pub paused: bool,
+    /// The peer's address, for logs (the driver sets it when it knows it).
+    pub peer: Option<std::net::SocketAddr>,
+    /// The ERROR code the engine closed the connection with, for the disconnect log line.
+    pub close_code: Option<u16>,
+    /// How its transport failed, for the disconnect log line (neither: the peer closed it).
+    pub close_cause: Option<String>,
 }
 
 /// The result of [`Session::enqueue`].
@@ -263,6 +269,9 @@ impl Session {
             guard: Guard::default(),
             holds: Holds::default(),
             paused: false,
+            peer: None,
+            close_code: None,
+            close_cause: None,
         }
     }
 

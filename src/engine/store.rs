@@ -12,6 +12,9 @@ use std::sync::Arc;
 
 use super::outbox::SharedFrame;
 use crate::proto::{self, Frame, Gap, PublishRef, DATA_FLAG_SNAPSHOT};
+
+/// A retained value as the snapshot file holds it (`persist.rs`): a DATA frame.
+pub(crate) type RetainedFrame = SharedFrame;
 use crate::topic::TopicTree;
 
 struct TopicEntry {
@@ -110,23 +113,7 @@ impl TopicStore {
     /// shared allocation, retained and put in the ring. Returns the shared frame and the topic's
     /// id.
     pub fn ingest(&mut self, publish: &PublishRef<'_>, ingest_ts_ns: u64) -> (SharedFrame, u32) {
-        let id = match self.by_name.get(publish.topic) {
-            Some(&id) => id,
-            None => {
-                let id = self.topics.len() as u32;
-                self.by_name.insert(publish.topic.into(), id);
-                self.ids.insert(publish.topic, id);
-                self.topics.push(TopicEntry {
-                    seq: 0,
-                    last: None,
-                    snapshot: None,
-                    ring: VecDeque::new(),
-                    updated: 0,
-                    interest: (0, 0),
-                });
-                id
-            }
-        };
+        let id = self.topic_id(publish.topic);
         let entry = &mut self.topics[id as usize];
         entry.seq += 1;
         let seq = entry.seq;
@@ -146,6 +133,56 @@ impl TopicStore {
         self.next_stamp += 1;
         self.evict_retained();
         (frame, id)
+    }
+
+    /// The id of `topic`, a new entry (no message yet) if it has none.
+    fn topic_id(&mut self, topic: &str) -> u32 {
+        if let Some(&id) = self.by_name.get(topic) {
+            return id;
+        }
+        let id = self.topics.len() as u32;
+        self.by_name.insert(topic.into(), id);
+        self.ids.insert(topic, id);
+        self.topics.push(TopicEntry {
+            seq: 0,
+            last: None,
+            snapshot: None,
+            ring: VecDeque::new(),
+            updated: 0,
+            interest: (0, 0),
+        });
+        id
+    }
+
+    /// Takes in a retained value from before the engine restarted (`persist.rs`), a DATA frame
+    /// flagged SNAPSHOT and RESTORED with seq 0 (it is only ever sent as a snapshot): the topic's value for snapshots until it is published again,
+    /// which numbers from 1 as every topic does in a new run. Not in the ring: a resuming
+    /// subscriber's positions belong to this run, and this value is not part of it. A topic
+    /// already known keeps what it has.
+    pub fn restore(&mut self, topic: &str, frame: RetainedFrame) {
+        let id = self.topic_id(topic);
+        let entry = &mut self.topics[id as usize];
+        if entry.last.is_some() || entry.seq > 0 {
+            return;
+        }
+        self.retained_bytes += frame.len();
+        entry.last = Some(frame);
+        entry.updated = self.next_stamp;
+        self.lru.push_back((id, self.next_stamp));
+        self.next_stamp += 1;
+        self.evict_retained();
+    }
+
+    /// A number that changes whenever a retained value does: the snapshot file is rewritten
+    /// only when it moved.
+    pub fn retained_version(&self) -> u64 {
+        self.next_stamp
+    }
+
+    /// Every retained value (one DATA frame per topic that has one, shared, not copied), for the
+    /// snapshot file.
+    pub fn retained_frames(&self, out: &mut Vec<RetainedFrame>) {
+        out.extend(self.topics.iter().filter_map(|e| e.last.clone()));
     }
 
     /// The fan-out core's per-topic interest cache (`core.rs`): (epoch, shard mask).
@@ -196,6 +233,8 @@ impl TopicStore {
             let Some(last) = &entry.last else { continue };
             let snap = match &entry.snapshot {
                 Some(snap) => snap.clone(),
+                // A restored value is flagged as a snapshot already.
+                None if entry.seq == 0 => last.clone(),
                 None => {
                     let snap: SharedFrame =
                         Arc::from(proto::data_frame_with_flags(last, DATA_FLAG_SNAPSHOT));
@@ -262,6 +301,20 @@ impl TopicStore {
         self.ids
             .for_each_matching(pattern, |topic, _| topics.push(topic.to_string()));
         for topic in topics {
+            // A client resuming a topic from its start (a new run: its positions were dropped)
+            // gets the value restored from before the restart, if the topic has no newer one.
+            if !positions.contains_key(&topic) {
+                if let Some(entry) = self
+                    .by_name
+                    .get(topic.as_str())
+                    .map(|&id| &self.topics[id as usize])
+                {
+                    if let (0, Some(restored)) = (entry.seq, &entry.last) {
+                        *budget = budget.saturating_sub(restored.len());
+                        out.push(restored.clone());
+                    }
+                }
+            }
             let from_seq = positions.get(&topic).map_or(1, |last| last + 1);
             if let Replay::More(next) = self.replay(&topic, from_seq, budget, out) {
                 lagged.push((topic, next));
@@ -390,6 +443,62 @@ mod tests {
         got.sort();
         assert_eq!(got, ["a/x#3 f0", "a/y#1 f0"]);
         assert!(lagged.is_empty());
+    }
+
+    fn restored(topic: &str, payload: &[u8]) -> SharedFrame {
+        let p = PublishRef {
+            topic,
+            source_ts_ns: 7,
+            quality: 192,
+            payload,
+        };
+        proto::data_frame_shared(&p, 0, 5, proto::DATA_FLAG_RESTORED | DATA_FLAG_SNAPSHOT)
+    }
+
+    #[test]
+    fn a_restored_value_is_in_snapshots_until_its_topic_is_published() {
+        let mut store = TopicStore::new(1 << 20, usize::MAX);
+        let v0 = store.retained_version();
+        store.restore("a/x", restored("a/x", b"old"));
+        store.restore("a/y", restored("a/y", b"old"));
+        assert_ne!(store.retained_version(), v0);
+        let mut out = Vec::new();
+        store.snapshot("a/+", &mut out);
+        let mut got = describe(&out);
+        got.sort();
+        assert_eq!(got, ["a/x#0 f5", "a/y#0 f5"], "SNAPSHOT | RESTORED, seq 0");
+        // Not part of this run's numbering: a resume from the start gets it (a client that
+        // found a new engine_id resumes so), one that names the topic does not.
+        let (mut replay, mut lagged) = (Vec::new(), Vec::new());
+        let mut budget = usize::MAX;
+        store.resume(
+            "a/#",
+            &HashMap::default(),
+            &mut budget,
+            &mut replay,
+            &mut lagged,
+        );
+        let mut got = describe(&replay);
+        got.sort();
+        assert_eq!(got, ["a/x#0 f5", "a/y#0 f5"]);
+        replay.clear();
+        let named: HashMap<String, u64> = [("a/x".to_string(), 0u64)].into_iter().collect();
+        store.resume("a/x", &named, &mut budget, &mut replay, &mut lagged);
+        assert!(replay.is_empty(), "{:?}", describe(&replay));
+        // The first publish numbers from 1 and replaces it.
+        assert_eq!(
+            proto::data_frame_seq(&publish(&mut store, "a/x", b"new")),
+            Some(1)
+        );
+        out.clear();
+        store.snapshot("a/x", &mut out);
+        assert_eq!(describe(&out), ["a/x#1 f1"]);
+        // A known topic keeps its value.
+        store.restore("a/x", restored("a/x", b"older"));
+        let mut frames = Vec::new();
+        store.retained_frames(&mut frames);
+        assert_eq!(frames.len(), 2);
+        assert!(frames.iter().any(|f| proto::data_frame_seq(f) == Some(1)));
     }
 
     #[test]

@@ -42,6 +42,9 @@
 
 mod board;
 mod buckets;
+#[doc(hidden)]
+pub mod exposition;
+mod process;
 mod prometheus;
 mod recorder;
 mod server;

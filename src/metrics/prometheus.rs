@@ -5,10 +5,16 @@ use std::fmt::Write as _;
 
 use serde_json::Value;
 
-use super::snapshot::{LatencySummary, MetricsSnapshot, QUANTILES};
+use super::snapshot::MetricsSnapshot;
 
 /// Totals of the stats document that are levels, not running counts.
-const GAUGES: [&str; 4] = ["connections", "subscriptions", "topics", "ring_bytes"];
+const GAUGES: [&str; 5] = [
+    "connections",
+    "subscriptions",
+    "topics",
+    "ring_bytes",
+    "retained_bytes",
+];
 
 /// HELP text of the engine counters the stats document is known to carry; others get a generic
 /// one.
@@ -62,11 +68,14 @@ fn engine_help(name: &str) -> &'static str {
 /// - every numeric total `x` becomes `lanpush_x_total` (counter), or `lanpush_x` (gauge) for
 ///   `connections`, `subscriptions`, `topics` and `ring_bytes`; the per-reactor values become
 ///   `lanpush_reactor_x_total{reactor="N"}` / `lanpush_reactor_x{reactor="N"}`;
-/// - latencies are summaries in seconds: `lanpush_ingest_to_write_seconds`,
+/// - latencies are histograms in seconds: `lanpush_ingest_to_write_seconds`,
 ///   `lanpush_source_to_write_seconds` (all prefixes), and `lanpush_prefix_*_seconds` with a
-///   `prefix` label, each with quantiles 0.5 … 0.9999, `_sum` (mean × count from the histogram,
-///   an approximation) and `_count`; an empty one has NaN quantiles. Per-connection histograms
-///   are left out (unbounded label cardinality): `/stats` has them.
+///   `prefix` label, each with cumulative `_bucket{le}` series at [`LATENCY_BUCKETS_US`] and
+///   `+Inf`, `_sum` (mean × count from the histogram, an approximation) and `_count`, so a
+///   dashboard charts `histogram_quantile(0.99, rate(..._bucket[5m]))`. Per-connection
+///   histograms are left out (unbounded label cardinality): `/stats` has them;
+/// - `process_*`: CPU seconds, resident and virtual memory, open and maximum descriptors, start
+///   time, read from `/proc/self` (`process.rs`).
 pub fn prometheus_text(snapshot: &MetricsSnapshot, stats: &Value) -> String {
     let mut w = Writer {
         out: String::with_capacity(8192),
@@ -74,7 +83,58 @@ pub fn prometheus_text(snapshot: &MetricsSnapshot, stats: &Value) -> String {
     };
     engine_metrics(&mut w, stats);
     latency_metrics(&mut w, snapshot);
+    if let Some(process) = super::process::ProcessStats::read() {
+        process_metrics(&mut w, &process);
+    }
     w.out
+}
+
+/// The standard `process_*` families (as Prometheus client libraries name them).
+fn process_metrics(w: &mut Writer, p: &super::process::ProcessStats) {
+    let families: [(&str, &str, &str, String); 6] = [
+        (
+            "process_cpu_seconds_total",
+            "counter",
+            "Total user and system CPU time spent in seconds.",
+            float(p.cpu_seconds),
+        ),
+        (
+            "process_resident_memory_bytes",
+            "gauge",
+            "Resident memory size in bytes.",
+            p.resident_memory_bytes.to_string(),
+        ),
+        (
+            "process_virtual_memory_bytes",
+            "gauge",
+            "Virtual memory size in bytes.",
+            p.virtual_memory_bytes.to_string(),
+        ),
+        (
+            "process_open_fds",
+            "gauge",
+            "Number of open file descriptors.",
+            p.open_fds.to_string(),
+        ),
+        (
+            "process_max_fds",
+            "gauge",
+            "Maximum number of open file descriptors (the soft RLIMIT_NOFILE).",
+            p.max_fds
+                .map_or_else(|| "+Inf".to_string(), |n| n.to_string()),
+        ),
+        (
+            "process_start_time_seconds",
+            "gauge",
+            "Start time of the process since unix epoch in seconds.",
+            float(p.start_time_seconds),
+        ),
+    ];
+    for (name, kind, help, value) in families {
+        if w.family(name, kind, help) {
+            w.sample(name, &[], &value);
+        }
+    }
 }
 
 struct Writer {
@@ -150,12 +210,6 @@ fn engine_metrics(w: &mut Writer, stats: &Value) {
             }
         }
     }
-    if let Some(open) = stats.get("open_connections").and_then(number) {
-        let name = "lanpush_open_connections";
-        if w.family(name, "gauge", "Connections open across the engine.") {
-            w.sample(name, &[], &open);
-        }
-    }
     if let Some(ms) = stats.get("uptime_ms").and_then(Value::as_f64) {
         let name = "lanpush_uptime_seconds";
         if w.family(name, "gauge", "Seconds since the engine started.") {
@@ -164,53 +218,60 @@ fn engine_metrics(w: &mut Writer, stats: &Value) {
     }
 }
 
+/// Upper bounds (µs) of the latency histograms' buckets, 10 µs to 60 s, then `+Inf`: the
+/// usual 1-2.5-5 steps, so `histogram_quantile()` over a window is within a step of the truth.
+pub const LATENCY_BUCKETS_US: [u64; 21] = [
+    10, 25, 50, 100, 250, 500, 1_000, 2_500, 5_000, 10_000, 25_000, 50_000, 100_000, 250_000,
+    500_000, 1_000_000, 2_500_000, 5_000_000, 10_000_000, 30_000_000, 60_000_000,
+];
+
 fn latency_metrics(w: &mut Writer, s: &MetricsSnapshot) {
-    const INGEST_HELP: &str = "Latency from engine ingest to the socket write of each DATA frame to each subscriber, since start; _sum is approximated as histogram mean x count.";
-    const SOURCE_HELP: &str = "Latency from the publisher's source timestamp to the socket write of each DATA frame to each subscriber (frames with a source timestamp), since start; _sum is approximated as histogram mean x count.";
-    let ingest = LatencySummary::of(&s.ingest_to_write);
-    let source = LatencySummary::of(&s.source_to_write);
-    for (name, help, summary) in [
-        ("lanpush_ingest_to_write_seconds", INGEST_HELP, &ingest),
-        ("lanpush_source_to_write_seconds", SOURCE_HELP, &source),
+    const INGEST_HELP: &str = "Latency from engine ingest to the socket write of each DATA frame to each subscriber; _sum is approximated as histogram mean x count.";
+    const SOURCE_HELP: &str = "Latency from the publisher's source timestamp to the socket write of each DATA frame to each subscriber (frames with a source timestamp); _sum is approximated as histogram mean x count.";
+    for (name, help, histogram) in [
+        (
+            "lanpush_ingest_to_write_seconds",
+            INGEST_HELP,
+            &s.ingest_to_write,
+        ),
+        (
+            "lanpush_source_to_write_seconds",
+            SOURCE_HELP,
+            &s.source_to_write,
+        ),
     ] {
-        if w.family(name, "summary", help) {
-            summary_samples(w, name, &[], summary);
+        if w.family(name, "histogram", help) {
+            histogram_samples(w, name, &[], histogram);
         }
     }
-    for (name, summary) in [
-        ("lanpush_ingest_to_write_max_seconds", &ingest),
-        ("lanpush_source_to_write_max_seconds", &source),
+    for (name, histogram) in [
+        ("lanpush_ingest_to_write_max_seconds", &s.ingest_to_write),
+        ("lanpush_source_to_write_max_seconds", &s.source_to_write),
     ] {
         if w.family(
             name,
             "gauge",
-            "Highest latency recorded since start (same measure as the summary).",
+            "Highest latency recorded since start (same measure as the histogram).",
         ) {
-            w.sample(name, &[], &seconds(summary.max_us));
+            let max = if histogram.is_empty() {
+                0
+            } else {
+                histogram.max()
+            };
+            w.sample(name, &[], &seconds(max));
         }
     }
-    let prefixes: Vec<(&String, LatencySummary, LatencySummary)> = s
-        .prefixes
-        .iter()
-        .map(|(name, p)| {
-            (
-                name,
-                LatencySummary::of(&p.ingest_to_write),
-                LatencySummary::of(&p.source_to_write),
-            )
-        })
-        .collect();
-    if !prefixes.is_empty() {
+    if !s.prefixes.is_empty() {
         let name = "lanpush_prefix_ingest_to_write_seconds";
-        if w.family(name, "summary", INGEST_HELP) {
-            for (prefix, ingest, _) in &prefixes {
-                summary_samples(w, name, &[("prefix", prefix)], ingest);
+        if w.family(name, "histogram", INGEST_HELP) {
+            for (prefix, p) in &s.prefixes {
+                histogram_samples(w, name, &[("prefix", prefix)], &p.ingest_to_write);
             }
         }
         let name = "lanpush_prefix_source_to_write_seconds";
-        if w.family(name, "summary", SOURCE_HELP) {
-            for (prefix, _, source) in &prefixes {
-                summary_samples(w, name, &[("prefix", prefix)], source);
+        if w.family(name, "histogram", SOURCE_HELP) {
+            for (prefix, p) in &s.prefixes {
+                histogram_samples(w, name, &[("prefix", prefix)], &p.source_to_write);
             }
         }
     }
@@ -232,24 +293,38 @@ fn latency_metrics(w: &mut Writer, s: &MetricsSnapshot) {
     }
 }
 
-fn summary_samples(w: &mut Writer, name: &str, labels: &[(&str, &str)], s: &LatencySummary) {
-    for (q, value_us) in QUANTILES.iter().zip(s.quantile_values()) {
-        let q = q.to_string();
-        let mut with_quantile = labels.to_vec();
-        with_quantile.push(("quantile", &q));
-        let value = if s.count == 0 {
-            "NaN".to_string()
+/// One histogram's series: cumulative `_bucket{le}` counts in seconds for
+/// [`LATENCY_BUCKETS_US`] and `+Inf`, `_sum`, `_count`.
+fn histogram_samples<T: hdrhistogram::Counter>(
+    w: &mut Writer,
+    name: &str,
+    labels: &[(&str, &str)],
+    histogram: &hdrhistogram::Histogram<T>,
+) {
+    let bucket = format!("{name}_bucket");
+    let count = histogram.len();
+    for bound_us in LATENCY_BUCKETS_US {
+        let le = seconds(bound_us);
+        let mut with_le = labels.to_vec();
+        with_le.push(("le", &le));
+        // Values up to the bound, in HdrHistogram's resolution (3 significant digits).
+        let below = if count == 0 {
+            0
         } else {
-            seconds(value_us)
+            histogram.count_between(0, bound_us).min(count)
         };
-        w.sample(name, &with_quantile, &value);
+        w.sample(&bucket, &with_le, &below.to_string());
     }
-    w.sample(
-        &format!("{name}_sum"),
-        labels,
-        &float(s.mean_us * s.count as f64 / 1e6),
-    );
-    w.sample(&format!("{name}_count"), labels, &s.count.to_string());
+    let mut with_le = labels.to_vec();
+    with_le.push(("le", "+Inf"));
+    w.sample(&bucket, &with_le, &count.to_string());
+    let sum_s = if count == 0 {
+        0.0
+    } else {
+        histogram.mean() * count as f64 / 1e6
+    };
+    w.sample(&format!("{name}_sum"), labels, &float(sum_s));
+    w.sample(&format!("{name}_count"), labels, &count.to_string());
 }
 
 /// The family name and type of an engine figure.

@@ -93,6 +93,7 @@ impl LatencySummary {
     }
 
     /// The quantile values in the order of [`QUANTILES`].
+    #[cfg(test)]
     pub(crate) fn quantile_values(&self) -> [u64; QUANTILES.len()] {
         [
             self.p50_us,

@@ -450,11 +450,21 @@ pub fn data_frame_seq(frame: &[u8]) -> Option<u64> {
     Some(u64::from_le_bytes(seq.try_into().ok()?))
 }
 
+/// Offset of the flags byte in an encoded DATA frame (length prefix included).
+const DATA_FLAGS_AT: usize = FRAME_HEADER_BYTES + 8 + 8 + 8 + 1;
+
+/// The flags of an encoded DATA frame. `None` if `frame` is not a DATA frame.
+pub fn data_frame_flags(frame: &[u8]) -> Option<u8> {
+    if frame.get(LEN_PREFIX_BYTES) != Some(&KIND_DATA) {
+        return None;
+    }
+    frame.get(DATA_FLAGS_AT).copied()
+}
+
 /// A copy of an encoded DATA frame with `flags` replaced (e.g. to mark a retained value as
 /// snapshot). `frame` must be a DATA frame.
 pub fn data_frame_with_flags(frame: &[u8], flags: u8) -> Vec<u8> {
-    const FLAGS_AT: usize = FRAME_HEADER_BYTES + 8 + 8 + 8 + 1;
     let mut copy = frame.to_vec();
-    copy[FLAGS_AT] = flags;
+    copy[DATA_FLAGS_AT] = flags;
     copy
 }

@@ -5,6 +5,10 @@ use bincode::{Decode, Encode};
 
 /// DATA flag: this value comes from the retained snapshot sent after SUBSCRIBE.
 pub const DATA_FLAG_SNAPSHOT: u8 = 0b0000_0001;
+/// DATA flag: this retained value was loaded from the engine's snapshot file at start: it was
+/// published before the engine restarted, and its `seq` is 0 (not part of this run's numbering).
+/// Always sent together with [`DATA_FLAG_SNAPSHOT`].
+pub const DATA_FLAG_RESTORED: u8 = 0b0000_0100;
 
 /// Numeric codes carried by ERROR frames. Stable: clients match on them.
 pub mod error_code {
@@ -52,6 +56,32 @@ pub mod error_code {
     /// The connection publishes faster than `limits.max_publish_rate_per_s`: PUBLISHes are
     /// dropped until it slows down; the connection stays open.
     pub const RATE_LIMITED: u16 = 19;
+
+    /// The symbolic name of a code, for logs.
+    pub fn name(code: u16) -> &'static str {
+        match code {
+            MALFORMED => "MALFORMED",
+            FRAME_TOO_LARGE => "FRAME_TOO_LARGE",
+            HANDSHAKE => "HANDSHAKE",
+            VERSION => "VERSION",
+            HANDSHAKE_TIMEOUT => "HANDSHAKE_TIMEOUT",
+            KEEPALIVE_TIMEOUT => "KEEPALIVE_TIMEOUT",
+            BAD_TOPIC => "BAD_TOPIC",
+            TOO_MANY_SUBSCRIPTIONS => "TOO_MANY_SUBSCRIPTIONS",
+            TOO_MANY_CONNECTIONS => "TOO_MANY_CONNECTIONS",
+            SLOW_CONSUMER => "SLOW_CONSUMER",
+            UNKNOWN_SUBSCRIPTION => "UNKNOWN_SUBSCRIPTION",
+            SHUTTING_DOWN => "SHUTTING_DOWN",
+            UNEXPECTED_FRAME => "UNEXPECTED_FRAME",
+            BUSY => "BUSY",
+            TOO_MANY_TOPICS => "TOO_MANY_TOPICS",
+            UNAUTHENTICATED => "UNAUTHENTICATED",
+            FORBIDDEN => "FORBIDDEN",
+            CLIENT_ID_IN_USE => "CLIENT_ID_IN_USE",
+            RATE_LIMITED => "RATE_LIMITED",
+            _ => "UNKNOWN",
+        }
+    }
 }
 
 /// First frame from a client.

@@ -23,14 +23,14 @@ mod frames;
 mod tests;
 
 pub use codec::{
-    data_frame_seq, data_frame_shared, data_frame_topic, data_frame_total_len,
+    data_frame_flags, data_frame_seq, data_frame_shared, data_frame_topic, data_frame_total_len,
     data_frame_with_flags, decode_frame, encode_control, encode_data, encode_data_from_publish,
     encode_frame, encode_ping, encode_pong, encode_publish, frame_len_hint, DecodeError, Decoded,
 };
 pub use frames::{
     check_depth, error_code, validate_pattern, validate_topic, DataHeader, DeliveryMode, Frame,
     Gap, Hello, PublishRef, SubAck, Subscribe, TopicError, TopicPosition, Unsubscribe, Welcome,
-    WireError, DATA_FLAG_SNAPSHOT,
+    WireError, DATA_FLAG_RESTORED, DATA_FLAG_SNAPSHOT,
 };
 
 /// Protocol version spoken by this build; HELLO carries the client's, WELCOME the engine's.
