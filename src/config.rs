@@ -34,6 +34,7 @@ pub struct Config {
     pub metrics: MetricsConfig,
     pub log: LogConfig,
     pub mqtt: MqttConfig,
+    pub auth: AuthConfig,
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -61,6 +62,13 @@ pub struct LimitsConfig {
     pub max_client_id_bytes: usize,
     /// How long the engine remembers a client id after its last connection closed.
     pub client_session_expiry_s: u64,
+    /// Connections open at once from one source IP address; 0 = no limit.
+    pub max_connections_per_address: usize,
+    /// PUBLISH frames one connection may send per second (bursts of one second's worth);
+    /// 0 = no limit.
+    pub max_publish_rate_per_s: u64,
+    /// Most `/`-separated levels in a topic or pattern.
+    pub max_topic_levels: usize,
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -182,6 +190,133 @@ impl MqttConfig {
         }
         Ok(())
     }
+}
+
+/// Authentication and authorisation (`src/auth/`).
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthConfig {
+    /// A HELLO without a token is accepted, as the identity `anonymous`.
+    pub anonymous: bool,
+    /// The roles of the anonymous identity.
+    pub anonymous_roles: Vec<String>,
+    /// argon2 verifications each reactor runs per second at most (a remembered secret costs
+    /// none); past it a HELLO needing one is refused.
+    pub max_verifications_per_s: u32,
+    pub users: Vec<UserConfig>,
+    pub roles: Vec<RoleConfig>,
+}
+
+/// One user: a name, the argon2 PHC hash of its secret, its roles and its own patterns.
+#[derive(Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UserConfig {
+    pub name: String,
+    pub secret_hash: String,
+    #[serde(default)]
+    pub roles: Vec<String>,
+    #[serde(default)]
+    pub publish: Vec<String>,
+    #[serde(default)]
+    pub subscribe: Vec<String>,
+    #[serde(default)]
+    pub admin: bool,
+}
+
+impl std::fmt::Debug for UserConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("UserConfig")
+            .field("name", &self.name)
+            .field("roles", &self.roles)
+            .field("publish", &self.publish)
+            .field("subscribe", &self.subscribe)
+            .field("admin", &self.admin)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A named set of rights users (and the anonymous identity) can have.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RoleConfig {
+    pub name: String,
+    /// Topic patterns it may PUBLISH to.
+    #[serde(default)]
+    pub publish: Vec<String>,
+    /// Topic patterns it may receive (SUBSCRIBE, snapshot and replay).
+    #[serde(default)]
+    pub subscribe: Vec<String>,
+    /// Sees every connection in STATS.
+    #[serde(default)]
+    pub admin: bool,
+}
+
+impl AuthConfig {
+    fn validate(&self, max_topic_bytes: usize) -> Result<(), String> {
+        let mut role_names = std::collections::HashSet::new();
+        for role in &self.roles {
+            if role.name.is_empty() || !role_names.insert(role.name.as_str()) {
+                return Err(format!(
+                    "auth.roles: role name {:?} is empty or defined twice",
+                    role.name
+                ));
+            }
+            check_patterns(
+                &format!("auth.roles {:?}", role.name),
+                role,
+                max_topic_bytes,
+            )?;
+        }
+        let known_role = |what: &str, name: &str| {
+            if role_names.contains(name) {
+                Ok(())
+            } else {
+                Err(format!(
+                    "{what}: role {name:?} is not defined in auth.roles"
+                ))
+            }
+        };
+        for name in &self.anonymous_roles {
+            known_role("auth.anonymous_roles", name)?;
+        }
+        let mut user_names = std::collections::HashSet::new();
+        for user in &self.users {
+            let what = format!("auth.users {:?}", user.name);
+            if user.name.is_empty() || user.name.contains(':') {
+                return Err(format!("{what}: a user name is not empty and has no ':'"));
+            }
+            if !user_names.insert(user.name.as_str()) {
+                return Err(format!("{what}: defined twice"));
+            }
+            crate::auth::check_phc(&user.secret_hash).map_err(|e| {
+                format!(
+                    "{what}: secret_hash is not an argon2 PHC string from `lanpush passwd` ({e})"
+                )
+            })?;
+            for name in &user.roles {
+                known_role(&what, name)?;
+            }
+            let own = RoleConfig {
+                name: user.name.clone(),
+                publish: user.publish.clone(),
+                subscribe: user.subscribe.clone(),
+                admin: user.admin,
+            };
+            check_patterns(&what, &own, max_topic_bytes)?;
+        }
+        if self.max_verifications_per_s == 0 {
+            return Err("auth.max_verifications_per_s must be at least 1".into());
+        }
+        Ok(())
+    }
+}
+
+fn check_patterns(what: &str, role: &RoleConfig, max_topic_bytes: usize) -> Result<(), String> {
+    for p in role.publish.iter().chain(&role.subscribe) {
+        crate::proto::validate_pattern(p, max_topic_bytes)
+            .map_err(|e| format!("{what}: pattern {p:?}: {e}"))?;
+    }
+    Ok(())
 }
 
 /// Latency histograms and the Prometheus endpoint (`src/metrics/`).
@@ -399,6 +534,12 @@ impl Config {
         if let Err(message) = self.mqtt.validate() {
             return invalid(message);
         }
+        if l.max_topic_levels == 0 {
+            return invalid("limits.max_topic_levels must be at least 1".into());
+        }
+        if let Err(message) = self.auth.validate(l.max_topic_bytes) {
+            return invalid(message);
+        }
         Ok(())
     }
 }
@@ -438,7 +579,7 @@ impl Config {
     /// They apply to connections (and subscriptions) made after the reload; write coalescing
     /// from the next 25 ms tick. Everything else is sized or announced at start (listener,
     /// threads, frame and topic limits announced in WELCOME or holding memory, retained and
-    /// metrics settings) and needs a restart.
+    /// metrics settings; `[auth]` and the per-client limits of issue 11) and needs a restart.
     pub fn reload_plan(&self, new: &Config) -> ReloadPlan {
         let (old, mut out) = (self, self.clone());
         let (mut applied, mut needs_restart) = (Vec::new(), Vec::new());
@@ -494,6 +635,16 @@ impl Config {
             mqtt.listen,
             mqtt.max_inflight,
             mqtt.qos0_mode,
+            // The authenticator, the per-address table and each connection's rate are built at
+            // start and at HELLO: a reload would apply them to some connections only.
+            limits.max_connections_per_address,
+            limits.max_publish_rate_per_s,
+            limits.max_topic_levels,
+            auth.anonymous,
+            auth.anonymous_roles,
+            auth.max_verifications_per_s,
+            auth.users,
+            auth.roles,
         );
         ReloadPlan {
             config: out,
@@ -618,6 +769,17 @@ mod tests {
             old.limits.max_frame_bytes
         );
         assert_eq!(plan.config.server.threads, old.server.threads);
+        // Authentication is set up at start: a change is named, not applied.
+        let secure = Config::from_toml_str(include_str!("../configs/secure.toml"), "test").unwrap();
+        let plan_auth = old.reload_plan(&secure);
+        for key in [
+            "auth.anonymous",
+            "auth.users",
+            "limits.max_publish_rate_per_s",
+        ] {
+            assert!(plan_auth.needs_restart.contains(&key), "{key}");
+        }
+        assert!(plan_auth.config.auth.anonymous);
         // The same file again: nothing to do.
         let again = plan.config.reload_plan(&plan.config);
         assert!(again.applied.is_empty() && again.needs_restart.is_empty());

@@ -1,4 +1,5 @@
 //! lanpush: a push engine for industrial LANs.
+pub mod auth;
 pub mod client;
 pub mod config;
 pub mod engine;

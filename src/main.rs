@@ -43,6 +43,9 @@ enum Command {
     Sub(SubArgs),
     /// Print the engine's counters.
     Stats(StatsArgs),
+    /// Print an argon2 hash (PHC string) of a password, for `secret_hash` in [[auth.users]].
+    /// Reads the password from stdin: one line, or a prompt without echo on a terminal.
+    Passwd,
 }
 
 #[derive(Args)]
@@ -81,6 +84,15 @@ struct ConnectArgs {
     /// Client id shown in the engine's logs and stats.
     #[arg(long, value_name = "ID")]
     client_id: Option<String>,
+    /// Credentials, "user:secret" (default: anonymous). Prefer the LANPUSH_TOKEN environment
+    /// variable: a command line is visible to every user of the machine.
+    #[arg(
+        long,
+        value_name = "USER:SECRET",
+        env = "LANPUSH_TOKEN",
+        hide_env_values = true
+    )]
+    token: Option<String>,
 }
 
 impl ConnectArgs {
@@ -89,7 +101,11 @@ impl ConnectArgs {
             .client_id
             .clone()
             .unwrap_or_else(|| format!("lanpush-{role}-{}", std::process::id()));
-        ClientOptions::new(self.server.clone()).client_id(id)
+        let opts = ClientOptions::new(self.server.clone()).client_id(id);
+        match self.token.as_deref().filter(|t| !t.is_empty()) {
+            Some(token) => opts.token(token),
+            None => opts,
+        }
     }
 }
 
@@ -182,6 +198,8 @@ enum CliError {
     },
     #[error("{0}")]
     Usage(String),
+    #[error("{0}")]
+    Password(#[from] lanpush::auth::PasswordError),
     #[error("timed out after {secs} s: received {received} of {expected} messages")]
     Timeout {
         secs: f64,
@@ -202,6 +220,7 @@ fn main() -> ExitCode {
         Command::Pub(args) => publish(args),
         Command::Sub(args) => subscribe(args),
         Command::Stats(args) => stats(args),
+        Command::Passwd => passwd(),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -397,6 +416,52 @@ fn raise_nofile(config: &Config) {
         ),
         Err(e) => tracing::warn!(error = %e, needed, "cannot read or raise RLIMIT_NOFILE"),
     }
+}
+
+/// `lanpush passwd`: the PHC string of a password read from stdin.
+fn passwd() -> Result<(), CliError> {
+    use std::io::IsTerminal;
+    let stdin = io::stdin();
+    let password = if stdin.is_terminal() {
+        let first = prompt_hidden("password: ")?;
+        let again = prompt_hidden("again: ")?;
+        if first != again {
+            return Err(CliError::Usage("the passwords differ".into()));
+        }
+        first
+    } else {
+        let mut line = String::new();
+        stdin
+            .lock()
+            .read_line(&mut line)
+            .map_err(io_err("cannot read the password from stdin"))?;
+        line.trim_end_matches(['\n', '\r']).to_string()
+    };
+    let hash = lanpush::auth::hash_password(password.as_bytes())?;
+    println!("{hash}");
+    Ok(())
+}
+
+/// Reads one line from the terminal with echo off (`stty`, so no unsafe code here).
+fn prompt_hidden(prompt: &str) -> Result<String, CliError> {
+    let stty = |arg: &str| {
+        std::process::Command::new("stty")
+            .arg(arg)
+            .stdin(std::process::Stdio::inherit())
+            .status()
+            .map(|s| s.success())
+            .unwrap_or(false)
+    };
+    eprint!("{prompt}");
+    let hidden = stty("-echo");
+    let mut line = String::new();
+    let read = io::stdin().lock().read_line(&mut line);
+    if hidden {
+        stty("echo");
+    }
+    eprintln!();
+    read.map_err(io_err("cannot read the password"))?;
+    Ok(line.trim_end_matches(['\n', '\r']).to_string())
 }
 
 fn config(args: ConfigArgs) -> Result<(), CliError> {

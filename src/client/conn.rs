@@ -73,6 +73,10 @@ impl Conn {
                 version: PROTOCOL_VERSION,
                 client_id: opts.client_id.clone(),
                 keepalive_ms: opts.keepalive_ms,
+                token: opts
+                    .token
+                    .as_ref()
+                    .map_or_else(String::new, |t| t.as_str().to_string()),
             }),
         );
         conn.send(&hello)?;

@@ -92,22 +92,10 @@ pub(crate) fn is_retryable_code(code: u16) -> bool {
     )
 }
 
-/// The symbolic name of an ERROR code, for messages.
+/// The symbolic name of an ERROR code, for messages (one table: `error_code::name`).
 pub(crate) fn error_code_name(code: u16) -> &'static str {
-    match code {
-        error_code::MALFORMED => "MALFORMED",
-        error_code::FRAME_TOO_LARGE => "FRAME_TOO_LARGE",
-        error_code::HANDSHAKE => "HANDSHAKE",
-        error_code::VERSION => "VERSION",
-        error_code::HANDSHAKE_TIMEOUT => "HANDSHAKE_TIMEOUT",
-        error_code::KEEPALIVE_TIMEOUT => "KEEPALIVE_TIMEOUT",
-        error_code::BAD_TOPIC => "BAD_TOPIC",
-        error_code::TOO_MANY_SUBSCRIPTIONS => "TOO_MANY_SUBSCRIPTIONS",
-        error_code::TOO_MANY_CONNECTIONS => "TOO_MANY_CONNECTIONS",
-        error_code::SLOW_CONSUMER => "SLOW_CONSUMER",
-        error_code::UNKNOWN_SUBSCRIPTION => "UNKNOWN_SUBSCRIPTION",
-        error_code::SHUTTING_DOWN => "SHUTTING_DOWN",
-        error_code::UNEXPECTED_FRAME => "UNEXPECTED_FRAME",
-        _ => "unknown code",
+    match error_code::name(code) {
+        "UNKNOWN" => "unknown code",
+        name => name,
     }
 }

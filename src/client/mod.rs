@@ -35,7 +35,7 @@ mod tests;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 pub use error::ClientError;
-pub use options::{Backoff, ClientOptions, DEFAULT_SERVER};
+pub use options::{Backoff, ClientOptions, Token, DEFAULT_SERVER};
 pub use publisher::{Publisher, PublisherCounters, FLUSH_AT_BYTES, QUALITY_GOOD};
 pub use subscriber::{
     pattern_matches, Event, EventRef, Message, MessageRef, Subscriber, SubscriberCounters,

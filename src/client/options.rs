@@ -27,6 +27,34 @@ pub struct ClientOptions {
     pub max_topic_bytes: usize,
     /// Initial size of a subscriber's receive buffer; it grows to fit a larger frame.
     pub read_buffer_bytes: usize,
+    /// Credentials sent in HELLO, `user:secret`; `None` connects anonymously. `lanpush pub`,
+    /// `sub` and `stats` take it from `--token` or the `LANPUSH_TOKEN` environment variable.
+    pub token: Option<Token>,
+}
+
+/// A HELLO token, `user:secret`. Its `Debug` never shows the secret.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Token(String);
+
+impl Token {
+    pub fn new(token: impl Into<String>) -> Token {
+        Token(token.into())
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// The user part, before the first ':'.
+    pub fn user(&self) -> &str {
+        self.0.split(':').next().unwrap_or("")
+    }
+}
+
+impl std::fmt::Debug for Token {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Token({}:<redacted>)", self.user())
+    }
 }
 
 impl Default for ClientOptions {
@@ -40,6 +68,7 @@ impl Default for ClientOptions {
             reconnect: Backoff::default(),
             max_topic_bytes: 1024,
             read_buffer_bytes: 64 * 1024,
+            token: None,
         }
     }
 }
@@ -73,6 +102,11 @@ impl ClientOptions {
     }
     pub fn max_topic_bytes(mut self, max_topic_bytes: usize) -> Self {
         self.max_topic_bytes = max_topic_bytes;
+        self
+    }
+    /// Authenticates as `token` (`user:secret`).
+    pub fn token(mut self, token: impl Into<String>) -> Self {
+        self.token = Some(Token::new(token));
         self
     }
     pub fn read_buffer_bytes(mut self, read_buffer_bytes: usize) -> Self {

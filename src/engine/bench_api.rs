@@ -126,6 +126,7 @@ impl FanoutBench {
                             version: proto::PROTOCOL_VERSION,
                             client_id: name,
                             keepalive_ms: 0,
+                            token: String::new(),
                         }),
                     ),
                     WireKind::Mqtt => bench.feed_mqtt(

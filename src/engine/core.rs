@@ -39,6 +39,8 @@ use std::time::{Duration, Instant};
 
 use ahash::HashMap;
 
+use super::audit::AuditKind;
+use super::guard::{quote, ShardGuard};
 use super::mqtt_session;
 use super::native::{self, Op, Reply};
 use super::outbox::SharedFrame;
@@ -142,6 +144,9 @@ pub(crate) enum CoreMsg {
         frames: Vec<SharedFrame>,
         topics: Vec<(String, Option<u64>)>,
     },
+    /// A newer connection of the same identity took the client id of connection `conn`, which
+    /// is closed with CLIENT_ID_IN_USE.
+    TakenOver { conn: ConnRef, by: u64 },
     /// Subscription `key` of shard `from` is gone: its pattern no longer draws frames there.
     Unsubscribed {
         from: u16,
@@ -201,6 +206,9 @@ pub(crate) struct Counters {
     pub shutdown_closes: u64,
     /// DATA frames this shard (as owner) sent to other shards: one per interested shard.
     pub frames_to_peers: u64,
+    /// Connections closed with UNAUTHENTICATED or CLIENT_ID_IN_USE (each cause has its own
+    /// counter in `guard.counters`; this one only keeps them out of `protocol_errors`).
+    pub security_closes: u64,
     /// Times a publishing connection stopped being read because a subscriber held its topic.
     pub publishers_paused: u64,
     /// Subscribers released from pacing by the rule (stalled, or behind for too long).
@@ -253,6 +261,8 @@ pub(crate) struct FanoutCore {
     remote_matches: Vec<RemoteSub>,
     /// Bumped at every change of `remote`: cached interest with another epoch is stale.
     interest_epoch: u64,
+    /// Authentication budget, audit log and security counters (`guard.rs`).
+    pub(crate) guard: ShardGuard,
     /// Pacing: this shard's holders, paused topics and paused connections.
     pace: PaceBook,
     /// Paused connections that may be read again, for the driver.
@@ -284,7 +294,6 @@ impl FanoutCore {
             metrics: ShardMetrics::new(&config.metrics),
             id,
             n_shards,
-            config,
             shared,
             sessions: Vec::new(),
             live: 0,
@@ -311,6 +320,8 @@ impl FanoutCore {
             remote: TopicIndex::new(),
             remote_matches: Vec::new(),
             interest_epoch: 1,
+            guard: ShardGuard::new(id, &config, now),
+            config,
             pace: PaceBook::new(id),
             resumed: Vec::new(),
         }
@@ -439,6 +450,7 @@ impl FanoutCore {
                 version,
                 client_id,
                 keepalive_ms,
+                token,
             } = op
             else {
                 return Err(Fatal::new(
@@ -446,24 +458,28 @@ impl FanoutCore {
                     "the first frame must be HELLO",
                 ));
             };
-            return self.handle_hello(now, slot, version, client_id, keepalive_ms);
+            return self.handle_hello(now, slot, version, client_id, keepalive_ms, &token.0);
         }
         match op {
             Op::Hello { .. } => Err(Fatal::new(error_code::HANDSHAKE, "HELLO sent twice")),
             Op::Publish(publish) => {
-                if let Err(e) =
-                    proto::validate_topic(publish.topic, self.config.limits.max_topic_bytes)
+                let limits = &self.config.limits;
+                if let Err(e) = proto::validate_topic(publish.topic, limits.max_topic_bytes)
+                    .and_then(|()| proto::check_depth(publish.topic, limits.max_topic_levels))
                 {
-                    let reason = format!("PUBLISH to {:?}: {e}", publish.topic);
-                    return self.refuse(slot, error_code::BAD_TOPIC, reason);
+                    let reason = format!("PUBLISH to {}: {e}", quote(publish.topic));
+                    return self.refuse_topic(now, slot, e, reason);
+                }
+                if let Some(refused) = self.guard_publish(now, slot, publish.topic) {
+                    return refused;
                 }
                 // Frames from the engine obey the same limit as frames to it.
                 let data_len = data_frame_len(publish.topic.len(), publish.payload.len());
                 let max_frame = self.config.limits.max_frame_bytes;
                 if data_len > max_frame {
                     let reason = format!(
-                        "PUBLISH to {:?}: its DATA frame would be {data_len} bytes, over max_frame_bytes {max_frame}",
-                        publish.topic
+                        "PUBLISH to {}: its DATA frame would be {data_len} bytes, over max_frame_bytes {max_frame}",
+                        quote(publish.topic)
                     );
                     return self.refuse(slot, error_code::FRAME_TOO_LARGE, reason);
                 }
@@ -474,8 +490,9 @@ impl FanoutCore {
                     return Ok(());
                 }
                 let reason = format!(
-                    "PUBLISH to {:?}: the engine holds limits.max_topics = {} topics",
-                    publish.topic, self.config.limits.max_topics
+                    "PUBLISH to {}: the engine holds limits.max_topics = {} topics",
+                    quote(publish.topic),
+                    self.config.limits.max_topics
                 );
                 // Not `refuse`: counted once, as topics_refused.
                 self.reply(
@@ -486,7 +503,7 @@ impl FanoutCore {
                     },
                 )
             }
-            Op::Subscribe(subscribe) => self.handle_subscribe(slot, subscribe),
+            Op::Subscribe(subscribe) => self.handle_subscribe(now, slot, subscribe),
             Op::Unsubscribe { sub_id } => {
                 let session = self.session_mut(slot).expect("looked up above");
                 match session.remove_sub(sub_id) {
@@ -577,6 +594,7 @@ impl FanoutCore {
                 frames,
                 topics,
             } => self.handle_replay_reply(conn, frames, topics),
+            CoreMsg::TakenOver { conn, by } => self.handle_taken_over(now, conn, by),
             CoreMsg::Unsubscribed { from, key, pattern } => {
                 self.remote.remove(&pattern, &RemoteSub { peer: from, key });
                 self.interest_epoch += 1;
@@ -737,6 +755,7 @@ impl FanoutCore {
     pub(crate) fn set_peer(&mut self, slot: usize, peer: std::net::SocketAddr) {
         if let Some(session) = self.session_mut(slot) {
             session.peer = Some(peer);
+            session.guard.peer = Some(peer);
         }
     }
 
@@ -931,6 +950,18 @@ impl FanoutCore {
         s.retained_evicted
             .store(self.store.retained_evicted(), Ordering::Relaxed);
         s.topics_refused.store(c.topics_refused, Ordering::Relaxed);
+        let g = &self.guard.counters;
+        s.auth_failures.store(g.auth_failures, Ordering::Relaxed);
+        s.acl_denied.store(g.acl_denied, Ordering::Relaxed);
+        s.acl_filtered.store(g.acl_filtered, Ordering::Relaxed);
+        s.id_conflicts.store(g.id_conflicts, Ordering::Relaxed);
+        s.id_takeovers.store(g.id_takeovers, Ordering::Relaxed);
+        s.rate_limited.store(g.rate_limited, Ordering::Relaxed);
+        s.subscriptions_refused
+            .store(g.subscriptions_refused, Ordering::Relaxed);
+        s.topic_limit.store(g.topic_limit, Ordering::Relaxed);
+        s.address_refused
+            .store(g.address_refused, Ordering::Relaxed);
         s.publishers_paused
             .store(c.publishers_paused, Ordering::Relaxed);
         s.pace_releases.store(c.pace_releases, Ordering::Relaxed);
@@ -993,6 +1024,7 @@ impl FanoutCore {
         version: u16,
         client_id: String,
         keepalive_ms: u32,
+        token: &str,
     ) -> Result<(), Fatal> {
         if version != PROTOCOL_VERSION {
             return Err(Fatal::new(
@@ -1017,10 +1049,54 @@ impl FanoutCore {
                 ),
             ));
         }
+        let session = self.session(slot).expect("caller looked it up");
+        let (conn_id, peer) = (session.id, session.guard.peer);
+        let identity = self
+            .guard
+            .authenticate(&self.shared.auth, token, now, conn_id, peer)?;
+        let user = identity.user.clone();
+        // Admitted before the client id is claimed, so the audit lines of a takeover or a
+        // conflict name the identity (the session is not open until WELCOME).
+        let config = self.config.clone();
+        let session = self.session_mut(slot).expect("caller looked it up");
+        session.guard.admit(identity, &config, now);
         let reconnects = if client_id.is_empty() {
             0
         } else {
-            self.shared.clients.hello(&client_id, now)
+            let holder = (
+                self.id,
+                ConnRef {
+                    slot: slot as u32,
+                    id: conn_id,
+                },
+            );
+            match self
+                .shared
+                .clients
+                .hello(&client_id, now, user.as_deref(), holder)
+            {
+                Ok(claim) => {
+                    if let Some(old) = claim.taken_from {
+                        self.take_over(now, slot, &client_id, old);
+                    }
+                    claim.reconnects
+                }
+                Err(()) => {
+                    self.guard.counters.id_conflicts += 1;
+                    let detail = format!(
+                        "HELLO refused: client id {} is held by another identity",
+                        quote(&client_id)
+                    );
+                    self.audit(now, slot, AuditKind::IdConflict, &detail);
+                    return Err(Fatal::new(
+                        error_code::CLIENT_ID_IN_USE,
+                        format!(
+                            "client id {} is in use by another identity",
+                            quote(&client_id)
+                        ),
+                    ));
+                }
+            }
         };
         let welcome = Welcome {
             version: PROTOCOL_VERSION,
@@ -1049,37 +1125,54 @@ impl FanoutCore {
         self.reply(slot, Reply::Welcome(welcome))
     }
 
-    fn handle_subscribe(&mut self, slot: usize, subscribe: Subscribe) -> Result<(), Fatal> {
+    fn handle_subscribe(
+        &mut self,
+        now: Instant,
+        slot: usize,
+        subscribe: Subscribe,
+    ) -> Result<(), Fatal> {
         let limits = &self.config.limits;
+        if let Err(e) = proto::validate_pattern(&subscribe.pattern, limits.max_topic_bytes)
+            .and_then(|()| proto::check_depth(&subscribe.pattern, limits.max_topic_levels))
+        {
+            let reason = format!(
+                "SUBSCRIBE {}: pattern {}: {e}",
+                subscribe.sub_id,
+                quote(&subscribe.pattern)
+            );
+            return self.refuse_topic(now, slot, e, reason);
+        }
         let session = self.session(slot).expect("caller looked it up");
-        let refusal =
-            if let Err(e) = proto::validate_pattern(&subscribe.pattern, limits.max_topic_bytes) {
-                Some((
-                    error_code::BAD_TOPIC,
-                    format!(
-                        "SUBSCRIBE {}: pattern {:?}: {e}",
-                        subscribe.sub_id, subscribe.pattern
-                    ),
-                ))
-            } else if session.has_sub_id(subscribe.sub_id) {
-                Some((
-                    error_code::UNKNOWN_SUBSCRIPTION,
-                    format!("SUBSCRIBE {}: the id is already in use", subscribe.sub_id),
-                ))
-            } else if session.sub_count() >= limits.max_subscriptions_per_connection {
-                Some((
-                    error_code::TOO_MANY_SUBSCRIPTIONS,
-                    format!(
-                        "SUBSCRIBE {}: at most {} subscriptions per connection",
-                        subscribe.sub_id, limits.max_subscriptions_per_connection
-                    ),
-                ))
-            } else {
-                None
-            };
+        let refusal = if session.has_sub_id(subscribe.sub_id) {
+            Some((
+                error_code::UNKNOWN_SUBSCRIPTION,
+                format!("SUBSCRIBE {}: the id is already in use", subscribe.sub_id),
+            ))
+        } else if session.sub_count() >= limits.max_subscriptions_per_connection {
+            self.guard.counters.subscriptions_refused += 1;
+            Some((
+                error_code::TOO_MANY_SUBSCRIPTIONS,
+                format!(
+                    "SUBSCRIBE {}: at most {} subscriptions per connection",
+                    subscribe.sub_id, limits.max_subscriptions_per_connection
+                ),
+            ))
+        } else {
+            None
+        };
         if let Some((code, reason)) = refusal {
+            if code == error_code::TOO_MANY_SUBSCRIPTIONS {
+                let session = self.session(slot).expect("caller looked it up");
+                let (conn_id, guard) = (session.id, session.guard.clone());
+                self.guard
+                    .record(now, AuditKind::LimitHit, conn_id, &guard, &reason);
+            }
             return self.refuse(slot, code, reason);
         }
+        let filter = match self.guard_subscribe(now, slot, &subscribe) {
+            Ok(filter) => filter,
+            Err(refused) => return refused,
+        };
         let mode = match subscribe.mode {
             DeliveryMode::Default => self.config.delivery.default_mode,
             mode => mode,
@@ -1106,6 +1199,7 @@ impl FanoutCore {
             pattern: subscribe.pattern.clone(),
             mode,
             pending,
+            filter,
         });
         let sub_ref = SubRef {
             slot: slot as u32,
@@ -1221,6 +1315,8 @@ impl FanoutCore {
             error_code::KEEPALIVE_TIMEOUT => &mut c.keepalive_timeouts,
             error_code::SLOW_CONSUMER => &mut c.slow_disconnects,
             error_code::SHUTTING_DOWN => &mut c.shutdown_closes,
+            // Counted where they are decided (`guard.counters`).
+            error_code::UNAUTHENTICATED | error_code::CLIENT_ID_IN_USE => &mut c.security_closes,
             _ => &mut c.protocol_errors,
         } += 1;
         self.remove_subs(slot);
@@ -1310,7 +1406,9 @@ impl FanoutCore {
             }
             // A session that said HELLO (not refused at it) holds its client id until now.
             if !session.client_id.is_empty() {
-                self.shared.clients.gone(&session.client_id, self.now);
+                self.shared
+                    .clients
+                    .gone(&session.client_id, session.id, self.now);
             }
             self.metrics.remove_conn(session.id);
             self.live -= 1;
@@ -1417,6 +1515,10 @@ impl FanoutCore {
                 continue;
             };
             if sub.pending & from_bit != 0 {
+                continue;
+            }
+            if sub.filter.as_ref().is_some_and(|f| !f.allows(topic)) {
+                self.guard.counters.acl_filtered += 1;
                 continue;
             }
             let (mode, sub_id) = (sub.mode, sub.sub_id);
@@ -1575,6 +1677,14 @@ impl FanoutCore {
         };
         s.pending &= !(1u64 << from);
         let (mode, sub_id, complete) = (s.mode, s.sub_id, s.pending == 0);
+        let (mut frames, mut lagged) = (frames, lagged);
+        if let Some(filter) = &s.filter {
+            // A partly allowed subscription: the snapshot and the replay obey the ACL too.
+            let before = frames.len();
+            frames.retain(|f| frame_topic(f).is_some_and(|t| filter.allows(&t)));
+            lagged.retain(|(topic, _)| filter.allows(topic));
+            self.guard.counters.acl_filtered += (before - frames.len()) as u64;
+        }
         // Bounded by the number of topics (snapshot) or the replay budget (resume).
         session.queue_replayed(frames, &mut self.counters.delivery);
         for (topic, next_seq) in lagged {
@@ -1678,6 +1788,210 @@ impl FanoutCore {
             }
         }
         mark_dirty(session, slot, &mut self.dirty);
+    }
+}
+
+// ----- admission and authorisation: the hooks into `guard.rs` and `crate::auth` -----
+
+impl FanoutCore {
+    /// Reactor 0 refused a connection from `peer` at `limits.max_connections_per_address`.
+    pub(crate) fn handle_address_refused(&mut self, now: Instant, peer: std::net::SocketAddr) {
+        self.guard.counters.address_refused += 1;
+        let detail = format!(
+            "connection refused: limits.max_connections_per_address = {} reached",
+            self.config.limits.max_connections_per_address
+        );
+        self.guard
+            .audit
+            .record(now, AuditKind::LimitHit, 0, Some(peer), "-", &detail);
+    }
+
+    /// Who asked for STATS on `conn`: `None` for an identity that sees everything, else the
+    /// identity whose view the stats thread must cut the document to (`stats::scoped`).
+    pub(crate) fn stats_viewer(&self, conn: ConnRef) -> Option<Arc<crate::auth::Identity>> {
+        let session = self
+            .session(conn.slot as usize)
+            .filter(|s| s.id == conn.id)?;
+        (!session.guard.identity.admin).then(|| session.guard.identity.clone())
+    }
+
+    /// A topic or pattern refused by validation: BAD_TOPIC, and a limit hit when it is too
+    /// long or too deep.
+    fn refuse_topic(
+        &mut self,
+        now: Instant,
+        slot: usize,
+        e: proto::TopicError,
+        reason: String,
+    ) -> Result<(), Fatal> {
+        if matches!(
+            e,
+            proto::TopicError::TooLong { .. } | proto::TopicError::TooDeep { .. }
+        ) {
+            self.guard.counters.topic_limit += 1;
+            self.audit(now, slot, AuditKind::LimitHit, &reason);
+        }
+        self.refuse(slot, error_code::BAD_TOPIC, reason)
+    }
+
+    /// The publish rate and the ACL on one PUBLISH: `None` lets it through, `Some` is the
+    /// answer instead (a dropped or refused PUBLISH).
+    fn guard_publish(
+        &mut self,
+        now: Instant,
+        slot: usize,
+        topic: &str,
+    ) -> Option<Result<(), Fatal>> {
+        let session = self.sessions.get_mut(slot).and_then(Option::as_mut)?;
+        // The rate first: it bounds what even a client sending refused PUBLISHes costs.
+        if !session.guard.check_rate(now) {
+            self.guard.counters.rate_limited += 1;
+            let reason = format!(
+                "PUBLISH to {}: over limits.max_publish_rate_per_s = {}, dropped",
+                quote(topic),
+                self.config.limits.max_publish_rate_per_s
+            );
+            return Some(self.notify_refused(now, slot, error_code::RATE_LIMITED, reason));
+        }
+        if session.guard.identity.acl.may_publish(topic) {
+            return None;
+        }
+        let reason = format!(
+            "PUBLISH to {}: not allowed for {}",
+            quote(topic),
+            quote(session.guard.who())
+        );
+        self.guard.counters.acl_denied += 1;
+        Some(self.notify_refused(now, slot, error_code::FORBIDDEN, reason))
+    }
+
+    /// Tells the client a PUBLISH was refused (FORBIDDEN, RATE_LIMITED) and audits it, unless
+    /// its last such notice is still unwritten: then the refusal is only counted, and the next
+    /// notice says how many went untold. So a client pipelining thousands of refused PUBLISHes
+    /// gets about one ERROR per write instead of cutting itself off with unread replies, and a
+    /// refusal is still always followed by an ERROR before anything queued after it (a PONG:
+    /// `Publisher::confirm` sees it).
+    fn notify_refused(
+        &mut self,
+        now: Instant,
+        slot: usize,
+        code: u16,
+        reason: String,
+    ) -> Result<(), Fatal> {
+        let Some(session) = self.sessions.get_mut(slot).and_then(Option::as_mut) else {
+            return Ok(());
+        };
+        let Some(untold) = session.guard.take_untold() else {
+            return Ok(());
+        };
+        let reason = if untold > 0 {
+            format!("{reason} (and {untold} more PUBLISHes refused since the last notice)")
+        } else {
+            reason
+        };
+        let kind = if code == error_code::FORBIDDEN {
+            AuditKind::AclDenied
+        } else {
+            AuditKind::LimitHit
+        };
+        self.audit(now, slot, kind, &reason);
+        self.counters.requests_refused += 1;
+        let reason = super::session::bounded_reason(reason);
+        if self.session(slot).is_some_and(|s| s.mqtt.is_some()) {
+            // MQTT 3.1.1 has no negative acknowledgement: the refusal closes the connection
+            // (`mqtt_session::encode_reply`), never a native ERROR frame on an MQTT stream.
+            return self.reply(slot, Reply::Error { code, reason });
+        }
+        self.scratch.clear();
+        native::encode_reply(&mut self.scratch, Reply::Error { code, reason });
+        let frame: SharedFrame = Arc::from(&self.scratch[..]);
+        if let Some(session) = self.sessions.get_mut(slot).and_then(Option::as_mut) {
+            session.guard.notice = Some(Arc::downgrade(&frame));
+        }
+        self.queue_reply(slot, frame)
+    }
+
+    /// The ACL on a SUBSCRIBE: `Ok(None)` wholly allowed, `Ok(Some)` the filter of a partly
+    /// allowed pattern, `Err` the answer to a denied one.
+    #[allow(clippy::type_complexity)]
+    fn guard_subscribe(
+        &mut self,
+        now: Instant,
+        slot: usize,
+        subscribe: &Subscribe,
+    ) -> Result<Option<Arc<crate::auth::TopicFilter>>, Result<(), Fatal>> {
+        let Some(session) = self.session(slot) else {
+            return Ok(None);
+        };
+        match session
+            .guard
+            .identity
+            .acl
+            .subscribe_scope(&subscribe.pattern)
+        {
+            crate::auth::SubscribeScope::All => Ok(None),
+            crate::auth::SubscribeScope::Partial(filter) => Ok(Some(filter)),
+            crate::auth::SubscribeScope::Denied => {
+                let reason = format!(
+                    "SUBSCRIBE {}: pattern {}: not allowed for {}",
+                    subscribe.sub_id,
+                    quote(&subscribe.pattern),
+                    quote(session.guard.who())
+                );
+                self.guard.counters.acl_denied += 1;
+                self.audit(now, slot, AuditKind::AclDenied, &reason);
+                Err(self.refuse(slot, error_code::FORBIDDEN, reason))
+            }
+        }
+    }
+
+    /// The connection in `slot` took `client_id` over from `old` (same identity): the old one
+    /// is closed, here or on its shard.
+    fn take_over(&mut self, now: Instant, slot: usize, client_id: &str, old: (u16, ConnRef)) {
+        self.guard.counters.id_takeovers += 1;
+        let by = self.session(slot).map_or(0, |s| s.id);
+        let detail = format!(
+            "client id {} taken over from connection {} (reactor {})",
+            quote(client_id),
+            old.1.id,
+            old.0
+        );
+        self.audit(now, slot, AuditKind::IdTakeover, &detail);
+        if old.0 == self.id {
+            self.handle_taken_over(now, old.1, by);
+        } else {
+            self.outgoing[old.0 as usize].push(CoreMsg::TakenOver { conn: old.1, by });
+        }
+    }
+
+    fn handle_taken_over(&mut self, now: Instant, conn: ConnRef, by: u64) {
+        let slot = conn.slot as usize;
+        if self.session(slot).is_some_and(|s| s.id == conn.id) {
+            let fatal = Fatal::new(
+                error_code::CLIENT_ID_IN_USE,
+                format!("client id taken over by a newer connection ({by}) of the same identity"),
+            );
+            self.fail(now, slot, fatal);
+        }
+    }
+
+    /// An audit line about the connection in `slot`.
+    fn audit(&mut self, now: Instant, slot: usize, kind: AuditKind, detail: &str) {
+        if let Some(session) = self.sessions.get(slot).and_then(Option::as_ref) {
+            self.guard
+                .record(now, kind, session.id, &session.guard, detail);
+        }
+    }
+}
+
+/// The topic of a DATA or GAP frame.
+fn frame_topic(frame: &[u8]) -> Option<std::borrow::Cow<'_, str>> {
+    if let Some(topic) = data_frame_topic(frame) {
+        return Some(topic.into());
+    }
+    match decode_frame(frame, usize::MAX) {
+        Ok(Decoded::Frame(Frame::Gap(gap), _)) => Some(gap.topic.into()),
+        _ => None,
     }
 }
 

@@ -471,6 +471,7 @@ fn input_fed_one_byte_at_a_time_is_the_same_as_whole() {
             version: crate::proto::PROTOCOL_VERSION,
             client_id: "slow".into(),
             keepalive_ms: 0,
+            token: String::new(),
         }),
     );
     let mut start = 0;
@@ -606,6 +607,7 @@ fn a_client_id_past_the_limit_is_refused_at_hello() {
             version: crate::proto::PROTOCOL_VERSION,
             client_id: "x".repeat(9),
             keepalive_ms: 0,
+            token: String::new(),
         }),
     );
     c.run();

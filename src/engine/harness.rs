@@ -77,6 +77,9 @@ struct Pipe {
     /// The engine dropped the connection.
     closed: bool,
     writes: u64,
+    /// The reasons of the ERRORs and the documents of the STATS the client read, in order.
+    reasons: Vec<String>,
+    stats: Vec<String>,
     /// Bytes the client sent that the engine left unread (pacing paused the connection).
     unread_by_engine: Vec<u8>,
 }
@@ -201,6 +204,7 @@ impl Cluster {
                 version: proto::PROTOCOL_VERSION,
                 client_id: client_id.into(),
                 keepalive_ms: 0,
+                token: String::new(),
             }),
         );
         self.run();
@@ -348,12 +352,16 @@ impl Cluster {
                 moved = true;
                 let connections = self.cores.iter().flat_map(FanoutCore::report).collect();
                 let doc = self.shared.stats_document(connections, false);
-                let frame = super::stats::stats_frame(doc, self.max_frame_bytes);
+                let frame = super::stats::stats_frame(doc.clone(), self.max_frame_bytes);
                 for (i, conn) in stats_requests {
-                    let msg = super::core::CoreMsg::StatsReply {
-                        conn,
-                        frame: frame.clone(),
+                    let frame = match self.cores[i].stats_viewer(conn) {
+                        None => frame.clone(),
+                        Some(viewer) => super::stats::stats_frame(
+                            super::stats::scoped(&doc, &viewer, conn.id),
+                            self.max_frame_bytes,
+                        ),
                     };
+                    let msg = super::core::CoreMsg::StatsReply { conn, frame };
                     self.cores[i].handle_msg(self.now, msg);
                 }
             }
@@ -417,6 +425,12 @@ impl Cluster {
             {
                 Decoded::Frame(frame, used) => {
                     at += used;
+                    let pipe = &mut self.pipes[client.shard as usize][client.slot];
+                    match &frame {
+                        Frame::Error(e) => pipe.reasons.push(e.reason.clone()),
+                        Frame::Stats(doc) => pipe.stats.push(doc.clone()),
+                        _ => {}
+                    }
                     out.push(got(frame));
                 }
                 Decoded::NeedMore(_) => {
@@ -440,6 +454,50 @@ impl Cluster {
             pipe.window = capacity;
             self.cores[client.shard as usize].handle_writable(client.slot);
             self.run();
+        }
+    }
+
+    /// The reasons of the ERRORs the client has read so far.
+    pub(crate) fn reasons(&self, client: Client) -> &[String] {
+        &self.pipes[client.shard as usize][client.slot].reasons
+    }
+
+    /// The last STATS document the client read, parsed.
+    pub(crate) fn last_stats(&self, client: Client) -> serde_json::Value {
+        let doc = self.pipes[client.shard as usize][client.slot]
+            .stats
+            .last()
+            .expect("the client read a STATS frame");
+        serde_json::from_str(doc).expect("STATS is JSON")
+    }
+
+    /// A client that says HELLO with `token` (`user:secret`, or empty): what it read back.
+    pub(crate) fn hello_as(
+        &mut self,
+        shard: u16,
+        client_id: &str,
+        token: &str,
+    ) -> (Client, Vec<Got>) {
+        let client = self.connect_raw(shard, usize::MAX / 2);
+        self.send(
+            client,
+            &Frame::Hello(Hello {
+                version: proto::PROTOCOL_VERSION,
+                client_id: client_id.into(),
+                keepalive_ms: 0,
+                token: token.into(),
+            }),
+        );
+        self.run();
+        let got = self.recv(client);
+        (client, got)
+    }
+
+    /// A client past its HELLO as `token`.
+    pub(crate) fn connect_as(&mut self, shard: u16, client_id: &str, token: &str) -> Client {
+        match self.hello_as(shard, client_id, token) {
+            (client, got) if matches!(got.first(), Some(Got::Welcome { .. })) => client,
+            (_, got) => panic!("expected WELCOME, got {got:?}"),
         }
     }
 

@@ -8,15 +8,20 @@
 //! After accept, a connection belongs to its reactor (`reactor.rs`, the only code holding file
 //! descriptors), which feeds the sans-IO fan-out core (`core.rs`, sessions in `session.rs`).
 
+mod audit;
 mod bench_api;
 mod clients;
 mod core;
 #[cfg(test)]
 mod core_tests;
+mod guard;
+#[cfg(test)]
+mod guard_tests;
 #[cfg(test)]
 mod handle_tests;
 #[cfg(test)]
 mod harness;
+pub mod limits;
 mod mqtt_session;
 mod mqtt_sessions;
 #[cfg(test)]
@@ -131,6 +136,15 @@ pub(crate) struct ShardStats {
     pub topics_refused: AtomicU64,
     pub frames_to_peers: AtomicU64,
     pub throttled_turns: AtomicU64,
+    pub auth_failures: AtomicU64,
+    pub acl_denied: AtomicU64,
+    pub acl_filtered: AtomicU64,
+    pub id_conflicts: AtomicU64,
+    pub id_takeovers: AtomicU64,
+    pub rate_limited: AtomicU64,
+    pub subscriptions_refused: AtomicU64,
+    pub topic_limit: AtomicU64,
+    pub address_refused: AtomicU64,
     pub publishers_paused: AtomicU64,
     pub pace_releases: AtomicU64,
     /// Bytes of messages in this reactor's inbox (sent by peers, not yet taken): a sender
@@ -154,6 +168,10 @@ pub(crate) struct EngineShared {
     pub owners: owners::OwnerTable,
     /// Persistent MQTT sessions of the clients that are gone (`mqtt_sessions.rs`).
     pub mqtt_sessions: mqtt_sessions::MqttSessions,
+    /// Checks HELLO credentials (`crate::auth`).
+    pub auth: crate::auth::Authenticator,
+    /// Connections open per source address (`limits.rs`); touched at accept and close only.
+    pub sources: std::sync::Mutex<limits::SourceLimits>,
     /// One sender into each reactor's inbox, indexed by reactor.
     mailboxes: Vec<Mailbox<ShardMsg>>,
     /// Set once, by [`EngineShared::request_shutdown`]; see [`EngineShared::shutdown_requested`].
@@ -197,6 +215,10 @@ impl EngineShared {
                 std::time::Duration::from_secs(config.limits.client_session_expiry_s),
                 config.limits.max_connections,
             ),
+            auth: crate::auth::Authenticator::new(&config.auth),
+            sources: std::sync::Mutex::new(limits::SourceLimits::new(
+                config.limits.max_connections_per_address,
+            )),
             mailboxes: Vec::new(),
             shutting_down: AtomicBool::new(false),
             reactor_failures: AtomicU64::new(0),
@@ -346,6 +368,19 @@ impl EngineShared {
             }),
             ("throttled_turns", |s| {
                 s.throttled_turns.load(Ordering::Relaxed)
+            }),
+            ("auth_failures", |s| s.auth_failures.load(Ordering::Relaxed)),
+            ("acl_denied", |s| s.acl_denied.load(Ordering::Relaxed)),
+            ("acl_filtered", |s| s.acl_filtered.load(Ordering::Relaxed)),
+            ("id_conflicts", |s| s.id_conflicts.load(Ordering::Relaxed)),
+            ("id_takeovers", |s| s.id_takeovers.load(Ordering::Relaxed)),
+            ("rate_limited", |s| s.rate_limited.load(Ordering::Relaxed)),
+            ("subscriptions_refused", |s| {
+                s.subscriptions_refused.load(Ordering::Relaxed)
+            }),
+            ("topic_limit", |s| s.topic_limit.load(Ordering::Relaxed)),
+            ("address_refused", |s| {
+                s.address_refused.load(Ordering::Relaxed)
             }),
             ("publishers_paused", |s| {
                 s.publishers_paused.load(Ordering::Relaxed)

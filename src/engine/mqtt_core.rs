@@ -229,6 +229,15 @@ impl FanoutCore {
             version: PROTOCOL_VERSION,
             client_id: connect.client_id.to_string(),
             keepalive_ms: u32::from(connect.keep_alive_s) * 1000,
+            // The same authentication as native clients: CONNECT's user name and password are
+            // HELLO's `user:secret` token.
+            token: crate::auth::Redacted(match connect.username {
+                Some(user) => format!(
+                    "{user}:{}",
+                    String::from_utf8_lossy(connect.password.unwrap_or_default())
+                ),
+                None => String::new(),
+            }),
         };
         self.handle_op(now, read_ns, slot, hello)?;
         // The native rules clamp the keep-alive; MQTT's is the client's to choose (spec 3.1.2.10).

@@ -290,6 +290,8 @@ pub(crate) fn connack_code(error: u16) -> u8 {
     match error {
         error_code::VERSION => mqtt::CONNACK_UNACCEPTABLE_PROTOCOL,
         error_code::HANDSHAKE => mqtt::CONNACK_IDENTIFIER_REJECTED,
+        error_code::UNAUTHENTICATED => mqtt::CONNACK_BAD_USERNAME_OR_PASSWORD,
+        error_code::CLIENT_ID_IN_USE | error_code::FORBIDDEN => mqtt::CONNACK_NOT_AUTHORIZED,
         _ => mqtt::CONNACK_SERVER_UNAVAILABLE,
     }
 }

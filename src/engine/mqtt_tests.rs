@@ -708,3 +708,54 @@ fn a_persistent_session_resumes_from_what_the_client_acknowledged() {
         "no subscription survived the clean session"
     );
 }
+
+#[test]
+fn connect_credentials_go_to_the_same_authentication_and_acls_as_native_clients() {
+    let hash = crate::auth::hash_password(b"gw-pw").unwrap();
+    let text = format!(
+        "[auth]\nanonymous = false\nanonymous_roles = []\n[[auth.users]]\nname = \"gw\"\n\
+         secret_hash = \"{hash}\"\npublish = [\"plant/#\"]\nsubscribe = [\"plant/#\"]\n"
+    );
+    let auth = crate::config::Config::from_toml_str(&text, "test")
+        .unwrap()
+        .auth;
+    let mut cluster = Cluster::new(1, |c| c.auth = auth);
+    let mut m = Mqtt {
+        cluster: &mut cluster,
+    };
+    type Case<'a> = (Option<&'a str>, Option<&'a [u8]>, u8);
+    let cases: [Case; 3] = [
+        (None, None, 4),
+        (Some("gw"), Some(b"wrong"), 4),
+        (Some("gw"), Some(b"gw-pw"), 0),
+    ];
+    let mut accepted = None;
+    for (username, password, code) in cases {
+        let c = m.cluster.connect_mqtt_raw(0);
+        m.send(
+            c,
+            &Packet::Connect(Connect {
+                username,
+                password,
+                ..connect("gw", 10, None)
+            }),
+        );
+        assert_eq!(m.recv(c), vec![In::ConnAck(code)], "{username:?}");
+        if code == 0 {
+            accepted = Some(c);
+        } else {
+            assert!(
+                m.cluster.write_shut(c) || m.cluster.is_closed(c),
+                "a refused CONNECT is closed"
+            );
+        }
+    }
+    // The ACL applies: a PUBLISH outside `plant/#` is refused (MQTT 3.1.1 has no negative
+    // acknowledgement, so the connection is closed), one inside goes through.
+    let gw = accepted.unwrap();
+    m.publish(gw, "plant/a", b"ok", QoS::AtLeastOnce, 1);
+    assert_eq!(m.recv(gw), vec![In::PubAck(1)]);
+    m.publish(gw, "valve/cmd", b"OPEN", QoS::AtMostOnce, 0);
+    m.cluster.run();
+    assert!(m.cluster.is_closed(gw) || m.cluster.write_shut(gw));
+}

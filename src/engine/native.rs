@@ -16,6 +16,8 @@ pub(crate) enum Op<'a> {
         version: u16,
         client_id: String,
         keepalive_ms: u32,
+        /// Credentials, `user:secret`; empty for anonymous.
+        token: crate::auth::Redacted,
     },
     Publish(PublishRef<'a>),
     Subscribe(Subscribe),
@@ -59,6 +61,7 @@ pub(crate) fn op(frame: Frame<'_>) -> Result<Op<'_>, Fatal> {
             version: hello.version,
             client_id: hello.client_id,
             keepalive_ms: hello.keepalive_ms,
+            token: crate::auth::Redacted(hello.token),
         }),
         Frame::Publish(publish) => Ok(Op::Publish(publish)),
         Frame::Subscribe(subscribe) => Ok(Op::Subscribe(subscribe)),
@@ -68,7 +71,11 @@ pub(crate) fn op(frame: Frame<'_>) -> Result<Op<'_>, Fatal> {
         Frame::StatsRequest => Ok(Op::StatsRequest),
         Frame::Error(e) => Err(Fatal::new(
             error_code::UNEXPECTED_FRAME,
-            format!("client sent ERROR {}: {}", e.code, e.reason),
+            format!(
+                "client sent ERROR {}: {}",
+                e.code,
+                super::guard::quote(&e.reason)
+            ),
         )),
         Frame::Welcome(_)
         | Frame::SubAck(_)

@@ -92,6 +92,8 @@ struct Link {
     stream: TcpStream,
     input: ReadBuf,
     wire: WireKind,
+    /// The source address, counted in `EngineShared::sources` while the link lives.
+    peer: Option<std::net::SocketAddr>,
 }
 
 /// The reactor's sockets as the core's [`Transport`]; counts failed writes.
@@ -434,7 +436,7 @@ impl Reactor {
             let Some(listener) = listener else {
                 return;
             };
-            let (stream, _peer) = match listener.accept() {
+            let (stream, peer) = match listener.accept() {
                 Ok(pair) => pair,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
@@ -463,6 +465,19 @@ impl Reactor {
                 }
                 continue;
             }
+            if !self.admit_source(peer) {
+                self.core.handle_address_refused(now, peer);
+                let reason = format!(
+                    "too many connections from {} (limits.max_connections_per_address = {})",
+                    peer.ip(),
+                    self.config.limits.max_connections_per_address
+                );
+                self.shared.open_connections.fetch_sub(1, Ordering::Relaxed);
+                if wire == WireKind::Native {
+                    refuse(stream, error_code::TOO_MANY_CONNECTIONS, &reason);
+                }
+                continue;
+            }
             let _ = stream.set_nodelay(true);
             let sndbuf = self.config.delivery.socket_send_buffer_bytes;
             if sndbuf > 0 {
@@ -484,19 +499,45 @@ impl Reactor {
         self.accept_again_at(now);
     }
 
+    /// Counts a connection from `peer` against `limits.max_connections_per_address`.
+    fn admit_source(&self, peer: std::net::SocketAddr) -> bool {
+        self.config.limits.max_connections_per_address == 0
+            || self
+                .shared
+                .sources
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .try_admit(peer.ip())
+    }
+
+    /// A connection counted by [`Reactor::admit_source`] is gone.
+    fn release_source(&self, peer: Option<std::net::SocketAddr>) {
+        if let Some(peer) = peer.filter(|_| self.config.limits.max_connections_per_address > 0) {
+            self.shared
+                .sources
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .release(peer.ip());
+        }
+    }
+
     /// Accepts again at `at`, or earlier if the other listener asked for that.
     fn accept_again_at(&mut self, at: Instant) {
         self.accept_again = Some(self.accept_again.map_or(at, |again| again.min(at)));
     }
 
     fn add_conn(&mut self, mut stream: TcpStream, conn_id: u64, wire: WireKind, now: Instant) {
+        let peer = stream.peer_addr().ok();
         if self.draining {
+            self.release_source(peer);
             self.shared.open_connections.fetch_sub(1, Ordering::Relaxed);
-            refuse(
-                stream,
-                error_code::SHUTTING_DOWN,
-                "the engine is shutting down",
-            );
+            if wire == WireKind::Native {
+                refuse(
+                    stream,
+                    error_code::SHUTTING_DOWN,
+                    "the engine is shutting down",
+                );
+            }
             return;
         }
         let slot = self.free_slots.pop().unwrap_or_else(|| {
@@ -509,18 +550,19 @@ impl Reactor {
             Interest::READABLE | Interest::WRITABLE,
         ) {
             tracing::error!(conn = conn_id, error = %e, "cannot register a connection");
+            self.release_source(peer);
             self.free_slots.push(slot);
             self.shared.open_connections.fetch_sub(1, Ordering::Relaxed);
             return;
         }
-        let peer = stream.peer_addr();
         self.links[slot] = Some(Link {
             stream,
             input: ReadBuf::default(),
             wire,
+            peer,
         });
         self.core.open_wire(now, slot, conn_id, wire);
-        if let Ok(peer) = peer {
+        if let Some(peer) = peer {
             self.core.set_peer(slot, peer);
         }
         // Data may have arrived before registration: edge-triggered readiness would not report it.
@@ -610,6 +652,7 @@ impl Reactor {
         while let Some(slot) = self.core.poll_closed() {
             if let Some(mut link) = self.links.get_mut(slot).and_then(Option::take) {
                 let _ = self.poll.registry().deregister(&mut link.stream);
+                self.release_source(link.peer);
                 self.free_slots.push(slot);
                 self.shared.open_connections.fetch_sub(1, Ordering::Relaxed);
             }
@@ -673,6 +716,7 @@ impl Reactor {
             let job = StatsJob {
                 shard: self.id,
                 conn,
+                viewer: self.core.stats_viewer(conn),
             };
             if self.stats_jobs.try_send(job).is_err() {
                 self.core.handle_stats_busy(conn);

@@ -13,14 +13,17 @@
 use std::borrow::Borrow;
 use std::collections::VecDeque;
 use std::hash::{Hash, Hasher};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use ahash::{HashMap, HashSet};
 
+use super::guard::Guard;
 use super::mqtt_session::{self, MqttState};
 use super::native::{self, Reply};
 use super::outbox::{Outbox, SharedFrame};
 use super::pacing::Holds;
+use crate::auth::TopicFilter;
 use crate::proto::{self, error_code, DeliveryMode};
 
 /// How long a connection being closed with an ERROR may take to read it before it is dropped.
@@ -50,6 +53,8 @@ pub(crate) struct Sub {
     pub mode: DeliveryMode,
     /// Bit i set: the snapshot from shard i has not arrived; its live frames are skipped.
     pub pending: u64,
+    /// A pattern the identity may only partly receive: the topics it may (`guard.rs`).
+    pub filter: Option<Arc<TopicFilter>>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -217,6 +222,8 @@ pub(crate) struct Session {
     pub stats_in_flight: bool,
     /// The last STATS reply, to tell whether it is still unwritten.
     last_stats: Option<SharedFrame>,
+    /// Identity, source address, publish rate (`guard.rs`).
+    pub guard: Guard,
     /// Pacing, as a subscriber: the topics whose publishers this connection holds back.
     pub holds: Holds,
     /// Pacing, as a publisher: the engine does not read this connection (it published to a
@@ -281,6 +288,7 @@ impl Session {
             reply_bytes: 0,
             stats_in_flight: false,
             last_stats: None,
+            guard: Guard::default(),
             holds: Holds::default(),
             paused: false,
             blocked_since: None,
@@ -724,7 +732,6 @@ pub(crate) struct DeliveryCounters {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::Arc;
 
     fn data(topic: &str, seq: u64) -> SharedFrame {
         let mut buf = Vec::new();

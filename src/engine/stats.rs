@@ -22,6 +22,7 @@ use super::notify::Mailbox;
 use super::outbox::SharedFrame;
 use super::reactor::ShardMsg;
 use super::EngineShared;
+use crate::auth::Identity;
 use crate::proto::{self, Frame};
 
 /// STATS requests waiting for the stats thread, engine-wide.
@@ -30,10 +31,12 @@ pub(crate) const STATS_QUEUE: usize = 1024;
 const COLLECT_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// A connection on reactor `shard` asked for STATS.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub(crate) struct StatsJob {
     pub shard: u16,
     pub conn: ConnRef,
+    /// The identity whose view it gets, or `None` for an admin's: the whole document.
+    pub viewer: Option<Arc<Identity>>,
 }
 
 /// Starts the stats thread. It ends when every sender of jobs is gone.
@@ -49,11 +52,19 @@ pub(crate) fn spawn(
             while let Ok(first) = jobs.recv() {
                 let batch: Vec<StatsJob> = std::iter::once(first).chain(jobs.try_iter()).collect();
                 let doc = collect(&shared, &mailboxes);
-                let frame = stats_frame(doc, max_frame_bytes);
+                let mut whole = None;
                 for job in batch {
+                    let frame = match &job.viewer {
+                        None => whole
+                            .get_or_insert_with(|| stats_frame(doc.clone(), max_frame_bytes))
+                            .clone(),
+                        Some(viewer) => {
+                            stats_frame(scoped(&doc, viewer, job.conn.id), max_frame_bytes)
+                        }
+                    };
                     let msg = ShardMsg::Core(CoreMsg::StatsReply {
                         conn: job.conn,
-                        frame: frame.clone(),
+                        frame,
                     });
                     // A reactor that is gone has no connection to answer.
                     let _ = mailboxes[job.shard as usize].send(msg);
@@ -90,6 +101,43 @@ pub(crate) fn collect(shared: &EngineShared, mailboxes: &[Mailbox<ShardMsg>]) ->
         }
     }
     shared.stats_document(connections, answered < mailboxes.len())
+}
+
+/// What an identity without `admin` may see of the stats document: the counters, its own
+/// connection (none of the others: not their ids, client ids nor subscriptions), and the
+/// latency of the topic prefixes its ACL lets it receive from.
+pub(crate) fn scoped(
+    doc: &serde_json::Value,
+    viewer: &Identity,
+    conn_id: u64,
+) -> serde_json::Value {
+    let mut doc = doc.clone();
+    if let Some(list) = doc
+        .get_mut("connections")
+        .and_then(serde_json::Value::as_array_mut)
+    {
+        list.retain(|c| c["id"].as_u64() == Some(conn_id));
+    }
+    if let Some(map) = doc.as_object_mut() {
+        map.remove("connections_omitted");
+    }
+    if let Some(latency) = doc.get_mut("latency") {
+        let own = conn_id.to_string();
+        if let Some(conns) = latency
+            .get_mut("connections")
+            .and_then(serde_json::Value::as_object_mut)
+        {
+            conns.retain(|id, _| *id == own);
+        }
+        if let Some(prefixes) = latency
+            .get_mut("prefixes")
+            .and_then(serde_json::Value::as_object_mut)
+        {
+            prefixes.retain(|prefix, _| viewer.acl.may_see_prefix(prefix));
+        }
+    }
+    doc["view"] = viewer.name().into();
+    doc
 }
 
 /// The STATS frame for `doc`, within `max_frame_bytes`: connections are left out from the end

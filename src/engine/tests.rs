@@ -49,6 +49,7 @@ impl Raw {
             version: 1,
             client_id: "test".into(),
             keepalive_ms: 0,
+            token: String::new(),
         }));
         match raw.next_frame_kind() {
             Got::Other(s) if s.starts_with("Welcome") => {

@@ -16,6 +16,8 @@ pub const CONNACK_ACCEPTED: u8 = 0;
 pub const CONNACK_UNACCEPTABLE_PROTOCOL: u8 = 1;
 pub const CONNACK_IDENTIFIER_REJECTED: u8 = 2;
 pub const CONNACK_SERVER_UNAVAILABLE: u8 = 3;
+pub const CONNACK_BAD_USERNAME_OR_PASSWORD: u8 = 4;
+pub const CONNACK_NOT_AUTHORIZED: u8 = 5;
 /// SUBACK return code of a refused filter.
 pub const SUBACK_FAILURE: u8 = 0x80;
 

@@ -44,6 +44,18 @@ pub mod error_code {
     /// A PUBLISH to a new topic while the engine holds `limits.max_topics`; the connection
     /// stays open and known topics go on.
     pub const TOO_MANY_TOPICS: u16 = 15;
+    /// HELLO's credentials are missing, unknown or wrong, or this engine cannot check more of
+    /// them now; the connection is closed.
+    pub const UNAUTHENTICATED: u16 = 16;
+    /// The identity may not PUBLISH to this topic or SUBSCRIBE to this pattern; the connection
+    /// stays open.
+    pub const FORBIDDEN: u16 = 17;
+    /// HELLO's client id is held by a connection of another identity (refused, closed), or a
+    /// newer connection of the same identity took it over (the older one is closed).
+    pub const CLIENT_ID_IN_USE: u16 = 18;
+    /// The connection publishes faster than `limits.max_publish_rate_per_s`: PUBLISHes are
+    /// dropped until it slows down; the connection stays open.
+    pub const RATE_LIMITED: u16 = 19;
 
     /// The symbolic name of a code, for logs.
     pub fn name(code: u16) -> &'static str {
@@ -63,13 +75,22 @@ pub mod error_code {
             UNEXPECTED_FRAME => "UNEXPECTED_FRAME",
             BUSY => "BUSY",
             TOO_MANY_TOPICS => "TOO_MANY_TOPICS",
+            UNAUTHENTICATED => "UNAUTHENTICATED",
+            FORBIDDEN => "FORBIDDEN",
+            CLIENT_ID_IN_USE => "CLIENT_ID_IN_USE",
+            RATE_LIMITED => "RATE_LIMITED",
             _ => "UNKNOWN",
         }
     }
 }
 
 /// First frame from a client.
-#[derive(Debug, Clone, PartialEq, Eq, Encode, Decode)]
+///
+/// `token` is an optional trailing field (docs/PROTOCOL.md §4): an empty token is not written,
+/// so a HELLO without credentials is byte for byte what version 1 clients always sent, and a
+/// HELLO that ends after `keepalive_ms` decodes with an empty token. Its `Debug` never shows
+/// the token.
+#[derive(Clone, PartialEq, Eq)]
 pub struct Hello {
     pub version: u16,
     /// Free-form name used in logs and stats (e.g. `plc-gw-7`).
@@ -77,7 +98,67 @@ pub struct Hello {
     /// How often the client promises to send something (a PING at least); 0 asks for the
     /// engine's default.
     pub keepalive_ms: u32,
+    /// Credentials, `user:secret`; empty for none (anonymous).
+    pub token: String,
 }
+
+impl std::fmt::Debug for Hello {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Hello")
+            .field("version", &self.version)
+            .field("client_id", &self.client_id)
+            .field("keepalive_ms", &self.keepalive_ms)
+            .field(
+                "token",
+                &if self.token.is_empty() {
+                    "<none>"
+                } else {
+                    "<redacted>"
+                },
+            )
+            .finish()
+    }
+}
+
+impl Encode for Hello {
+    fn encode<E: bincode::enc::Encoder>(
+        &self,
+        encoder: &mut E,
+    ) -> Result<(), bincode::error::EncodeError> {
+        self.version.encode(encoder)?;
+        self.client_id.encode(encoder)?;
+        self.keepalive_ms.encode(encoder)?;
+        if !self.token.is_empty() {
+            self.token.encode(encoder)?;
+        }
+        Ok(())
+    }
+}
+
+impl<Context> Decode<Context> for Hello {
+    fn decode<D: bincode::de::Decoder<Context = Context>>(
+        decoder: &mut D,
+    ) -> Result<Self, bincode::error::DecodeError> {
+        use bincode::de::read::Reader;
+        let version = u16::decode(decoder)?;
+        let client_id = String::decode(decoder)?;
+        let keepalive_ms = u32::decode(decoder)?;
+        // The optional trailing token: present when the body goes on. Frames are decoded from
+        // a slice, whose reader can tell; a reader that cannot peek sees no token.
+        let token = if decoder.reader().peek_read(1).is_some() {
+            String::decode(decoder)?
+        } else {
+            String::new()
+        };
+        Ok(Hello {
+            version,
+            client_id,
+            keepalive_ms,
+            token,
+        })
+    }
+}
+bincode::impl_borrow_decode!(Hello);
 
 /// The engine's answer to HELLO: what it accepted and its limits.
 #[derive(Debug, Clone, PartialEq, Eq, Encode, Decode)]
@@ -223,6 +304,8 @@ pub enum TopicError {
     WildcardNotWholeLevel(char),
     #[error("'#' may only be the last level")]
     HashNotLast,
+    #[error("topic has {levels} levels, more than the limit of {max}")]
+    TooDeep { levels: usize, max: usize },
 }
 
 fn validate_common(s: &str, max_bytes: usize) -> Result<(), TopicError> {
@@ -246,6 +329,25 @@ pub fn validate_topic(topic: &str, max_bytes: usize) -> Result<(), TopicError> {
     validate_common(topic, max_bytes)?;
     if topic.bytes().any(|b| b == b'+' || b == b'#') {
         return Err(TopicError::WildcardInTopic);
+    }
+    Ok(())
+}
+
+/// A topic or pattern of at most `max_levels` `/`-separated levels (`limits.max_topic_levels`):
+/// the engine's tries hold one node per level.
+pub fn check_depth(s: &str, max_levels: usize) -> Result<(), TopicError> {
+    // Counting separators stops early: a 64 KiB topic of slashes costs no more than the limit.
+    let mut levels = 1;
+    for b in s.bytes() {
+        if b == b'/' {
+            levels += 1;
+            if levels > max_levels {
+                return Err(TopicError::TooDeep {
+                    levels: s.bytes().filter(|&b| b == b'/').count() + 1,
+                    max: max_levels,
+                });
+            }
+        }
     }
     Ok(())
 }

@@ -28,9 +28,9 @@ pub use codec::{
     encode_frame, encode_ping, encode_pong, encode_publish, frame_len_hint, DecodeError, Decoded,
 };
 pub use frames::{
-    error_code, validate_pattern, validate_topic, DataHeader, DeliveryMode, Frame, Gap, Hello,
-    PublishRef, SubAck, Subscribe, TopicError, TopicPosition, Unsubscribe, Welcome, WireError,
-    DATA_FLAG_RESTORED, DATA_FLAG_SNAPSHOT,
+    check_depth, error_code, validate_pattern, validate_topic, DataHeader, DeliveryMode, Frame,
+    Gap, Hello, PublishRef, SubAck, Subscribe, TopicError, TopicPosition, Unsubscribe, Welcome,
+    WireError, DATA_FLAG_RESTORED, DATA_FLAG_SNAPSHOT,
 };
 
 /// Protocol version spoken by this build; HELLO carries the client's, WELCOME the engine's.

@@ -28,6 +28,7 @@ fn hello() -> Hello {
         version: 1,
         client_id: "plc-gw-7".into(),
         keepalive_ms: 10_000,
+        token: String::new(),
     }
 }
 
@@ -152,6 +153,38 @@ fn golden_hello() {
     let frame = Frame::Hello(hello());
     assert_eq!(encoded(&frame), expected);
     assert_eq!(decode_whole(&expected), frame);
+}
+
+#[test]
+fn golden_hello_with_token() {
+    #[rustfmt::skip]
+    let expected = [
+        0x17, 0x00, 0x00, 0x00,                         // len 23
+        0x01,                                           // kind HELLO
+        0x01,                                           // version 1
+        0x08,                                           // client_id length 8
+        b'p', b'l', b'c', b'-', b'g', b'w', b'-', b'7', // client_id
+        0xfb, 0x10, 0x27,                               // keepalive_ms 10000
+        0x08,                                           // token length 8: the optional field
+        b'o', b'p', b':', b'o', b'p', b'-', b'p', b'w', // token "op:op-pw"
+    ];
+    let frame = Frame::Hello(Hello {
+        token: "op:op-pw".into(),
+        ..hello()
+    });
+    assert_eq!(encoded(&frame), expected);
+    assert_eq!(decode_whole(&expected), frame);
+    // Fed one byte at a time, a prefix ending after keepalive_ms is only a prefix.
+    for cut in 1..expected.len() {
+        assert!(matches!(
+            decode_frame(&expected[..cut], MAX),
+            Ok(Decoded::NeedMore(_))
+        ));
+    }
+    assert!(
+        !format!("{frame:?}").contains("op-pw"),
+        "Debug hides the token"
+    );
 }
 
 #[test]
@@ -579,13 +612,16 @@ fn payload() -> impl Strategy<Value = Vec<u8>> {
 /// since `any::<u64>()` favours edge values).
 fn any_frame() -> impl Strategy<Value = Owned> {
     let plain = prop_oneof![
-        (any::<u16>(), text(), any::<u32>()).prop_map(|(version, client_id, keepalive_ms)| {
-            Frame::Hello(Hello {
-                version,
-                client_id,
-                keepalive_ms,
-            })
-        }),
+        (any::<u16>(), text(), any::<u32>(), text()).prop_map(
+            |(version, client_id, keepalive_ms, token)| {
+                Frame::Hello(Hello {
+                    version,
+                    client_id,
+                    keepalive_ms,
+                    token,
+                })
+            }
+        ),
         (
             any::<u16>(),
             any::<u32>(),

@@ -200,8 +200,14 @@ pub struct Cli {
 
 impl Cli {
     pub fn spawn(args: &[&str]) -> Cli {
+        Cli::spawn_env(args, &[])
+    }
+
+    /// `lanpush ARGS` with these environment variables set (e.g. `LANPUSH_TOKEN`).
+    pub fn spawn_env(args: &[&str], env: &[(&str, &str)]) -> Cli {
         let mut child = Command::new(bin())
             .args(args)
+            .envs(env.iter().copied())
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -364,11 +370,26 @@ impl Raw {
 
     /// Sends HELLO and returns without waiting for the WELCOME.
     pub fn send_hello(&mut self, client_id: &str, keepalive_ms: u32) {
+        self.send_hello_as(client_id, keepalive_ms, "");
+    }
+
+    /// Sends HELLO with `token` (`user:secret`; empty: anonymous), without waiting.
+    pub fn send_hello_as(&mut self, client_id: &str, keepalive_ms: u32, token: &str) {
         self.send(&Frame::Hello(Hello {
             version: PROTOCOL_VERSION,
             client_id: client_id.into(),
             keepalive_ms,
+            token: token.into(),
         }));
+    }
+
+    /// HELLO as `token`, then the WELCOME.
+    pub fn hello_as(&mut self, client_id: &str, token: &str) -> Welcome {
+        self.send_hello_as(client_id, 0, token);
+        match self.read(STEP) {
+            Some(Got::Welcome(w)) => w,
+            other => panic!("expected WELCOME for {client_id}, got {other:?}"),
+        }
     }
 
     /// A PING round trip: sends PING `nonce` and reads until its PONG, answering the engine's
@@ -645,11 +666,17 @@ impl Server {
 
     /// `lanpush stats --json` against this engine, parsed.
     pub fn stats(&self) -> serde_json::Value {
-        let out = run(
-            &["stats", "--json", "--server", &self.addr_string()],
-            None,
-            STEP,
-        );
+        self.stats_as("")
+    }
+
+    /// `lanpush stats --json --token TOKEN` (anonymous when empty), parsed.
+    pub fn stats_as(&self, token: &str) -> serde_json::Value {
+        let addr = self.addr_string();
+        let mut args = vec!["stats", "--json", "--server", &addr];
+        if !token.is_empty() {
+            args.extend(["--token", token]);
+        }
+        let out = run(&args, None, STEP);
         assert!(out.status.success(), "lanpush stats failed: {}", out.stderr);
         serde_json::from_str(out.stdout.trim()).unwrap_or_else(|e| {
             panic!("lanpush stats --json printed no JSON ({e}): {}", out.stdout)

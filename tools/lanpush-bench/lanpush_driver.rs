@@ -182,6 +182,7 @@ impl Wire {
                 version: PROTOCOL_VERSION,
                 client_id: client_id.to_string(),
                 keepalive_ms: KEEPALIVE_MS,
+                token: String::new(),
             }),
         );
         wire.send_blocking(&hello)?;

@@ -1,0 +1,368 @@
+//! Who a client is ([`Identity`]) and what it may do ([`Acl`]), as plain values shared by every
+//! listener kind: the native session checks HELLO's token here, an MQTT session would check
+//! CONNECT's username and password the same way ([`Authenticator::authenticate`]).
+//!
+//! **Secrets** are stored in the config as argon2 PHC strings (`lanpush passwd` makes one), never
+//! in clear. Checking one costs what its parameters say (19 MiB and 2 passes, the argon2 crate's
+//! defaults and OWASP's minimum: 31 ms on the reference machine, `bench/auth.rs`, by design), and it runs on
+//! the reactor thread that got the HELLO, where it stalls that reactor's other connections. So:
+//!
+//! - **a secret that verified is remembered**: per configured user, a keyed BLAKE2b digest of the
+//!   last secret that verified (the key is random per process, so the digest is useless outside
+//!   it). A HELLO with the same secret costs one digest (about 1 µs) instead of an argon2 run: a
+//!   reconnect storm of known clients costs no more than anonymous ones. The cache holds one
+//!   entry per configured user, so it is bounded by the config;
+//! - **argon2 runs are budgeted per reactor** (`auth.max_verifications_per_s`, a token bucket
+//!   the caller owns and passes in): past it, a HELLO that would need one is refused with
+//!   UNAUTHENTICATED ("too many authentication attempts") before any hashing. A password-guessing
+//!   client therefore costs a reactor at most that many runs a second (10 by default: about a
+//!   third of a core worst case, and at most one run, ~30 ms, between two turns);
+//! - an unknown user is verified against a dummy hash, so unknown users and wrong secrets take the
+//!   same time and the same budget (no user enumeration by timing).
+
+pub mod acl;
+mod password;
+
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use ahash::HashMap;
+
+pub use acl::{Acl, PatternSet, SubscribeScope, TopicFilter};
+pub use password::{check_phc, hash_password, PasswordError};
+
+use crate::config::AuthConfig;
+use crate::engine::limits::TokenBucket;
+
+/// A secret that `Debug` does not show (operations and logs may print the value holding it).
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct Redacted(pub String);
+
+impl std::fmt::Debug for Redacted {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.0.is_empty() {
+            "<none>"
+        } else {
+            "<redacted>"
+        })
+    }
+}
+
+/// An authenticated (or anonymous) client.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Identity {
+    /// The configured user, `None` for anonymous.
+    pub user: Option<Box<str>>,
+    pub acl: Acl,
+    /// Sees everything in STATS (other connections, their client ids and subscriptions).
+    pub admin: bool,
+}
+
+impl Identity {
+    /// The user name, or `anonymous`.
+    pub fn name(&self) -> &str {
+        self.user.as_deref().unwrap_or("anonymous")
+    }
+
+    /// Anonymous with every right: what an engine without `[auth]` config gives every client.
+    pub fn unrestricted() -> Identity {
+        Identity {
+            user: None,
+            acl: Acl::everything(),
+            admin: true,
+        }
+    }
+}
+
+/// Why a HELLO's credentials were refused. The `Display` text is what the client is told: it
+/// does not say whether the user exists.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AuthError {
+    #[error("credentials required: this engine does not accept anonymous clients")]
+    Missing,
+    #[error("the token must be \"user:secret\"")]
+    BadToken,
+    #[error("unknown user or wrong secret")]
+    Rejected {
+        /// For the audit log only.
+        user: String,
+        /// The user exists (for the audit log only).
+        known: bool,
+    },
+    #[error("too many authentication attempts on this reactor; try again in a second")]
+    Throttled { user: String },
+}
+
+impl AuthError {
+    /// The user named, if any (for the audit log).
+    pub fn user(&self) -> Option<&str> {
+        match self {
+            AuthError::Rejected { user, .. } | AuthError::Throttled { user } => Some(user),
+            AuthError::Missing | AuthError::BadToken => None,
+        }
+    }
+}
+
+/// The result of a successful check.
+#[derive(Debug, Clone)]
+pub struct Authenticated {
+    pub identity: Arc<Identity>,
+    /// An argon2 verification ran (false: anonymous, or the secret was remembered).
+    pub verified_slowly: bool,
+}
+
+struct User {
+    hash: String,
+    identity: Arc<Identity>,
+}
+
+/// Checks credentials against the configured users; shared by every reactor.
+pub struct Authenticator {
+    anonymous: Option<Arc<Identity>>,
+    users: HashMap<Box<str>, User>,
+    /// Per user, the keyed digest of the last secret that verified.
+    verified: Mutex<HashMap<Box<str>, [u8; 32]>>,
+    digest_key: [u8; 32],
+    /// Verified when the user is unknown, so that takes as long as a wrong secret.
+    dummy_hash: String,
+}
+
+impl std::fmt::Debug for Authenticator {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Authenticator")
+            .field("anonymous", &self.anonymous.is_some())
+            .field("users", &self.users.len())
+            .finish()
+    }
+}
+
+impl Authenticator {
+    /// The authenticator for a validated `[auth]` config (`Config` validation has checked the
+    /// hashes, roles and patterns).
+    pub fn new(config: &AuthConfig) -> Authenticator {
+        let roles: HashMap<&str, &crate::config::RoleConfig> =
+            config.roles.iter().map(|r| (r.name.as_str(), r)).collect();
+        let identity = |user: Option<&str>,
+                        role_names: &[String],
+                        publish: &[String],
+                        subscribe: &[String],
+                        admin: bool| {
+            let mut p: Vec<&str> = publish.iter().map(String::as_str).collect();
+            let mut s: Vec<&str> = subscribe.iter().map(String::as_str).collect();
+            let mut admin = admin;
+            for name in role_names {
+                if let Some(role) = roles.get(name.as_str()) {
+                    p.extend(role.publish.iter().map(String::as_str));
+                    s.extend(role.subscribe.iter().map(String::as_str));
+                    admin |= role.admin;
+                }
+            }
+            Arc::new(Identity {
+                user: user.map(Box::from),
+                acl: Acl {
+                    publish: PatternSet::new(p),
+                    subscribe: PatternSet::new(s),
+                },
+                admin,
+            })
+        };
+        let anonymous = config
+            .anonymous
+            .then(|| identity(None, &config.anonymous_roles, &[], &[], false));
+        let users = config
+            .users
+            .iter()
+            .map(|u| {
+                let user = User {
+                    hash: u.secret_hash.clone(),
+                    identity: identity(Some(&u.name), &u.roles, &u.publish, &u.subscribe, u.admin),
+                };
+                (Box::from(u.name.as_str()), user)
+            })
+            .collect();
+        Authenticator {
+            anonymous,
+            users,
+            verified: Mutex::new(HashMap::default()),
+            digest_key: password::random_bytes(),
+            dummy_hash: password::dummy_hash(),
+        }
+    }
+
+    /// An authenticator that lets everyone in with every right (tests, embedding).
+    pub fn unrestricted() -> Authenticator {
+        Authenticator {
+            anonymous: Some(Arc::new(Identity::unrestricted())),
+            users: HashMap::default(),
+            verified: Mutex::new(HashMap::default()),
+            digest_key: [0; 32],
+            dummy_hash: String::new(),
+        }
+    }
+
+    /// Checks `user` and `secret` (HELLO's token split at its first ':'; an MQTT CONNECT's
+    /// username and password), or anonymous when both are `None`. An argon2 run takes a token
+    /// from `slow_budget` at `now`; with none left it is not attempted.
+    pub fn authenticate(
+        &self,
+        credentials: Option<(&str, &[u8])>,
+        now: Instant,
+        slow_budget: &mut TokenBucket,
+    ) -> Result<Authenticated, AuthError> {
+        let Some((name, secret)) = credentials else {
+            return self
+                .anonymous
+                .clone()
+                .map(|identity| Authenticated {
+                    identity,
+                    verified_slowly: false,
+                })
+                .ok_or(AuthError::Missing);
+        };
+        let user = self.users.get(name);
+        let digest = password::keyed_digest(&self.digest_key, secret);
+        if let Some(user) = user {
+            let remembered = self
+                .verified
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .get(name)
+                .is_some_and(|d| password::digests_equal(d, &digest));
+            if remembered {
+                return Ok(Authenticated {
+                    identity: user.identity.clone(),
+                    verified_slowly: false,
+                });
+            }
+        }
+        if !slow_budget.try_take(now) {
+            return Err(AuthError::Throttled {
+                user: name.to_string(),
+            });
+        }
+        let hash = user.map_or(self.dummy_hash.as_str(), |u| u.hash.as_str());
+        let ok = password::verify(hash, secret);
+        match user {
+            Some(user) if ok => {
+                self.verified
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .insert(name.into(), digest);
+                Ok(Authenticated {
+                    identity: user.identity.clone(),
+                    verified_slowly: true,
+                })
+            }
+            _ => Err(AuthError::Rejected {
+                user: name.to_string(),
+                known: user.is_some(),
+            }),
+        }
+    }
+
+    /// Splits a native HELLO token: empty is anonymous, otherwise `user:secret`.
+    pub fn split_token(token: &str) -> Result<Option<(&str, &[u8])>, AuthError> {
+        if token.is_empty() {
+            return Ok(None);
+        }
+        match token.split_once(':') {
+            Some((user, secret)) if !user.is_empty() => Ok(Some((user, secret.as_bytes()))),
+            _ => Err(AuthError::BadToken),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+    use std::time::Duration;
+
+    pub(crate) fn secure_config(hash: &str) -> Config {
+        let text = format!(
+            r#"
+[auth]
+anonymous = false
+anonymous_roles = []
+[[auth.roles]]
+name = "hmi"
+subscribe = ["plant/line1/#"]
+[[auth.users]]
+name = "op"
+secret_hash = "{hash}"
+roles = ["hmi"]
+publish = ["plant/line1/setpoint"]
+"#
+        );
+        Config::from_toml_str(&text, "test").unwrap()
+    }
+
+    #[test]
+    fn a_remembered_secret_skips_argon2_and_a_wrong_one_never_passes() {
+        let hash = hash_password(b"s3cret").unwrap();
+        let auth = Authenticator::new(&secure_config(&hash).auth);
+        let t0 = Instant::now();
+        let mut budget = TokenBucket::new(100, 100, t0);
+        let first = auth
+            .authenticate(Some(("op", b"s3cret")), t0, &mut budget)
+            .unwrap();
+        assert!(first.verified_slowly);
+        assert_eq!(first.identity.name(), "op");
+        assert!(first.identity.acl.may_publish("plant/line1/setpoint"));
+        assert!(!first.identity.acl.may_publish("plant/line1/valve_cmd"));
+        let again = auth
+            .authenticate(Some(("op", b"s3cret")), t0, &mut budget)
+            .unwrap();
+        assert!(!again.verified_slowly, "remembered");
+        for (user, secret, known) in [("op", &b"wrong"[..], true), ("nobody", b"s3cret", false)] {
+            assert_eq!(
+                auth.authenticate(Some((user, secret)), t0, &mut budget)
+                    .unwrap_err(),
+                AuthError::Rejected {
+                    user: user.into(),
+                    known
+                }
+            );
+        }
+        assert_eq!(
+            auth.authenticate(None, t0, &mut budget).unwrap_err(),
+            AuthError::Missing
+        );
+    }
+
+    #[test]
+    fn argon2_runs_are_budgeted_per_second() {
+        let hash = hash_password(b"pw").unwrap();
+        let auth = Authenticator::new(&secure_config(&hash).auth);
+        let t0 = Instant::now();
+        let mut budget = TokenBucket::new(2, 2, t0);
+        for _ in 0..2 {
+            assert!(matches!(
+                auth.authenticate(Some(("op", b"guess")), t0, &mut budget),
+                Err(AuthError::Rejected { .. })
+            ));
+        }
+        assert!(matches!(
+            auth.authenticate(Some(("op", b"guess")), t0, &mut budget),
+            Err(AuthError::Throttled { .. })
+        ));
+        let later = t0 + Duration::from_millis(500);
+        assert!(auth
+            .authenticate(Some(("op", b"pw")), later, &mut budget)
+            .is_ok());
+    }
+
+    #[test]
+    fn tokens_split_at_the_first_colon() {
+        assert_eq!(Authenticator::split_token(""), Ok(None));
+        assert_eq!(
+            Authenticator::split_token("u:p:q"),
+            Ok(Some(("u", &b"p:q"[..])))
+        );
+        assert_eq!(
+            Authenticator::split_token("nocolon"),
+            Err(AuthError::BadToken)
+        );
+        assert_eq!(Authenticator::split_token(":p"), Err(AuthError::BadToken));
+    }
+}
