@@ -61,6 +61,10 @@ pub struct LimitsConfig {
     pub max_client_id_bytes: usize,
     /// How long the engine remembers a client id after its last connection closed.
     pub client_session_expiry_s: u64,
+    /// Durable sessions (native clients) the engine keeps at most, live or closed.
+    pub max_durable_sessions: usize,
+    /// Memory all durable sessions may hold together (patterns, topics, positions).
+    pub max_durable_session_bytes: usize,
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]

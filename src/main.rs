@@ -85,11 +85,15 @@ struct ConnectArgs {
 
 impl ConnectArgs {
     fn options(&self, role: &str) -> ClientOptions {
+        // A named client is a durable session: a restarted `sub` resumes where it stopped.
+        let durable = self.client_id.is_some();
         let id = self
             .client_id
             .clone()
             .unwrap_or_else(|| format!("lanpush-{role}-{}", std::process::id()));
-        ClientOptions::new(self.server.clone()).client_id(id)
+        ClientOptions::new(self.server.clone())
+            .client_id(id)
+            .durable_session(durable)
     }
 }
 

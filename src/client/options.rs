@@ -27,6 +27,10 @@ pub struct ClientOptions {
     pub max_topic_bytes: usize,
     /// Initial size of a subscriber's receive buffer; it grows to fit a larger frame.
     pub read_buffer_bytes: usize,
+    /// A subscriber asks the engine for the durable session of its `client_id` (the session
+    /// marker in every SUBSCRIBE, docs/PROTOCOL.md §8): a new process with the same id resumes
+    /// where the last one stopped. Off by default: the default id is per process.
+    pub durable_session: bool,
 }
 
 impl Default for ClientOptions {
@@ -40,6 +44,7 @@ impl Default for ClientOptions {
             reconnect: Backoff::default(),
             max_topic_bytes: 1024,
             read_buffer_bytes: 64 * 1024,
+            durable_session: false,
         }
     }
 }
@@ -53,6 +58,11 @@ impl ClientOptions {
     }
     pub fn client_id(mut self, client_id: impl Into<String>) -> Self {
         self.client_id = client_id.into();
+        self
+    }
+    /// See [`ClientOptions::durable_session`]; use it with a stable [`ClientOptions::client_id`].
+    pub fn durable_session(mut self, durable: bool) -> Self {
+        self.durable_session = durable;
         self
     }
     pub fn keepalive_ms(mut self, keepalive_ms: u32) -> Self {

@@ -13,6 +13,7 @@ mod clients;
 mod core;
 #[cfg(test)]
 mod core_tests;
+mod durable;
 #[cfg(test)]
 mod handle_tests;
 #[cfg(test)]
@@ -154,6 +155,8 @@ pub(crate) struct EngineShared {
     pub owners: owners::OwnerTable,
     /// Persistent MQTT sessions of the clients that are gone (`mqtt_sessions.rs`).
     pub mqtt_sessions: mqtt_sessions::MqttSessions,
+    /// Durable sessions of native clients (`durable.rs`).
+    pub durable: durable::DurableSessions,
     /// One sender into each reactor's inbox, indexed by reactor.
     mailboxes: Vec<Mailbox<ShardMsg>>,
     /// Set once, by [`EngineShared::request_shutdown`]; see [`EngineShared::shutdown_requested`].
@@ -196,6 +199,11 @@ impl EngineShared {
             mqtt_sessions: mqtt_sessions::MqttSessions::new(
                 std::time::Duration::from_secs(config.limits.client_session_expiry_s),
                 config.limits.max_connections,
+            ),
+            durable: durable::DurableSessions::new(
+                std::time::Duration::from_secs(config.limits.client_session_expiry_s),
+                config.limits.max_durable_sessions,
+                config.limits.max_durable_session_bytes,
             ),
             mailboxes: Vec::new(),
             shutting_down: AtomicBool::new(false),
@@ -373,10 +381,14 @@ impl EngineShared {
                 m.into()
             })
             .collect();
+        let durable = self.durable.counts();
         let mut doc = serde_json::json!({
             "uptime_ms": now_unix_ns().saturating_sub(self.started_unix_ns) / 1_000_000,
             "open_connections": self.open_connections.load(Ordering::Relaxed),
             "client_ids": self.clients.len(),
+            "durable_sessions": durable.sessions,
+            "durable_sessions_live": durable.live,
+            "durable_session_bytes": durable.bytes,
             "totals": totals,
             "reactors": shards,
             "connections": connections,
