@@ -15,6 +15,8 @@ mod core;
 mod core_tests;
 mod durable;
 #[cfg(test)]
+mod durable_tests;
+#[cfg(test)]
 mod handle_tests;
 #[cfg(test)]
 mod harness;
