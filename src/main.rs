@@ -746,9 +746,12 @@ fn render_stats(doc: &serde_json::Value) -> String {
     let num = |v: &serde_json::Value, key: &str| v.get(key).and_then(|x| x.as_u64()).unwrap_or(0);
     let _ = writeln!(
         out,
-        "uptime {} s, {} open connections",
+        "uptime {} s, {} open connections, {} durable sessions ({} live, {} bytes)",
         num(doc, "uptime_ms") / 1000,
-        num(doc, "open_connections")
+        num(doc, "open_connections"),
+        num(doc, "durable_sessions"),
+        num(doc, "durable_sessions_live"),
+        num(doc, "durable_session_bytes")
     );
     if let Some(url) = doc.get("metrics_url").and_then(|u| u.as_str()) {
         let _ = writeln!(out, "Prometheus metrics: {url}");
