@@ -69,6 +69,10 @@ pub struct LimitsConfig {
     pub max_publish_rate_per_s: u64,
     /// Most `/`-separated levels in a topic or pattern.
     pub max_topic_levels: usize,
+    /// Durable sessions (native clients) the engine keeps at most, live or closed.
+    pub max_durable_sessions: usize,
+    /// Memory all durable sessions may hold together (patterns, topics, positions).
+    pub max_durable_session_bytes: usize,
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]

@@ -97,11 +97,15 @@ struct ConnectArgs {
 
 impl ConnectArgs {
     fn options(&self, role: &str) -> ClientOptions {
+        // A named client is a durable session: a restarted `sub` resumes where it stopped.
+        let durable = self.client_id.is_some();
         let id = self
             .client_id
             .clone()
             .unwrap_or_else(|| format!("lanpush-{role}-{}", std::process::id()));
-        let opts = ClientOptions::new(self.server.clone()).client_id(id);
+        let opts = ClientOptions::new(self.server.clone())
+            .client_id(id)
+            .durable_session(durable);
         match self.token.as_deref().filter(|t| !t.is_empty()) {
             Some(token) => opts.token(token),
             None => opts,
@@ -807,9 +811,12 @@ fn render_stats(doc: &serde_json::Value) -> String {
     let num = |v: &serde_json::Value, key: &str| v.get(key).and_then(|x| x.as_u64()).unwrap_or(0);
     let _ = writeln!(
         out,
-        "uptime {} s, {} open connections",
+        "uptime {} s, {} open connections, {} durable sessions ({} live, {} bytes)",
         num(doc, "uptime_ms") / 1000,
-        num(doc, "open_connections")
+        num(doc, "open_connections"),
+        num(doc, "durable_sessions"),
+        num(doc, "durable_sessions_live"),
+        num(doc, "durable_session_bytes")
     );
     if let Some(url) = doc.get("metrics_url").and_then(|u| u.as_str()) {
         let _ = writeln!(out, "Prometheus metrics: {url}");

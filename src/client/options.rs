@@ -30,6 +30,10 @@ pub struct ClientOptions {
     /// Credentials sent in HELLO, `user:secret`; `None` connects anonymously. `lanpush pub`,
     /// `sub` and `stats` take it from `--token` or the `LANPUSH_TOKEN` environment variable.
     pub token: Option<Token>,
+    /// A subscriber asks the engine for the durable session of its `client_id` (the session
+    /// marker in every SUBSCRIBE, docs/PROTOCOL.md §8): a new process with the same id resumes
+    /// where the last one stopped. Off by default: the default id is per process.
+    pub durable_session: bool,
 }
 
 /// A HELLO token, `user:secret`. Its `Debug` never shows the secret.
@@ -69,6 +73,7 @@ impl Default for ClientOptions {
             max_topic_bytes: 1024,
             read_buffer_bytes: 64 * 1024,
             token: None,
+            durable_session: false,
         }
     }
 }
@@ -82,6 +87,11 @@ impl ClientOptions {
     }
     pub fn client_id(mut self, client_id: impl Into<String>) -> Self {
         self.client_id = client_id.into();
+        self
+    }
+    /// See [`ClientOptions::durable_session`]; use it with a stable [`ClientOptions::client_id`].
+    pub fn durable_session(mut self, durable: bool) -> Self {
+        self.durable_session = durable;
         self
     }
     pub fn keepalive_ms(mut self, keepalive_ms: u32) -> Self {

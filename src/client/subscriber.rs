@@ -10,7 +10,7 @@ use super::{deadline_after, ping_interval, ClientError, ClientOptions};
 use crate::proto::{
     decode_frame, encode_control, encode_ping, encode_pong, validate_pattern, DecodeError, Decoded,
     DeliveryMode, Frame, Subscribe, TopicPosition, Welcome, WireError, DATA_FLAG_RESTORED,
-    DATA_FLAG_SNAPSHOT,
+    DATA_FLAG_SNAPSHOT, SESSION_MARKER_SEQ,
 };
 
 /// One subscription: a pattern (`+` one level, `#` the rest) and its delivery mode.
@@ -519,6 +519,13 @@ impl Subscriber {
                 resume.push(TopicPosition {
                     topic: String::new(),
                     last_seq: 0,
+                });
+            }
+            if self.opts.durable_session {
+                // Positions the engine kept for our id fill in what this process never saw.
+                resume.push(TopicPosition {
+                    topic: String::new(),
+                    last_seq: SESSION_MARKER_SEQ,
                 });
             }
             encode_control(

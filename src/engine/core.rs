@@ -40,6 +40,7 @@ use std::time::{Duration, Instant};
 use ahash::HashMap;
 
 use super::audit::AuditKind;
+use super::durable;
 use super::guard::{quote, ShardGuard};
 use super::mqtt_session;
 use super::native::{self, Op, Reply};
@@ -64,6 +65,10 @@ use crate::topic::TopicIndex;
 /// The MQTT connections' side of the core (a child module, so it reaches the core's state).
 #[path = "mqtt_core.rs"]
 mod mqtt_core;
+
+/// The durable sessions' side of the core (a child module, so it reaches the core's state).
+#[path = "durable_core.rs"]
+mod durable_core;
 
 /// Vectored writes per connection per flush; a connection with more left stays dirty.
 pub(crate) const MAX_WRITES_PER_FLUSH: usize = 4;
@@ -1177,15 +1182,30 @@ impl FanoutCore {
             DeliveryMode::Default => self.config.delivery.default_mode,
             mode => mode,
         };
+        // The session marker (`durable.rs`) asks for the client id's durable session: its
+        // positions, if it had this pattern, make this a resume.
+        let kept = if durable::has_session_marker(&subscribe.resume) {
+            self.durable_subscribe(slot, &subscribe.pattern, mode)
+        } else {
+            None
+        };
         // A non-empty resume list makes this a resume (an entry with the empty topic, which no
         // message can have, says "resuming, but nothing seen yet").
-        let resume = (!subscribe.resume.is_empty()).then(|| {
+        let explicit = subscribe
+            .resume
+            .iter()
+            .any(|p| !(p.topic.is_empty() && p.last_seq == durable::SESSION_MARKER_SEQ));
+        let resume = (explicit || kept.is_some()).then(|| {
             Arc::new(
-                subscribe
-                    .resume
-                    .iter()
-                    .filter(|p| !p.topic.is_empty())
-                    .map(|p| (p.topic.clone(), p.last_seq))
+                kept.into_iter()
+                    .flatten()
+                    .chain(
+                        subscribe
+                            .resume
+                            .iter()
+                            .filter(|p| !p.topic.is_empty())
+                            .map(|p| (p.topic.clone(), p.last_seq)),
+                    )
                     .collect::<HashMap<String, u64>>(),
             )
         });
@@ -1386,6 +1406,7 @@ impl FanoutCore {
         }
         self.publish_will(slot);
         self.save_mqtt_session(slot);
+        self.save_durable_session(slot);
         self.remove_subs(slot);
         self.release_holds(slot, None);
         if let Some(session) = self.sessions[slot].take() {
@@ -2053,7 +2074,12 @@ fn write_session(
             Ok(written) => {
                 let (conn_id, now_ns) = (session.id, transport.unix_ns());
                 let mqtt = &mut session.mqtt;
+                let durable = &mut session.durable;
                 session.outbox.consume_with(written, |frame| {
+                    // The honest position of a durable session: what left for the socket.
+                    if let Some(d) = durable.as_deref_mut() {
+                        d.handle_written(frame);
+                    }
                     // An MQTT packet is stamped from the DATA frame it was made from.
                     let data;
                     let frame = match mqtt.as_deref_mut() {

@@ -513,6 +513,14 @@ impl Cluster {
         self.pipes[client.shard as usize][client.slot].writes
     }
 
+    /// The durable session state of a connection (`None`: not durable).
+    pub(crate) fn session_durable(&self, client: Client) -> Option<&super::durable::SessionState> {
+        self.cores[client.shard as usize]
+            .session(client.slot)?
+            .durable
+            .as_deref()
+    }
+
     /// The peer went away.
     pub(crate) fn hang_up(&mut self, client: Client) {
         self.cores[client.shard as usize].handle_closed(self.now, client.slot);

@@ -14,6 +14,9 @@ mod clients;
 mod core;
 #[cfg(test)]
 mod core_tests;
+mod durable;
+#[cfg(test)]
+mod durable_tests;
 mod guard;
 #[cfg(test)]
 mod guard_tests;
@@ -172,6 +175,8 @@ pub(crate) struct EngineShared {
     pub auth: crate::auth::Authenticator,
     /// Connections open per source address (`limits.rs`); touched at accept and close only.
     pub sources: std::sync::Mutex<limits::SourceLimits>,
+    /// Durable sessions of native clients (`durable.rs`).
+    pub durable: durable::DurableSessions,
     /// One sender into each reactor's inbox, indexed by reactor.
     mailboxes: Vec<Mailbox<ShardMsg>>,
     /// Set once, by [`EngineShared::request_shutdown`]; see [`EngineShared::shutdown_requested`].
@@ -219,6 +224,11 @@ impl EngineShared {
             sources: std::sync::Mutex::new(limits::SourceLimits::new(
                 config.limits.max_connections_per_address,
             )),
+            durable: durable::DurableSessions::new(
+                std::time::Duration::from_secs(config.limits.client_session_expiry_s),
+                config.limits.max_durable_sessions,
+                config.limits.max_durable_session_bytes,
+            ),
             mailboxes: Vec::new(),
             shutting_down: AtomicBool::new(false),
             reactor_failures: AtomicU64::new(0),
@@ -408,10 +418,14 @@ impl EngineShared {
                 m.into()
             })
             .collect();
+        let durable = self.durable.counts();
         let mut doc = serde_json::json!({
             "uptime_ms": now_unix_ns().saturating_sub(self.started_unix_ns) / 1_000_000,
             "open_connections": self.open_connections.load(Ordering::Relaxed),
             "client_ids": self.clients.len(),
+            "durable_sessions": durable.sessions,
+            "durable_sessions_live": durable.live,
+            "durable_session_bytes": durable.bytes,
             "totals": totals,
             "reactors": shards,
             "connections": connections,

@@ -240,6 +240,9 @@ pub(crate) struct Session {
     pub close_cause: Option<String>,
     /// MQTT connections only (`mqtt_session.rs`): `None` for a native connection.
     pub mqtt: Option<Box<MqttState>>,
+    /// A durable session (`durable.rs`): what has been written to this connection, merged into
+    /// its client id's session at close. `None`: the connection did not opt in.
+    pub durable: Option<Box<super::durable::SessionState>>,
 }
 
 /// The result of [`Session::enqueue`].
@@ -296,6 +299,7 @@ impl Session {
             close_code: None,
             close_cause: None,
             mqtt: None,
+            durable: None,
         }
     }
 

@@ -36,6 +36,10 @@ pub use frames::{
 /// Protocol version spoken by this build; HELLO carries the client's, WELCOME the engine's.
 pub const PROTOCOL_VERSION: u16 = 1;
 
+/// `last_seq` of the *session marker*: a resume position with the empty topic and this
+/// `last_seq` asks for the durable session of the HELLO's client id (docs/PROTOCOL.md §8).
+pub const SESSION_MARKER_SEQ: u64 = u64::MAX;
+
 /// Bytes of the length prefix.
 pub const LEN_PREFIX_BYTES: usize = 4;
 /// Bytes of the frame header: length prefix and kind.

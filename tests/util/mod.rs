@@ -258,6 +258,31 @@ impl Cli {
         self.child.id()
     }
 
+    /// What the process has printed on stdout so far.
+    pub fn stdout_so_far(&self) -> String {
+        self.stdout.lock().unwrap().clone()
+    }
+
+    /// Polls stdout until it holds at least `n` lines, or panics after `timeout`.
+    pub fn wait_stdout_lines(&self, n: usize, timeout: Duration) -> Vec<String> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let out = self.stdout_so_far();
+            let lines: Vec<String> = out.lines().map(str::to_owned).collect();
+            if lines.len() >= n {
+                return lines;
+            }
+            if Instant::now() >= deadline {
+                panic!(
+                    "{} stdout lines, not {n}, within {timeout:?}:\n{out}\nstderr:\n{}",
+                    lines.len(),
+                    self.stderr.lock().unwrap()
+                );
+            }
+            thread::sleep(Duration::from_millis(5));
+        }
+    }
+
     /// Waits for exit (killing the process after `timeout`) and returns everything it printed.
     pub fn finish(mut self, timeout: Duration) -> Output {
         self.stdin = None;
