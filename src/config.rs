@@ -171,12 +171,7 @@ impl MqttConfig {
     /// The listener's address, or `None` when it is off. Validation has checked that a
     /// non-empty `listen` parses.
     pub fn listen_addr(&self) -> Option<SocketAddr> {
-        let text = self.listen.trim();
-        if text.is_empty() {
-            None
-        } else {
-            text.parse().ok()
-        }
+        optional_addr(&self.listen)
     }
 
     fn validate(&self) -> Result<(), String> {
@@ -347,12 +342,7 @@ impl MetricsConfig {
     /// The endpoint's address, or `None` when it is off. Validation has checked that a
     /// non-empty `prometheus_listen` parses.
     pub fn prometheus_addr(&self) -> Option<SocketAddr> {
-        let text = self.prometheus_listen.trim();
-        if text.is_empty() {
-            None
-        } else {
-            text.parse().ok()
-        }
+        optional_addr(&self.prometheus_listen)
     }
 
     fn validate(&self) -> Result<(), String> {
@@ -655,6 +645,16 @@ impl Config {
             applied,
             needs_restart,
         }
+    }
+}
+
+/// An optional listen address: `None` for "" (off); validation has checked that the rest parse.
+fn optional_addr(text: &str) -> Option<SocketAddr> {
+    let text = text.trim();
+    if text.is_empty() {
+        None
+    } else {
+        text.parse().ok()
     }
 }
 

@@ -7,7 +7,7 @@ use std::time::Duration;
 use super::harness::{Client, Cluster, Got};
 use crate::proto::{error_code, DeliveryMode, Frame, TopicPosition};
 
-fn data(got: &[Got]) -> Vec<(String, u64, bool)> {
+pub(super) fn data(got: &[Got]) -> Vec<(String, u64, bool)> {
     got.iter()
         .filter_map(|g| match g {
             Got::Data {

@@ -3,23 +3,9 @@
 
 use std::time::Duration;
 
+use super::core_tests::data;
 use super::harness::{Client, Cluster, Got};
 use crate::proto::{DeliveryMode, TopicPosition, SESSION_MARKER_SEQ};
-
-/// `(topic, seq, snapshot)` of the DATA frames, and `(topic, from, to)` of the GAPs.
-fn data(got: &[Got]) -> Vec<(String, u64, bool)> {
-    got.iter()
-        .filter_map(|g| match g {
-            Got::Data {
-                topic,
-                seq,
-                snapshot,
-                ..
-            } => Some((topic.clone(), *seq, *snapshot)),
-            _ => None,
-        })
-        .collect()
-}
 
 fn marker() -> Vec<TopicPosition> {
     vec![TopicPosition {
