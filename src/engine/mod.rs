@@ -668,10 +668,11 @@ impl Engine {
             return Ok(None);
         };
         let shared = Arc::clone(&self.shared);
-        let server = crate::metrics::MetricsServer::start(addr, move || {
-            let stats = stats::collect(&shared, &shared.mailboxes);
-            (shared.metrics.merged(), stats)
-        })?;
+        let server =
+            crate::metrics::MetricsServer::start_with_live_page(addr, self.ws_addr, move || {
+                let stats = stats::collect(&shared, &shared.mailboxes);
+                (shared.metrics.merged(), stats)
+            })?;
         let _ = self.shared.metrics_addr.set(server.local_addr());
         Ok(Some(server))
     }
