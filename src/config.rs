@@ -35,6 +35,8 @@ pub struct Config {
     pub log: LogConfig,
     pub mqtt: MqttConfig,
     pub auth: AuthConfig,
+    /// UDP multicast channels (`src/mcast/`); none by default.
+    pub multicast: crate::mcast::MulticastConfig,
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -532,6 +534,9 @@ impl Config {
             return invalid("limits.max_topic_levels must be at least 1".into());
         }
         if let Err(message) = self.auth.validate(l.max_topic_bytes) {
+            return invalid(message);
+        }
+        if let Err(message) = self.multicast.validate(l.max_topic_bytes) {
             return invalid(message);
         }
         Ok(())

@@ -25,6 +25,7 @@ mod handle_tests;
 #[cfg(test)]
 mod harness;
 pub mod limits;
+mod mcast_io;
 mod mqtt_session;
 mod mqtt_sessions;
 #[cfg(test)]
