@@ -924,6 +924,36 @@ fn render_stats(doc: &serde_json::Value) -> String {
             let _ = writeln!(out, "  {name:<20} {value}");
         }
     }
+    if let Some(channels) = doc.get("multicast").and_then(|c| c.as_array()) {
+        let _ = writeln!(
+            out,
+            "\nmulticast {:>7} {:>12} {:>8} {:>9} {:>9} {:>9} {:>10} {:>12} {:>9}",
+            "channel",
+            "datagrams",
+            "MB",
+            "naks",
+            "unicast",
+            "mcast_rtx",
+            "suppressed",
+            "unrecoverable",
+            "send_err"
+        );
+        for c in channels {
+            let _ = writeln!(
+                out,
+                "          {:>7} {:>12} {:>8.1} {:>9} {:>9} {:>9} {:>10} {:>12} {:>9}",
+                num(c, "channel"),
+                num(c, "datagrams_sent"),
+                num(c, "bytes_sent") as f64 / 1e6,
+                num(c, "naks_received"),
+                num(c, "unicast_repairs"),
+                num(c, "multicast_repairs"),
+                num(c, "naks_suppressed"),
+                num(c, "unrecoverable"),
+                num(c, "send_errors")
+            );
+        }
+    }
     let conns = doc
         .get("connections")
         .and_then(|c| c.as_array())

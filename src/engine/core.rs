@@ -1029,6 +1029,7 @@ impl FanoutCore {
         s.publishers_paused
             .store(c.publishers_paused, Ordering::Relaxed);
         s.pace_releases.store(c.pace_releases, Ordering::Relaxed);
+        self.publish_mcast_stats(s);
     }
 
     /// This shard's part of a stats document, made when someone asks (never on a timer): posts

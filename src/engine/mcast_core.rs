@@ -13,8 +13,9 @@ use std::time::{Duration, Instant};
 
 use super::{mark_dirty, ConnRef, CoreMsg, FanoutCore, SubRef};
 use crate::config::Config;
+use crate::engine::mcast_io::McastChannelStats;
 use crate::engine::outbox::SharedFrame;
-use crate::mcast::{ChannelSender, LossGen, NakAnswer, SenderConfig, SenderCounters};
+use crate::mcast::{ChannelSender, LossGen, NakAnswer, SenderConfig};
 use crate::proto::{self, ChannelInfo, Channels, Frame, Mcast, Nak, StreamPos};
 use crate::topic::TopicIndex;
 
@@ -33,8 +34,6 @@ pub(crate) struct McastShard {
     transmits: std::collections::VecDeque<(u16, Arc<[u8]>)>,
     answers: Vec<NakAnswer>,
     matches: Vec<u16>,
-    /// NAKs ignored because the connection had too much unread.
-    pub naks_refused: u64,
 }
 
 impl McastShard {
@@ -94,8 +93,18 @@ impl McastShard {
             transmits: Default::default(),
             answers: Vec::new(),
             matches: Vec::new(),
-            naks_refused: 0,
         })
+    }
+
+    /// Hands the senders' counters to the stats document.
+    fn publish(&self, stats: &std::sync::Mutex<Vec<McastChannelStats>>) {
+        let Ok(mut all) = stats.lock() else {
+            return;
+        };
+        all.resize(self.senders.len(), McastChannelStats::default());
+        for (slot, s) in all.iter_mut().zip(&self.senders) {
+            slot.sender = s.counters;
+        }
     }
 
     /// Whether some channel carries `topic`.
@@ -103,10 +112,6 @@ impl McastShard {
         let mut found = Vec::new();
         self.carried.collect_matches(topic, &mut found);
         !found.is_empty()
-    }
-
-    pub(crate) fn counters(&self) -> Vec<SenderCounters> {
-        self.senders.iter().map(|s| s.counters).collect()
     }
 
     fn positions(&self) -> Vec<(u16, u64)> {
@@ -136,6 +141,12 @@ fn pos_frames(stream: u16, positions: &[(u16, u64)]) -> Vec<SharedFrame> {
 }
 
 impl FanoutCore {
+    pub(super) fn publish_mcast_stats(&self, s: &super::ShardStats) {
+        if let Some(m) = self.mcast.as_deref() {
+            m.publish(&s.mcast);
+        }
+    }
+
     /// An owned topic's new DATA frame: into the datagram of every channel carrying it.
     pub(super) fn mcast_ingest(&mut self, topic: &str, frame: &SharedFrame, ingest_ns: u64) {
         let Some(m) = self.mcast.as_deref_mut() else {
@@ -253,7 +264,7 @@ impl FanoutCore {
         }
         if session.outbox.queued_bytes() > MAX_QUEUED_FOR_NAK_BYTES {
             if let Some(m) = self.mcast.as_deref_mut() {
-                m.naks_refused += 1;
+                m.senders[nak.channel as usize].counters.naks_refused += 1;
             }
             return Ok(());
         }

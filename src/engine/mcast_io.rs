@@ -35,7 +35,39 @@ pub(crate) struct McastSockets {
     sockets: Vec<UdpSocket>,
     batch: Vec<(u16, Arc<[u8]>)>,
     use_sendmmsg: bool,
-    pub counters: McastIoCounters,
+    /// Per channel.
+    pub counters: Vec<McastIoCounters>,
+}
+
+/// One channel's figures on one reactor, for the stats document (`ShardStats::mcast`).
+#[derive(Debug, Default, Clone, Copy)]
+pub(crate) struct McastChannelStats {
+    pub sender: crate::mcast::SenderCounters,
+    pub io: McastIoCounters,
+}
+
+impl McastChannelStats {
+    /// The figures of the stats document's `multicast` list, by name.
+    pub(crate) fn fields(&self) -> [(&'static str, u64); 15] {
+        let s = &self.sender;
+        [
+            ("datagrams_sent", s.datagrams_sent),
+            ("bytes_sent", s.bytes_sent),
+            ("heartbeats", s.heartbeats),
+            ("naks_received", s.naks_received),
+            ("nak_datagrams", s.nak_datagrams),
+            ("unicast_repairs", s.unicast_repairs),
+            ("multicast_repairs", s.multicast_repairs),
+            ("naks_suppressed", s.naks_suppressed),
+            ("unrecoverable", s.unrecoverable),
+            ("oversized_frames", s.oversized_frames),
+            ("injected_drops", s.injected_drops),
+            ("rate_dropped", s.rate_dropped),
+            ("send_syscalls", self.io.syscalls),
+            ("send_errors", self.io.send_errors),
+            ("naks_refused", s.naks_refused),
+        ]
+    }
 }
 
 impl McastSockets {
@@ -62,8 +94,19 @@ impl McastSockets {
             sockets,
             batch: Vec::with_capacity(MAX_BATCH),
             use_sendmmsg: true,
-            counters: McastIoCounters::default(),
+            counters: vec![McastIoCounters::default(); channels.len()],
         }))
+    }
+
+    /// Hands this reactor's socket counters to the stats document.
+    pub(crate) fn publish_stats(&self, stats: &std::sync::Mutex<Vec<McastChannelStats>>) {
+        let Ok(mut all) = stats.lock() else {
+            return;
+        };
+        all.resize(self.counters.len(), McastChannelStats::default());
+        for (slot, io) in all.iter_mut().zip(&self.counters) {
+            slot.io = *io;
+        }
     }
 
     /// Sends what the core has for the groups now, at most [`MAX_PER_TURN`] datagrams.
@@ -95,17 +138,20 @@ impl McastSockets {
 
     /// Datagrams of one channel.
     fn send_run(&mut self, ch: u16, run: &[(u16, Arc<[u8]>)]) {
-        let Some(socket) = self.sockets.get(ch as usize) else {
+        let (Some(socket), Some(counters)) = (
+            self.sockets.get(ch as usize),
+            self.counters.get_mut(ch as usize),
+        ) else {
             return;
         };
         let mut at = 0;
         while at < run.len() {
             if self.use_sendmmsg {
-                self.counters.syscalls += 1;
+                counters.syscalls += 1;
                 match sendmmsg(socket, &run[at..]) {
                     Ok(n) if n > 0 => at += n,
                     Ok(_) => {
-                        self.counters.send_errors += (run.len() - at) as u64;
+                        counters.send_errors += (run.len() - at) as u64;
                         return;
                     }
                     Err(e) if e.raw_os_error() == Some(libc::ENOSYS) => {
@@ -114,14 +160,14 @@ impl McastSockets {
                     Err(_) => {
                         // The first datagram failed (a full buffer): it is in the ring, and
                         // receivers will NAK it. Try the rest.
-                        self.counters.send_errors += 1;
+                        counters.send_errors += 1;
                         at += 1;
                     }
                 }
             } else {
-                self.counters.syscalls += 1;
+                counters.syscalls += 1;
                 if socket.send(&run[at].1).is_err() {
-                    self.counters.send_errors += 1;
+                    counters.send_errors += 1;
                 }
                 at += 1;
             }

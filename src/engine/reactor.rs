@@ -805,6 +805,9 @@ impl Reactor {
         s.throttled_turns
             .store(c.throttled_turns, Ordering::Relaxed);
         s.io_errors.store(c.io_errors, Ordering::Relaxed);
+        if let Some(m) = &self.mcast {
+            m.publish_stats(&s.mcast);
+        }
     }
 }
 

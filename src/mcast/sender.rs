@@ -57,6 +57,9 @@ pub struct SenderCounters {
     pub injected_drops: u64,
     /// Datagrams not multicast because the rate limit's queue was full (receivers NAK them).
     pub rate_dropped: u64,
+    /// NAKs ignored because the receiver's connection had too much unread (the engine's
+    /// count; it will NAK again).
+    pub naks_refused: u64,
 }
 
 /// The answer to part of a NAK, to go back over the receiver's TCP session.
