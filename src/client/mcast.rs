@@ -1,4 +1,4 @@
-//! A subscriber that receives carried topics by UDP multicast (docs/PROTOCOL.md §15).
+//! A subscriber that receives carried topics by UDP multicast (docs/PROTOCOL.md §12).
 //!
 //! Its TCP session brings the channel list, the retained snapshot, STREAM_POS, the REPAIRs of
 //! what the group lost, and the live messages of topics no channel carries; the group brings
@@ -187,12 +187,19 @@ impl McastSubscriber {
             if let Some(e) = self.pending.pop_front() {
                 return Ok(Some(e));
             }
-            let now = Instant::now();
-            if now >= deadline {
+            // At least one round, reading without waiting, even with a zero timeout.
+            self.turn(deadline)?;
+            if self.pending.is_empty() && Instant::now() >= deadline {
                 return Ok(None);
             }
-            self.turn(deadline)?;
         }
+    }
+
+    /// The first joined group's socket, for a caller that waits on many receivers with its own
+    /// epoll (readable: a datagram waits; poll [`McastSubscriber::next_event`] with a zero
+    /// timeout then, and at least every few milliseconds for NAKs and the TCP session).
+    pub fn group_fd(&self) -> Option<std::os::fd::RawFd> {
+        self.channels.first().map(|c| c.socket.as_raw_fd())
     }
 
     /// One round: read what is there (group sockets, TCP), send NAKs and PINGs, then wait for
@@ -214,7 +221,7 @@ impl McastSubscriber {
             self.conn.send(&self.out)?;
             self.out.clear();
         }
-        if !self.pending.is_empty() {
+        if !self.pending.is_empty() || Instant::now() >= deadline {
             return Ok(());
         }
         let mut wake = deadline.min(self.conn.last_send + self.keepalive);
@@ -290,12 +297,9 @@ impl McastSubscriber {
 
     fn decode_tcp(&mut self) -> Result<(), ClientError> {
         let mut used = 0;
-        loop {
-            let (frame, n) =
-                match decode_frame(&self.conn.pending()[used..], MAX_INBOUND_FRAME_BYTES)? {
-                    Decoded::Frame(frame, n) => (frame, n),
-                    Decoded::NeedMore(_) => break,
-                };
+        while let Decoded::Frame(frame, n) =
+            decode_frame(&self.conn.pending()[used..], MAX_INBOUND_FRAME_BYTES)?
+        {
             used += n;
             let now = Instant::now();
             match frame {

@@ -1,4 +1,4 @@
-//! The fan-out core's multicast side (docs/PROTOCOL.md §15): a [`ChannelSender`] per
+//! The fan-out core's multicast side (docs/PROTOCOL.md §12): a [`ChannelSender`] per
 //! configured channel beside the sessions, fed the DATA frames this shard owns; the answers to
 //! CHANNELS_REQUEST and NAK; STREAM_POS beside each snapshot. A child module of `core.rs`, as
 //! the MQTT side is, so it drives the core's private state without widening it. No socket: the

@@ -33,7 +33,7 @@ pub(crate) enum Op<'a> {
     /// Answers the engine's PING.
     Pong,
     StatsRequest,
-    /// A multicast receiver asks for the channels (docs/PROTOCOL.md §15).
+    /// A multicast receiver asks for the channels (docs/PROTOCOL.md §12).
     ChannelsRequest,
     /// A multicast receiver missed datagrams.
     Nak(proto::Nak),

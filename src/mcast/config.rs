@@ -18,8 +18,6 @@ pub struct MulticastConfig {
     /// the engine multicast the datagram once instead.
     pub unicast_repair_max: u32,
     pub repair_window_ms: u64,
-    /// Receivers wait a random time up to this before a NAK (suppressed if the repair comes).
-    pub nak_delay_ms: u64,
     /// Test only: a seeded loss generator on the send path.
     pub test_loss: LossConfig,
     pub channels: Vec<ChannelConfig>,

@@ -1,5 +1,5 @@
 //! The multicast datagram: a 32-byte header, then whole DATA frames back to back, exactly as
-//! the engine writes them to TCP subscribers (docs/PROTOCOL.md §15).
+//! the engine writes them to TCP subscribers (docs/PROTOCOL.md §12).
 //!
 //! ```text
 //! offset size

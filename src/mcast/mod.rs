@@ -1,4 +1,4 @@
-//! UDP multicast delivery, sans-IO (docs/PROTOCOL.md §15, docs/ARCHITECTURE.md "Multicast").
+//! UDP multicast delivery, sans-IO (docs/PROTOCOL.md §12, docs/ARCHITECTURE.md "Multicast").
 //!
 //! The owner reactor of a topic packs the DATA frames it already encoded into datagrams, one
 //! stream per (channel, owner reactor), each datagram numbered in its stream. Receivers join

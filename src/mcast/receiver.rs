@@ -258,8 +258,8 @@ impl McastReceiver {
         };
         let end = gone.from_seq.saturating_add(u64::from(gone.count));
         for seq in gone.from_seq.max(next)..end {
-            if !st.buffer.contains_key(&seq) {
-                st.buffer.insert(seq, Slot::Gone);
+            if let std::collections::btree_map::Entry::Vacant(e) = st.buffer.entry(seq) {
+                e.insert(Slot::Gone);
                 st.missing.remove(&seq);
                 self.counters.gone += 1;
             }

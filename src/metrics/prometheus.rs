@@ -188,7 +188,7 @@ fn multicast_metrics(w: &mut Writer, stats: &Value) {
     }
     for key in keys {
         let name = format!("lanpush_multicast_{key}_total");
-        let help = format!("Multicast channel figure {key} (docs/PROTOCOL.md section 15), summed over the reactors.");
+        let help = format!("Multicast channel figure {key} (docs/PROTOCOL.md section 12), summed over the reactors.");
         if !w.family(&name, "counter", &help) {
             continue;
         }

@@ -287,12 +287,12 @@ pub enum Frame<'a> {
     StatsRequest,
     /// Engine counters as a JSON document (UTF-8).
     Stats(String),
-    /// The multicast frames (docs/PROTOCOL.md §15).
+    /// The multicast frames (docs/PROTOCOL.md §12).
     Multicast(Mcast<'a>),
 }
 
 /// The multicast frames: a receiver's requests and the engine's answers over the TCP session
-/// (docs/PROTOCOL.md §15). One variant of [`Frame`], so older code matches them in one arm.
+/// (docs/PROTOCOL.md §12). One variant of [`Frame`], so older code matches them in one arm.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Mcast<'a> {
     /// Client: "I receive by multicast": the engine answers CHANNELS, and from then on this

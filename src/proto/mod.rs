@@ -67,7 +67,7 @@ pub const KIND_ERROR: u8 = 0x30;
 pub const KIND_GAP: u8 = 0x31;
 pub const KIND_STATS_REQUEST: u8 = 0x40;
 pub const KIND_STATS: u8 = 0x41;
-/// Multicast frames (docs/PROTOCOL.md §15), all in [`Frame::Multicast`].
+/// Multicast frames (docs/PROTOCOL.md §12), all in [`Frame::Multicast`].
 pub const KIND_CHANNELS_REQUEST: u8 = 0x60;
 pub const KIND_CHANNELS: u8 = 0x61;
 pub const KIND_STREAM_POS: u8 = 0x62;

@@ -103,6 +103,11 @@ struct RunArgs {
     /// `server.listen` is overridden with 127.0.0.1:0.
     #[arg(long, value_name = "FILE", conflicts_with_all = ["server", "target"])]
     engine_config: Option<PathBuf>,
+    /// lanpush only: subscribers receive by UDP multicast (`McastSubscriber`); the engine needs
+    /// a channel carrying the scenario's topics (`--engine-config bench/multicast.toml`) and
+    /// multicast on loopback, i.e. a private network namespace (bench/README.md).
+    #[arg(long)]
+    multicast: bool,
     /// Write the latency histogram as HdrHistogram percentile-distribution text (µs).
     #[arg(long, value_name = "FILE")]
     hgrm: Option<PathBuf>,
@@ -167,8 +172,9 @@ struct Target {
 /// The driver for the target the flags name, and the engine process if the tool started one.
 fn make_target(args: &RunArgs, params: &Params) -> Result<Target, BenchError> {
     let lanpush = |addr: &str, engine_started: bool| -> Result<_, BenchError> {
-        let driver = lanpush_driver::LanpushDriver::new(addr)
+        let mut driver = lanpush_driver::LanpushDriver::new(addr)
             .map_err(BenchError::connect(format!("resolving {addr}")))?;
+        driver.multicast = args.multicast;
         Ok((
             Box::new(driver) as Box<dyn Driver>,
             TargetInfo {
