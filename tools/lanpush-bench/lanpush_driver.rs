@@ -80,7 +80,10 @@ impl Driver for LanpushDriver {
         if self.multicast {
             return Ok(Box::new(McastSub {
                 opts: lanpush::client::ClientOptions::new(self.addr.to_string())
-                    .client_id(client_id),
+                    .client_id(client_id)
+                    // Connecting a thousand receivers one by one takes longer than the default
+                    // keep-alive, and none is polled meanwhile.
+                    .keepalive_ms(60_000),
                 sub: None,
             }));
         }
