@@ -134,6 +134,16 @@ struct PubArgs {
     /// Quality flag sent with every message (OPC scale: 0 bad .. 192 good).
     #[arg(long, value_name = "Q", default_value_t = QUALITY_GOOD)]
     quality: u8,
+    /// Ask the engine to confirm what it took (publisher acknowledgements, docs/PROTOCOL.md
+    /// §5.8): unconfirmed messages are kept and resent after a reconnect (the engine drops what
+    /// it already took), the connection is retried for up to 60 s, and the summary on stderr
+    /// says how many were confirmed.
+    #[arg(long)]
+    acks: bool,
+    /// With --acks: bytes of unconfirmed messages kept for a resend; publishing waits for
+    /// confirmations when they are all in use.
+    #[arg(long, value_name = "BYTES", default_value_t = 4 << 20, requires = "acks")]
+    acks_buffer: usize,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -493,19 +503,40 @@ fn publish(args: PubArgs) -> Result<(), CliError> {
             )));
         }
     }
+    let opts = if args.acks {
+        opts.publisher_acks(args.acks_buffer)
+    } else {
+        opts
+    };
     let mut publisher = Publisher::connect(opts)?;
     let (topic, quality) = (args.topic.as_str(), args.quality);
+    let mut retry = Retry::new(args.acks);
+    let mut sent = 0u64;
     match (&args.value, args.count) {
-        (Some(value), _) => publisher.publish_with(topic, value.as_bytes(), quality, now_ns())?,
+        (Some(value), _) => {
+            retry.run(&mut publisher, |p| {
+                p.publish_with(topic, value.as_bytes(), quality, now_ns())
+            })?;
+            sent = 1;
+        }
         (None, Some(count)) => {
             let started = Instant::now();
-            publish_synthetic(&mut publisher, topic, quality, count, args.rate, args.size)?;
-            publisher.confirm(CONFIRM_TIMEOUT)?;
+            publish_synthetic(
+                &mut publisher,
+                &mut retry,
+                topic,
+                quality,
+                count,
+                args.rate,
+                args.size,
+            )?;
+            retry.run(&mut publisher, |p| p.confirm(CONFIRM_TIMEOUT))?;
             let secs = started.elapsed().as_secs_f64();
             let c = publisher.counters();
             eprintln!(
-                "published {count} messages in {secs:.3} s ({:.0} msg/s); {}",
+                "published {count} messages in {secs:.3} s ({:.0} msg/s); {}{}",
                 count as f64 / secs.max(1e-9),
+                acks_summary(args.acks, &c, count),
                 paced_summary(c.paced_writes, c.paced_ns, c.writes)
             );
             return Ok(());
@@ -524,20 +555,97 @@ fn publish(args: PubArgs) -> Result<(), CliError> {
                     break;
                 }
                 let value = line.trim_end_matches(['\n', '\r']);
-                publisher.publish_with(topic, value.as_bytes(), quality, now_ns())?;
+                retry.run(&mut publisher, |p| {
+                    p.publish_with(topic, value.as_bytes(), quality, now_ns())
+                })?;
+                sent += 1;
                 // Nothing more is buffered on stdin: send now rather than wait for more lines.
                 if reader.buffer().is_empty() {
-                    publisher.flush()?;
+                    retry.run(&mut publisher, Publisher::flush)?;
                 }
             }
         }
     }
     // The round trip makes an ERROR about any of our publishes arrive before we exit.
-    publisher.confirm(CONFIRM_TIMEOUT)?;
+    retry.run(&mut publisher, |p| p.confirm(CONFIRM_TIMEOUT))?;
+    if args.acks {
+        let c = publisher.counters();
+        eprintln!(
+            "published {sent} messages; {}",
+            acks_summary(true, &c, sent)
+        );
+    }
     Ok(())
 }
 
 const CONFIRM_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long `pub --acks` keeps trying to reach the engine again after losing it.
+const RECONNECT_PATIENCE: Duration = Duration::from_secs(60);
+
+/// `pub --acks`: an operation that failed because the connection is down is tried again (the
+/// publisher resends what the engine had not confirmed) until the engine is back or
+/// [`RECONNECT_PATIENCE`] has passed. Without --acks, errors end the command as before.
+struct Retry {
+    acks: bool,
+    /// When the current outage began.
+    down_since: Option<Instant>,
+}
+
+impl Retry {
+    fn new(acks: bool) -> Retry {
+        Retry {
+            acks,
+            down_since: None,
+        }
+    }
+
+    fn run(
+        &mut self,
+        publisher: &mut Publisher,
+        mut op: impl FnMut(&mut Publisher) -> Result<(), ClientError>,
+    ) -> Result<(), CliError> {
+        loop {
+            match op(publisher) {
+                Ok(()) => {
+                    if self.down_since.take().is_some() {
+                        let (frames, _) = publisher.unconfirmed();
+                        eprintln!(
+                            "lanpush: reconnected; {} unconfirmed messages resent so far, {frames} awaiting confirmation",
+                            publisher.counters().resent
+                        );
+                    }
+                    return Ok(());
+                }
+                Err(e) if self.acks && e.is_retryable() => {
+                    let since = *self.down_since.get_or_insert_with(|| {
+                        eprintln!("lanpush: {e}; retrying, unconfirmed messages will be resent");
+                        Instant::now()
+                    });
+                    if since.elapsed() > RECONNECT_PATIENCE {
+                        return Err(e.into());
+                    }
+                    let wait = match e {
+                        ClientError::Reconnecting { retry_in } => retry_in,
+                        _ => Duration::from_millis(50),
+                    };
+                    std::thread::sleep(wait.min(Duration::from_millis(200)));
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+}
+
+/// `pub --acks`'s account of confirmations ("" without --acks).
+fn acks_summary(acks: bool, c: &lanpush::client::PublisherCounters, sent: u64) -> String {
+    if !acks {
+        return String::new();
+    }
+    format!(
+        "confirmed {} of {sent} by the engine ({} resent after reconnects); ",
+        c.confirmed, c.resent
+    )
+}
 
 /// `pub`'s account of backpressure: how many of its writes waited for the engine.
 fn paced_summary(paced_writes: u64, paced_ns: u64, writes: u64) -> String {
@@ -554,6 +662,7 @@ fn paced_summary(paced_writes: u64, paced_ns: u64, writes: u64) -> String {
 /// (message i is due at start + i/rate, so a late message does not delay the ones after it).
 fn publish_synthetic(
     publisher: &mut Publisher,
+    retry: &mut Retry,
     topic: &str,
     quality: u8,
     count: u64,
@@ -568,14 +677,16 @@ fn publish_synthetic(
             let due = start + Duration::from_secs_f64(i as f64 / rate);
             let now = Instant::now();
             if due > now {
-                publisher.flush()?;
+                retry.run(publisher, Publisher::flush)?;
                 std::thread::sleep(due - now);
             }
         }
         payload.clear();
         use std::fmt::Write as _;
         write!(payload, "{:0>width$}", i + 1).expect("writing to a String cannot fail");
-        publisher.publish_with(topic, payload.as_bytes(), quality, now_ns())?;
+        retry.run(publisher, |p| {
+            p.publish_with(topic, payload.as_bytes(), quality, now_ns())
+        })?;
     }
     Ok(())
 }

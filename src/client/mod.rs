@@ -28,6 +28,7 @@ mod error;
 mod options;
 mod publisher;
 mod subscriber;
+mod unconfirmed;
 
 #[cfg(test)]
 mod tests;

@@ -30,6 +30,11 @@ pub(crate) enum Op<'a> {
     },
     /// Answers the engine's PING.
     Pong,
+    /// Publisher acknowledgements on: the next PUBLISH is message `next_seq` (at least 1).
+    AckRequest {
+        publisher_id: u64,
+        next_seq: u64,
+    },
     StatsRequest,
 }
 
@@ -69,6 +74,17 @@ pub(crate) fn op(frame: Frame<'_>) -> Result<Op<'_>, Fatal> {
         Frame::Ping { nonce } => Ok(Op::Ping { nonce }),
         Frame::Pong { .. } => Ok(Op::Pong),
         Frame::StatsRequest => Ok(Op::StatsRequest),
+        Frame::AckRequest { next_seq: 0, .. } => Err(Fatal::new(
+            error_code::MALFORMED,
+            "ACK_REQUEST: next_seq must be at least 1",
+        )),
+        Frame::AckRequest {
+            publisher_id,
+            next_seq,
+        } => Ok(Op::AckRequest {
+            publisher_id,
+            next_seq,
+        }),
         Frame::Error(e) => Err(Fatal::new(
             error_code::UNEXPECTED_FRAME,
             format!(
@@ -81,6 +97,7 @@ pub(crate) fn op(frame: Frame<'_>) -> Result<Op<'_>, Fatal> {
         | Frame::SubAck(_)
         | Frame::Data { .. }
         | Frame::Gap(_)
+        | Frame::Ack { .. }
         | Frame::Stats(_) => Err(Fatal::new(
             error_code::UNEXPECTED_FRAME,
             "this frame kind is sent only by the engine",

@@ -243,6 +243,8 @@ pub(crate) struct Session {
     /// A durable session (`durable.rs`): what has been written to this connection, merged into
     /// its client id's session at close. `None`: the connection did not opt in.
     pub durable: Option<Box<super::durable::SessionState>>,
+    /// Publisher acknowledgements (`acks.rs`): `None` until the connection sends ACK_REQUEST.
+    pub acks: Option<Box<super::acks::PublishAcks>>,
 }
 
 /// The result of [`Session::enqueue`].
@@ -300,6 +302,7 @@ impl Session {
             close_cause: None,
             mqtt: None,
             durable: None,
+            acks: None,
         }
     }
 

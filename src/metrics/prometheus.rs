@@ -57,6 +57,8 @@ fn engine_help(name: &str) -> &'static str {
         "address_refused" => "Connections refused at limits.max_connections_per_address.",
         "publishers_paused" => "Times a publishing connection stopped being read because a subscriber of its topic was a window behind (pacing).",
         "pace_releases" => "Subscribers released from pacing by the rule (stalled, or behind for too long).",
+        "acks_sent" => "ACK frames sent to publishers that asked for acknowledgements.",
+        "publish_duplicates" => "PUBLISHes of an acknowledged publisher dropped as already taken (a resend after a reconnect).",
         _ => "Engine figure from the stats document.",
     }
 }
