@@ -429,6 +429,8 @@ impl EngineShared {
             .collect();
         let durable = self.durable.counts();
         let mut doc = serde_json::json!({
+            "engine_version": env!("CARGO_PKG_VERSION"),
+            "engine_id": format!("{:016x}", self.engine_id),
             "uptime_ms": now_unix_ns().saturating_sub(self.started_unix_ns) / 1_000_000,
             "open_connections": self.open_connections.load(Ordering::Relaxed),
             "client_ids": self.clients.len(),
