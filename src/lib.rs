@@ -9,3 +9,4 @@ pub mod mqtt;
 pub mod proto;
 pub mod service;
 pub mod topic;
+pub mod ws;
