@@ -484,6 +484,13 @@ impl Config {
                 message,
             })
         };
+        if self.server.threads > crate::engine::MAX_SHARDS {
+            return invalid(format!(
+                "server.threads = {} is outside 0 ..= {} (0: one per core)",
+                self.server.threads,
+                crate::engine::MAX_SHARDS
+            ));
+        }
         let l = &self.limits;
         if l.max_frame_bytes < 64 || l.max_frame_bytes > u32::MAX as usize {
             return invalid(format!(

@@ -53,8 +53,9 @@ struct ServeArgs {
     /// Config file; keys it leaves out keep their defaults (see `lanpush config`).
     #[arg(long, value_name = "FILE")]
     config: Option<PathBuf>,
-    /// Listen address, overriding server.listen (port 0 picks a free port).
-    #[arg(long, value_name = "ADDR")]
+    /// Listen address, host:port as --server takes it (a host name resolves to its first
+    /// address: `localhost:7411`), overriding server.listen (port 0 picks a free port).
+    #[arg(long, value_name = "HOST:PORT", value_parser = parse_host_port)]
     listen: Option<SocketAddr>,
     /// Reactor threads, overriding server.threads (0: one per core).
     #[arg(long, value_name = "N")]
@@ -63,14 +64,26 @@ struct ServeArgs {
     /// info, debug, trace.
     #[arg(long, value_name = "LEVEL")]
     log_level: Option<String>,
-    /// MQTT listen address, overriding mqtt.listen (port 0 picks a free port; the second
-    /// line printed is `mqtt listening on <ip:port>`).
-    #[arg(long, value_name = "ADDR")]
+    /// MQTT listen address, host:port as --listen, overriding mqtt.listen (port 0 picks a free
+    /// port; the second line printed is `mqtt listening on <ip:port>`).
+    #[arg(long, value_name = "HOST:PORT", value_parser = parse_host_port)]
     mqtt_listen: Option<SocketAddr>,
     /// WebSocket listen address, overriding websocket.listen (port 0 picks a free port; the
     /// line after the MQTT one is `ws listening on <ip:port>`).
     #[arg(long, value_name = "ADDR")]
     ws_listen: Option<SocketAddr>,
+}
+
+/// host:port the way `--server` reads it (`std::net::ToSocketAddrs`: an IP address or a host
+/// name, resolved now), for the listen flags: the first address it resolves to.
+fn parse_host_port(text: &str) -> Result<SocketAddr, String> {
+    use std::net::ToSocketAddrs;
+    let mut addrs = text
+        .to_socket_addrs()
+        .map_err(|e| format!("{text:?} is not host:port: {e}"))?;
+    addrs
+        .next()
+        .ok_or_else(|| format!("{text:?} resolves to no address"))
 }
 
 #[derive(Args)]
@@ -138,6 +151,16 @@ struct PubArgs {
     /// Quality flag sent with every message (OPC scale: 0 bad .. 192 good).
     #[arg(long, value_name = "Q", default_value_t = QUALITY_GOOD)]
     quality: u8,
+    /// Ask the engine to confirm what it took (publisher acknowledgements, docs/PROTOCOL.md
+    /// §5.8): unconfirmed messages are kept and resent after a reconnect (the engine drops what
+    /// it already took), the connection is retried for up to 60 s, and the summary on stderr
+    /// says how many were confirmed.
+    #[arg(long)]
+    acks: bool,
+    /// With --acks: bytes of unconfirmed messages kept for a resend; publishing waits for
+    /// confirmations when they are all in use.
+    #[arg(long, value_name = "BYTES", default_value_t = 4 << 20, requires = "acks")]
+    acks_buffer: usize,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -167,9 +190,14 @@ struct SubArgs {
     /// Exit 0 after N messages (retained snapshot values count).
     #[arg(long, value_name = "N")]
     count: Option<u64>,
-    /// One JSON object per line.
+    /// One JSON object per line: messages, and `{"event": "gap", ...}` /
+    /// `{"event": "reconnected", ...}` lines. Timestamps are strings (nanoseconds since the
+    /// epoch, exact, and RFC 3339 UTC).
     #[arg(long)]
     json: bool,
+    /// Timestamps as nanoseconds since the UNIX epoch instead of RFC 3339 UTC (plain output).
+    #[arg(long)]
+    raw: bool,
     /// Delivery mode (default: the engine's delivery.default_mode).
     #[arg(long, value_enum)]
     mode: Option<ModeArg>,
@@ -491,8 +519,32 @@ fn config(args: ConfigArgs) -> Result<(), CliError> {
     match args.check {
         None => print!("{DEFAULT_TOML}"),
         Some(path) => {
-            Config::from_file(&path)?;
+            let config = Config::from_file(&path)?;
+            check_runnable(&config)?;
             println!("{}: ok", path.display());
+        }
+    }
+    Ok(())
+}
+
+/// What `serve` would refuse beyond the file's own rules: a thread count the engine cannot run,
+/// a listen address that is not on this host. (Whether the port is free is not checked: the
+/// running engine this file is meant for holds it.)
+fn check_runnable(config: &Config) -> Result<(), CliError> {
+    let threads = config.reactor_threads();
+    if threads == 0 || threads > lanpush::engine::MAX_SHARDS {
+        return Err(CliError::Engine(EngineError::Threads(threads)));
+    }
+    let mut addrs = vec![("server.listen", Some(config.server.listen))];
+    addrs.push(("mqtt.listen", config.mqtt.listen_addr()));
+    for (key, addr) in addrs {
+        let Some(addr) = addr else { continue };
+        let ip_only = SocketAddr::new(addr.ip(), 0);
+        if let Err(e) = std::net::TcpListener::bind(ip_only) {
+            return Err(CliError::Usage(format!(
+                "{key} = {addr}: cannot listen on {} on this host: {e}",
+                addr.ip()
+            )));
         }
     }
     Ok(())
@@ -512,19 +564,43 @@ fn publish(args: PubArgs) -> Result<(), CliError> {
             )));
         }
     }
+    let opts = if args.acks {
+        opts.publisher_acks(args.acks_buffer)
+    } else {
+        opts
+    };
     let mut publisher = Publisher::connect(opts)?;
     let (topic, quality) = (args.topic.as_str(), args.quality);
+    let mut retry = Retry::new(args.acks);
+    let mut sent = 0u64;
     match (&args.value, args.count) {
-        (Some(value), _) => publisher.publish_with(topic, value.as_bytes(), quality, now_ns())?,
+        (Some(value), _) => {
+            retry.run(&mut publisher, |p| {
+                p.publish_with(topic, value.as_bytes(), quality, now_ns())
+            })?;
+            sent = 1;
+        }
         (None, Some(count)) => {
             let started = Instant::now();
-            publish_synthetic(&mut publisher, topic, quality, count, args.rate, args.size)?;
-            publisher.confirm(CONFIRM_TIMEOUT)?;
+            publish_synthetic(
+                &mut publisher,
+                &mut retry,
+                topic,
+                quality,
+                count,
+                args.rate,
+                args.size,
+            )?;
+            retry.run(&mut publisher, |p| p.confirm(CONFIRM_TIMEOUT))?;
             let secs = started.elapsed().as_secs_f64();
             let c = publisher.counters();
             eprintln!(
-                "published {count} messages in {secs:.3} s ({:.0} msg/s); {}",
+                "published {count} messages to engine {} in {secs:.3} s ({:.0} msg/s); {}{}",
+                publisher
+                    .welcome()
+                    .map_or_else(|| "?".to_string(), |w| format!("{:016x}", w.engine_id)),
                 count as f64 / secs.max(1e-9),
+                acks_summary(args.acks, &c, count),
                 paced_summary(c.paced_writes, c.paced_ns, c.writes)
             );
             return Ok(());
@@ -543,20 +619,97 @@ fn publish(args: PubArgs) -> Result<(), CliError> {
                     break;
                 }
                 let value = line.trim_end_matches(['\n', '\r']);
-                publisher.publish_with(topic, value.as_bytes(), quality, now_ns())?;
+                retry.run(&mut publisher, |p| {
+                    p.publish_with(topic, value.as_bytes(), quality, now_ns())
+                })?;
+                sent += 1;
                 // Nothing more is buffered on stdin: send now rather than wait for more lines.
                 if reader.buffer().is_empty() {
-                    publisher.flush()?;
+                    retry.run(&mut publisher, Publisher::flush)?;
                 }
             }
         }
     }
     // The round trip makes an ERROR about any of our publishes arrive before we exit.
-    publisher.confirm(CONFIRM_TIMEOUT)?;
+    retry.run(&mut publisher, |p| p.confirm(CONFIRM_TIMEOUT))?;
+    if args.acks {
+        let c = publisher.counters();
+        eprintln!(
+            "published {sent} messages; {}",
+            acks_summary(true, &c, sent)
+        );
+    }
     Ok(())
 }
 
 const CONFIRM_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long `pub --acks` keeps trying to reach the engine again after losing it.
+const RECONNECT_PATIENCE: Duration = Duration::from_secs(60);
+
+/// `pub --acks`: an operation that failed because the connection is down is tried again (the
+/// publisher resends what the engine had not confirmed) until the engine is back or
+/// [`RECONNECT_PATIENCE`] has passed. Without --acks, errors end the command as before.
+struct Retry {
+    acks: bool,
+    /// When the current outage began.
+    down_since: Option<Instant>,
+}
+
+impl Retry {
+    fn new(acks: bool) -> Retry {
+        Retry {
+            acks,
+            down_since: None,
+        }
+    }
+
+    fn run(
+        &mut self,
+        publisher: &mut Publisher,
+        mut op: impl FnMut(&mut Publisher) -> Result<(), ClientError>,
+    ) -> Result<(), CliError> {
+        loop {
+            match op(publisher) {
+                Ok(()) => {
+                    if self.down_since.take().is_some() {
+                        let (frames, _) = publisher.unconfirmed();
+                        eprintln!(
+                            "lanpush: reconnected; {} unconfirmed messages resent so far, {frames} awaiting confirmation",
+                            publisher.counters().resent
+                        );
+                    }
+                    return Ok(());
+                }
+                Err(e) if self.acks && e.is_retryable() => {
+                    let since = *self.down_since.get_or_insert_with(|| {
+                        eprintln!("lanpush: {e}; retrying, unconfirmed messages will be resent");
+                        Instant::now()
+                    });
+                    if since.elapsed() > RECONNECT_PATIENCE {
+                        return Err(e.into());
+                    }
+                    let wait = match e {
+                        ClientError::Reconnecting { retry_in } => retry_in,
+                        _ => Duration::from_millis(50),
+                    };
+                    std::thread::sleep(wait.min(Duration::from_millis(200)));
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+}
+
+/// `pub --acks`'s account of confirmations ("" without --acks).
+fn acks_summary(acks: bool, c: &lanpush::client::PublisherCounters, sent: u64) -> String {
+    if !acks {
+        return String::new();
+    }
+    format!(
+        "confirmed {} of {sent} by the engine ({} resent after reconnects); ",
+        c.confirmed, c.resent
+    )
+}
 
 /// `pub`'s account of backpressure: how many of its writes waited for the engine.
 fn paced_summary(paced_writes: u64, paced_ns: u64, writes: u64) -> String {
@@ -573,6 +726,7 @@ fn paced_summary(paced_writes: u64, paced_ns: u64, writes: u64) -> String {
 /// (message i is due at start + i/rate, so a late message does not delay the ones after it).
 fn publish_synthetic(
     publisher: &mut Publisher,
+    retry: &mut Retry,
     topic: &str,
     quality: u8,
     count: u64,
@@ -587,14 +741,16 @@ fn publish_synthetic(
             let due = start + Duration::from_secs_f64(i as f64 / rate);
             let now = Instant::now();
             if due > now {
-                publisher.flush()?;
+                retry.run(publisher, Publisher::flush)?;
                 std::thread::sleep(due - now);
             }
         }
         payload.clear();
         use std::fmt::Write as _;
         write!(payload, "{:0>width$}", i + 1).expect("writing to a String cannot fail");
-        publisher.publish_with(topic, payload.as_bytes(), quality, now_ns())?;
+        retry.run(publisher, |p| {
+            p.publish_with(topic, payload.as_bytes(), quality, now_ns())
+        })?;
     }
     Ok(())
 }
@@ -632,9 +788,11 @@ fn subscribe(args: SubArgs) -> Result<(), CliError> {
     let mut sub = Subscriber::connect(opts, specs)?;
     // Scripts and tests wait for this line before publishing.
     eprintln!(
-        "subscribed: {} (reactor {})",
+        "subscribed: {} (reactor {}, engine {})",
         args.patterns.join(" "),
-        sub.welcome().map_or(0, |w| w.reactor)
+        sub.welcome().map_or(0, |w| w.reactor),
+        sub.welcome()
+            .map_or_else(|| "?".to_string(), |w| format!("{:016x}", w.engine_id))
     );
     let deadline = timeout.map(|t| started + t);
     let mut out = BufWriter::with_capacity(64 * 1024, io::stdout().lock());
@@ -669,7 +827,7 @@ fn subscribe(args: SubArgs) -> Result<(), CliError> {
             if let EventRef::Message(_) = event {
                 received += 1;
             }
-            if let Err(e) = print_event(&mut out, &event, args.json) {
+            if let Err(e) = print_event(&mut out, &event, args.json, args.raw) {
                 write_error = Some(e);
             }
         })?;
@@ -735,7 +893,7 @@ fn subscribe_multicast(
                 if let Event::Message(_) = event {
                     received += 1;
                 }
-                if let Err(e) = print_event(&mut out, &event.as_event_ref(), args.json) {
+                if let Err(e) = print_event(&mut out, &event.as_event_ref(), args.json, args.raw) {
                     if e.kind() == io::ErrorKind::BrokenPipe {
                         break Ok(());
                     }
@@ -776,21 +934,33 @@ fn subscribe_multicast(
 }
 
 /// One output line per event. Plain:
-/// `TOPIC seq=N src_ts=NS ingest_ts=NS q=Q [snapshot] [restored] VALUE`, where VALUE is the
+/// `TOPIC seq=N src_ts=TIME ingest_ts=TIME q=Q [snapshot] [restored] VALUE`, TIME in RFC 3339
+/// UTC (`-` for a source without a clock; nanoseconds since the epoch with `--raw`), VALUE the
 /// payload as text if it is UTF-8 without control characters, else `hex:` and its hex digits;
-/// `GAP TOPIC FROM..=TO` for a gap. JSON: an object per message with topic, seq, source_ts_ns,
-/// ingest_ts_ns, quality, snapshot, restored and value (UTF-8) or value_hex; `{"gap":{...}}`.
-/// Reconnections go to stderr.
-fn print_event(out: &mut impl Write, event: &EventRef<'_>, json: bool) -> io::Result<()> {
+/// `GAP TOPIC FROM..=TO` for a gap; reconnections on stderr. JSON: an object per message with
+/// topic, seq, source_ts_ns and ingest_ts_ns (decimal strings: they pass 2^53, which JSON
+/// readers round), source_ts and ingest_ts (RFC 3339, null for 0), quality, snapshot, restored
+/// and value (UTF-8) or value_hex; `{"event":"gap","gap":{topic,from_seq,to_seq}}` and
+/// `{"event":"reconnected","attempt":N,"engine_restarted":B}` in the same stream (a restart
+/// also goes to stderr).
+fn print_event(
+    out: &mut impl Write,
+    event: &EventRef<'_>,
+    json: bool,
+    raw: bool,
+) -> io::Result<()> {
     match (event, json) {
-        (EventRef::Message(m), false) => print_plain(out, m),
+        (EventRef::Message(m), false) => print_plain(out, m, raw),
         (EventRef::Message(m), true) => {
             let text = std::str::from_utf8(m.payload).ok();
+            let time = |ns: u64| (ns != 0).then(|| client::utc_rfc3339(ns));
             let line = JsonMessage {
                 topic: m.topic,
                 seq: m.seq,
-                source_ts_ns: m.source_ts_ns,
-                ingest_ts_ns: m.ingest_ts_ns,
+                source_ts_ns: m.source_ts_ns.to_string(),
+                ingest_ts_ns: m.ingest_ts_ns.to_string(),
+                source_ts: time(m.source_ts_ns),
+                ingest_ts: time(m.ingest_ts_ns),
                 quality: m.quality,
                 snapshot: m.snapshot,
                 restored: m.restored,
@@ -817,6 +987,7 @@ fn print_event(out: &mut impl Write, event: &EventRef<'_>, json: bool) -> io::Re
             true,
         ) => {
             let line = serde_json::json!({
+                "event": "gap",
                 "gap": { "topic": topic, "from_seq": from_seq, "to_seq": to_seq }
             });
             serde_json::to_writer(&mut *out, &line)?;
@@ -825,25 +996,28 @@ fn print_event(out: &mut impl Write, event: &EventRef<'_>, json: bool) -> io::Re
         (
             EventRef::Reconnected {
                 attempt,
-                engine_restarted: false,
+                engine_restarted,
             },
-            _,
+            json,
         ) => {
-            eprintln!("lanpush: reconnected and resumed (attempt {attempt})");
-            Ok(())
-        }
-        (
-            EventRef::Reconnected {
-                attempt,
-                engine_restarted: true,
-            },
-            _,
-        ) => {
-            eprintln!(
-                "lanpush: reconnected (attempt {attempt}) to a restarted engine: its sequence \
-                 numbers started again; messages published while it was down are unknown"
-            );
-            Ok(())
+            if *engine_restarted {
+                eprintln!(
+                    "lanpush: reconnected (attempt {attempt}) to a restarted engine: its sequence \
+                     numbers started again; messages published while it was down are unknown"
+                );
+            } else {
+                eprintln!("lanpush: reconnected and resumed (attempt {attempt})");
+            }
+            if !json {
+                return Ok(());
+            }
+            let line = serde_json::json!({
+                "event": "reconnected",
+                "attempt": attempt,
+                "engine_restarted": engine_restarted,
+            });
+            serde_json::to_writer(&mut *out, &line)?;
+            out.write_all(b"\n")
         }
     }
 }
@@ -852,8 +1026,10 @@ fn print_event(out: &mut impl Write, event: &EventRef<'_>, json: bool) -> io::Re
 struct JsonMessage<'a> {
     topic: &'a str,
     seq: u64,
-    source_ts_ns: u64,
-    ingest_ts_ns: u64,
+    source_ts_ns: String,
+    ingest_ts_ns: String,
+    source_ts: Option<String>,
+    ingest_ts: Option<String>,
     quality: u8,
     snapshot: bool,
     restored: bool,
@@ -863,12 +1039,24 @@ struct JsonMessage<'a> {
     value_hex: Option<String>,
 }
 
-fn print_plain(out: &mut impl Write, m: &MessageRef<'_>) -> io::Result<()> {
-    write!(
-        out,
-        "{} seq={} src_ts={} ingest_ts={} q={}",
-        m.topic, m.seq, m.source_ts_ns, m.ingest_ts_ns, m.quality
-    )?;
+fn print_plain(out: &mut impl Write, m: &MessageRef<'_>, raw: bool) -> io::Result<()> {
+    if raw {
+        write!(
+            out,
+            "{} seq={} src_ts={} ingest_ts={} q={}",
+            m.topic, m.seq, m.source_ts_ns, m.ingest_ts_ns, m.quality
+        )?;
+    } else {
+        write!(
+            out,
+            "{} seq={} src_ts={} ingest_ts={} q={}",
+            m.topic,
+            m.seq,
+            client::utc_rfc3339(m.source_ts_ns),
+            client::utc_rfc3339(m.ingest_ts_ns),
+            m.quality
+        )?;
+    }
     if m.snapshot {
         out.write_all(b" snapshot")?;
     }
@@ -893,12 +1081,12 @@ fn hex(bytes: &[u8]) -> String {
 fn stats(args: StatsArgs) -> Result<(), CliError> {
     let opts = args.connect.options("stats");
     loop {
-        let json = client::stats(&opts)?;
+        let (json, welcome) = client::stats_with_welcome(&opts)?;
         let text = if args.json {
             json
         } else {
             match serde_json::from_str::<serde_json::Value>(&json) {
-                Ok(value) => render_stats(&value),
+                Ok(value) => render_stats(&value, welcome.connection_id),
                 Err(_) => json,
             }
         };
@@ -913,11 +1101,19 @@ fn stats(args: StatsArgs) -> Result<(), CliError> {
     }
 }
 
-/// The stats document for people: engine totals, one line per connection, latency tables.
-fn render_stats(doc: &serde_json::Value) -> String {
+/// The stats document for people: engine totals, one line per connection (not the one that
+/// asked, `own_connection`), latency tables.
+fn render_stats(doc: &serde_json::Value, own_connection: u64) -> String {
     use std::fmt::Write as _;
     let mut out = String::new();
     let num = |v: &serde_json::Value, key: &str| v.get(key).and_then(|x| x.as_u64()).unwrap_or(0);
+    let text = |key: &str| doc.get(key).and_then(|x| x.as_str()).unwrap_or("?");
+    let _ = writeln!(
+        out,
+        "engine {} (lanpush {})",
+        text("engine_id"),
+        text("engine_version")
+    );
     let _ = writeln!(
         out,
         "uptime {} s, {} open connections, {} durable sessions ({} live, {} bytes)",
@@ -965,16 +1161,23 @@ fn render_stats(doc: &serde_json::Value) -> String {
             );
         }
     }
-    let conns = doc
+    let conns: Vec<serde_json::Value> = doc
         .get("connections")
         .and_then(|c| c.as_array())
-        .cloned()
+        .map(|c| {
+            c.iter()
+                .filter(|c| num(c, "id") != own_connection)
+                .cloned()
+                .collect()
+        })
         .unwrap_or_default();
     if !conns.is_empty() {
+        // `reactor`: the engine thread holding the connection; `queued`: frames (and bytes)
+        // waiting in the engine for its socket; `reconnects`: earlier connections of its id.
         let _ = writeln!(
             out,
-            "\n{:>6} {:<24} {:>3} {:>8} {:>10} {:>12} {:>10} {:>10} {:>8} {:>6} {:>6}  subscriptions",
-            "conn", "client", "rx", "queue", "queue_B", "delivered", "conflated", "lagged", "replay", "gaps", "recon"
+            "\nconnections (this stats connection, {own_connection}, not listed):\n{:>8} {:<24} {:>7} {:>8} {:>12} {:>12} {:>10} {:>10} {:>9} {:>6} {:>10}  subscriptions",
+            "conn_id", "client_id", "reactor", "queued", "queued_bytes", "delivered", "conflated", "lagged", "replayed", "gaps", "reconnects"
         );
         for c in &conns {
             let subs: Vec<String> = c
@@ -994,7 +1197,7 @@ fn render_stats(doc: &serde_json::Value) -> String {
             let client_id = c.get("client_id").and_then(|v| v.as_str()).unwrap_or("");
             let _ = writeln!(
                 out,
-                "{:>6} {:<24} {:>3} {:>8} {:>10} {:>12} {:>10} {:>10} {:>8} {:>6} {:>6}  {}",
+                "{:>8} {:<24} {:>7} {:>8} {:>12} {:>12} {:>10} {:>10} {:>9} {:>6} {:>10}  {}",
                 num(c, "id"),
                 client_id,
                 num(c, "reactor"),

@@ -349,3 +349,187 @@ fn stats_prints_the_engines_counters() {
     assert_eq!(out.stdout.lines().count(), 1);
     serde_json::from_str::<serde_json::Value>(&out.stdout).unwrap();
 }
+
+// ----- issue 13 item 7: CLI polish -----
+
+#[test]
+fn config_check_refuses_what_serve_would_refuse() {
+    for (name, toml, needle) in [
+        ("threads.toml", "[server]\nthreads = 100000\n", "threads"),
+        (
+            // TEST-NET-1 (RFC 5737): never an address of this host.
+            "foreign.toml",
+            "[server]\nlisten = \"192.0.2.1:7411\"\n",
+            "192.0.2.1",
+        ),
+    ] {
+        let file = temp_file(name, toml);
+        let out = run(&["config", "--check", file.to_str().unwrap()], None, STEP);
+        assert_fails_with(&out, needle);
+        let out = run(&["serve", "--config", file.to_str().unwrap()], None, STEP);
+        assert_fails_with(&out, needle);
+        let _ = std::fs::remove_file(file);
+    }
+}
+
+#[test]
+fn listen_takes_host_names_as_server_does() {
+    let server = Server::start_on("localhost:0", &["--threads", "1"]);
+    assert!(server.addr.ip().is_loopback(), "{}", server.addr);
+    let out = run(
+        &[
+            "pub",
+            "--server",
+            &format!("localhost:{}", server.addr.port()),
+            "t",
+            "v",
+        ],
+        None,
+        STEP,
+    );
+    assert!(out.status.success(), "{}", out.stderr);
+}
+
+#[test]
+fn sub_prints_readable_timestamps_raw_on_request_and_strings_in_json() {
+    let server = Server::start();
+    let addr = server.addr_string();
+    let out = run(&["pub", "--server", &addr, "ts/a", "v"], None, STEP);
+    assert!(out.status.success(), "{}", out.stderr);
+    let sub = |extra: &[&str]| {
+        let mut args = vec![
+            "sub",
+            "--server",
+            &addr,
+            "ts/#",
+            "--count",
+            "1",
+            "--timeout",
+            "10",
+        ];
+        args.extend_from_slice(extra);
+        let out = run(&args, None, STEP);
+        assert!(out.status.success(), "{}", out.stderr);
+        assert!(
+            out.stderr.contains("engine "),
+            "engine id shown: {}",
+            out.stderr
+        );
+        out.stdout
+    };
+    let plain = sub(&[]);
+    let fields: Vec<&str> = plain.split(' ').collect();
+    let src = fields[2].strip_prefix("src_ts=").unwrap();
+    // 2026-12-06T22:27:13.123456789Z
+    assert_eq!(src.len(), 30, "{plain}");
+    assert!(src.ends_with('Z') && &src[10..11] == "T", "{plain}");
+    assert!(fields[3].starts_with("ingest_ts=2"), "{plain}");
+    let raw = sub(&["--raw"]);
+    let ns: u64 = raw.split(' ').nth(2).unwrap()["src_ts=".len()..]
+        .parse()
+        .unwrap_or_else(|_| panic!("not nanoseconds: {raw}"));
+    assert!(ns > 1 << 60, "{raw}");
+    let json = json_lines(&sub(&["--json"]));
+    let line = &json[0];
+    let exact: u64 = line["ingest_ts_ns"]
+        .as_str()
+        .expect("a string")
+        .parse()
+        .unwrap();
+    assert!(
+        exact > 1 << 53,
+        "past what a JSON number holds exactly: {line}"
+    );
+    assert!(line["ingest_ts"].as_str().unwrap().ends_with('Z'), "{line}");
+}
+
+#[test]
+fn stats_names_its_columns_and_leaves_out_its_own_connection() {
+    let server = Server::start();
+    let addr = server.addr_string();
+    let sub = Cli::spawn(&["sub", "--server", &addr, "--client-id", "watcher", "s/#"]);
+    sub.wait_stderr_line("subscribed:", STEP);
+    let out = run(&["stats", "--server", &addr], None, STEP);
+    assert!(out.status.success(), "{}", out.stderr);
+    let text = out.stdout;
+    assert!(text.starts_with("engine "), "{text}");
+    assert!(text.contains(env!("CARGO_PKG_VERSION")), "{text}");
+    let header = text
+        .lines()
+        .find(|l| l.trim_start().starts_with("conn_id"))
+        .unwrap_or_else(|| panic!("no connection table:\n{text}"));
+    assert!(
+        header.contains("reactor") && !header.contains(" rx "),
+        "{header}"
+    );
+    let rows: Vec<&str> = text
+        .lines()
+        .skip_while(|l| !l.trim_start().starts_with("conn_id"))
+        .skip(1)
+        .take_while(|l| !l.trim().is_empty())
+        .collect();
+    assert_eq!(
+        rows.len(),
+        1,
+        "only the subscriber, not stats itself: {rows:?}"
+    );
+    assert!(rows[0].contains("watcher"), "{rows:?}");
+}
+
+#[test]
+fn sub_json_reports_gaps_and_engine_restarts_as_events() {
+    let (server, config) = Server::start_with_config("[retained]\nring_bytes = 8192\n");
+    let addr = server.addr_string();
+    let args = [
+        "sub",
+        "--server",
+        &addr,
+        "--client-id",
+        "j1",
+        "--json",
+        "g/#",
+    ];
+    drop({
+        let c = Cli::spawn(&args);
+        c.wait_stderr_line("subscribed:", STEP);
+        c
+    });
+    let deadline = Instant::now() + STEP;
+    while server.stats()["durable_sessions_live"] != 0 {
+        assert!(Instant::now() < deadline, "session never closed");
+        thread::sleep(Duration::from_millis(10));
+    }
+    let mut publisher = Publisher::connect(ClientOptions::new(addr.clone())).unwrap();
+    for i in 1..=200 {
+        publisher
+            .publish("g/t", format!("{i:0>100}").as_bytes())
+            .unwrap();
+    }
+    publisher.confirm(STEP).unwrap();
+    drop(publisher);
+    let sub = Cli::spawn(&args);
+    sub.wait_stderr_line("subscribed:", STEP);
+    let lines = sub.wait_stdout_lines(1, STEP);
+    let first: serde_json::Value = serde_json::from_str(&lines[0]).unwrap();
+    assert_eq!(first["event"], "gap", "{first}");
+    assert_eq!(first["gap"]["from_seq"], 1, "{first}");
+    // The engine restarts on the same port: the subscriber says so on stdout too.
+    let port_addr = addr.clone();
+    drop(server);
+    let _again = Server::start_on(
+        &port_addr,
+        &["--threads", "2", "--config", config.path_str()],
+    );
+    sub.wait_stderr_line("lanpush: reconnected", STEP);
+    let deadline = Instant::now() + STEP;
+    loop {
+        let out = sub.stdout_so_far();
+        if let Some(line) = out.lines().find(|l| l.contains("\"reconnected\"")) {
+            let event: serde_json::Value = serde_json::from_str(line).unwrap();
+            assert_eq!(event["engine_restarted"], true, "{event}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "no reconnected event:\n{out}");
+        thread::sleep(Duration::from_millis(10));
+    }
+}

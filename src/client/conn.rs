@@ -263,6 +263,8 @@ pub(crate) fn frame_name(frame: &Frame<'_>) -> &'static str {
         Frame::Data { .. } => "DATA",
         Frame::Ping { .. } => "PING",
         Frame::Pong { .. } => "PONG",
+        Frame::AckRequest { .. } => "ACK_REQUEST",
+        Frame::Ack { .. } => "ACK",
         Frame::Error(_) => "ERROR",
         Frame::Gap(_) => "GAP",
         Frame::StatsRequest => "STATS_REQUEST",

@@ -29,6 +29,8 @@ mod mcast;
 mod options;
 mod publisher;
 mod subscriber;
+mod timefmt;
+mod unconfirmed;
 
 #[cfg(test)]
 mod tests;
@@ -43,6 +45,7 @@ pub use subscriber::{
     pattern_matches, Event, EventRef, Message, MessageRef, Subscriber, SubscriberCounters,
     SubscriptionSpec,
 };
+pub use timefmt::utc_rfc3339;
 
 use crate::proto::{encode_control, encode_pong, Frame};
 use conn::{Conn, Fill, MAX_INBOUND_FRAME_BYTES};
@@ -50,7 +53,16 @@ use conn::{Conn, Fill, MAX_INBOUND_FRAME_BYTES};
 /// Asks the engine for its counters: one STATS_REQUEST round trip on a fresh connection.
 /// Returns the JSON document as the engine sent it.
 pub fn stats(opts: &ClientOptions) -> Result<String, ClientError> {
+    stats_with_welcome(opts).map(|(doc, _)| doc)
+}
+
+/// [`stats`], with the WELCOME of the connection that asked: its `connection_id` names the
+/// asking connection in the document, and `engine_id` the run of the engine that answered.
+pub fn stats_with_welcome(
+    opts: &ClientOptions,
+) -> Result<(String, crate::proto::Welcome), ClientError> {
     let mut conn = Conn::open(opts, STATS_READ_BUFFER_BYTES)?;
+    let welcome = conn.welcome.clone();
     let mut out = Vec::new();
     encode_control(&mut out, &Frame::StatsRequest);
     conn.send(&out)?;
@@ -83,7 +95,7 @@ pub fn stats(opts: &ClientOptions) -> Result<String, ClientError> {
         }
         conn.consume(used);
         if let Some(answer) = answer {
-            return answer;
+            return answer.map(|doc| (doc, welcome));
         }
         if !out.is_empty() {
             conn.send(&out)?;

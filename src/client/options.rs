@@ -34,6 +34,10 @@ pub struct ClientOptions {
     /// marker in every SUBSCRIBE, docs/PROTOCOL.md §8): a new process with the same id resumes
     /// where the last one stopped. Off by default: the default id is per process.
     pub durable_session: bool,
+    /// Publisher acknowledgements (docs/PROTOCOL.md §5.8): `Some(bytes)` asks the engine to
+    /// confirm what it has taken, keeps up to `bytes` of unconfirmed PUBLISH frames, and resends
+    /// them after a reconnect. `None` (the default): no acknowledgements, as before.
+    pub publisher_acks: Option<usize>,
 }
 
 /// A HELLO token, `user:secret`. Its `Debug` never shows the secret.
@@ -74,6 +78,7 @@ impl Default for ClientOptions {
             read_buffer_bytes: 64 * 1024,
             token: None,
             durable_session: false,
+            publisher_acks: None,
         }
     }
 }
@@ -92,6 +97,12 @@ impl ClientOptions {
     /// See [`ClientOptions::durable_session`]; use it with a stable [`ClientOptions::client_id`].
     pub fn durable_session(mut self, durable: bool) -> Self {
         self.durable_session = durable;
+        self
+    }
+    /// See [`ClientOptions::publisher_acks`]: acknowledgements on, with at most
+    /// `max_unconfirmed_bytes` of PUBLISH frames kept for a resend.
+    pub fn publisher_acks(mut self, max_unconfirmed_bytes: usize) -> Self {
+        self.publisher_acks = Some(max_unconfirmed_bytes);
         self
     }
     pub fn keepalive_ms(mut self, keepalive_ms: u32) -> Self {

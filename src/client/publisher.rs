@@ -5,11 +5,12 @@ use std::time::{Duration, Instant};
 use super::conn::{Conn, Fill, MAX_INBOUND_FRAME_BYTES};
 use super::error::error_code_name;
 use super::options::Reconnect;
+use super::unconfirmed::Unconfirmed;
 use super::{deadline_after, now_ns, ping_interval, ClientError, ClientOptions};
 use crate::proto::{
-    decode_frame, encode_ping, encode_pong, encode_publish, validate_topic, DecodeError, Decoded,
-    Frame, PublishRef, Welcome, WireError, FRAME_HEADER_BYTES, LEN_PREFIX_BYTES,
-    PUBLISH_FIXED_BYTES,
+    decode_frame, encode_ack_request, encode_ping, encode_pong, encode_publish, validate_topic,
+    DecodeError, Decoded, Frame, PublishRef, Welcome, WireError, FRAME_HEADER_BYTES,
+    LEN_PREFIX_BYTES, PUBLISH_FIXED_BYTES,
 };
 
 /// Buffered bytes past which a publish writes the buffer out: many frames per `write`.
@@ -45,6 +46,12 @@ pub struct PublisherCounters {
     pub paced_writes: u64,
     /// Time spent waiting in those writes, in nanoseconds.
     pub paced_ns: u64,
+    /// With acknowledgements ([`ClientOptions::publisher_acks`]): messages the engine has
+    /// confirmed taking (they are numbered from 1, so this is also the last one confirmed).
+    pub confirmed: u64,
+    /// With acknowledgements: PUBLISH frames written again after a reconnect because the
+    /// engine had not confirmed them.
+    pub resent: u64,
 }
 
 /// Publishes to the engine over one TCP connection, batching frames into large writes.
@@ -55,6 +62,15 @@ pub struct PublisherCounters {
 /// `flush` at the end of each burst; one that may be idle for more than half the keep-alive
 /// must call `keepalive_tick` at least that often. Errors the engine reports (ERROR frames)
 /// surface from the next `flush`/`publish` that writes, or from `confirm`.
+///
+/// **Acknowledgements** ([`ClientOptions::publisher_acks`], off by default): the publisher
+/// numbers its messages and keeps each one, up to that many bytes, until the engine confirms
+/// it (an ACK frame, cumulative, about once per engine loop turn; docs/PROTOCOL.md §5.8). After
+/// a reconnect it writes every unconfirmed message again, first; the engine drops those it had
+/// already taken on the earlier connection, so within one run of the engine each message is
+/// taken exactly once. An engine that was restarted remembers nothing: what it took but had
+/// not confirmed before it died is taken again (at least once). A publish that finds the
+/// buffer full waits up to `io_timeout` for ACKs. `ConnectionLost` then reports 0 lost frames.
 ///
 /// [`flush`]: Publisher::flush
 /// [`keepalive_tick`]: Publisher::keepalive_tick
@@ -73,6 +89,8 @@ pub struct Publisher {
     last_pong: u64,
     reconnect: Reconnect,
     counters: PublisherCounters,
+    /// With acknowledgements: the frames the engine has not confirmed.
+    acks: Option<Unconfirmed>,
 }
 
 impl Publisher {
@@ -80,7 +98,8 @@ impl Publisher {
     pub fn connect(opts: ClientOptions) -> Result<Publisher, ClientError> {
         let conn = Conn::open(&opts, READ_BUFFER_BYTES)?;
         let reconnect = Reconnect::new(opts.reconnect);
-        Ok(Publisher {
+        let acks = opts.publisher_acks.map(Unconfirmed::new);
+        let mut publisher = Publisher {
             max_frame_bytes: conn.welcome.max_frame_bytes as usize,
             conn: Some(conn),
             opts,
@@ -91,7 +110,10 @@ impl Publisher {
             last_pong: 0,
             reconnect,
             counters: PublisherCounters::default(),
-        })
+            acks,
+        };
+        publisher.start_acks()?;
+        Ok(publisher)
     }
 
     /// Publishes `payload` on `topic` with quality [`QUALITY_GOOD`] and the current time as the
@@ -132,6 +154,15 @@ impl Publisher {
         if passes_threshold || self.ping_due(Instant::now()) {
             self.flush()?;
         }
+        if self
+            .acks
+            .as_ref()
+            .is_some_and(|a| !a.has_room(LEN_PREFIX_BYTES + frame_bytes))
+        {
+            self.flush()?;
+            self.wait_for_room(LEN_PREFIX_BYTES + frame_bytes)?;
+        }
+        let start = self.out.len();
         encode_publish(
             &mut self.out,
             &PublishRef {
@@ -142,6 +173,64 @@ impl Publisher {
             },
         );
         self.out_frames += 1;
+        if let Some(acks) = self.acks.as_mut() {
+            acks.push(&self.out[start..]);
+        }
+        Ok(())
+    }
+
+    /// With acknowledgements, a full unconfirmed buffer: waits (up to `io_timeout`) for ACKs
+    /// that make room for `len` bytes.
+    fn wait_for_room(&mut self, len: usize) -> Result<(), ClientError> {
+        let timeout = self.opts.io_timeout;
+        let deadline = deadline_after(Instant::now(), timeout);
+        loop {
+            if let Err(e) = self.handle_inbound() {
+                return Err(self.lose(format!("undecodable frame from the engine: {e}")));
+            }
+            if !self.out.is_empty() {
+                // PONGs to the engine's PINGs: nothing publishes meanwhile.
+                let conn = self.conn.as_mut().expect("connected while waiting");
+                if let Err(e) = conn.send(&self.out) {
+                    return Err(self.lose(format!("write failed: {e}")));
+                }
+                self.out.clear();
+            }
+            if self.acks.as_ref().is_none_or(|a| a.has_room(len)) {
+                return Ok(());
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return Err(ClientError::Timeout(timeout));
+            }
+            let Some(conn) = self.conn.as_mut() else {
+                self.ensure_connected()?;
+                continue;
+            };
+            match conn.fill(Some(deadline - now)) {
+                Ok(Fill::Data | Fill::WouldBlock) => {}
+                Ok(Fill::Eof) => return Err(self.lose("the engine closed the connection".into())),
+                Err(e) => return Err(self.lose(format!("read failed: {e}"))),
+            }
+        }
+    }
+
+    /// With acknowledgements, on a new connection: ACK_REQUEST numbering from the oldest
+    /// unconfirmed message, then every unconfirmed frame again, in one write.
+    fn start_acks(&mut self) -> Result<(), ClientError> {
+        let (Some(acks), Some(conn)) = (self.acks.as_ref(), self.conn.as_mut()) else {
+            return Ok(());
+        };
+        let mut bytes = Vec::with_capacity(32 + acks.bytes());
+        encode_ack_request(&mut bytes, acks.publisher_id, acks.first_seq());
+        bytes.extend_from_slice(acks.pending());
+        let resent = acks.frames() as u64;
+        if let Err(e) = conn.send(&bytes) {
+            return Err(self.lose(format!("write failed: {e}")));
+        }
+        self.counters.resent += resent;
+        self.counters.bytes_written += bytes.len() as u64;
+        self.counters.writes += 1;
         Ok(())
     }
 
@@ -258,6 +347,14 @@ impl Publisher {
         self.out_frames
     }
 
+    /// With acknowledgements: messages written (or buffered) that the engine has not confirmed
+    /// yet, and their bytes; they are resent after a reconnect. `(0, 0)` without.
+    pub fn unconfirmed(&self) -> (u64, usize) {
+        self.acks
+            .as_ref()
+            .map_or((0, 0), |a| (a.frames() as u64, a.bytes()))
+    }
+
     fn ping_due(&self, now: Instant) -> bool {
         self.conn.as_ref().is_some_and(|c| {
             now.duration_since(c.last_send) >= ping_interval(c.welcome.keepalive_ms)
@@ -279,7 +376,7 @@ impl Publisher {
                 self.max_frame_bytes = conn.welcome.max_frame_bytes as usize;
                 self.conn = Some(conn);
                 self.counters.reconnects += 1;
-                Ok(())
+                self.start_acks()
             }
             Err(e) => {
                 self.reconnect.on_failed(Instant::now());
@@ -320,6 +417,12 @@ impl Publisher {
             match frame {
                 Frame::Ping { nonce } => encode_pong(&mut self.out, nonce),
                 Frame::Pong { nonce } => self.last_pong = nonce,
+                Frame::Ack { seq } => {
+                    if let Some(acks) = self.acks.as_mut() {
+                        acks.confirm(seq);
+                        self.counters.confirmed = acks.confirmed;
+                    }
+                }
                 Frame::Error(e) => {
                     self.counters.engine_errors += 1;
                     // Keep the first: later ones are usually consequences of it.
@@ -335,7 +438,12 @@ impl Publisher {
     /// Drops the broken connection, counts the buffered frames as lost and builds the error
     /// that reports them.
     fn lose(&mut self, cause: String) -> ClientError {
-        let lost_frames = self.out_frames;
+        // With acknowledgements nothing is lost: the unconfirmed frames go again.
+        let lost_frames = if self.acks.is_some() {
+            0
+        } else {
+            self.out_frames
+        };
         self.out.clear();
         self.out_frames = 0;
         self.conn = None;

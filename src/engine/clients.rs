@@ -11,11 +11,12 @@
 //! identity takes it over (the caller closes the previous holder, [`Claim::taken_from`]).
 //! Anonymous connections share ids as they always did: they have no identity to prove.
 
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use ahash::HashMap;
 
+use super::acks::PublisherPosition;
 use super::core::ConnRef;
 
 /// A connection holding an id: its shard and its reference there.
@@ -29,6 +30,9 @@ struct Entry {
     owner: Option<Box<str>>,
     /// The latest connection to say HELLO with it, while open.
     holder: Option<Holder>,
+    /// The last publisher of this id that asked for acknowledgements: how far the engine took
+    /// its messages, so a resend after a reconnect is not taken twice (`acks.rs`).
+    publisher: Option<Arc<PublisherPosition>>,
 }
 
 /// A HELLO's claim on its client id, granted.
@@ -103,6 +107,7 @@ impl ClientSessions {
                         gone_at: None,
                         owner: user.map(Box::from),
                         holder: Some(holder),
+                        publisher: None,
                     },
                 );
                 Claim {
@@ -127,6 +132,25 @@ impl ClientSessions {
             }
             if entry.connected == 0 {
                 entry.gone_at = Some(now);
+            }
+        }
+    }
+
+    /// The position of publisher `publisher_id` of `client_id` (which said HELLO), made when
+    /// the id's last publisher was another one: one per id, so bounded with the ids.
+    pub(crate) fn publisher_position(
+        &self,
+        client_id: &str,
+        publisher_id: u64,
+    ) -> Option<Arc<PublisherPosition>> {
+        let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        let entry = inner.by_id.get_mut(client_id)?;
+        match &entry.publisher {
+            Some(p) if p.publisher_id == publisher_id => Some(p.clone()),
+            _ => {
+                let p = Arc::new(PublisherPosition::new(publisher_id));
+                entry.publisher = Some(p.clone());
+                Some(p)
             }
         }
     }

@@ -74,6 +74,10 @@ mod mcast_core;
 #[path = "durable_core.rs"]
 mod durable_core;
 
+/// Publisher acknowledgements' side of the core (a child module, so it reaches the core's state).
+#[path = "acks_core.rs"]
+mod acks_core;
+
 /// Vectored writes per connection per flush; a connection with more left stays dirty.
 pub(crate) const MAX_WRITES_PER_FLUSH: usize = 4;
 /// Slices per vectored write (Linux IOV_MAX is 1024), and the smaller array used when few
@@ -240,6 +244,10 @@ pub(crate) struct Counters {
     pub publishers_paused: u64,
     /// Subscribers released from pacing by the rule (stalled, or behind for too long).
     pub pace_releases: u64,
+    /// PUBLISHes of an acknowledged publisher dropped as already taken (`acks.rs`).
+    pub publish_duplicates: u64,
+    /// ACK frames queued.
+    pub acks_sent: u64,
 }
 
 pub(crate) struct FanoutCore {
@@ -299,6 +307,8 @@ pub(crate) struct FanoutCore {
     /// Multicast channels this shard sends its topics on (`mcast_core.rs`); `None`: none
     /// configured.
     mcast: Option<Box<mcast_core::McastShard>>,
+    /// Connections with an ACK to send (`acks_core.rs`).
+    ack_dirty: Vec<usize>,
 }
 
 impl FanoutCore {
@@ -356,6 +366,7 @@ impl FanoutCore {
             config,
             pace: PaceBook::new(id),
             resumed: Vec::new(),
+            ack_dirty: Vec::new(),
         }
     }
 
@@ -503,46 +514,16 @@ impl FanoutCore {
         }
         match op {
             Op::Hello { .. } => Err(Fatal::new(error_code::HANDSHAKE, "HELLO sent twice")),
-            Op::Publish(publish) => {
-                let limits = &self.config.limits;
-                if let Err(e) = proto::validate_topic(publish.topic, limits.max_topic_bytes)
-                    .and_then(|()| proto::check_depth(publish.topic, limits.max_topic_levels))
-                {
-                    let reason = format!("PUBLISH to {}: {e}", quote(publish.topic));
-                    return self.refuse_topic(now, slot, e, reason);
-                }
-                if let Some(refused) = self.guard_publish(now, slot, publish.topic) {
-                    return refused;
-                }
-                // Frames from the engine obey the same limit as frames to it.
-                let data_len = data_frame_len(publish.topic.len(), publish.payload.len());
-                let max_frame = self.config.limits.max_frame_bytes;
-                if data_len > max_frame {
-                    let reason = format!(
-                        "PUBLISH to {}: its DATA frame would be {data_len} bytes, over max_frame_bytes {max_frame}",
-                        quote(publish.topic)
-                    );
-                    return self.refuse(slot, error_code::FRAME_TOO_LARGE, reason);
-                }
-                if let Some(held) = self.route_publish(&publish, read_ns) {
-                    if held {
-                        self.pause(slot, publish.topic);
-                    }
-                    return Ok(());
-                }
-                let reason = format!(
-                    "PUBLISH to {}: the engine holds limits.max_topics = {} topics",
-                    quote(publish.topic),
-                    self.config.limits.max_topics
-                );
-                // Not `refuse`: counted once, as topics_refused.
-                self.reply(
-                    slot,
-                    Reply::Error {
-                        code: error_code::TOO_MANY_TOPICS,
-                        reason: super::session::bounded_reason(reason),
-                    },
-                )
+            Op::Publish(publish) if session.acks.is_some() => {
+                self.handle_acked_publish(now, read_ns, slot, publish)
+            }
+            Op::Publish(publish) => self.handle_publish(now, read_ns, slot, publish),
+            Op::AckRequest {
+                publisher_id,
+                next_seq,
+            } => {
+                self.handle_ack_request(slot, publisher_id, next_seq);
+                Ok(())
             }
             Op::Subscribe(subscribe) => self.handle_subscribe(now, slot, subscribe),
             Op::ChannelsRequest => self.handle_channels_request(slot),
@@ -561,7 +542,13 @@ impl FanoutCore {
                     ),
                 }
             }
-            Op::Ping { nonce } => self.reply(slot, Reply::Pong { nonce }),
+            Op::Ping { nonce } => {
+                // A PING after PUBLISHes is a barrier for their ACK too.
+                if session.acks.is_some() {
+                    self.queue_ack(slot, true)?;
+                }
+                self.reply(slot, Reply::Pong { nonce })
+            }
             Op::Pong => {
                 session.ping_outstanding = false;
                 // The next PING may now be due earlier than the expiry the heap holds.
@@ -581,6 +568,56 @@ impl FanoutCore {
                 Ok(())
             }
         }
+    }
+
+    /// A PUBLISH from a connection: validated, then routed to its topic's owner. `Ok` means
+    /// handled: taken, or refused with a non-fatal ERROR.
+    fn handle_publish(
+        &mut self,
+        now: Instant,
+        read_ns: u64,
+        slot: usize,
+        publish: PublishRef<'_>,
+    ) -> Result<(), Fatal> {
+        let limits = &self.config.limits;
+        if let Err(e) = proto::validate_topic(publish.topic, limits.max_topic_bytes)
+            .and_then(|()| proto::check_depth(publish.topic, limits.max_topic_levels))
+        {
+            let reason = format!("PUBLISH to {}: {e}", quote(publish.topic));
+            return self.refuse_topic(now, slot, e, reason);
+        }
+        if let Some(refused) = self.guard_publish(now, slot, publish.topic) {
+            return refused;
+        }
+        // Frames from the engine obey the same limit as frames to it.
+        let data_len = data_frame_len(publish.topic.len(), publish.payload.len());
+        let max_frame = self.config.limits.max_frame_bytes;
+        if data_len > max_frame {
+            let reason = format!(
+                "PUBLISH to {}: its DATA frame would be {data_len} bytes, over max_frame_bytes {max_frame}",
+                quote(publish.topic)
+            );
+            return self.refuse(slot, error_code::FRAME_TOO_LARGE, reason);
+        }
+        if let Some(held) = self.route_publish(&publish, read_ns) {
+            if held {
+                self.pause(slot, publish.topic);
+            }
+            return Ok(());
+        }
+        let reason = format!(
+            "PUBLISH to {}: the engine holds limits.max_topics = {} topics",
+            quote(publish.topic),
+            self.config.limits.max_topics
+        );
+        // Not `refuse`: counted once, as topics_refused.
+        self.reply(
+            slot,
+            Reply::Error {
+                code: error_code::TOO_MANY_TOPICS,
+                reason: super::session::bounded_reason(reason),
+            },
+        )
     }
 
     /// A message from another shard.
@@ -906,6 +943,9 @@ impl FanoutCore {
             let unix_ns = transport.unix_ns();
             self.mcast_close(now, unix_ns);
         }
+        if !self.ack_dirty.is_empty() {
+            self.queue_acks();
+        }
         let mut dirty = std::mem::take(&mut self.dirty);
         let mut still = std::mem::take(&mut self.spare_dirty);
         self.flush_now = false;
@@ -968,6 +1008,10 @@ impl FanoutCore {
             if !topics.is_empty() {
                 self.request_replays(slot, topics);
             }
+        }
+        // ACKs held back behind one this flush has just written go now, not a turn later.
+        if !self.ack_dirty.is_empty() {
+            self.queue_acks();
         }
         // Marked dirty while flushing (replays answered locally): write them next turn.
         self.flush_now |= !self.dirty.is_empty();
@@ -1039,6 +1083,9 @@ impl FanoutCore {
             .store(c.publishers_paused, Ordering::Relaxed);
         s.pace_releases.store(c.pace_releases, Ordering::Relaxed);
         self.publish_mcast_stats(s);
+        s.publish_duplicates
+            .store(c.publish_duplicates, Ordering::Relaxed);
+        s.acks_sent.store(c.acks_sent, Ordering::Relaxed);
     }
 
     /// This shard's part of a stats document, made when someone asks (never on a timer): posts

@@ -62,6 +62,10 @@ pub(crate) enum Got {
         nonce: u64,
     },
     Stats,
+    /// Publisher acknowledgement: every PUBLISH up to `seq` handled.
+    Ack {
+        seq: u64,
+    },
 }
 
 /// One connection's pretend socket.
@@ -557,6 +561,7 @@ fn got(frame: Frame<'_>) -> Got {
         Frame::Ping { .. } => Got::Ping,
         Frame::Pong { nonce } => Got::Pong { nonce },
         Frame::Stats(_) => Got::Stats,
+        Frame::Ack { seq } => Got::Ack { seq },
         other => panic!("the engine sent a client frame: {other:?}"),
     }
 }

@@ -8,6 +8,9 @@
 //! After accept, a connection belongs to its reactor (`reactor.rs`, the only code holding file
 //! descriptors), which feeds the sans-IO fan-out core (`core.rs`, sessions in `session.rs`).
 
+mod acks;
+#[cfg(test)]
+mod acks_tests;
 mod audit;
 mod bench_api;
 mod clients;
@@ -156,6 +159,8 @@ pub(crate) struct ShardStats {
     pub address_refused: AtomicU64,
     pub publishers_paused: AtomicU64,
     pub pace_releases: AtomicU64,
+    pub publish_duplicates: AtomicU64,
+    pub acks_sent: AtomicU64,
     /// Bytes of messages in this reactor's inbox (sent by peers, not yet taken): a sender
     /// holds its reads back while it is past `reactor::MAX_IN_FLIGHT_BYTES`.
     pub inbox_bytes: AtomicUsize,
@@ -402,6 +407,10 @@ impl EngineShared {
                 s.publishers_paused.load(Ordering::Relaxed)
             }),
             ("pace_releases", |s| s.pace_releases.load(Ordering::Relaxed)),
+            ("acks_sent", |s| s.acks_sent.load(Ordering::Relaxed)),
+            ("publish_duplicates", |s| {
+                s.publish_duplicates.load(Ordering::Relaxed)
+            }),
         ];
         let mut totals = serde_json::Map::new();
         for &(name, get) in fields {
@@ -426,6 +435,8 @@ impl EngineShared {
             .collect();
         let durable = self.durable.counts();
         let mut doc = serde_json::json!({
+            "engine_version": env!("CARGO_PKG_VERSION"),
+            "engine_id": format!("{:016x}", self.engine_id),
             "uptime_ms": now_unix_ns().saturating_sub(self.started_unix_ns) / 1_000_000,
             "open_connections": self.open_connections.load(Ordering::Relaxed),
             "client_ids": self.clients.len(),

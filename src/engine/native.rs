@@ -32,6 +32,11 @@ pub(crate) enum Op<'a> {
     },
     /// Answers the engine's PING.
     Pong,
+    /// Publisher acknowledgements on: the next PUBLISH is message `next_seq` (at least 1).
+    AckRequest {
+        publisher_id: u64,
+        next_seq: u64,
+    },
     StatsRequest,
     /// A multicast receiver asks for the channels (docs/PROTOCOL.md §12).
     ChannelsRequest,
@@ -77,6 +82,17 @@ pub(crate) fn op(frame: Frame<'_>) -> Result<Op<'_>, Fatal> {
         Frame::StatsRequest => Ok(Op::StatsRequest),
         Frame::Multicast(Mcast::ChannelsRequest) => Ok(Op::ChannelsRequest),
         Frame::Multicast(Mcast::Nak(nak)) => Ok(Op::Nak(nak)),
+        Frame::AckRequest { next_seq: 0, .. } => Err(Fatal::new(
+            error_code::MALFORMED,
+            "ACK_REQUEST: next_seq must be at least 1",
+        )),
+        Frame::AckRequest {
+            publisher_id,
+            next_seq,
+        } => Ok(Op::AckRequest {
+            publisher_id,
+            next_seq,
+        }),
         Frame::Error(e) => Err(Fatal::new(
             error_code::UNEXPECTED_FRAME,
             format!(
@@ -89,6 +105,7 @@ pub(crate) fn op(frame: Frame<'_>) -> Result<Op<'_>, Fatal> {
         | Frame::SubAck(_)
         | Frame::Data { .. }
         | Frame::Gap(_)
+        | Frame::Ack { .. }
         | Frame::Stats(_)
         | Frame::Multicast(
             Mcast::Channels(_) | Mcast::StreamPos(_) | Mcast::Repair(_) | Mcast::RepairGone(_),

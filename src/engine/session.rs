@@ -246,6 +246,8 @@ pub(crate) struct Session {
     /// A multicast receiver (it sent CHANNELS_REQUEST): carried topics' live messages go by
     /// the group, not this connection (`mcast_core.rs`).
     pub mcast: bool,
+    /// Publisher acknowledgements (`acks.rs`): `None` until the connection sends ACK_REQUEST.
+    pub acks: Option<Box<super::acks::PublishAcks>>,
 }
 
 /// The result of [`Session::enqueue`].
@@ -304,6 +306,7 @@ impl Session {
             mqtt: None,
             durable: None,
             mcast: false,
+            acks: None,
         }
     }
 

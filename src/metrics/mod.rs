@@ -50,6 +50,7 @@ mod recorder;
 mod server;
 mod snapshot;
 mod stamp;
+mod window;
 
 pub use board::MetricsBoard;
 pub use prometheus::prometheus_text;
@@ -57,6 +58,7 @@ pub use recorder::{ShardMetrics, MAX_PREFIXES, OTHER_PREFIX};
 pub use server::MetricsServer;
 pub use snapshot::{render_latency_table, LatencySummary, MetricsSnapshot, PrefixLatency};
 pub use stamp::{data_frame_stamp, DataStamp};
+pub use window::{WindowMax, WINDOW_NS};
 
 /// Significant digits of the total and per-prefix histograms.
 pub const TOTAL_SIGFIG: u8 = 3;

@@ -57,6 +57,8 @@ fn engine_help(name: &str) -> &'static str {
         "address_refused" => "Connections refused at limits.max_connections_per_address.",
         "publishers_paused" => "Times a publishing connection stopped being read because a subscriber of its topic was a window behind (pacing).",
         "pace_releases" => "Subscribers released from pacing by the rule (stalled, or behind for too long).",
+        "acks_sent" => "ACK frames sent to publishers that asked for acknowledgements.",
+        "publish_duplicates" => "PUBLISHes of an acknowledged publisher dropped as already taken (a resend after a reconnect).",
         _ => "Engine figure from the stats document.",
     }
 }
@@ -76,14 +78,21 @@ fn engine_help(name: &str) -> &'static str {
 ///   histograms are left out (unbounded label cardinality): `/stats` has them;
 /// - `process_*`: CPU seconds, resident and virtual memory, open and maximum descriptors, start
 ///   time, read from `/proc/self` (`process.rs`).
+/// - `lanpush_*_max_seconds`: the highest latency of the last 10 to 20 s (`window.rs`), not
+///   since start, so a spike shows and then ages out.
 pub fn prometheus_text(snapshot: &MetricsSnapshot, stats: &Value) -> String {
+    prometheus_text_at(snapshot, stats, crate::engine::now_unix_ns())
+}
+
+/// [`prometheus_text`] as read at `now_ns` (the windowed maxima depend on it).
+pub(crate) fn prometheus_text_at(snapshot: &MetricsSnapshot, stats: &Value, now_ns: u64) -> String {
     let mut w = Writer {
         out: String::with_capacity(8192),
         families: HashSet::new(),
     };
     engine_metrics(&mut w, stats);
     multicast_metrics(&mut w, stats);
-    latency_metrics(&mut w, snapshot);
+    latency_metrics(&mut w, snapshot, now_ns);
     if let Some(process) = super::process::ProcessStats::read() {
         process_metrics(&mut w, &process);
     }
@@ -255,7 +264,7 @@ pub const LATENCY_BUCKETS_US: [u64; 21] = [
     500_000, 1_000_000, 2_500_000, 5_000_000, 10_000_000, 30_000_000, 60_000_000,
 ];
 
-fn latency_metrics(w: &mut Writer, s: &MetricsSnapshot) {
+fn latency_metrics(w: &mut Writer, s: &MetricsSnapshot, now_ns: u64) {
     const INGEST_HELP: &str = "Latency from engine ingest to the socket write of each DATA frame to each subscriber; _sum is approximated as histogram mean x count.";
     const SOURCE_HELP: &str = "Latency from the publisher's source timestamp to the socket write of each DATA frame to each subscriber (frames with a source timestamp); _sum is approximated as histogram mean x count.";
     for (name, help, histogram) in [
@@ -274,21 +283,16 @@ fn latency_metrics(w: &mut Writer, s: &MetricsSnapshot) {
             histogram_samples(w, name, &[], histogram);
         }
     }
-    for (name, histogram) in [
-        ("lanpush_ingest_to_write_max_seconds", &s.ingest_to_write),
-        ("lanpush_source_to_write_max_seconds", &s.source_to_write),
+    for (name, window) in [
+        ("lanpush_ingest_to_write_max_seconds", &s.ingest_window),
+        ("lanpush_source_to_write_max_seconds", &s.source_window),
     ] {
         if w.family(
             name,
             "gauge",
-            "Highest latency recorded since start (same measure as the histogram).",
+            "Highest latency recorded in the current 10 s window of wall-clock time and the one before it (the last 10 to 20 s; 0 when nothing was written); same measure as the histogram.",
         ) {
-            let max = if histogram.is_empty() {
-                0
-            } else {
-                histogram.max()
-            };
-            w.sample(name, &[], &seconds(max));
+            w.sample(name, &[], &seconds(window.max_at(now_ns)));
         }
     }
     if !s.prefixes.is_empty() {

@@ -26,9 +26,12 @@ fn stats() -> Value {
     })
 }
 
+/// When [`snapshot`]'s frames were written (a few ms from a window boundary).
+const T0: u64 = 1_700_000_000_000_000_000;
+
 fn snapshot() -> MetricsSnapshot {
     let mut m = ShardMetrics::new(&MetricsConfig::default());
-    let t0: u64 = 1_700_000_000_000_000_000;
+    let t0: u64 = T0;
     for i in 0..1000u64 {
         let topic = if i % 2 == 0 {
             "plant/line1/t"
@@ -43,7 +46,7 @@ fn snapshot() -> MetricsSnapshot {
 
 #[test]
 fn output_follows_the_exposition_grammar() {
-    let text = prometheus_text(&snapshot(), &stats());
+    let text = prometheus_text_at(&snapshot(), &stats(), T0 + 5_000_000_000);
     let samples = parse_exposition(&text).unwrap_or_else(|e| panic!("{e}\n{text}"));
 
     let gauge = find(&samples, "lanpush_connections", &[]).expect("connections gauge");
@@ -199,5 +202,36 @@ fn escaping() {
     assert_eq!(
         engine_name("lanpush_", "topics"),
         ("lanpush_topics".into(), "gauge")
+    );
+}
+
+#[test]
+fn max_seconds_is_the_maximum_of_the_last_window_not_since_start() {
+    let max_at = |now_ns: u64| {
+        let text = prometheus_text_at(&snapshot(), &stats(), now_ns);
+        let samples = parse_exposition(&text).unwrap();
+        find(&samples, "lanpush_ingest_to_write_max_seconds", &[])
+            .unwrap()
+            .value
+    };
+    let window = crate::metrics::WINDOW_NS;
+    assert_eq!(max_at(T0 + 1_000_000_000), 0.001, "in the window");
+    assert_eq!(
+        max_at(T0 + window + 1),
+        0.001,
+        "the window after: still shown"
+    );
+    assert_eq!(max_at(T0 + 2 * window + 1), 0.0, "aged out");
+    // Merged across shards: the later shard's window wins, the earlier's becomes the previous.
+    let mut m = ShardMetrics::new(&MetricsConfig::default());
+    m.record_delivery(1, "a", T0 + window, 0, T0 + window + 7_000);
+    let mut merged = snapshot();
+    merged.merge(&m.snapshot());
+    let text = prometheus_text_at(&merged, &stats(), T0 + window + 10_000);
+    let samples = parse_exposition(&text).unwrap();
+    let max = find(&samples, "lanpush_ingest_to_write_max_seconds", &[]).unwrap();
+    assert_eq!(
+        max.value, 0.001,
+        "1 ms in the previous window beats 7 µs now"
     );
 }

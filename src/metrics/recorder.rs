@@ -6,6 +6,7 @@ use ahash::HashMap;
 
 use super::buckets::Buckets;
 use super::snapshot::{LatencySummary, MetricsSnapshot, PrefixLatency};
+use super::window::WindowMax;
 use super::{max_us, new_histogram, CONN_SIGFIG, TOTAL_SIGFIG};
 use crate::config::MetricsConfig;
 
@@ -45,6 +46,9 @@ pub struct ShardMetrics {
     cached_conn_slot: usize,
     saturated: u64,
     source_ahead: u64,
+    /// Windowed maxima of the two latencies (`window.rs`), for `/metrics`.
+    ingest_window: WindowMax,
+    source_window: WindowMax,
 }
 
 /// Ways of the prefix cache: a miss costs a scan of the topic and a hash lookup (~15 ns), a
@@ -132,6 +136,8 @@ impl ShardMetrics {
             cached_conn_slot: NO_SLOT,
             saturated: 0,
             source_ahead: 0,
+            ingest_window: WindowMax::default(),
+            source_window: WindowMax::default(),
         }
     }
 
@@ -154,10 +160,12 @@ impl ShardMetrics {
         let ingest_us = self.clamp_us(now_ns.saturating_sub(ingest_ts_ns));
         let prefix = self.prefix_index(topic);
         self.prefixes[prefix].ingest.record(ingest_us);
+        self.ingest_window.record(now_ns, ingest_us);
         if source_ts_ns != 0 {
             if source_ts_ns <= now_ns {
                 let source_us = self.clamp_us(now_ns - source_ts_ns);
                 self.prefixes[prefix].source.record(source_us);
+                self.source_window.record(now_ns, source_us);
             } else {
                 self.source_ahead += 1;
             }
@@ -204,6 +212,8 @@ impl ShardMetrics {
         }
         snapshot.saturated = self.saturated;
         snapshot.source_ahead = self.source_ahead;
+        snapshot.ingest_window = self.ingest_window;
+        snapshot.source_window = self.source_window;
         snapshot
     }
 

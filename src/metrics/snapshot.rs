@@ -32,6 +32,10 @@ pub struct MetricsSnapshot {
     pub saturated: u64,
     /// Frames whose source timestamp was later than their write (clock skew): not recorded.
     pub source_ahead: u64,
+    /// Windowed maxima of the two latencies (`window.rs`): what `/metrics` reports as
+    /// `lanpush_*_max_seconds`.
+    pub ingest_window: super::WindowMax,
+    pub source_window: super::WindowMax,
 }
 
 /// The two latencies of one topic prefix.
@@ -133,6 +137,8 @@ impl MetricsSnapshot {
             connections: BTreeMap::new(),
             saturated: 0,
             source_ahead: 0,
+            ingest_window: Default::default(),
+            source_window: Default::default(),
         }
     }
 
@@ -166,6 +172,8 @@ impl MetricsSnapshot {
         }
         self.saturated += other.saturated;
         self.source_ahead += other.source_ahead;
+        self.ingest_window.merge(&other.ingest_window);
+        self.source_window.merge(&other.source_window);
     }
 
     /// Every histogram's [`LatencySummary`], as JSON (microseconds):

@@ -87,7 +87,12 @@ pub fn encode_control(out: &mut Vec<u8>, frame: &Frame<'_>) {
             Mcast::RepairGone(v) => body(out, KIND_REPAIR_GONE, v),
             Mcast::Repair(datagram) => encode_repair(out, datagram),
         },
-        Frame::Publish(_) | Frame::Data { .. } | Frame::Ping { .. } | Frame::Pong { .. } => {
+        Frame::Publish(_)
+        | Frame::Data { .. }
+        | Frame::Ping { .. }
+        | Frame::Pong { .. }
+        | Frame::AckRequest { .. }
+        | Frame::Ack { .. } => {
             panic!("encode_control called with a hot-path frame: {frame:?}")
         }
     }
@@ -203,6 +208,21 @@ pub fn encode_pong(out: &mut Vec<u8>, nonce: u64) {
     finish_frame(out, start);
 }
 
+/// Appends an ACK_REQUEST: acknowledgements on, the next PUBLISH is `next_seq`.
+pub fn encode_ack_request(out: &mut Vec<u8>, publisher_id: u64, next_seq: u64) {
+    let start = begin_frame(out, KIND_ACK_REQUEST);
+    out.extend_from_slice(&publisher_id.to_le_bytes());
+    out.extend_from_slice(&next_seq.to_le_bytes());
+    finish_frame(out, start);
+}
+
+/// Appends an ACK: every PUBLISH numbered up to `seq` has been handled.
+pub fn encode_ack(out: &mut Vec<u8>, seq: u64) {
+    let start = begin_frame(out, KIND_ACK);
+    out.extend_from_slice(&seq.to_le_bytes());
+    finish_frame(out, start);
+}
+
 /// The total length (prefix included) of the frame starting at `buf`, if its prefix is there.
 /// Lets a reader size its buffer before the whole frame has arrived.
 pub fn frame_len_hint(buf: &[u8]) -> Option<usize> {
@@ -251,6 +271,8 @@ fn kind_name(kind: u8) -> Option<&'static str> {
         KIND_SUBACK => "SUBACK",
         KIND_PUBLISH => "PUBLISH",
         KIND_DATA => "DATA",
+        KIND_ACK_REQUEST => "ACK_REQUEST",
+        KIND_ACK => "ACK",
         KIND_PING => "PING",
         KIND_PONG => "PONG",
         KIND_ERROR => "ERROR",
@@ -432,6 +454,28 @@ fn decode_body(kind: u8, body: &[u8]) -> Result<Frame<'_>, DecodeError> {
                 payload: b.rest,
             }
         }
+        KIND_ACK_REQUEST => {
+            let mut b = Body {
+                kind: name,
+                rest: body,
+            };
+            let publisher_id = b.u64("publisher id")?;
+            let next_seq = b.u64("next seq")?;
+            b.finish()?;
+            Frame::AckRequest {
+                publisher_id,
+                next_seq,
+            }
+        }
+        KIND_ACK => {
+            let mut b = Body {
+                kind: name,
+                rest: body,
+            };
+            let seq = b.u64("seq")?;
+            b.finish()?;
+            Frame::Ack { seq }
+        }
         KIND_PING | KIND_PONG => {
             let mut b = Body {
                 kind: name,
@@ -460,6 +504,11 @@ pub fn encode_frame(out: &mut Vec<u8>, frame: &Frame<'_>) {
         } => encode_data(out, header, topic, payload),
         Frame::Ping { nonce } => encode_ping(out, *nonce),
         Frame::Pong { nonce } => encode_pong(out, *nonce),
+        Frame::AckRequest {
+            publisher_id,
+            next_seq,
+        } => encode_ack_request(out, *publisher_id, *next_seq),
+        Frame::Ack { seq } => encode_ack(out, *seq),
         other => encode_control(out, other),
     }
 }

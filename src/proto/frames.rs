@@ -282,6 +282,17 @@ pub enum Frame<'a> {
     Pong {
         nonce: u64,
     },
+    /// Publisher acknowledgements on (docs/PROTOCOL.md §5.8): the connection's next PUBLISH is
+    /// message `next_seq` of publisher `publisher_id`, and every later one the next number.
+    AckRequest {
+        publisher_id: u64,
+        next_seq: u64,
+    },
+    /// Every PUBLISH of the connection numbered up to `seq` has been handled: taken by the
+    /// engine, or refused with an ERROR sent before this frame, or dropped as a duplicate.
+    Ack {
+        seq: u64,
+    },
     Error(WireError),
     Gap(Gap),
     StatsRequest,

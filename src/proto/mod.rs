@@ -24,9 +24,9 @@ mod tests;
 
 pub use codec::{
     data_frame_flags, data_frame_seq, data_frame_shared, data_frame_topic, data_frame_total_len,
-    data_frame_with_flags, decode_frame, encode_control, encode_data, encode_data_from_publish,
-    encode_frame, encode_ping, encode_pong, encode_publish, encode_repair, frame_len_hint,
-    DecodeError, Decoded,
+    data_frame_with_flags, decode_frame, encode_ack, encode_ack_request, encode_control,
+    encode_data, encode_data_from_publish, encode_frame, encode_ping, encode_pong, encode_publish,
+    encode_repair, frame_len_hint, DecodeError, Decoded,
 };
 pub use frames::{
     check_depth, error_code, validate_pattern, validate_topic, DataHeader, DeliveryMode, Frame,
@@ -51,6 +51,8 @@ pub const PUBLISH_FIXED_BYTES: usize = 8 + 1 + 2;
 /// Fixed part of a DATA body: seq u64, source_ts_ns u64, ingest_ts_ns u64, quality u8, flags u8,
 /// topic_len u16.
 pub const DATA_FIXED_BYTES: usize = 8 + 8 + 8 + 1 + 1 + 2;
+/// Body of ACK_REQUEST: publisher_id u64, next_seq u64.
+pub const ACK_REQUEST_BYTES: usize = 8 + 8;
 /// The largest topic the wire format can carry (its length is a u16).
 pub const MAX_TOPIC_BYTES: usize = u16::MAX as usize;
 
@@ -61,6 +63,8 @@ pub const KIND_UNSUBSCRIBE: u8 = 0x04;
 pub const KIND_SUBACK: u8 = 0x05;
 pub const KIND_PUBLISH: u8 = 0x10;
 pub const KIND_DATA: u8 = 0x11;
+pub const KIND_ACK_REQUEST: u8 = 0x12;
+pub const KIND_ACK: u8 = 0x13;
 pub const KIND_PING: u8 = 0x20;
 pub const KIND_PONG: u8 = 0x21;
 pub const KIND_ERROR: u8 = 0x30;

@@ -214,6 +214,38 @@ fn golden_subscribe() {
 }
 
 #[test]
+fn golden_ack_request_and_ack() {
+    // docs/PROTOCOL.md §3: publisher 0x0102030405060708, next PUBLISH is message 42.
+    let request = Frame::AckRequest {
+        publisher_id: 0x0102_0304_0506_0708,
+        next_seq: 42,
+    };
+    #[rustfmt::skip]
+    let expected = [
+        0x11, 0x00, 0x00, 0x00,                          // len 17
+        0x12,                                            // kind ACK_REQUEST
+        0x08, 0x07, 0x06, 0x05, 0x04, 0x03, 0x02, 0x01,  // publisher_id
+        0x2a, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00,  // next_seq 42
+    ];
+    assert_eq!(encoded(&request), expected);
+    assert_eq!(decode_whole(&expected), request);
+    let ack = Frame::Ack { seq: 0x1234 };
+    let expected = [0x09, 0x00, 0x00, 0x00, 0x13, 0x34, 0x12, 0, 0, 0, 0, 0, 0];
+    assert_eq!(encoded(&ack), expected);
+    assert_eq!(decode_whole(&expected), ack);
+    // Fixed layouts: a byte short or a byte over is malformed.
+    for bad in [
+        &[0x08, 0, 0, 0, 0x13, 1, 0, 0, 0, 0, 0, 0][..],
+        &[0x0a, 0, 0, 0, 0x13, 1, 0, 0, 0, 0, 0, 0, 0, 0],
+    ] {
+        assert!(matches!(
+            decode_frame(bad, 1 << 20),
+            Err(DecodeError::Malformed { kind: "ACK", .. })
+        ));
+    }
+}
+
+#[test]
 fn golden_stats_request_and_stats() {
     assert_eq!(
         encoded(&Frame::StatsRequest),
@@ -294,7 +326,7 @@ fn oversized_length_is_refused_from_the_prefix_alone() {
 
 #[test]
 fn unknown_kind_is_refused_as_soon_as_the_kind_byte_arrives() {
-    for kind in [0x00, 0x06, 0x12, 0x22, 0x32, 0x42, 0xff] {
+    for kind in [0x00, 0x06, 0x14, 0x22, 0x32, 0x42, 0xff] {
         let whole = frame_bytes(kind, &[1, 2, 3]);
         assert_eq!(
             decode_frame(&whole[..FRAME_HEADER_BYTES], MAX),
@@ -567,6 +599,14 @@ impl Owned {
             Frame::SubAck(v) => Owned::Plain(Frame::SubAck(v.clone())),
             Frame::Ping { nonce } => Owned::Plain(Frame::Ping { nonce: *nonce }),
             Frame::Pong { nonce } => Owned::Plain(Frame::Pong { nonce: *nonce }),
+            Frame::AckRequest {
+                publisher_id,
+                next_seq,
+            } => Owned::Plain(Frame::AckRequest {
+                publisher_id: *publisher_id,
+                next_seq: *next_seq,
+            }),
+            Frame::Ack { seq } => Owned::Plain(Frame::Ack { seq: *seq }),
             Frame::Error(v) => Owned::Plain(Frame::Error(v.clone())),
             Frame::Gap(v) => Owned::Plain(Frame::Gap(v.clone())),
             Frame::StatsRequest => Owned::Plain(Frame::StatsRequest),
@@ -684,6 +724,11 @@ fn any_frame() -> impl Strategy<Value = Owned> {
         (any::<u32>(), mode()).prop_map(|(sub_id, mode)| Frame::SubAck(SubAck { sub_id, mode })),
         any::<u64>().prop_map(|nonce| Frame::Ping { nonce }),
         any::<u64>().prop_map(|nonce| Frame::Pong { nonce }),
+        (any::<u64>(), any::<u64>()).prop_map(|(publisher_id, next_seq)| Frame::AckRequest {
+            publisher_id,
+            next_seq
+        }),
+        any::<u64>().prop_map(|seq| Frame::Ack { seq }),
         (any::<u16>(), text()).prop_map(|(code, reason)| Frame::Error(WireError { code, reason })),
         (text(), any::<u64>(), any::<u64>()).prop_map(|(topic, from_seq, to_seq)| {
             Frame::Gap(Gap {

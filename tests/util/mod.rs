@@ -48,8 +48,14 @@ impl Server {
     }
 
     pub fn start_with(extra: &[&str]) -> Server {
+        Server::start_on("127.0.0.1:0", extra)
+    }
+
+    /// `lanpush serve --listen LISTEN EXTRA...`: e.g. an engine restarted on the port of the
+    /// one before it.
+    pub fn start_on(listen: &str, extra: &[&str]) -> Server {
         let mut child = Command::new(bin())
-            .args(["serve", "--listen", "127.0.0.1:0"])
+            .args(["serve", "--listen", listen])
             .args(extra)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())

@@ -31,7 +31,7 @@ mod testutil;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 
 use crate::driver::Driver;
 use crate::engine::EngineProcess;
@@ -132,10 +132,50 @@ struct RunArgs {
     /// No progress line.
     #[arg(long, short)]
     quiet: bool,
+    /// Folder for the files --json, --hgrm and --plot name by a relative path (created if
+    /// missing); absolute paths are used as given.
+    #[arg(long, value_name = "DIR", default_value = "bench/results")]
+    out: PathBuf,
+}
+
+/// Flags of the shared parameter set that a subcommand has no use for: hidden from its help
+/// (and refused by `Params::resolve` when given anyway).
+const NOT_FOR_FANOUT_OR_FANIN: [&str; 4] = ["gateways", "tags", "cycle_ms", "hmis"];
+const NOT_FOR_PLANT: [&str; 3] = ["rate", "publishers", "subscribers"];
+
+/// The command line, each scenario subcommand listing only the flags it uses.
+fn cli_command() -> clap::Command {
+    let hide = |names: &'static [&'static str]| {
+        move |mut sub: clap::Command| {
+            for name in names {
+                sub = sub.mut_arg(*name, |a| a.hide(true));
+            }
+            sub
+        }
+    };
+    Cli::command()
+        .mut_subcommand("fanout", hide(&NOT_FOR_FANOUT_OR_FANIN))
+        .mut_subcommand("fanin", hide(&NOT_FOR_FANOUT_OR_FANIN))
+        .mut_subcommand("plant", hide(&NOT_FOR_PLANT))
+}
+
+impl RunArgs {
+    /// `path` as given when absolute, else inside the results folder (made on first use).
+    fn output(&self, path: &Path) -> Result<PathBuf, BenchError> {
+        if path.is_absolute() {
+            return Ok(path.to_path_buf());
+        }
+        std::fs::create_dir_all(&self.out)
+            .map_err(BenchError::io(format!("creating {}", self.out.display())))?;
+        Ok(self.out.join(path))
+    }
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::from_arg_matches(&cli_command().get_matches()) {
+        Ok(cli) => cli,
+        Err(e) => e.exit(),
+    };
     let outcome = match cli.command {
         Command::Fanout(args) => run_command(ScenarioKind::Fanout, None, args),
         Command::Fanin(args) => run_command(ScenarioKind::Fanin, None, args),
@@ -310,13 +350,17 @@ fn run_command(
     // Connections close before the engine is stopped.
     drop(target.driver);
     drop(target.engine);
-    let result = result?;
+    let mut result = result?;
+    result.provenance = report::Provenance::gather(args.engine_config.as_deref());
 
     print!("{}", result.table());
     if let Some(path) = &args.json {
-        result.save(path)?;
+        let path = args.output(path)?;
+        result.save(&path)?;
+        eprintln!("wrote {}", path.display());
     }
     if let Some(path) = &args.hgrm {
+        let path = &args.output(path)?;
         let histogram =
             result
                 .histogram
@@ -332,6 +376,7 @@ fn run_command(
         write_file(path, &hgrm::percentile_distribution(&histogram, &title))?;
     }
     if let Some(path) = &args.plot {
+        let path = &args.output(path)?;
         let mut runs = vec![result];
         runs.extend(overlays);
         let title = format!("Latency by percentile: {}", runs[0].params.scenario.name());
@@ -365,4 +410,86 @@ fn write_plot(runs: &[RunResult], out: &Path, title: &str) -> Result<(), BenchEr
 
 fn write_file(path: &Path, text: &str) -> Result<(), BenchError> {
     std::fs::write(path, text).map_err(BenchError::io(format!("writing {}", path.display())))
+}
+
+#[cfg(test)]
+mod cli_tests {
+    use super::*;
+
+    fn help(sub: &str) -> String {
+        let mut cmd = cli_command();
+        cmd.build();
+        cmd.find_subcommand_mut(sub)
+            .unwrap()
+            .render_long_help()
+            .to_string()
+    }
+
+    #[test]
+    fn each_subcommand_lists_only_its_own_flags() {
+        for sub in ["fanout", "fanin"] {
+            let text = help(sub);
+            assert!(
+                text.contains("--subscribers") && text.contains("--rate"),
+                "{text}"
+            );
+            for flag in ["--hmis", "--gateways", "--tags", "--cycle-ms"] {
+                assert!(!text.contains(flag), "{sub} lists {flag}:\n{text}");
+            }
+        }
+        let plant = help("plant");
+        assert!(
+            plant.contains("--hmis") && plant.contains("--cycle-ms"),
+            "{plant}"
+        );
+        for flag in ["--rate", "--publishers", "--subscribers"] {
+            assert!(!plant.contains(flag), "plant lists {flag}:\n{plant}");
+        }
+        assert!(
+            help("run").contains("--hmis"),
+            "run takes any scenario's flags"
+        );
+    }
+
+    #[test]
+    fn relative_outputs_go_to_the_results_folder() {
+        let dir = std::env::temp_dir().join(format!("lanpush-bench-out-{}", std::process::id()));
+        let cli = Cli::from_arg_matches(&cli_command().get_matches_from([
+            "lanpush-bench",
+            "fanout",
+            "--out",
+            dir.to_str().unwrap(),
+        ]))
+        .unwrap();
+        let Command::Fanout(args) = cli.command else {
+            panic!()
+        };
+        assert_eq!(
+            args.output(Path::new("a.json")).unwrap(),
+            dir.join("a.json")
+        );
+        assert!(dir.is_dir(), "made on first use");
+        assert_eq!(
+            args.output(Path::new("/tmp/x.json")).unwrap(),
+            Path::new("/tmp/x.json")
+        );
+        let default =
+            Cli::from_arg_matches(&cli_command().get_matches_from(["lanpush-bench", "plant"]))
+                .unwrap();
+        let Command::Plant(args) = default.command else {
+            panic!()
+        };
+        assert_eq!(args.out, Path::new("bench/results"));
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[test]
+    fn provenance_names_the_host_and_the_config() {
+        let file = std::env::temp_dir().join(format!("lanpush-bench-cfg-{}", std::process::id()));
+        std::fs::write(&file, "[server]\nthreads = 2\n").unwrap();
+        let p = report::Provenance::gather(Some(&file));
+        assert!(!p.host.is_empty() && p.cpus > 0, "{p:?}");
+        assert_eq!(p.engine_config.as_deref(), Some("[server]\nthreads = 2\n"));
+        let _ = std::fs::remove_file(file);
+    }
 }

@@ -33,6 +33,58 @@ pub struct RunResult {
     pub cpu: CpuStats,
     pub errors: Vec<String>,
     pub histogram: HistogramDump,
+    /// Where the figures come from: commit, host, engine config (absent in older files).
+    #[serde(default)]
+    pub provenance: Provenance,
+}
+
+/// What a result needs to be compared later: which build, which machine, which config.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Provenance {
+    /// `git rev-parse HEAD` in the working directory (with `-dirty` when it has changes);
+    /// `None` outside a git checkout.
+    pub commit: Option<String>,
+    /// The host name and what the tool knows of the machine (`nproc`, kernel).
+    pub host: String,
+    pub cpus: usize,
+    pub kernel: String,
+    /// The engine config file the tool started the engine with (`--engine-config`), verbatim.
+    pub engine_config: Option<String>,
+    /// The command line of the run.
+    pub command: Vec<String>,
+}
+
+impl Provenance {
+    /// Gathers what can be known here; nothing fails the run.
+    pub fn gather(engine_config: Option<&std::path::Path>) -> Provenance {
+        let git = |args: &[&str]| {
+            std::process::Command::new("git")
+                .args(args)
+                .output()
+                .ok()
+                .filter(|o| o.status.success())
+                .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        };
+        let commit = git(&["rev-parse", "HEAD"]).map(|head| {
+            match git(&["status", "--porcelain", "--untracked-files=no"]) {
+                Some(changes) if !changes.is_empty() => format!("{head}-dirty"),
+                _ => head,
+            }
+        });
+        let read = |path: &str| {
+            std::fs::read_to_string(path)
+                .map(|s| s.trim().to_string())
+                .unwrap_or_default()
+        };
+        Provenance {
+            commit,
+            host: read("/proc/sys/kernel/hostname"),
+            cpus: std::thread::available_parallelism().map_or(0, |n| n.get()),
+            kernel: read("/proc/sys/kernel/osrelease"),
+            engine_config: engine_config.and_then(|p| std::fs::read_to_string(p).ok()),
+            command: std::env::args().collect(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

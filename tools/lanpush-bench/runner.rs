@@ -567,6 +567,7 @@ pub fn run(
         cpu,
         errors,
         histogram: HistogramDump::of(&latency),
+        provenance: Default::default(),
     })
 }
 
@@ -639,6 +640,10 @@ mod tests {
             "snapshots must not reach the measurement"
         );
         assert_eq!(result.latency_us.count, 3_000);
+        assert_eq!(
+            result.send_lag_us.count, 1_000,
+            "the publisher's lag counts measured messages only, not the warm-up's 400"
+        );
         assert!(result.errors.is_empty(), "{:?}", result.errors);
         assert_eq!(engine.pongs(), 3);
         // Round trip through JSON, as --plot --overlay reads it.
