@@ -19,7 +19,8 @@ fn node_modules() -> Option<PathBuf> {
     }
     let dir = match std::env::var("LANPUSH_NODE_MODULES") {
         Ok(d) => PathBuf::from(d),
-        Err(_) => PathBuf::from(std::env::var("HOME").expect("HOME"))
+        // Where .ci/run installs it (`${HOME:-/root}/.cache/lanpush-node`).
+        Err(_) => PathBuf::from(std::env::var("HOME").unwrap_or_else(|_| "/root".into()))
             .join(".cache/lanpush-node/node_modules"),
     };
     assert!(

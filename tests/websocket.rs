@@ -178,16 +178,13 @@ fn mqtt_until<T>(
             Instant::now() < deadline,
             "no such MQTT packet within {STEP:?}"
         );
-        loop {
-            match mqtt::decode_packet(buf, 1 << 20).expect("valid MQTT from the engine") {
-                Decoded::Packet(packet, n) => {
-                    let got = want(&packet);
-                    buf.drain(..n);
-                    if let Some(got) = got {
-                        return got;
-                    }
-                }
-                Decoded::NeedMore(_) => break,
+        while let Decoded::Packet(packet, n) =
+            mqtt::decode_packet(buf, 1 << 20).expect("valid MQTT from the engine")
+        {
+            let got = want(&packet);
+            buf.drain(..n);
+            if let Some(got) = got {
+                return got;
             }
         }
         match ws.read().expect("read") {
