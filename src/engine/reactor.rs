@@ -212,6 +212,8 @@ pub(crate) struct Reactor {
     timer: DeadlineTimer,
     /// STATS requests go to the stats thread.
     stats_jobs: crossbeam_channel::Sender<StatsJob>,
+    /// The multicast channels' sockets (`mcast_io.rs`); `None` when none is configured.
+    mcast: Option<super::mcast_io::McastSockets>,
 }
 
 impl Reactor {
@@ -248,7 +250,9 @@ impl Reactor {
         poll.registry()
             .register(&mut timer, TIMER_TOKEN, Interest::READABLE)?;
         let now = Instant::now();
+        let mcast = super::mcast_io::McastSockets::open(&config)?;
         Ok(Reactor {
+            mcast,
             core: FanoutCore::new(id, n_shards, config.clone(), shared.clone(), now),
             id,
             n_shards,
@@ -350,6 +354,7 @@ impl Reactor {
             self.flush(now);
             self.flush_ws(now);
             self.end_lingering(now);
+            self.send_datagrams(now);
             self.resume_paused(now);
             self.drop_closed();
             self.send_outgoing();
@@ -464,6 +469,13 @@ impl Reactor {
                     Token(_) => {}
                 }
             }
+        }
+    }
+
+    /// The turn's multicast datagrams (after `flush`, which seals them).
+    fn send_datagrams(&mut self, now: Instant) {
+        if let Some(m) = self.mcast.as_mut() {
+            m.send(&mut self.core, now, now_unix_ns());
         }
     }
 
@@ -1043,6 +1055,9 @@ impl Reactor {
         s.throttled_turns
             .store(c.throttled_turns, Ordering::Relaxed);
         s.io_errors.store(c.io_errors, Ordering::Relaxed);
+        if let Some(m) = &self.mcast {
+            m.publish_stats(&s.mcast);
+        }
     }
 }
 
