@@ -935,6 +935,28 @@ mod tests {
     }
 
     #[test]
+    fn websocket_is_off_by_default_on_in_the_plant_example_and_checked() {
+        let w = Config::default().websocket;
+        assert_eq!(w.listen_addr(), None);
+        assert!(w.origins.is_empty());
+        let plant = Config::from_toml_str(include_str!("../configs/plant.toml"), "plant").unwrap();
+        assert_eq!(
+            plant.websocket.listen_addr(),
+            Some("0.0.0.0:8080".parse().unwrap())
+        );
+        for (line, key) in [
+            ("listen = \"localhost:80\"", "websocket.listen"),
+            ("origins = [\"hmi.plant\"]", "websocket.origins"),
+            ("max_message_bytes = 10", "websocket.max_message_bytes"),
+        ] {
+            let err = Config::from_toml_str(&format!("[websocket]\n{line}\n"), "test")
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(key), "{line}: {err}");
+        }
+    }
+
+    #[test]
     fn metrics_defaults() {
         let m = Config::default().metrics;
         assert_eq!(m.prometheus_listen, "127.0.0.1:9464");

@@ -58,6 +58,10 @@ const THROTTLE_NAP: Duration = Duration::from_micros(200);
 const MAX_ACCEPTS: usize = 256;
 /// After an accept failed for lack of descriptors or memory, wait this long before trying again.
 const ACCEPT_RETRY: Duration = Duration::from_millis(100);
+/// How long a closed WebSocket connection's socket is kept, after its close frame, for the
+/// peer's close: dropping it at once would turn the peer's own close frame into a reset (mqtt.js
+/// reports EPIPE after its DISCONNECT).
+const WS_LINGER: Duration = Duration::from_secs(1);
 /// Longest sleep of a draining reactor between two looks at its inbox and sockets.
 const DRAIN_NAP: Duration = Duration::from_millis(2);
 
@@ -107,6 +111,9 @@ struct Link {
     wire: WireKind,
     /// A WebSocket connection's bridge (`ws_link.rs`): its socket bytes go through it.
     ws: Option<Box<WsLink>>,
+    /// The core has closed this WebSocket connection; the socket waits for the peer's close
+    /// (its input is discarded) until [`WS_LINGER`] has passed.
+    lingering: bool,
     /// The source address, counted in `EngineShared::sources` while the link lives.
     peer: Option<std::net::SocketAddr>,
 }
@@ -142,7 +149,7 @@ impl Transport for Sockets<'_> {
         if let Some(link) = self.links.get_mut(slot).and_then(Option::as_mut) {
             // A WebSocket ends with a close frame first (the rest when the socket takes it).
             let ready = match link.ws.as_deref_mut() {
-                Some(ws) => ws.handle_shutdown(&mut link.stream),
+                Some(ws) => ws.handle_shutdown(&mut link.stream, crate::ws::close_code::POLICY),
                 None => true,
             };
             if ready {
@@ -179,6 +186,8 @@ pub(crate) struct Reactor {
     ws_listener: Option<TcpListener>,
     /// WebSocket connections with control frames waiting for an open binary frame to end.
     ws_flush: Vec<usize>,
+    /// Closed WebSocket connections waiting for their peer's close, and until when.
+    ws_lingering: Vec<(usize, Instant)>,
     /// The listener may still hold connections (budget spent or a failed accept): accept
     /// again at this time without waiting for an event (edge-triggered readiness would not
     /// report them again).
@@ -254,6 +263,7 @@ impl Reactor {
             mqtt_listener,
             ws_listener,
             ws_flush: Vec::new(),
+            ws_lingering: Vec::new(),
             accept_again: None,
             next_target: 0,
             inbox,
@@ -290,6 +300,9 @@ impl Reactor {
                     if let Some(at) = self.accept_again {
                         wake = wake.min(at);
                     }
+                    if let Some(&(_, at)) = self.ws_lingering.first() {
+                        wake = wake.min(at);
+                    }
                     if self.throttled {
                         wake = wake.min(before + THROTTLE_NAP);
                     }
@@ -310,6 +323,7 @@ impl Reactor {
                     WAKER_TOKEN => {}
                     TIMER_TOKEN => self.timer.fired(),
                     LISTENER_TOKEN | MQTT_LISTENER_TOKEN | WS_LISTENER_TOKEN => self.accept(now),
+                    Token(slot) if self.is_lingering(slot) => self.linger_read(slot),
                     Token(slot) => {
                         if event.is_writable() {
                             self.handle_writable(now, slot);
@@ -339,6 +353,7 @@ impl Reactor {
             self.forward_stats_requests();
             self.flush(now);
             self.flush_ws(now);
+            self.end_lingering(now);
             self.send_datagrams(now);
             self.resume_paused(now);
             self.drop_closed();
@@ -631,6 +646,7 @@ impl Reactor {
             input: ReadBuf::default(),
             wire,
             ws,
+            lingering: false,
             peer,
         });
         self.core.open_wire(now, slot, conn_id, wire);
@@ -841,12 +857,64 @@ impl Reactor {
     /// Drops the transport of every connection the core has closed.
     fn drop_closed(&mut self) {
         while let Some(slot) = self.core.poll_closed() {
-            if let Some(mut link) = self.links.get_mut(slot).and_then(Option::take) {
-                let _ = self.poll.registry().deregister(&mut link.stream);
-                self.release_source(link.peer);
-                self.free_slots.push(slot);
-                self.shared.open_connections.fetch_sub(1, Ordering::Relaxed);
+            if let Some(link) = self.links.get_mut(slot).and_then(Option::as_mut) {
+                if let Some(ws) = link.ws.as_deref_mut().filter(|_| !self.draining) {
+                    // A WebSocket ends with the close handshake: our close frame (unless the
+                    // bridge already sent one), then the peer's, or WS_LINGER.
+                    let _ = ws.handle_shutdown(&mut link.stream, crate::ws::close_code::NORMAL);
+                    let _ = link.stream.shutdown(Shutdown::Write);
+                    link.lingering = true;
+                    self.ws_lingering.push((slot, Instant::now() + WS_LINGER));
+                    continue;
+                }
             }
+            self.drop_link(slot);
+        }
+    }
+
+    fn drop_link(&mut self, slot: usize) {
+        if let Some(mut link) = self.links.get_mut(slot).and_then(Option::take) {
+            let _ = self.poll.registry().deregister(&mut link.stream);
+            self.release_source(link.peer);
+            self.free_slots.push(slot);
+            self.shared.open_connections.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+
+    fn is_lingering(&self, slot: usize) -> bool {
+        self.links
+            .get(slot)
+            .and_then(Option::as_ref)
+            .is_some_and(|l| l.lingering)
+    }
+
+    /// A lingering WebSocket's input is discarded until the peer closes (EOF) or fails.
+    fn linger_read(&mut self, slot: usize) {
+        let Some(link) = self.links.get_mut(slot).and_then(Option::as_mut) else {
+            return;
+        };
+        let mut sink = [0u8; 4096];
+        for _ in 0..16 {
+            match link.stream.read(&mut sink) {
+                Ok(0) => break,
+                Ok(_) => continue,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(_) => break,
+            }
+        }
+        self.ws_lingering.retain(|&(s, _)| s != slot);
+        self.drop_link(slot);
+    }
+
+    /// Lingering WebSockets whose time is up (oldest first: they were pushed in time order).
+    fn end_lingering(&mut self, now: Instant) {
+        while let Some(&(slot, at)) = self.ws_lingering.first() {
+            if at > now {
+                return;
+            }
+            self.ws_lingering.remove(0);
+            self.drop_link(slot);
         }
     }
 

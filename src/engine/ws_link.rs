@@ -197,10 +197,10 @@ impl WsLink {
         Ok(self.control_tail.is_empty())
     }
 
-    /// The engine's fatal ERROR went out: end with a close frame, then the write side.
-    pub(crate) fn handle_shutdown<W: Write>(&mut self, sock: &mut W) -> bool {
-        self.bridge
-            .send_close(crate::ws::close_code::POLICY, "closed by the engine");
+    /// The engine ends the connection (`code`: 1008 after a fatal ERROR, 1000 for a normal
+    /// close): a close frame unless one went already, then the write side once it is out.
+    pub(crate) fn handle_shutdown<W: Write>(&mut self, sock: &mut W, code: u16) -> bool {
+        self.bridge.send_close(code, "closed by the engine");
         self.take_bridge_transmit();
         self.shutdown_after_flush = true;
         matches!(self.flush(sock), Ok(true))

@@ -207,3 +207,46 @@ fn nothing_of_the_cores_goes_out_before_the_upgrade() {
     );
     assert!(sock.out.is_empty());
 }
+
+/// What a WebSocket subscriber costs per message on top of the shared frame, measured here
+/// without sockets (`cargo test --release --lib ws_link_cost -- --ignored --nocapture`):
+/// mqtt: one frame header per write for a batch of shared packets (no copy of them);
+/// JSON: a translation and a copy per message per subscriber. Figures in bench/RESULTS.md.
+#[test]
+#[ignore]
+fn ws_link_cost() {
+    use std::time::Instant;
+    const N: usize = 200_000;
+    let mut data = Vec::new();
+    let header = DataHeader {
+        seq: 123_456,
+        source_ts_ns: 1_700_000_000_000_000_000,
+        ingest_ts_ns: 1_700_000_000_000_100_000,
+        quality: 192,
+        flags: 0,
+    };
+    proto::encode_data(&mut data, &header, "plant/line1/cell4/temp", b"21.53");
+    let mqtt_packet = vec![0x30u8; 32];
+    for batch in [1usize, 16] {
+        let (mut link, mut sock) = upgraded("lanpush.json.v1");
+        let frames: Vec<IoSlice<'_>> = (0..batch).map(|_| IoSlice::new(&data)).collect();
+        let start = Instant::now();
+        for _ in 0..N / batch {
+            link.write(&mut sock, &frames).unwrap();
+            sock.out.clear();
+        }
+        let json_ns = start.elapsed().as_nanos() as f64 / N as f64;
+        let (mut link, mut sock) = upgraded("mqtt");
+        let packets: Vec<IoSlice<'_>> = (0..batch).map(|_| IoSlice::new(&mqtt_packet)).collect();
+        let start = Instant::now();
+        for _ in 0..N / batch {
+            link.write(&mut sock, &packets).unwrap();
+            sock.out.clear();
+        }
+        let mqtt_ns = start.elapsed().as_nanos() as f64 / N as f64;
+        eprintln!(
+            "batch {batch:>2}: JSON {json_ns:.0} ns/message, mqtt {mqtt_ns:.0} ns/message \
+             (the mock socket copies what it is given, as the kernel would)"
+        );
+    }
+}
