@@ -62,6 +62,17 @@ pub(crate) enum Got {
         nonce: u64,
     },
     Stats,
+    /// A multicast frame (`mcast_core.rs`).
+    Mcast(McastGot),
+}
+
+/// The multicast frames, owned.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum McastGot {
+    Channels(Vec<proto::ChannelInfo>),
+    StreamPos(proto::StreamPos),
+    Repair(Vec<u8>),
+    RepairGone(proto::Nak),
 }
 
 /// One connection's pretend socket.
@@ -557,6 +568,10 @@ fn got(frame: Frame<'_>) -> Got {
         Frame::Ping { .. } => Got::Ping,
         Frame::Pong { nonce } => Got::Pong { nonce },
         Frame::Stats(_) => Got::Stats,
+        Frame::Multicast(proto::Mcast::Channels(c)) => Got::Mcast(McastGot::Channels(c.channels)),
+        Frame::Multicast(proto::Mcast::StreamPos(p)) => Got::Mcast(McastGot::StreamPos(p)),
+        Frame::Multicast(proto::Mcast::Repair(d)) => Got::Mcast(McastGot::Repair(d.to_vec())),
+        Frame::Multicast(proto::Mcast::RepairGone(g)) => Got::Mcast(McastGot::RepairGone(g)),
         other => panic!("the engine sent a client frame: {other:?}"),
     }
 }
