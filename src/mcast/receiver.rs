@@ -235,7 +235,7 @@ impl McastReceiver {
         if self.buffered >= self.cfg.max_buffered {
             self.counters.buffer_overflow += 1;
             if let Some(next) = next {
-                self.mark_missing(key, next, h.seq + 1, now);
+                self.mark_missing(key, next, h.seq.saturating_add(1), now);
             }
             return;
         }
