@@ -35,6 +35,7 @@ pub struct Config {
     pub log: LogConfig,
     pub mqtt: MqttConfig,
     pub auth: AuthConfig,
+    pub websocket: WebSocketConfig,
     /// UDP multicast channels (`src/mcast/`); none by default.
     pub multicast: crate::mcast::MulticastConfig,
 }
@@ -188,6 +189,48 @@ impl MqttConfig {
         }
         if !matches!(self.qos0_mode, DeliveryMode::All | DeliveryMode::Latest) {
             return Err("mqtt.qos0_mode must be \"all\" or \"latest\"".into());
+        }
+        Ok(())
+    }
+}
+
+/// The WebSocket listener (`src/ws/`, docs/PROTOCOL.md §15).
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WebSocketConfig {
+    /// Address of the WebSocket listener; empty turns it off.
+    pub listen: String,
+    /// Origins (`scheme://host[:port]`) whose pages may connect; `*` allows any.
+    pub origins: Vec<String>,
+    /// Largest message (all its fragments) a WebSocket client may send.
+    pub max_message_bytes: usize,
+}
+
+impl WebSocketConfig {
+    /// The listener's address, or `None` when it is off.
+    pub fn listen_addr(&self) -> Option<SocketAddr> {
+        optional_addr(&self.listen)
+    }
+
+    fn validate(&self) -> Result<(), String> {
+        let text = self.listen.trim();
+        if !text.is_empty() && text.parse::<SocketAddr>().is_err() {
+            return Err(format!(
+                "websocket.listen = {text:?} is not a socket address such as \"0.0.0.0:8080\" (or \"\" for off)"
+            ));
+        }
+        for origin in &self.origins {
+            let ok = origin == "*"
+                || ((origin.starts_with("http://") || origin.starts_with("https://"))
+                    && !origin.contains(char::is_whitespace));
+            if !ok {
+                return Err(format!(
+                    "websocket.origins: {origin:?} is not \"*\" or an origin such as \"http://hmi.plant:8080\""
+                ));
+            }
+        }
+        if self.max_message_bytes < 1024 {
+            return Err("websocket.max_message_bytes must be at least 1024".into());
         }
         Ok(())
     }
@@ -530,6 +573,9 @@ impl Config {
         if let Err(message) = self.mqtt.validate() {
             return invalid(message);
         }
+        if let Err(message) = self.websocket.validate() {
+            return invalid(message);
+        }
         if l.max_topic_levels == 0 {
             return invalid("limits.max_topic_levels must be at least 1".into());
         }
@@ -634,6 +680,9 @@ impl Config {
             mqtt.listen,
             mqtt.max_inflight,
             mqtt.qos0_mode,
+            websocket.listen,
+            websocket.origins,
+            websocket.max_message_bytes,
             // Senders and sockets are made at start.
             multicast.channels,
             multicast.heartbeat_ms,

@@ -10,3 +10,4 @@ pub mod mqtt;
 pub mod proto;
 pub mod service;
 pub mod topic;
+pub mod ws;

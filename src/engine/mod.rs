@@ -45,6 +45,9 @@ mod stats;
 mod store;
 mod timer;
 mod wire;
+mod ws_link;
+#[cfg(test)]
+mod ws_link_tests;
 
 use std::cell::RefCell;
 use std::io;
@@ -500,6 +503,8 @@ pub struct Engine {
     local_addr: SocketAddr,
     /// The MQTT listener's address, when `mqtt.listen` is set.
     mqtt_addr: Option<SocketAddr>,
+    /// The WebSocket listener's address, when `websocket.listen` is set.
+    ws_addr: Option<SocketAddr>,
     threads: Vec<JoinHandle<Result<(), EngineError>>>,
     /// Ends once every reactor (each holding a sender of STATS jobs) has exited.
     stats_thread: JoinHandle<()>,
@@ -543,6 +548,19 @@ impl Engine {
                 source,
             })?),
         };
+        let ws_listener = match config.websocket.listen_addr() {
+            None => None,
+            Some(addr) => {
+                Some(bind_listener(addr).map_err(|source| EngineError::Listen { addr, source })?)
+            }
+        };
+        let ws_addr = match &ws_listener {
+            None => None,
+            Some(l) => Some(l.local_addr().map_err(|source| EngineError::Listen {
+                addr: config.websocket.listen_addr().unwrap_or(addr),
+                source,
+            })?),
+        };
         let config = Arc::new(config);
 
         let mut polls = Vec::with_capacity(n);
@@ -581,6 +599,7 @@ impl Engine {
         .map_err(EngineError::Thread)?;
         let mut listener = Some(mio::net::TcpListener::from_std(listener));
         let mut mqtt_listener = mqtt_listener.map(mio::net::TcpListener::from_std);
+        let mut ws_listener = ws_listener.map(mio::net::TcpListener::from_std);
         let mut threads = Vec::with_capacity(n);
         for (id, (poll, inbox)) in polls.into_iter().zip(inboxes).enumerate() {
             let started = Reactor::new(
@@ -591,6 +610,7 @@ impl Engine {
                 poll,
                 if id == 0 { listener.take() } else { None },
                 if id == 0 { mqtt_listener.take() } else { None },
+                if id == 0 { ws_listener.take() } else { None },
                 inbox,
                 mailboxes.clone(),
                 stats_jobs.clone(),
@@ -633,6 +653,7 @@ impl Engine {
         Ok(Engine {
             local_addr,
             mqtt_addr,
+            ws_addr,
             threads,
             stats_thread,
             shared,
@@ -661,6 +682,12 @@ impl Engine {
         self.mqtt_addr
     }
 
+    /// The WebSocket listener's address (the real port when the config asked for port 0), when
+    /// `websocket.listen` is set.
+    pub fn ws_addr(&self) -> Option<SocketAddr> {
+        self.ws_addr
+    }
+
     /// Reactor threads running.
     pub fn reactor_count(&self) -> usize {
         self.shared.mailboxes.len()
@@ -686,10 +713,11 @@ impl Engine {
             return Ok(None);
         };
         let shared = Arc::clone(&self.shared);
-        let server = crate::metrics::MetricsServer::start(addr, move || {
-            let stats = stats::collect(&shared, &shared.mailboxes);
-            (shared.metrics.merged(), stats)
-        })?;
+        let server =
+            crate::metrics::MetricsServer::start_with_live_page(addr, self.ws_addr, move || {
+                let stats = stats::collect(&shared, &shared.mailboxes);
+                (shared.metrics.merged(), stats)
+            })?;
         let _ = self.shared.metrics_addr.set(server.local_addr());
         Ok(Some(server))
     }

@@ -103,15 +103,15 @@ struct RunArgs {
     /// `server.listen` is overridden with 127.0.0.1:0.
     #[arg(long, value_name = "FILE", conflicts_with_all = ["server", "target"])]
     engine_config: Option<PathBuf>,
+    /// Drive the engine the tool starts through its MQTT 3.1.1 listener (QoS 0, the same
+    /// client as `--target mqtt://`), to compare with another MQTT broker client for client.
+    #[arg(long, conflicts_with_all = ["server", "target", "multicast"])]
+    mqtt: bool,
     /// lanpush only: subscribers receive by UDP multicast (`McastSubscriber`); the engine needs
     /// a channel carrying the scenario's topics (`--engine-config bench/multicast.toml`) and
     /// multicast on loopback, i.e. a private network namespace (bench/README.md).
     #[arg(long)]
     multicast: bool,
-    /// Drive the engine the tool starts through its MQTT 3.1.1 listener (QoS 0, the same
-    /// client as `--target mqtt://`), to compare with another MQTT broker client for client.
-    #[arg(long, conflicts_with_all = ["server", "target"])]
-    mqtt: bool,
     /// Write the latency histogram as HdrHistogram percentile-distribution text (µs).
     #[arg(long, value_name = "FILE")]
     hgrm: Option<PathBuf>,
