@@ -66,6 +66,17 @@ pub(crate) enum Got {
     Ack {
         seq: u64,
     },
+    /// A multicast frame (`mcast_core.rs`).
+    Mcast(McastGot),
+}
+
+/// The multicast frames, owned.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum McastGot {
+    Channels(Vec<proto::ChannelInfo>),
+    StreamPos(proto::StreamPos),
+    Repair(Vec<u8>),
+    RepairGone(proto::Nak),
 }
 
 /// One connection's pretend socket.
@@ -562,6 +573,10 @@ fn got(frame: Frame<'_>) -> Got {
         Frame::Pong { nonce } => Got::Pong { nonce },
         Frame::Stats(_) => Got::Stats,
         Frame::Ack { seq } => Got::Ack { seq },
+        Frame::Multicast(proto::Mcast::Channels(c)) => Got::Mcast(McastGot::Channels(c.channels)),
+        Frame::Multicast(proto::Mcast::StreamPos(p)) => Got::Mcast(McastGot::StreamPos(p)),
+        Frame::Multicast(proto::Mcast::Repair(d)) => Got::Mcast(McastGot::Repair(d.to_vec())),
+        Frame::Multicast(proto::Mcast::RepairGone(g)) => Got::Mcast(McastGot::RepairGone(g)),
         other => panic!("the engine sent a client frame: {other:?}"),
     }
 }

@@ -29,6 +29,8 @@ mod handle_tests;
 mod harness;
 pub mod limits;
 mod mcast_io;
+#[cfg(test)]
+mod mcast_tests;
 mod mqtt_session;
 mod mqtt_sessions;
 #[cfg(test)]

@@ -25,6 +25,8 @@ use crate::proto::{self, Decoded, Frame, Nak, StreamPos};
 /// Missing datagrams tracked per stream; a sequence jump beyond this (a corrupt or hostile
 /// datagram) is tracked up to it, the rest is learnt later.
 const MAX_MISSING: u64 = 16_384;
+/// Streams a receiver tracks: datagrams naming more (a hostile sender) are ignored.
+const MAX_STREAMS: usize = 4096;
 
 #[derive(Debug, Clone)]
 pub struct ReceiverConfig {
@@ -34,7 +36,7 @@ pub struct ReceiverConfig {
     pub nak_retry: Duration,
     /// `all`: repair every loss. `latest`: never NAK, skip to what arrives.
     pub repair: bool,
-    /// Datagrams held out of order (or before their STREAM_POS) per stream.
+    /// Datagrams held out of order (or before their STREAM_POS), over all streams.
     pub max_buffered: usize,
     pub seed: u64,
 }
@@ -104,6 +106,8 @@ pub struct McastReceiver {
     topics: HashMap<String, u64>,
     patterns: Vec<String>,
     held: u32,
+    /// Slots held in the streams' buffers, bounded by `max_buffered`.
+    buffered: usize,
     events: VecDeque<ReceiverEvent>,
     rng: u64,
     pub counters: ReceiverCounters,
@@ -118,6 +122,7 @@ impl McastReceiver {
             topics: HashMap::default(),
             patterns: Vec::new(),
             held: 0,
+            buffered: 0,
             events: VecDeque::new(),
             counters: ReceiverCounters::default(),
         }
@@ -174,7 +179,9 @@ impl McastReceiver {
             return;
         }
         st.next = Some(pos.next_seq);
+        let before = st.buffer.len();
         st.buffer = st.buffer.split_off(&pos.next_seq);
+        self.buffered -= before - st.buffer.len();
         if let Some(&last) = st.buffer.keys().next_back() {
             self.mark_missing(key, pos.next_seq, last, now);
         }
@@ -192,6 +199,10 @@ impl McastReceiver {
         };
         let h = d.header;
         let key = (h.channel, h.stream);
+        if !self.streams.contains_key(&key) && self.streams.len() >= MAX_STREAMS {
+            self.counters.ignored += 1;
+            return;
+        }
         self.counters.datagrams += 1;
         let next = self.streams.entry(key).or_default().next;
         if h.flags & FLAG_HEARTBEAT != 0 {
@@ -221,10 +232,10 @@ impl McastReceiver {
             }
             return;
         }
-        if st.buffer.len() >= self.cfg.max_buffered {
+        if self.buffered >= self.cfg.max_buffered {
             self.counters.buffer_overflow += 1;
             if let Some(next) = next {
-                self.mark_missing(key, next, h.seq + 1, now);
+                self.mark_missing(key, next, h.seq.saturating_add(1), now);
             }
             return;
         }
@@ -234,6 +245,7 @@ impl McastReceiver {
             self.counters.retransmits_received += 1;
         }
         st.buffer.insert(h.seq, Slot::Data(d.frames.to_vec()));
+        self.buffered += 1;
         if let Some(m) = st.missing.remove(&h.seq) {
             if !m.naked {
                 self.counters.naks_suppressed += 1;
@@ -256,11 +268,20 @@ impl McastReceiver {
         let Some(next) = st.next else {
             return;
         };
-        let end = gone.from_seq.saturating_add(u64::from(gone.count));
-        for seq in gone.from_seq.max(next)..end {
+        let (start, end) = (
+            gone.from_seq.max(next),
+            gone.from_seq.saturating_add(u64::from(gone.count)),
+        );
+        if start >= end {
+            return;
+        }
+        // Only what this receiver asked for (bounded by the missing set).
+        let asked: Vec<u64> = st.missing.range(start..end).map(|(&seq, _)| seq).collect();
+        for seq in asked {
+            st.missing.remove(&seq);
             if let std::collections::btree_map::Entry::Vacant(e) = st.buffer.entry(seq) {
                 e.insert(Slot::Gone);
-                st.missing.remove(&seq);
+                self.buffered += 1;
                 self.counters.gone += 1;
             }
         }
@@ -303,7 +324,10 @@ impl McastReceiver {
                 return;
             };
             let slot = match st.buffer.remove(&next) {
-                Some(slot) => slot,
+                Some(slot) => {
+                    self.buffered -= 1;
+                    slot
+                }
                 None if !self.cfg.repair && !st.buffer.is_empty() => {
                     // `latest`: skip to the next datagram that came.
                     let first = *st.buffer.keys().next().expect("not empty");

@@ -725,3 +725,64 @@ fn the_loss_generator_drops_about_the_asked_share() {
         );
     }
 }
+
+#[test]
+fn hostile_datagrams_and_ranges_cannot_grow_the_receiver() {
+    let now = Instant::now();
+    let mut r = McastReceiver::new(ReceiverConfig {
+        max_buffered: 100,
+        ..rx_cfg(9)
+    });
+    r.add_pattern("#");
+    // Datagrams on 10,000 made-up streams, none with a position: bounded buffering.
+    let frame = data("t", 1, b"v");
+    for i in 0..10_000u32 {
+        let mut d = vec![0; HEADER_BYTES];
+        DatagramHeader {
+            flags: 0,
+            channel: (i >> 16) as u16,
+            stream: i as u16,
+            engine_id: ENGINE,
+            seq: u64::from(i) + 1,
+            send_ts_ns: 0,
+        }
+        .write(&mut d);
+        d.extend_from_slice(&frame);
+        r.handle_datagram(now, &d, false);
+    }
+    assert_eq!(
+        r.counters.buffer_overflow + r.counters.ignored,
+        10_000 - 100
+    );
+    assert_eq!(r.missing(), 0, "no position, nothing tracked as missing");
+    // A position, then a datagram far ahead: missing is capped, and a REPAIR_GONE of a huge
+    // range marks only what was asked.
+    r.handle_stream_pos(
+        now,
+        StreamPos {
+            channel: 0,
+            stream: 1,
+            next_seq: 1,
+        },
+    );
+    let mut s = ChannelSender::new(sender_cfg(None), now);
+    s.handle_frame(now, 0, &frame);
+    s.close_datagram(now, 0);
+    let mut far = s.poll_transmit(now, 0).unwrap().to_vec();
+    far[16..24].copy_from_slice(&u64::MAX.to_le_bytes());
+    r.handle_datagram(now, &far, false);
+    assert!(r.missing() <= 16_384, "{}", r.missing());
+    r.handle_gone(Nak {
+        channel: 0,
+        stream: 1,
+        from_seq: 0,
+        count: u32::MAX,
+    });
+    assert_eq!(r.missing(), 0);
+    r.handle_gone(Nak {
+        channel: 0,
+        stream: 1,
+        from_seq: 0,
+        count: 0,
+    });
+}
