@@ -41,6 +41,7 @@ mod session;
 mod stats;
 mod store;
 mod timer;
+mod trim;
 mod wire;
 
 use std::cell::RefCell;
