@@ -678,7 +678,7 @@ fn a_thousand_connections_announcing_1_mib_frames_grow_the_engine_less_than_64_m
          engine VmRSS {baseline_kib} KiB before, peak {peak_kib} KiB ({samples} samples): \
          +{growth_kib} KiB ({} KiB per connection); {after_kib} KiB once closed; last closed \
          after {last_close:?}, {open} still open",
-        ANNOUNCERS as u64 * ANNOUNCED_BYTES as u64 >> 20,
+        (ANNOUNCERS as u64 * ANNOUNCED_BYTES as u64) >> 20,
         sent / 1024,
         growth_kib / ANNOUNCERS as u64
     );

@@ -45,7 +45,8 @@ impl BufPool {
     }
 }
 
-#[derive(Debug)]
+/// Starts without a buffer: one comes from the pool at the first read.
+#[derive(Debug, Default)]
 pub(crate) struct ReadBuf {
     buf: Vec<u8>,
     start: usize,
@@ -54,18 +55,6 @@ pub(crate) struct ReadBuf {
     /// peer had more to send: a busy sender).
     offered: usize,
     last_read_full: bool,
-}
-
-impl Default for ReadBuf {
-    fn default() -> Self {
-        ReadBuf {
-            buf: Vec::new(),
-            start: 0,
-            end: 0,
-            offered: 0,
-            last_read_full: false,
-        }
-    }
 }
 
 impl ReadBuf {
