@@ -705,7 +705,7 @@ const IDLE_MAX_GROWTH_KIB: u64 = 64 * MIB_KIB;
 /// After they all closed, the engine keeps at most this much of what they cost: the client ids
 /// it remembers for `limits.client_session_expiry_s` (by design, about 1.6 MiB here), its
 /// connection tables' high-water mark (16 bytes a slot) and the pages that allocations still
-/// live pin. Measured: 9.4 MiB of 15.5 MiB; 15.7 MiB without the trim after mass closes
+/// live pin. Measured: 8.6–10.3 MiB of 15.5 MiB; 15.7 MiB without the trim after mass closes
 /// (`src/engine/trim.rs`); 151 MiB in the issue.
 const IDLE_MAX_KEPT_KIB: u64 = 12 * MIB_KIB;
 
