@@ -35,6 +35,9 @@ pub struct Config {
     pub log: LogConfig,
     pub mqtt: MqttConfig,
     pub auth: AuthConfig,
+    pub websocket: WebSocketConfig,
+    /// UDP multicast channels (`src/mcast/`); none by default.
+    pub multicast: crate::mcast::MulticastConfig,
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -186,6 +189,48 @@ impl MqttConfig {
         }
         if !matches!(self.qos0_mode, DeliveryMode::All | DeliveryMode::Latest) {
             return Err("mqtt.qos0_mode must be \"all\" or \"latest\"".into());
+        }
+        Ok(())
+    }
+}
+
+/// The WebSocket listener (`src/ws/`, docs/PROTOCOL.md §15).
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WebSocketConfig {
+    /// Address of the WebSocket listener; empty turns it off.
+    pub listen: String,
+    /// Origins (`scheme://host[:port]`) whose pages may connect; `*` allows any.
+    pub origins: Vec<String>,
+    /// Largest message (all its fragments) a WebSocket client may send.
+    pub max_message_bytes: usize,
+}
+
+impl WebSocketConfig {
+    /// The listener's address, or `None` when it is off.
+    pub fn listen_addr(&self) -> Option<SocketAddr> {
+        optional_addr(&self.listen)
+    }
+
+    fn validate(&self) -> Result<(), String> {
+        let text = self.listen.trim();
+        if !text.is_empty() && text.parse::<SocketAddr>().is_err() {
+            return Err(format!(
+                "websocket.listen = {text:?} is not a socket address such as \"0.0.0.0:8080\" (or \"\" for off)"
+            ));
+        }
+        for origin in &self.origins {
+            let ok = origin == "*"
+                || ((origin.starts_with("http://") || origin.starts_with("https://"))
+                    && !origin.contains(char::is_whitespace));
+            if !ok {
+                return Err(format!(
+                    "websocket.origins: {origin:?} is not \"*\" or an origin such as \"http://hmi.plant:8080\""
+                ));
+            }
+        }
+        if self.max_message_bytes < 1024 {
+            return Err("websocket.max_message_bytes must be at least 1024".into());
         }
         Ok(())
     }
@@ -528,10 +573,16 @@ impl Config {
         if let Err(message) = self.mqtt.validate() {
             return invalid(message);
         }
+        if let Err(message) = self.websocket.validate() {
+            return invalid(message);
+        }
         if l.max_topic_levels == 0 {
             return invalid("limits.max_topic_levels must be at least 1".into());
         }
         if let Err(message) = self.auth.validate(l.max_topic_bytes) {
+            return invalid(message);
+        }
+        if let Err(message) = self.multicast.validate(l.max_topic_bytes) {
             return invalid(message);
         }
         Ok(())
@@ -629,6 +680,16 @@ impl Config {
             mqtt.listen,
             mqtt.max_inflight,
             mqtt.qos0_mode,
+            websocket.listen,
+            websocket.origins,
+            websocket.max_message_bytes,
+            // Senders and sockets are made at start.
+            multicast.channels,
+            multicast.heartbeat_ms,
+            multicast.repair_ring_bytes,
+            multicast.unicast_repair_max,
+            multicast.repair_window_ms,
+            multicast.test_loss,
             // The authenticator, the per-address table and each connection's rate are built at
             // start and at HELLO: a reload would apply them to some connections only.
             limits.max_connections_per_address,
@@ -815,6 +876,39 @@ mod tests {
             plant.mqtt.listen_addr(),
             Some("0.0.0.0:1883".parse().unwrap())
         );
+    }
+
+    #[test]
+    fn multicast_is_off_by_default_and_on_in_its_example() {
+        assert!(Config::default().multicast.channels.is_empty());
+        assert_eq!(Config::default().multicast.test_loss.percent, 0.0);
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/configs/multicast.toml");
+        let m = Config::from_file(Path::new(path)).unwrap().multicast;
+        assert_eq!(m.channels.len(), 1);
+        assert_eq!(m.channels[0].group, std::net::Ipv4Addr::new(239, 192, 0, 1));
+        assert_eq!(m.channels[0].datagram_bytes, 1472);
+        assert_eq!(m.channels[0].ttl, 1);
+        let channel = |extra: &str| {
+            format!("[[multicast.channels]]\ngroup = \"239.1.1.1\"\nport = 7000\npatterns = [\"a/#\"]\n{extra}")
+        };
+        for (text, key) in [
+            (
+                channel("").replace("239.1.1.1", "10.0.0.1"),
+                "not a multicast address",
+            ),
+            (channel("ttl = 0"), "ttl"),
+            (channel("datagram_bytes = 20"), "datagram_bytes"),
+            (channel("").replace("[\"a/#\"]", "[]"), "patterns is empty"),
+            (channel("").replace("a/#", "a/#/b"), "patterns"),
+            (channel("").replace("7000", "0"), "port"),
+            (
+                "[multicast.test_loss]\npercent = 101.0\n".to_string(),
+                "test_loss",
+            ),
+        ] {
+            let e = Config::from_toml_str(&text, "test").unwrap_err();
+            assert!(e.to_string().contains(key), "{text}: {e}");
+        }
     }
 
     #[test]

@@ -882,7 +882,8 @@ fn a_half_open_peer_is_closed_and_a_client_notices_a_dead_engine() {
         let opts = ClientOptions::new(addr.to_string())
             .client_id("dead-engine-watcher")
             .keepalive_ms(HALF_OPEN_KEEPALIVE_MS)
-            .connect_timeout(Duration::from_millis(200))
+            // The link has just come back up: a first SYN may be lost.
+            .connect_timeout(Duration::from_secs(3))
             .reconnect(Backoff {
                 initial: Duration::from_secs(5),
                 max: Duration::from_secs(5),

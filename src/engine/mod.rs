@@ -25,6 +25,7 @@ mod handle_tests;
 #[cfg(test)]
 mod harness;
 pub mod limits;
+mod mcast_io;
 mod mqtt_session;
 mod mqtt_sessions;
 #[cfg(test)]
@@ -43,6 +44,9 @@ mod store;
 mod timer;
 mod trim;
 mod wire;
+mod ws_link;
+#[cfg(test)]
+mod ws_link_tests;
 
 use std::cell::RefCell;
 use std::io;
@@ -115,6 +119,8 @@ pub enum PublishError {
 #[derive(Default)]
 #[repr(align(128))]
 pub(crate) struct ShardStats {
+    /// Per multicast channel (empty when none is configured); written by the reactor each turn.
+    pub mcast: Mutex<Vec<mcast_io::McastChannelStats>>,
     pub connections: AtomicUsize,
     pub subscriptions: AtomicUsize,
     pub topics_owned: AtomicUsize,
@@ -435,10 +441,50 @@ impl EngineShared {
         if partial {
             doc["partial"] = true.into();
         }
+        if let Some(channels) = self.multicast_stats() {
+            doc["multicast"] = channels;
+        }
         if let Some(addr) = self.metrics_addr.get() {
             doc["metrics_url"] = format!("http://{addr}/metrics").into();
         }
         doc
+    }
+}
+
+impl EngineShared {
+    /// Per channel, summed over the reactors (each sends its own stream): `None` when no
+    /// channel is configured.
+    fn multicast_stats(&self) -> Option<serde_json::Value> {
+        let mut sums: Vec<Vec<(&'static str, u64)>> = Vec::new();
+        for shard in &self.shards {
+            let Ok(channels) = shard.mcast.lock() else {
+                continue;
+            };
+            for (i, c) in channels.iter().enumerate() {
+                if sums.len() <= i {
+                    sums.push(c.fields().iter().map(|&(k, _)| (k, 0)).collect());
+                }
+                for (sum, (_, v)) in sums[i].iter_mut().zip(c.fields()) {
+                    sum.1 += v;
+                }
+            }
+        }
+        if sums.is_empty() {
+            return None;
+        }
+        Some(
+            sums.into_iter()
+                .enumerate()
+                .map(|(i, fields)| {
+                    let mut m = serde_json::Map::new();
+                    m.insert("channel".into(), i.into());
+                    for (k, v) in fields {
+                        m.insert(k.into(), v.into());
+                    }
+                    serde_json::Value::Object(m)
+                })
+                .collect(),
+        )
     }
 }
 
@@ -456,6 +502,8 @@ pub struct Engine {
     local_addr: SocketAddr,
     /// The MQTT listener's address, when `mqtt.listen` is set.
     mqtt_addr: Option<SocketAddr>,
+    /// The WebSocket listener's address, when `websocket.listen` is set.
+    ws_addr: Option<SocketAddr>,
     threads: Vec<JoinHandle<Result<(), EngineError>>>,
     /// Ends once every reactor (each holding a sender of STATS jobs) has exited.
     stats_thread: JoinHandle<()>,
@@ -499,6 +547,19 @@ impl Engine {
                 source,
             })?),
         };
+        let ws_listener = match config.websocket.listen_addr() {
+            None => None,
+            Some(addr) => {
+                Some(bind_listener(addr).map_err(|source| EngineError::Listen { addr, source })?)
+            }
+        };
+        let ws_addr = match &ws_listener {
+            None => None,
+            Some(l) => Some(l.local_addr().map_err(|source| EngineError::Listen {
+                addr: config.websocket.listen_addr().unwrap_or(addr),
+                source,
+            })?),
+        };
         let config = Arc::new(config);
 
         let mut polls = Vec::with_capacity(n);
@@ -537,6 +598,7 @@ impl Engine {
         .map_err(EngineError::Thread)?;
         let mut listener = Some(mio::net::TcpListener::from_std(listener));
         let mut mqtt_listener = mqtt_listener.map(mio::net::TcpListener::from_std);
+        let mut ws_listener = ws_listener.map(mio::net::TcpListener::from_std);
         let mut threads = Vec::with_capacity(n);
         for (id, (poll, inbox)) in polls.into_iter().zip(inboxes).enumerate() {
             let started = Reactor::new(
@@ -547,6 +609,7 @@ impl Engine {
                 poll,
                 if id == 0 { listener.take() } else { None },
                 if id == 0 { mqtt_listener.take() } else { None },
+                if id == 0 { ws_listener.take() } else { None },
                 inbox,
                 mailboxes.clone(),
                 stats_jobs.clone(),
@@ -589,6 +652,7 @@ impl Engine {
         Ok(Engine {
             local_addr,
             mqtt_addr,
+            ws_addr,
             threads,
             stats_thread,
             shared,
@@ -617,6 +681,12 @@ impl Engine {
         self.mqtt_addr
     }
 
+    /// The WebSocket listener's address (the real port when the config asked for port 0), when
+    /// `websocket.listen` is set.
+    pub fn ws_addr(&self) -> Option<SocketAddr> {
+        self.ws_addr
+    }
+
     /// Reactor threads running.
     pub fn reactor_count(&self) -> usize {
         self.shared.mailboxes.len()
@@ -642,10 +712,11 @@ impl Engine {
             return Ok(None);
         };
         let shared = Arc::clone(&self.shared);
-        let server = crate::metrics::MetricsServer::start(addr, move || {
-            let stats = stats::collect(&shared, &shared.mailboxes);
-            (shared.metrics.merged(), stats)
-        })?;
+        let server =
+            crate::metrics::MetricsServer::start_with_live_page(addr, self.ws_addr, move || {
+                let stats = stats::collect(&shared, &shared.mailboxes);
+                (shared.metrics.merged(), stats)
+            })?;
         let _ = self.shared.metrics_addr.set(server.local_addr());
         Ok(Some(server))
     }

@@ -27,6 +27,7 @@ use super::readbuf::{BufPool, ReadBuf};
 use super::stats::StatsJob;
 use super::timer::DeadlineTimer;
 use super::wire::WireKind;
+use super::ws_link::{LinkInput, WsLink};
 use super::{now_unix_ns, EngineShared};
 use crate::config::Config;
 use crate::proto::{self, error_code};
@@ -35,6 +36,7 @@ pub(crate) const WAKER_TOKEN: Token = Token(usize::MAX - 1);
 const LISTENER_TOKEN: Token = Token(usize::MAX - 2);
 const TIMER_TOKEN: Token = Token(usize::MAX - 3);
 const MQTT_LISTENER_TOKEN: Token = Token(usize::MAX - 4);
+const WS_LISTENER_TOKEN: Token = Token(usize::MAX - 5);
 
 /// Readiness events taken per `poll` call.
 const MAX_EVENTS: usize = 1024;
@@ -67,6 +69,8 @@ pub(crate) enum ShardMsg {
         stream: TcpStream,
         conn_id: u64,
         wire: WireKind,
+        /// Accepted by the WebSocket listener.
+        ws: bool,
     },
     /// A core message from a `LocalPublisher` or the stats thread.
     Core(CoreMsg),
@@ -87,11 +91,22 @@ pub(crate) enum ShardMsg {
     Shutdown,
 }
 
+/// Which listener accepted a connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Listener {
+    Native,
+    Mqtt,
+    /// WebSocket: the core serves it as native until the upgrade names its subprotocol.
+    WebSocket,
+}
+
 /// A connection's transport half: the socket and what has been read but not yet used.
 struct Link {
     stream: TcpStream,
     input: ReadBuf,
     wire: WireKind,
+    /// A WebSocket connection's bridge (`ws_link.rs`): its socket bytes go through it.
+    ws: Option<Box<WsLink>>,
     /// The source address, counted in `EngineShared::sources` while the link lives.
     peer: Option<std::net::SocketAddr>,
 }
@@ -107,7 +122,10 @@ impl Transport for Sockets<'_> {
         let Some(link) = self.links.get_mut(slot).and_then(Option::as_mut) else {
             return Err(io::ErrorKind::NotConnected.into());
         };
-        let result = link.stream.write_vectored(slices);
+        let result = match link.ws.as_deref_mut() {
+            Some(ws) => ws.write(&mut link.stream, slices),
+            None => link.stream.write_vectored(slices),
+        };
         if let Err(e) = &result {
             if !matches!(
                 e.kind(),
@@ -122,7 +140,14 @@ impl Transport for Sockets<'_> {
 
     fn shutdown_write(&mut self, slot: usize) {
         if let Some(link) = self.links.get_mut(slot).and_then(Option::as_mut) {
-            let _ = link.stream.shutdown(Shutdown::Write);
+            // A WebSocket ends with a close frame first (the rest when the socket takes it).
+            let ready = match link.ws.as_deref_mut() {
+                Some(ws) => ws.handle_shutdown(&mut link.stream),
+                None => true,
+            };
+            if ready {
+                let _ = link.stream.shutdown(Shutdown::Write);
+            }
         }
     }
 
@@ -150,6 +175,10 @@ pub(crate) struct Reactor {
     listener: Option<TcpListener>,
     /// The MQTT listener (`mqtt.listen`), on the same reactor as the native one.
     mqtt_listener: Option<TcpListener>,
+    /// The WebSocket listener (`websocket.listen`).
+    ws_listener: Option<TcpListener>,
+    /// WebSocket connections with control frames waiting for an open binary frame to end.
+    ws_flush: Vec<usize>,
     /// The listener may still hold connections (budget spent or a failed accept): accept
     /// again at this time without waiting for an event (edge-triggered readiness would not
     /// report them again).
@@ -158,7 +187,7 @@ pub(crate) struct Reactor {
     inbox: Inbox<ShardMsg>,
     peers: Vec<Mailbox<ShardMsg>>,
     /// Connections for each peer, sent before the core's messages.
-    new_conns: Vec<Vec<(TcpStream, u64, WireKind)>>,
+    new_conns: Vec<Vec<(TcpStream, u64, WireKind, bool)>>,
     links: Vec<Option<Link>>,
     /// Read buffers lent to the connections while they read (`readbuf.rs`).
     read_bufs: BufPool,
@@ -178,6 +207,8 @@ pub(crate) struct Reactor {
     timer: DeadlineTimer,
     /// STATS requests go to the stats thread.
     stats_jobs: crossbeam_channel::Sender<StatsJob>,
+    /// The multicast channels' sockets (`mcast_io.rs`); `None` when none is configured.
+    mcast: Option<super::mcast_io::McastSockets>,
 }
 
 impl Reactor {
@@ -190,6 +221,7 @@ impl Reactor {
         poll: Poll,
         listener: Option<TcpListener>,
         mqtt_listener: Option<TcpListener>,
+        ws_listener: Option<TcpListener>,
         inbox: Inbox<ShardMsg>,
         peers: Vec<Mailbox<ShardMsg>>,
         stats_jobs: crossbeam_channel::Sender<StatsJob>,
@@ -204,11 +236,18 @@ impl Reactor {
             poll.registry()
                 .register(l, MQTT_LISTENER_TOKEN, Interest::READABLE)?;
         }
+        let mut ws_listener = ws_listener;
+        if let Some(l) = ws_listener.as_mut() {
+            poll.registry()
+                .register(l, WS_LISTENER_TOKEN, Interest::READABLE)?;
+        }
         let mut timer = DeadlineTimer::new()?;
         poll.registry()
             .register(&mut timer, TIMER_TOKEN, Interest::READABLE)?;
         let now = Instant::now();
+        let mcast = super::mcast_io::McastSockets::open(&config)?;
         Ok(Reactor {
+            mcast,
             core: FanoutCore::new(id, n_shards, config.clone(), shared.clone(), now),
             id,
             n_shards,
@@ -217,6 +256,8 @@ impl Reactor {
             poll,
             listener,
             mqtt_listener,
+            ws_listener,
+            ws_flush: Vec::new(),
             accept_again: None,
             next_target: 0,
             inbox,
@@ -286,10 +327,10 @@ impl Reactor {
                 match event.token() {
                     WAKER_TOKEN => {}
                     TIMER_TOKEN => self.timer.fired(),
-                    LISTENER_TOKEN | MQTT_LISTENER_TOKEN => self.accept(now),
+                    LISTENER_TOKEN | MQTT_LISTENER_TOKEN | WS_LISTENER_TOKEN => self.accept(now),
                     Token(slot) => {
                         if event.is_writable() {
-                            self.core.handle_writable(slot);
+                            self.handle_writable(now, slot);
                         }
                         if event.is_readable() || event.is_read_closed() || event.is_error() {
                             if self.throttled {
@@ -315,6 +356,8 @@ impl Reactor {
             }
             self.forward_stats_requests();
             self.flush(now);
+            self.flush_ws(now);
+            self.send_datagrams(now);
             self.resume_paused(now);
             self.drop_closed();
             self.send_outgoing();
@@ -342,6 +385,9 @@ impl Reactor {
         let deadline = Instant::now() + Duration::from_millis(self.config.server.drain_ms);
         self.draining = true;
         if let Some(mut listener) = self.listener.take() {
+            let _ = self.poll.registry().deregister(&mut listener);
+        }
+        if let Some(mut listener) = self.ws_listener.take() {
             let _ = self.poll.registry().deregister(&mut listener);
         }
         self.read_again.clear();
@@ -419,10 +465,20 @@ impl Reactor {
                     WAKER_TOKEN | LISTENER_TOKEN => {}
                     TIMER_TOKEN => self.timer.fired(),
                     // Reads wait: nothing new is taken in while draining.
-                    Token(slot) if event.is_writable() => self.core.handle_writable(slot),
+                    Token(slot) if event.is_writable() => {
+                        let now = Instant::now();
+                        self.handle_writable(now, slot);
+                    }
                     Token(_) => {}
                 }
             }
+        }
+    }
+
+    /// The turn's multicast datagrams (after `flush`, which seals them).
+    fn send_datagrams(&mut self, now: Instant) {
+        if let Some(m) = self.mcast.as_mut() {
+            m.send(&mut self.core, now, now_unix_ns());
         }
     }
 
@@ -441,15 +497,21 @@ impl Reactor {
     /// event.
     fn accept(&mut self, now: Instant) {
         self.accept_again = None;
-        self.accept_from(now, WireKind::Native);
-        self.accept_from(now, WireKind::Mqtt);
+        self.accept_from(now, Listener::Native);
+        self.accept_from(now, Listener::Mqtt);
+        self.accept_from(now, Listener::WebSocket);
     }
 
-    fn accept_from(&mut self, now: Instant, wire: WireKind) {
+    fn accept_from(&mut self, now: Instant, kind: Listener) {
+        let wire = match kind {
+            Listener::Mqtt => WireKind::Mqtt,
+            Listener::Native | Listener::WebSocket => WireKind::Native,
+        };
         for _ in 0..MAX_ACCEPTS {
-            let listener = match wire {
-                WireKind::Native => self.listener.as_ref(),
-                WireKind::Mqtt => self.mqtt_listener.as_ref(),
+            let listener = match kind {
+                Listener::Native => self.listener.as_ref(),
+                Listener::Mqtt => self.mqtt_listener.as_ref(),
+                Listener::WebSocket => self.ws_listener.as_ref(),
             };
             let Some(listener) = listener else {
                 return;
@@ -474,7 +536,7 @@ impl Reactor {
             if open >= self.config.limits.max_connections {
                 self.shared.open_connections.fetch_sub(1, Ordering::Relaxed);
                 // MQTT has no answer before CONNECT: the close alone refuses it.
-                if wire == WireKind::Native {
+                if kind == Listener::Native {
                     refuse(
                         stream,
                         error_code::TOO_MANY_CONNECTIONS,
@@ -491,7 +553,7 @@ impl Reactor {
                     self.config.limits.max_connections_per_address
                 );
                 self.shared.open_connections.fetch_sub(1, Ordering::Relaxed);
-                if wire == WireKind::Native {
+                if kind == Listener::Native {
                     refuse(stream, error_code::TOO_MANY_CONNECTIONS, &reason);
                 }
                 continue;
@@ -507,10 +569,11 @@ impl Reactor {
             self.counters.accepted += 1;
             let target = self.next_target % self.n_shards as usize;
             self.next_target = self.next_target.wrapping_add(1);
+            let ws = kind == Listener::WebSocket;
             if target == self.id as usize {
-                self.add_conn(stream, conn_id, wire, now);
+                self.add_conn(stream, conn_id, wire, ws, now);
             } else {
-                self.new_conns[target].push((stream, conn_id, wire));
+                self.new_conns[target].push((stream, conn_id, wire, ws));
             }
         }
         // Budget spent: the rest of the backlog is taken next turn.
@@ -544,12 +607,19 @@ impl Reactor {
         self.accept_again = Some(self.accept_again.map_or(at, |again| again.min(at)));
     }
 
-    fn add_conn(&mut self, mut stream: TcpStream, conn_id: u64, wire: WireKind, now: Instant) {
+    fn add_conn(
+        &mut self,
+        mut stream: TcpStream,
+        conn_id: u64,
+        wire: WireKind,
+        ws: bool,
+        now: Instant,
+    ) {
         let peer = stream.peer_addr().ok();
         if self.draining {
             self.release_source(peer);
             self.shared.open_connections.fetch_sub(1, Ordering::Relaxed);
-            if wire == WireKind::Native {
+            if wire == WireKind::Native && !ws {
                 refuse(
                     stream,
                     error_code::SHUTTING_DOWN,
@@ -573,10 +643,12 @@ impl Reactor {
             self.shared.open_connections.fetch_sub(1, Ordering::Relaxed);
             return;
         }
+        let ws = ws.then(|| Box::new(WsLink::new(self.ws_bridge())));
         self.links[slot] = Some(Link {
             stream,
             input: ReadBuf::default(),
             wire,
+            ws,
             peer,
         });
         self.core.open_wire(now, slot, conn_id, wire);
@@ -604,6 +676,8 @@ impl Reactor {
             // The length of a frame larger than the buffer, once its prefix is in (a length
             // over the limit is refused by the core, not buffered).
             let needed = match link.wire {
+                // A WebSocket link's buffer holds frames, which its bridge takes whole.
+                _ if link.ws.is_some() => None,
                 WireKind::Native => proto::frame_len_hint(link.input.data())
                     .filter(|&len| len <= max_frame + proto::LEN_PREFIX_BYTES),
                 // An MQTT fixed header is at most 5 bytes.
@@ -624,10 +698,16 @@ impl Reactor {
                     // The ingest time of every PUBLISH in this read: when the engine took it off
                     // the socket (one clock read per read, not per message).
                     let read_ns = now_unix_ns();
-                    let used = self
-                        .core
-                        .handle_input(now, read_ns, slot, link.input.data());
-                    link.input.consume(used, &mut self.read_bufs);
+                    if link.ws.is_some() {
+                        if !self.handle_ws_input(now, read_ns, slot) {
+                            return;
+                        }
+                    } else {
+                        let used = self
+                            .core
+                            .handle_input(now, read_ns, slot, link.input.data());
+                        link.input.consume(used, &mut self.read_bufs);
+                    }
                     budget = budget.saturating_sub(n);
                     if budget == 0 {
                         self.read_again.push(slot);
@@ -654,7 +734,14 @@ impl Reactor {
             let Some(link) = self.links.get_mut(slot).and_then(Option::as_mut) else {
                 continue;
             };
-            if !link.input.data().is_empty() {
+            if let Some(ws) = link.ws.as_deref_mut() {
+                if !ws.core_input().is_empty() {
+                    let used = self
+                        .core
+                        .handle_input(now, now_unix_ns(), slot, ws.core_input());
+                    ws.consume_core_input(used);
+                }
+            } else if !link.input.data().is_empty() {
                 let used = self
                     .core
                     .handle_input(now, now_unix_ns(), slot, link.input.data());
@@ -662,6 +749,110 @@ impl Reactor {
             }
             self.read_again.push(slot);
         }
+    }
+
+    /// A WebSocket link read bytes: through its bridge into the core. `false` when the
+    /// connection is gone.
+    fn handle_ws_input(&mut self, now: Instant, read_ns: u64, slot: usize) -> bool {
+        let Some(link) = self.links.get_mut(slot).and_then(Option::as_mut) else {
+            return false;
+        };
+        let Some(ws) = link.ws.as_deref_mut() else {
+            return false;
+        };
+        let raw = link.input.data();
+        let upgraded = ws.handle_input(raw);
+        let n = raw.len();
+        link.input.consume(n, &mut self.read_bufs);
+        if let LinkInput::Upgraded(wire) = upgraded {
+            link.wire = wire;
+            self.core.set_wire(slot, wire);
+        }
+        if !ws.core_input().is_empty() {
+            let used = self.core.handle_input(now, read_ns, slot, ws.core_input());
+            ws.consume_core_input(used);
+        }
+        self.flush_ws_link(now, slot)
+    }
+
+    /// Writes what a WebSocket link has pending (upgrade answer, pong, close, JSON frames);
+    /// closes the connection once its bridge is closed and everything is out. `false` when the
+    /// connection is gone.
+    fn flush_ws_link(&mut self, now: Instant, slot: usize) -> bool {
+        let Some(link) = self.links.get_mut(slot).and_then(Option::as_mut) else {
+            return false;
+        };
+        let Some(ws) = link.ws.as_deref_mut() else {
+            return true;
+        };
+        let flushed = ws.flush(&mut link.stream);
+        if ws.shutdown_due() {
+            let _ = link.stream.shutdown(Shutdown::Write);
+        }
+        match flushed {
+            Err(e) => {
+                self.io_error(now, slot, "write", &e);
+                false
+            }
+            Ok(done) if ws.is_closed() => {
+                let reason = ws.closed_reason.clone().unwrap_or_default();
+                if done {
+                    let _ = link.stream.shutdown(Shutdown::Write);
+                }
+                self.core.handle_transport_error(now, slot, reason);
+                self.drop_closed();
+                false
+            }
+            Ok(done) => {
+                if !done && ws.wants_flush() {
+                    self.ws_flush.push(slot);
+                }
+                true
+            }
+        }
+    }
+
+    /// The socket of `slot` can take bytes again: a WebSocket link's own pending bytes first,
+    /// then the core's.
+    fn handle_writable(&mut self, now: Instant, slot: usize) {
+        let ws = self
+            .links
+            .get(slot)
+            .and_then(Option::as_ref)
+            .is_some_and(|l| l.ws.is_some());
+        if ws && !self.flush_ws_link(now, slot) {
+            return;
+        }
+        self.core.handle_writable(slot);
+    }
+
+    /// WebSocket links whose control frames waited for the end of a binary frame.
+    fn flush_ws(&mut self, now: Instant) {
+        if self.ws_flush.is_empty() {
+            return;
+        }
+        let mut slots = std::mem::take(&mut self.ws_flush);
+        slots.sort_unstable();
+        slots.dedup();
+        for slot in slots {
+            self.flush_ws_link(now, slot);
+        }
+    }
+
+    /// A new WebSocket connection's bridge: the configured origins, and the live page's own.
+    fn ws_bridge(&self) -> crate::ws::WsBridge {
+        let ws = &self.config.websocket;
+        let mut allowed = ws.origins.clone();
+        if let Some(addr) = self.shared.metrics_addr.get() {
+            allowed.push(format!("http://{addr}"));
+            if addr.ip().is_loopback() {
+                allowed.push(format!("http://localhost:{}", addr.port()));
+            }
+        }
+        crate::ws::WsBridge::new(
+            crate::ws::handshake::OriginPolicy { allowed },
+            ws.max_message_bytes,
+        )
     }
 
     fn io_error(&mut self, now: Instant, slot: usize, what: &str, e: &io::Error) {
@@ -700,7 +891,8 @@ impl Reactor {
                     stream,
                     conn_id,
                     wire,
-                } => self.add_conn(stream, conn_id, wire, now),
+                    ws,
+                } => self.add_conn(stream, conn_id, wire, ws, now),
                 ShardMsg::Core(msg) => {
                     frames_budget = frames_budget.saturating_sub(FanoutCore::msg_weight(&msg));
                     self.core.handle_msg(now, msg);
@@ -756,17 +948,19 @@ impl Reactor {
                 continue;
             }
             let conns = std::mem::take(&mut self.new_conns[peer]);
-            for (stream, conn_id, wire) in conns {
+            for (stream, conn_id, wire, ws) in conns {
                 if let Err(TrySendError::Full(ShardMsg::NewConn {
                     stream,
                     conn_id,
                     wire,
+                    ws,
                 })) = self.peers[peer].try_send(ShardMsg::NewConn {
                     stream,
                     conn_id,
                     wire,
+                    ws,
                 }) {
-                    self.new_conns[peer].push((stream, conn_id, wire));
+                    self.new_conns[peer].push((stream, conn_id, wire, ws));
                 }
             }
             let queue = self.core.outgoing(peer);
@@ -818,6 +1012,9 @@ impl Reactor {
         s.throttled_turns
             .store(c.throttled_turns, Ordering::Relaxed);
         s.io_errors.store(c.io_errors, Ordering::Relaxed);
+        if let Some(m) = &self.mcast {
+            m.publish_stats(&s.mcast);
+        }
     }
 }
 

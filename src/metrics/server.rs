@@ -52,13 +52,24 @@ impl MetricsServer {
         addr: SocketAddr,
         source: impl Fn() -> (MetricsSnapshot, Value) + Send + 'static,
     ) -> io::Result<MetricsServer> {
-        Self::start_with(addr, source, Timeouts::default())
+        Self::start_with(addr, source, Timeouts::default(), None)
+    }
+
+    /// As [`start`](Self::start), and serves the live page (`GET /` and `/live`, [`LIVE_PAGE`])
+    /// pointed at the WebSocket listener `ws` (`None`: the page says it is off).
+    pub fn start_with_live_page(
+        addr: SocketAddr,
+        ws: Option<SocketAddr>,
+        source: impl Fn() -> (MetricsSnapshot, Value) + Send + 'static,
+    ) -> io::Result<MetricsServer> {
+        Self::start_with(addr, source, Timeouts::default(), Some(live_page(ws)))
     }
 
     fn start_with(
         addr: SocketAddr,
         source: impl Fn() -> (MetricsSnapshot, Value) + Send + 'static,
         timeouts: Timeouts,
+        page: Option<Vec<u8>>,
     ) -> io::Result<MetricsServer> {
         let listener = TcpListener::bind(addr)?;
         let local_addr = listener.local_addr()?;
@@ -67,7 +78,7 @@ impl MetricsServer {
             .name("lanpush-metrics".into())
             .spawn({
                 let stop = Arc::clone(&stop);
-                move || serve(listener, &stop, &source, timeouts)
+                move || serve(listener, &stop, &source, timeouts, page.as_deref())
             })?;
         Ok(MetricsServer {
             local_addr,
@@ -131,6 +142,7 @@ fn serve(
     stop: &AtomicBool,
     source: &(impl Fn() -> (MetricsSnapshot, Value) + Send),
     timeouts: Timeouts,
+    live: Option<&[u8]>,
 ) {
     loop {
         let accepted = listener.accept();
@@ -140,7 +152,7 @@ fn serve(
         match accepted {
             // A failed client is that client's problem: nothing to report to anyone.
             Ok((stream, _)) => {
-                let _ = handle(stream, source, timeouts);
+                let _ = handle(stream, source, timeouts, live);
             }
             // Out of descriptors or similar: back off instead of spinning.
             Err(_) => std::thread::sleep(Duration::from_millis(50)),
@@ -170,6 +182,7 @@ fn handle(
     mut stream: TcpStream,
     source: &(impl Fn() -> (MetricsSnapshot, Value) + Send),
     timeouts: Timeouts,
+    live: Option<&[u8]>,
 ) -> io::Result<()> {
     let mut head_only = false;
     let response = match read_head(&mut stream, Instant::now() + timeouts.request) {
@@ -181,7 +194,7 @@ fn handle(
             None => Response::error("400 Bad Request"),
             Some((method, path)) => {
                 head_only = method == "HEAD";
-                route(method, path, source)
+                route(&method, &path, source, live)
             }
         },
     };
@@ -218,6 +231,7 @@ fn route(
     method: &str,
     path: &str,
     source: &(impl Fn() -> (MetricsSnapshot, Value) + Send),
+    live: Option<&[u8]>,
 ) -> Response {
     if method != "GET" && method != "HEAD" {
         let mut r = Response::error("405 Method Not Allowed");
@@ -228,6 +242,14 @@ fn route(
     let prometheus = match path {
         "/metrics" => true,
         "/stats" => false,
+        "/" | "/live" if live.is_some() => {
+            return Response {
+                status: "200 OK",
+                content_type: "text/html; charset=utf-8",
+                body: live.unwrap_or_default().to_vec(),
+                allow: false,
+            }
+        }
         _ => return Response::error("404 Not Found"),
     };
     let rendered = catch_unwind(AssertUnwindSafe(|| {
@@ -251,6 +273,32 @@ fn route(
         },
         Err(_) => Response::error("500 Internal Server Error"),
     }
+}
+
+/// The live page: one static HTML file, no build step, no CDN. It subscribes over the
+/// WebSocket listener's `lanpush.json.v1` subprotocol and asks for STATS every second.
+pub const LIVE_PAGE: &str = include_str!("live.html");
+
+/// The live page with the WebSocket listener's address filled in: `{"host": "..", "port": N}`
+/// (an empty host when the listener is on every address: the page then uses the host it was
+/// loaded from), or `null` when the listener is off.
+fn live_page(ws: Option<SocketAddr>) -> Vec<u8> {
+    let target = match ws {
+        None => Value::Null,
+        Some(addr) => {
+            let host = if addr.ip().is_unspecified() {
+                String::new()
+            } else if addr.is_ipv6() {
+                format!("[{}]", addr.ip())
+            } else {
+                addr.ip().to_string()
+            };
+            serde_json::json!({"host": host, "port": addr.port()})
+        }
+    };
+    LIVE_PAGE
+        .replace("\"__LANPUSH_WS__\"", &target.to_string())
+        .into_bytes()
 }
 
 /// The stats document with the latency histograms added as its `latency` member.
@@ -331,22 +379,28 @@ fn find_head_end(bytes: &[u8]) -> Option<usize> {
     })
 }
 
-/// `METHOD SP PATH SP HTTP/1.x` from the head's first line; `None` if it is not one.
-fn parse_request_line(head: &[u8]) -> Option<(&str, &str)> {
+/// `METHOD SP PATH SP HTTP/1.x` from the head's first line, parsed by httparse; `None` if it
+/// is not one. The method must be upper case and the path absolute (origin form).
+fn parse_request_line(head: &[u8]) -> Option<(String, String)> {
     let line_end = head.iter().position(|&b| b == b'\n').unwrap_or(head.len());
-    let line = std::str::from_utf8(&head[..line_end]).ok()?;
-    let line = line.strip_suffix('\r').unwrap_or(line);
-    let mut parts = line.split(' ');
-    let (method, path, version) = (parts.next()?, parts.next()?, parts.next()?);
+    // httparse wants a whole head; only the request line is of interest here.
+    let mut line = head[..line_end].to_vec();
+    if line.last() == Some(&b'\r') {
+        line.pop();
+    }
+    line.extend_from_slice(b"\r\n\r\n");
+    let mut headers = [httparse::EMPTY_HEADER; 0];
+    let mut req = httparse::Request::new(&mut headers);
+    match req.parse(&line) {
+        Ok(httparse::Status::Complete(_)) => {}
+        _ => return None,
+    }
+    let (method, path) = (req.method?, req.path?);
     let is_token = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_uppercase());
-    if parts.next().is_some()
-        || !is_token(method)
-        || !path.starts_with('/')
-        || !matches!(version, "HTTP/1.0" | "HTTP/1.1")
-    {
+    if !is_token(method) || !path.starts_with('/') {
         return None;
     }
-    Some((method, path))
+    Some((method.to_string(), path.to_string()))
 }
 
 fn is_timeout(e: &io::Error) -> bool {
@@ -500,6 +554,7 @@ mod tests {
             "127.0.0.1:0".parse().unwrap(),
             || (MetricsSnapshot::new(&MetricsConfig::default()), Value::Null),
             timeouts,
+            None,
         )
         .unwrap();
         let started = Instant::now();
@@ -544,11 +599,12 @@ mod tests {
 
     #[test]
     fn request_line_parsing() {
+        let owned = |m: &str, p: &str| Some((m.to_string(), p.to_string()));
         assert_eq!(
             parse_request_line(b"GET /metrics HTTP/1.1\r\nHost: a"),
-            Some(("GET", "/metrics"))
+            owned("GET", "/metrics")
         );
-        assert_eq!(parse_request_line(b"GET /a HTTP/1.0"), Some(("GET", "/a")));
+        assert_eq!(parse_request_line(b"GET /a HTTP/1.0"), owned("GET", "/a"));
         for bad in [
             &b""[..],
             b"GET",
