@@ -413,9 +413,11 @@ impl Subscriber {
                 }
                 continue;
             }
-            // The engine answers our PINGs, so silence past 1.5x keep-alive means a dead peer
-            // or a dead path; the kernel alone would take minutes to notice.
-            let dead_at = conn.last_recv + keepalive * 3 / 2;
+            // The engine answers our PINGs (sent every half keep-alive) at once, so a whole
+            // keep-alive of silence is two PINGs unanswered: a dead engine or a dead path,
+            // noticed within one keep-alive of its death (`tests/faults.rs`). The kernel alone
+            // would take minutes.
+            let dead_at = conn.last_recv + keepalive;
             if now >= dead_at {
                 let silent_ms = now.duration_since(conn.last_recv).as_millis();
                 match conn.fill(None) {

@@ -396,7 +396,7 @@ fn subscriber_answers_pings_keeps_alive_and_replaces_a_silent_engine() {
         assert_eq!(c1.read(), Got::Pong(42));
         // Idle: the client must PING on its own within its keep-alive.
         assert!(matches!(c1.read(), Got::Ping(_)));
-        // Now say nothing: after 1.5x keep-alive of silence the client must give up on c1.
+        // Now say nothing: after one keep-alive of silence the client must give up on c1.
         let mut c2 = FakeConn::accept(&l);
         c2.handshake();
         c2.expect_subscribe();

@@ -47,6 +47,7 @@ mod session;
 mod stats;
 mod store;
 mod timer;
+mod trim;
 mod wire;
 mod ws_link;
 #[cfg(test)]

@@ -23,7 +23,7 @@ use mio::{Events, Interest, Poll, Token};
 use super::core::{CoreMsg, FanoutCore, Transport};
 use super::native::{self, Reply};
 use super::notify::{Inbox, Mailbox};
-use super::readbuf::ReadBuf;
+use super::readbuf::{BufPool, ReadBuf};
 use super::stats::StatsJob;
 use super::timer::DeadlineTimer;
 use super::wire::WireKind;
@@ -198,6 +198,10 @@ pub(crate) struct Reactor {
     /// Connections for each peer, sent before the core's messages.
     new_conns: Vec<Vec<(TcpStream, u64, WireKind, bool)>>,
     links: Vec<Option<Link>>,
+    /// Read buffers lent to the connections while they read (`readbuf.rs`).
+    read_bufs: BufPool,
+    /// Connections closed since the heap was last trimmed (`trim.rs`).
+    closed_since_trim: u64,
     free_slots: Vec<usize>,
     read_again: Vec<usize>,
     core: FanoutCore,
@@ -270,6 +274,8 @@ impl Reactor {
             peers,
             new_conns: (0..n_shards).map(|_| Vec::new()).collect(),
             links: Vec::new(),
+            read_bufs: BufPool::default(),
+            closed_since_trim: 0,
             free_slots: Vec::new(),
             read_again: Vec::new(),
             counters: DriverCounters::default(),
@@ -296,6 +302,18 @@ impl Reactor {
                 if busy || !self.inbox.arm_and_check_empty() || self.shared.shutdown_requested() {
                     Duration::ZERO
                 } else {
+                    if self.closed_since_trim >= super::trim::TRIM_AFTER_CLOSES {
+                        // A quiet moment after many closes: give their memory back.
+                        let closed = std::mem::take(&mut self.closed_since_trim);
+                        let started = Instant::now();
+                        super::trim::release_free_heap();
+                        tracing::debug!(
+                            reactor = self.id,
+                            closed,
+                            took_us = started.elapsed().as_micros() as u64,
+                            "returned free heap to the system after connections closed"
+                        );
+                    }
                     let mut wake = self.core.poll_timeout();
                     if let Some(at) = self.accept_again {
                         wake = wake.min(at);
@@ -682,7 +700,10 @@ impl Reactor {
                 WireKind::Mqtt => crate::mqtt::packet_len_hint(link.input.data())
                     .filter(|&len| len <= max_frame + 5),
             };
-            match link.stream.read(link.input.spare(needed)) {
+            match link
+                .stream
+                .read(link.input.spare(needed, &mut self.read_bufs))
+            {
                 Ok(0) => {
                     self.core.handle_closed(now, slot);
                     self.drop_closed();
@@ -701,7 +722,7 @@ impl Reactor {
                         let used = self
                             .core
                             .handle_input(now, read_ns, slot, link.input.data());
-                        link.input.consume(used);
+                        link.input.consume(used, &mut self.read_bufs);
                     }
                     budget = budget.saturating_sub(n);
                     if budget == 0 {
@@ -709,7 +730,10 @@ impl Reactor {
                         return;
                     }
                 }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    link.input.rest(&mut self.read_bufs);
+                    return;
+                }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => {
                     self.io_error(now, slot, "read", &e);
@@ -737,7 +761,7 @@ impl Reactor {
                 let used = self
                     .core
                     .handle_input(now, now_unix_ns(), slot, link.input.data());
-                link.input.consume(used);
+                link.input.consume(used, &mut self.read_bufs);
             }
             self.read_again.push(slot);
         }
@@ -755,7 +779,7 @@ impl Reactor {
         let raw = link.input.data();
         let upgraded = ws.handle_input(raw);
         let n = raw.len();
-        link.input.consume(n);
+        link.input.consume(n, &mut self.read_bufs);
         if let LinkInput::Upgraded(wire) = upgraded {
             link.wire = wire;
             self.core.set_wire(slot, wire);
@@ -878,6 +902,7 @@ impl Reactor {
             self.release_source(link.peer);
             self.free_slots.push(slot);
             self.shared.open_connections.fetch_sub(1, Ordering::Relaxed);
+            self.closed_since_trim += 1;
         }
     }
 

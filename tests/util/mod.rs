@@ -4,6 +4,8 @@
 //! a condition until a deadline.
 #![allow(dead_code)] // each test file uses its own subset
 
+pub mod netns;
+
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::process::{Child, ChildStdin, Command, ExitStatus, Stdio};
@@ -48,13 +50,26 @@ impl Server {
     }
 
     pub fn start_with(extra: &[&str]) -> Server {
-        Server::start_on("127.0.0.1:0", extra)
+        Server::start_via(&[], "127.0.0.1:0", extra)
     }
 
     /// `lanpush serve --listen LISTEN EXTRA...`: e.g. an engine restarted on the port of the
     /// one before it.
     pub fn start_on(listen: &str, extra: &[&str]) -> Server {
-        let mut child = Command::new(bin())
+        Server::start_via(&[], listen, extra)
+    }
+
+    /// `PREFIX... lanpush serve --listen LISTEN EXTRA...`: e.g. with `ip netns exec NS` as the
+    /// prefix, an engine inside a network namespace (`netns.rs`). The prefix must exec the
+    /// engine, so that the child's pid is the engine's.
+    pub fn start_via(prefix: &[&str], listen: &str, extra: &[&str]) -> Server {
+        let bin = bin();
+        let (program, args) = match prefix.split_first() {
+            Some((program, rest)) => (program.to_string(), [rest, &[bin.as_str()]].concat()),
+            None => (bin.clone(), Vec::new()),
+        };
+        let mut child = Command::new(program)
+            .args(args)
             .args(["serve", "--listen", listen])
             .args(extra)
             .stdin(Stdio::null())
