@@ -35,6 +35,7 @@ pub struct Config {
     pub log: LogConfig,
     pub mqtt: MqttConfig,
     pub auth: AuthConfig,
+    pub tls: crate::tls::TlsConfig,
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -534,6 +535,9 @@ impl Config {
         if let Err(message) = self.auth.validate(l.max_topic_bytes) {
             return invalid(message);
         }
+        if let Err(message) = self.tls.validate() {
+            return invalid(message);
+        }
         Ok(())
     }
 }
@@ -639,6 +643,12 @@ impl Config {
             auth.max_verifications_per_s,
             auth.users,
             auth.roles,
+            tls.listen,
+            tls.mqtt_listen,
+            tls.cert_path,
+            tls.key_path,
+            tls.client_ca_path,
+            tls.require_client_cert,
         );
         ReloadPlan {
             config: out,

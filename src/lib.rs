@@ -8,4 +8,5 @@ pub mod metrics;
 pub mod mqtt;
 pub mod proto;
 pub mod service;
+pub mod tls;
 pub mod topic;

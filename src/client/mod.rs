@@ -27,6 +27,7 @@ mod conn;
 mod error;
 mod options;
 mod publisher;
+mod stream;
 mod subscriber;
 
 #[cfg(test)]

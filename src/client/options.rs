@@ -34,6 +34,9 @@ pub struct ClientOptions {
     /// marker in every SUBSCRIBE, docs/PROTOCOL.md §8): a new process with the same id resumes
     /// where the last one stopped. Off by default: the default id is per process.
     pub durable_session: bool,
+    /// Connect with TLS (`lanpush pub/sub --tls --ca FILE`): the CA to trust, an optional
+    /// client certificate (mTLS), the name to check. `None`: plain TCP.
+    pub tls: Option<crate::tls::ClientTls>,
 }
 
 /// A HELLO token, `user:secret`. Its `Debug` never shows the secret.
@@ -74,6 +77,7 @@ impl Default for ClientOptions {
             read_buffer_bytes: 64 * 1024,
             token: None,
             durable_session: false,
+            tls: None,
         }
     }
 }
@@ -117,6 +121,11 @@ impl ClientOptions {
     /// Authenticates as `token` (`user:secret`).
     pub fn token(mut self, token: impl Into<String>) -> Self {
         self.token = Some(Token::new(token));
+        self
+    }
+    /// Connects with TLS ([`crate::tls::ClientTls::from_files`]).
+    pub fn tls(mut self, tls: crate::tls::ClientTls) -> Self {
+        self.tls = Some(tls);
         self
     }
     pub fn read_buffer_bytes(mut self, read_buffer_bytes: usize) -> Self {

@@ -26,6 +26,7 @@ use super::notify::{Inbox, Mailbox};
 use super::readbuf::ReadBuf;
 use super::stats::StatsJob;
 use super::timer::DeadlineTimer;
+use super::tls_link::{Plain, TlsIoError, TlsLink};
 use super::wire::WireKind;
 use super::{now_unix_ns, EngineShared};
 use crate::config::Config;
@@ -35,6 +36,8 @@ pub(crate) const WAKER_TOKEN: Token = Token(usize::MAX - 1);
 const LISTENER_TOKEN: Token = Token(usize::MAX - 2);
 const TIMER_TOKEN: Token = Token(usize::MAX - 3);
 const MQTT_LISTENER_TOKEN: Token = Token(usize::MAX - 4);
+const TLS_LISTENER_TOKEN: Token = Token(usize::MAX - 5);
+const TLS_MQTT_LISTENER_TOKEN: Token = Token(usize::MAX - 6);
 
 /// Readiness events taken per `poll` call.
 const MAX_EVENTS: usize = 1024;
@@ -67,6 +70,8 @@ pub(crate) enum ShardMsg {
         stream: TcpStream,
         conn_id: u64,
         wire: WireKind,
+        /// Accepted on a TLS listener: the receiver runs the handshake.
+        tls: bool,
     },
     /// A core message from a `LocalPublisher` or the stats thread.
     Core(CoreMsg),
@@ -94,6 +99,19 @@ struct Link {
     wire: WireKind,
     /// The source address, counted in `EngineShared::sources` while the link lives.
     peer: Option<std::net::SocketAddr>,
+    /// Accepted on a TLS listener: the rustls state between the socket and the core.
+    tls: Option<Box<TlsLink>>,
+}
+
+impl Link {
+    /// Writes the TLS link's waiting ciphertext: `Ok(true)` when none is left (always, for
+    /// plain TCP).
+    fn flush_tls(&mut self) -> io::Result<bool> {
+        match self.tls.as_mut() {
+            Some(tls) => tls.flush_to(&mut self.stream),
+            None => Ok(true),
+        }
+    }
 }
 
 /// The reactor's sockets as the core's [`Transport`]; counts failed writes.
@@ -107,7 +125,18 @@ impl Transport for Sockets<'_> {
         let Some(link) = self.links.get_mut(slot).and_then(Option::as_mut) else {
             return Err(io::ErrorKind::NotConnected.into());
         };
-        let result = link.stream.write_vectored(slices);
+        let result = match link.tls.as_mut() {
+            None => link.stream.write_vectored(slices),
+            // Encrypt only once the last ciphertext is out (tls_link.rs, the driver's duties).
+            Some(tls) => match tls.flush_to(&mut link.stream) {
+                Ok(true) => tls.write_plain(slices).and_then(|n| {
+                    // What the socket does not take now waits for its writable event.
+                    tls.flush_to(&mut link.stream).map(|_| n)
+                }),
+                Ok(false) => Err(io::ErrorKind::WouldBlock.into()),
+                Err(e) => Err(e),
+            },
+        };
         if let Err(e) = &result {
             if !matches!(
                 e.kind(),
@@ -122,6 +151,10 @@ impl Transport for Sockets<'_> {
 
     fn shutdown_write(&mut self, slot: usize) {
         if let Some(link) = self.links.get_mut(slot).and_then(Option::as_mut) {
+            if let Some(tls) = link.tls.as_mut() {
+                tls.close();
+                let _ = tls.flush_to(&mut link.stream);
+            }
             let _ = link.stream.shutdown(Shutdown::Write);
         }
     }
@@ -139,6 +172,18 @@ struct DriverCounters {
     throttled_turns: u64,
     /// Connections closed because a read or write failed (not a clean EOF).
     io_errors: u64,
+    /// TLS connections closed by a TLS failure: a bad handshake or record, a refused or
+    /// missing client certificate.
+    tls_failures: u64,
+}
+
+/// A reactor's share of TLS: the listeners (reactor 0 only) and the rustls config (every
+/// reactor, for the handshakes of the connections it is dealt).
+#[derive(Default)]
+pub(crate) struct TlsSetup {
+    pub listener: Option<TcpListener>,
+    pub mqtt_listener: Option<TcpListener>,
+    pub config: Option<Arc<rustls::ServerConfig>>,
 }
 
 pub(crate) struct Reactor {
@@ -150,6 +195,11 @@ pub(crate) struct Reactor {
     listener: Option<TcpListener>,
     /// The MQTT listener (`mqtt.listen`), on the same reactor as the native one.
     mqtt_listener: Option<TcpListener>,
+    /// The TLS listeners (`tls.listen`, `tls.mqtt_listen`), on the same reactor.
+    tls_listener: Option<TcpListener>,
+    tls_mqtt_listener: Option<TcpListener>,
+    /// The rustls server config, when a TLS listener is on (every reactor runs handshakes).
+    tls_config: Option<Arc<rustls::ServerConfig>>,
     /// The listener may still hold connections (budget spent or a failed accept): accept
     /// again at this time without waiting for an event (edge-triggered readiness would not
     /// report them again).
@@ -158,7 +208,7 @@ pub(crate) struct Reactor {
     inbox: Inbox<ShardMsg>,
     peers: Vec<Mailbox<ShardMsg>>,
     /// Connections for each peer, sent before the core's messages.
-    new_conns: Vec<Vec<(TcpStream, u64, WireKind)>>,
+    new_conns: Vec<Vec<(TcpStream, u64, WireKind, bool)>>,
     links: Vec<Option<Link>>,
     free_slots: Vec<usize>,
     read_again: Vec<usize>,
@@ -186,6 +236,7 @@ impl Reactor {
         poll: Poll,
         listener: Option<TcpListener>,
         mqtt_listener: Option<TcpListener>,
+        tls: TlsSetup,
         inbox: Inbox<ShardMsg>,
         peers: Vec<Mailbox<ShardMsg>>,
         stats_jobs: crossbeam_channel::Sender<StatsJob>,
@@ -200,6 +251,19 @@ impl Reactor {
             poll.registry()
                 .register(l, MQTT_LISTENER_TOKEN, Interest::READABLE)?;
         }
+        let TlsSetup {
+            listener: mut tls_listener,
+            mqtt_listener: mut tls_mqtt_listener,
+            config: tls_config,
+        } = tls;
+        if let Some(l) = tls_listener.as_mut() {
+            poll.registry()
+                .register(l, TLS_LISTENER_TOKEN, Interest::READABLE)?;
+        }
+        if let Some(l) = tls_mqtt_listener.as_mut() {
+            poll.registry()
+                .register(l, TLS_MQTT_LISTENER_TOKEN, Interest::READABLE)?;
+        }
         let mut timer = DeadlineTimer::new()?;
         poll.registry()
             .register(&mut timer, TIMER_TOKEN, Interest::READABLE)?;
@@ -213,6 +277,9 @@ impl Reactor {
             poll,
             listener,
             mqtt_listener,
+            tls_listener,
+            tls_mqtt_listener,
+            tls_config,
             accept_again: None,
             next_target: 0,
             inbox,
@@ -268,10 +335,11 @@ impl Reactor {
                 match event.token() {
                     WAKER_TOKEN => {}
                     TIMER_TOKEN => self.timer.fired(),
-                    LISTENER_TOKEN | MQTT_LISTENER_TOKEN => self.accept(now),
+                    LISTENER_TOKEN | MQTT_LISTENER_TOKEN | TLS_LISTENER_TOKEN
+                    | TLS_MQTT_LISTENER_TOKEN => self.accept(now),
                     Token(slot) => {
                         if event.is_writable() {
-                            self.core.handle_writable(slot);
+                            self.handle_writable(now, slot);
                         }
                         if event.is_readable() || event.is_read_closed() || event.is_error() {
                             if self.throttled {
@@ -323,8 +391,14 @@ impl Reactor {
     fn drain(&mut self, events: &mut Events) -> io::Result<()> {
         let deadline = Instant::now() + Duration::from_millis(self.config.server.drain_ms);
         self.draining = true;
-        if let Some(mut listener) = self.listener.take() {
-            let _ = self.poll.registry().deregister(&mut listener);
+        for listener in [
+            self.listener.take(),
+            self.tls_listener.take(),
+            self.tls_mqtt_listener.take(),
+        ] {
+            if let Some(mut listener) = listener {
+                let _ = self.poll.registry().deregister(&mut listener);
+            }
         }
         self.read_again.clear();
         let n = self.n_shards as usize;
@@ -398,10 +472,11 @@ impl Reactor {
             }
             for event in events.iter() {
                 match event.token() {
-                    WAKER_TOKEN | LISTENER_TOKEN => {}
+                    WAKER_TOKEN | LISTENER_TOKEN | MQTT_LISTENER_TOKEN | TLS_LISTENER_TOKEN
+                    | TLS_MQTT_LISTENER_TOKEN => {}
                     TIMER_TOKEN => self.timer.fired(),
                     // Reads wait: nothing new is taken in while draining.
-                    Token(slot) if event.is_writable() => self.core.handle_writable(slot),
+                    Token(slot) if event.is_writable() => self.handle_writable(now, slot),
                     Token(_) => {}
                 }
             }
@@ -423,15 +498,21 @@ impl Reactor {
     /// event.
     fn accept(&mut self, now: Instant) {
         self.accept_again = None;
-        self.accept_from(now, WireKind::Native);
-        self.accept_from(now, WireKind::Mqtt);
+        self.accept_from(now, WireKind::Native, false);
+        self.accept_from(now, WireKind::Mqtt, false);
+        self.accept_from(now, WireKind::Native, true);
+        self.accept_from(now, WireKind::Mqtt, true);
     }
 
-    fn accept_from(&mut self, now: Instant, wire: WireKind) {
+    fn accept_from(&mut self, now: Instant, wire: WireKind, tls: bool) {
+        // A refusal in the clear would be garbage to a TLS client: the close alone refuses it.
+        let answers = wire == WireKind::Native && !tls;
         for _ in 0..MAX_ACCEPTS {
-            let listener = match wire {
-                WireKind::Native => self.listener.as_ref(),
-                WireKind::Mqtt => self.mqtt_listener.as_ref(),
+            let listener = match (wire, tls) {
+                (WireKind::Native, false) => self.listener.as_ref(),
+                (WireKind::Mqtt, false) => self.mqtt_listener.as_ref(),
+                (WireKind::Native, true) => self.tls_listener.as_ref(),
+                (WireKind::Mqtt, true) => self.tls_mqtt_listener.as_ref(),
             };
             let Some(listener) = listener else {
                 return;
@@ -456,7 +537,7 @@ impl Reactor {
             if open >= self.config.limits.max_connections {
                 self.shared.open_connections.fetch_sub(1, Ordering::Relaxed);
                 // MQTT has no answer before CONNECT: the close alone refuses it.
-                if wire == WireKind::Native {
+                if answers {
                     refuse(
                         stream,
                         error_code::TOO_MANY_CONNECTIONS,
@@ -473,7 +554,7 @@ impl Reactor {
                     self.config.limits.max_connections_per_address
                 );
                 self.shared.open_connections.fetch_sub(1, Ordering::Relaxed);
-                if wire == WireKind::Native {
+                if answers {
                     refuse(stream, error_code::TOO_MANY_CONNECTIONS, &reason);
                 }
                 continue;
@@ -490,9 +571,9 @@ impl Reactor {
             let target = self.next_target % self.n_shards as usize;
             self.next_target = self.next_target.wrapping_add(1);
             if target == self.id as usize {
-                self.add_conn(stream, conn_id, wire, now);
+                self.add_conn(stream, conn_id, wire, tls, now);
             } else {
-                self.new_conns[target].push((stream, conn_id, wire));
+                self.new_conns[target].push((stream, conn_id, wire, tls));
             }
         }
         // Budget spent: the rest of the backlog is taken next turn.
@@ -526,12 +607,19 @@ impl Reactor {
         self.accept_again = Some(self.accept_again.map_or(at, |again| again.min(at)));
     }
 
-    fn add_conn(&mut self, mut stream: TcpStream, conn_id: u64, wire: WireKind, now: Instant) {
+    fn add_conn(
+        &mut self,
+        mut stream: TcpStream,
+        conn_id: u64,
+        wire: WireKind,
+        tls: bool,
+        now: Instant,
+    ) {
         let peer = stream.peer_addr().ok();
         if self.draining {
             self.release_source(peer);
             self.shared.open_connections.fetch_sub(1, Ordering::Relaxed);
-            if wire == WireKind::Native {
+            if wire == WireKind::Native && !tls {
                 refuse(
                     stream,
                     error_code::SHUTTING_DOWN,
@@ -540,6 +628,24 @@ impl Reactor {
             }
             return;
         }
+        let tls = if tls {
+            let made = self
+                .tls_config
+                .clone()
+                .ok_or(rustls::Error::General("no TLS config".into()))
+                .and_then(TlsLink::new);
+            match made {
+                Ok(link) => Some(Box::new(link)),
+                Err(e) => {
+                    tracing::error!(conn = conn_id, error = %e, "cannot start a TLS connection");
+                    self.release_source(peer);
+                    self.shared.open_connections.fetch_sub(1, Ordering::Relaxed);
+                    return;
+                }
+            }
+        } else {
+            None
+        };
         let slot = self.free_slots.pop().unwrap_or_else(|| {
             self.links.push(None);
             self.links.len() - 1
@@ -560,6 +666,7 @@ impl Reactor {
             input: ReadBuf::default(),
             wire,
             peer,
+            tls,
         });
         self.core.open_wire(now, slot, conn_id, wire);
         if let Some(peer) = peer {
@@ -592,6 +699,19 @@ impl Reactor {
                 WireKind::Mqtt => crate::mqtt::packet_len_hint(link.input.data())
                     .filter(|&len| len <= max_frame + 5),
             };
+            if link.tls.is_some() {
+                match self.read_tls(slot, needed, now) {
+                    Some(n) => {
+                        budget = budget.saturating_sub(n);
+                        if budget == 0 {
+                            self.read_again.push(slot);
+                            return;
+                        }
+                        continue;
+                    }
+                    None => return,
+                }
+            }
             match link.stream.read(link.input.spare(needed)) {
                 Ok(0) => {
                     self.core.handle_closed(now, slot);
@@ -620,6 +740,79 @@ impl Reactor {
                     return;
                 }
             }
+        }
+    }
+
+    /// One step of reading a TLS connection (tls_link.rs, the driver's duties): decrypted bytes
+    /// waiting in rustls go to the core first; only when there are none is the socket read.
+    /// Returns the bytes moved, or `None` when the socket would block or the connection ended.
+    fn read_tls(&mut self, slot: usize, needed: Option<usize>, now: Instant) -> Option<usize> {
+        let link = self.links.get_mut(slot).and_then(Option::as_mut)?;
+        let Link {
+            stream, input, tls, ..
+        } = link;
+        let tls = tls.as_mut()?;
+        match tls.take_plaintext(input.spare(needed)) {
+            Plain::Bytes(n) => {
+                input.filled(n);
+                let used = self
+                    .core
+                    .handle_input(now, now_unix_ns(), slot, input.data());
+                input.consume(used);
+                return Some(n);
+            }
+            Plain::Closed => {
+                self.core.handle_closed(now, slot);
+                self.drop_closed();
+                return None;
+            }
+            Plain::Empty => {}
+        }
+        let result = tls.read_from(stream);
+        // The handshake's answers (or the alert of a failure) go out at once.
+        let flushed = tls.flush_to(stream);
+        match result {
+            Ok(0) => {
+                self.core.handle_closed(now, slot);
+                self.drop_closed();
+                None
+            }
+            Ok(n) => {
+                if let Some(names) = tls.poll_peer_names() {
+                    self.core.set_certificate_names(slot, names);
+                }
+                if let Err(e) = flushed {
+                    self.io_error(now, slot, "write", &e);
+                    return None;
+                }
+                Some(n)
+            }
+            Err(TlsIoError::Io(e)) if e.kind() == io::ErrorKind::WouldBlock => None,
+            Err(TlsIoError::Io(e)) if e.kind() == io::ErrorKind::Interrupted => Some(0),
+            Err(TlsIoError::Io(e)) => {
+                self.io_error(now, slot, "read", &e);
+                None
+            }
+            Err(TlsIoError::Tls(e)) => {
+                self.counters.tls_failures += 1;
+                self.core
+                    .handle_transport_error(now, slot, format!("TLS failed: {e}"));
+                self.drop_closed();
+                None
+            }
+        }
+    }
+
+    /// The socket of `slot` takes bytes again: ciphertext a TLS link holds goes first (the
+    /// core may have nothing new to write), then the core's outbox.
+    fn handle_writable(&mut self, now: Instant, slot: usize) {
+        let Some(link) = self.links.get_mut(slot).and_then(Option::as_mut) else {
+            return;
+        };
+        match link.flush_tls() {
+            Ok(true) => self.core.handle_writable(slot),
+            Ok(false) => {}
+            Err(e) => self.io_error(now, slot, "write", &e),
         }
     }
 
@@ -675,7 +868,8 @@ impl Reactor {
                     stream,
                     conn_id,
                     wire,
-                } => self.add_conn(stream, conn_id, wire, now),
+                    tls,
+                } => self.add_conn(stream, conn_id, wire, tls, now),
                 ShardMsg::Core(msg) => {
                     frames_budget = frames_budget.saturating_sub(FanoutCore::msg_weight(&msg));
                     self.core.handle_msg(now, msg);
@@ -731,17 +925,19 @@ impl Reactor {
                 continue;
             }
             let conns = std::mem::take(&mut self.new_conns[peer]);
-            for (stream, conn_id, wire) in conns {
+            for (stream, conn_id, wire, tls) in conns {
                 if let Err(TrySendError::Full(ShardMsg::NewConn {
                     stream,
                     conn_id,
                     wire,
+                    tls,
                 })) = self.peers[peer].try_send(ShardMsg::NewConn {
                     stream,
                     conn_id,
                     wire,
+                    tls,
                 }) {
-                    self.new_conns[peer].push((stream, conn_id, wire));
+                    self.new_conns[peer].push((stream, conn_id, wire, tls));
                 }
             }
             let queue = self.core.outgoing(peer);
@@ -793,6 +989,7 @@ impl Reactor {
         s.throttled_turns
             .store(c.throttled_turns, Ordering::Relaxed);
         s.io_errors.store(c.io_errors, Ordering::Relaxed);
+        s.tls_failures.store(c.tls_failures, Ordering::Relaxed);
     }
 }
 

@@ -36,6 +36,8 @@ pub struct Server {
     /// The MQTT listener's address, when started with `--mqtt-listen` (second stdout line).
     pub mqtt_addr: Option<SocketAddr>,
     stderr: Arc<Mutex<String>>,
+    /// The stdout lines after those read at start (the TLS listeners'), for [`Server::line_addr`].
+    lines: Mutex<Receiver<String>>,
 }
 
 impl Server {
@@ -60,7 +62,7 @@ impl Server {
         thread::spawn(move || {
             let mut lines = BufReader::new(stdout).lines();
             // The "listening on" lines come first; nobody waits for the later ones.
-            for line in lines.by_ref().take(2) {
+            for line in lines.by_ref().take(4) {
                 let Ok(line) = line else { break };
                 let _ = tx.send(line);
             }
@@ -95,6 +97,22 @@ impl Server {
             addr,
             mqtt_addr,
             stderr,
+            lines: Mutex::new(rx),
+        }
+    }
+
+    /// The address on the next stdout line that starts with `{name} listening on ` (lines
+    /// before it are skipped): `line_addr("tls")` for `tls listening on ADDR`.
+    pub fn line_addr(&self, name: &str) -> SocketAddr {
+        let prefix = format!("{name} listening on ");
+        let rx = self.lines.lock().unwrap();
+        loop {
+            let line = rx
+                .recv_timeout(STEP)
+                .unwrap_or_else(|_| panic!("no `{prefix}ADDR` line"));
+            if let Some(addr) = line.strip_prefix(&prefix) {
+                return addr.parse().expect("a socket address");
+            }
         }
     }
 
