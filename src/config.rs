@@ -221,6 +221,10 @@ pub struct UserConfig {
     pub subscribe: Vec<String>,
     #[serde(default)]
     pub admin: bool,
+    /// May read the HTTP `/metrics` and `/stats` (which require credentials when
+    /// `anonymous = false`).
+    #[serde(default)]
+    pub metrics: bool,
 }
 
 impl std::fmt::Debug for UserConfig {
@@ -231,6 +235,7 @@ impl std::fmt::Debug for UserConfig {
             .field("publish", &self.publish)
             .field("subscribe", &self.subscribe)
             .field("admin", &self.admin)
+            .field("metrics", &self.metrics)
             .finish_non_exhaustive()
     }
 }
@@ -249,6 +254,9 @@ pub struct RoleConfig {
     /// Sees every connection in STATS.
     #[serde(default)]
     pub admin: bool,
+    /// May read the HTTP `/metrics` and `/stats` when they require credentials.
+    #[serde(default)]
+    pub metrics: bool,
 }
 
 impl AuthConfig {
@@ -301,6 +309,7 @@ impl AuthConfig {
                 publish: user.publish.clone(),
                 subscribe: user.subscribe.clone(),
                 admin: user.admin,
+                metrics: user.metrics,
             };
             check_patterns(&what, &own, max_topic_bytes)?;
         }

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use lanpush::client::{ClientError, ClientOptions, Event, Publisher, Subscriber, SubscriptionSpec};
 use lanpush::proto::{error_code, DeliveryMode};
 use lanpush::tls::ClientTls;
-use util::{run, Got, Raw, Server, TempFile, STEP};
+use util::{run, Raw, Server, TempFile, STEP};
 
 /// A CA and the files made from it.
 struct Ca {
@@ -70,6 +70,11 @@ struct TlsEngine {
 }
 
 fn tls_engine(extra: &str, mtls: bool) -> TlsEngine {
+    tls_engine_with(extra, mtls, "")
+}
+
+/// As [`tls_engine`], with `tls_keys` added to the `[tls]` section.
+fn tls_engine_with(extra: &str, mtls: bool, tls_keys: &str) -> TlsEngine {
     let ca = Ca::new("engine");
     let (cert, key) = ca.issue("engine", &["localhost", "127.0.0.1"], None);
     let client_ca = if mtls {
@@ -81,7 +86,7 @@ fn tls_engine(extra: &str, mtls: bool) -> TlsEngine {
         String::new()
     };
     let toml = format!(
-        "{extra}\n[tls]\nlisten = \"127.0.0.1:0\"\ncert_path = {:?}\nkey_path = {:?}\n{client_ca}",
+        "{extra}\n[tls]\nlisten = \"127.0.0.1:0\"\ncert_path = {:?}\nkey_path = {:?}\n{client_ca}{tls_keys}\n",
         cert.path_str(),
         key.path_str()
     );
@@ -100,6 +105,14 @@ fn opts(addr: SocketAddr, tls: ClientTls, id: &str) -> ClientOptions {
         .client_id(id)
         .connect_timeout(STEP)
         .tls(tls)
+}
+
+/// The error of a connection that must fail.
+fn refused(opts: ClientOptions) -> ClientError {
+    match Publisher::connect(opts) {
+        Ok(_) => panic!("connected, but should have been refused"),
+        Err(e) => e,
+    }
 }
 
 fn next_message(sub: &mut Subscriber) -> lanpush::client::Message {
@@ -168,7 +181,7 @@ fn the_cli_publishes_and_subscribes_over_tls() {
 fn a_client_that_trusts_another_ca_is_refused_with_a_clear_error() {
     let engine = tls_engine("", false);
     let stranger = Ca::new("stranger");
-    let err = Publisher::connect(opts(engine.tls_addr, stranger.client(None), "p")).unwrap_err();
+    let err = refused(opts(engine.tls_addr, stranger.client(None), "p"));
     match &err {
         ClientError::Tls { reason, .. } => {
             assert!(reason.contains("certificate"), "{err}")
@@ -200,7 +213,7 @@ fn a_client_that_trusts_another_ca_is_refused_with_a_clear_error() {
     );
     // A name the certificate does not carry is refused too.
     let wrong_name = ClientTls::from_files(&engine.ca.pem.path, None, Some("elsewhere".into())).unwrap();
-    let err = Publisher::connect(opts(engine.tls_addr, wrong_name, "p")).unwrap_err();
+    let err = refused(opts(engine.tls_addr, wrong_name, "p"));
     assert!(matches!(err, ClientError::Tls { .. }), "{err:?}");
 }
 
@@ -236,7 +249,7 @@ fn plain_tcp_or_junk_on_the_tls_port_is_closed_and_disturbs_no_one() {
     }
     drop(half);
     let stats = engine.server.stats();
-    let failures = stats["counters"]["tls_failures"].as_u64();
+    let failures = stats["totals"]["tls_failures"].as_u64();
     assert!(failures.is_some_and(|n| n >= 2), "tls_failures: {stats}");
 }
 
@@ -265,7 +278,7 @@ fn secure_engine() -> TlsEngine {
 #[test]
 fn mtls_refuses_a_client_without_a_certificate() {
     let engine = secure_engine();
-    let err = Publisher::connect(opts(engine.tls_addr, engine.ca.client(None), "p")).unwrap_err();
+    let err = refused(opts(engine.tls_addr, engine.ca.client(None), "p"));
     match &err {
         ClientError::Tls { reason, .. } => {
             assert!(reason.contains("refused"), "{err}");
@@ -308,18 +321,16 @@ fn a_client_certificate_is_the_users_identity_and_brings_its_acl() {
         Err(ClientError::Engine { code: error_code::FORBIDDEN, .. })
     ));
     // A token naming another user than the certificate is refused (ERROR 16).
-    let err = Publisher::connect(
+    let err = refused(
         opts(engine.tls_addr, engine.ca.client(Some(&hmi)), "mixed").token("gateway1:pw"),
-    )
-    .unwrap_err();
+    );
     assert!(
         matches!(&err, ClientError::Engine { code: error_code::UNAUTHENTICATED, reason } if reason.contains("certificate")),
         "{err:?}"
     );
     // A certificate that names no user gives no identity: without a token, refused as anonymous.
     let nobody = engine.ca.issue("nobody", &[], Some("nobody"));
-    let err = Publisher::connect(opts(engine.tls_addr, engine.ca.client(Some(&nobody)), "n"))
-        .unwrap_err();
+    let err = refused(opts(engine.tls_addr, engine.ca.client(Some(&nobody)), "n"));
     assert!(
         matches!(&err, ClientError::Engine { code: error_code::UNAUTHENTICATED, .. }),
         "{err:?}"
@@ -353,4 +364,37 @@ fn a_client_certificate_is_the_users_identity_and_brings_its_acl() {
     );
     assert!(out.status.success(), "{}", out.stderr);
     assert_eq!(next_message(&mut sub).payload, b"ok");
+}
+
+#[test]
+fn mqtt_over_tls_connects_and_receives_a_native_publish() {
+    let engine = tls_engine_with("", false, "mqtt_listen = \"127.0.0.1:0\"");
+    let mqtt_addr = engine.server.line_addr("mqtt tls");
+    let tls = engine.ca.client(None);
+    let socket = TcpStream::connect(mqtt_addr).unwrap();
+    socket.set_read_timeout(Some(STEP)).unwrap();
+    let conn =
+        rustls::ClientConnection::new(tls.config.clone(), "localhost".try_into().unwrap()).unwrap();
+    let mut mqtt = rustls::StreamOwned::new(conn, socket);
+    // CONNECT: MQTT 3.1.1, clean session, keep-alive 60 s, client id "mq".
+    mqtt.write_all(&[
+        0x10, 14, 0, 4, b'M', b'Q', b'T', b'T', 4, 0x02, 0, 60, 0, 2, b'm', b'q',
+    ])
+    .unwrap();
+    let mut connack = [0u8; 4];
+    mqtt.read_exact(&mut connack).unwrap();
+    assert_eq!(connack, [0x20, 2, 0, 0], "CONNACK accepted");
+    // SUBSCRIBE packet id 1 to "m/#" at QoS 0.
+    mqtt.write_all(&[0x82, 8, 0, 1, 0, 3, b'm', b'/', b'#', 0]).unwrap();
+    let mut suback = [0u8; 5];
+    mqtt.read_exact(&mut suback).unwrap();
+    assert_eq!(suback, [0x90, 3, 0, 1, 0]);
+    let mut publisher =
+        Publisher::connect(ClientOptions::new(engine.server.addr_string()).client_id("p")).unwrap();
+    publisher.publish("m/x", b"hi").unwrap();
+    publisher.confirm(STEP).unwrap();
+    // PUBLISH QoS 0: 0x30, remaining 7, topic "m/x", payload "hi".
+    let mut publish = [0u8; 9];
+    mqtt.read_exact(&mut publish).unwrap();
+    assert_eq!(publish, [0x30, 7, 0, 3, b'm', b'/', b'x', b'h', b'i']);
 }

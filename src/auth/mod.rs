@@ -56,6 +56,9 @@ pub struct Identity {
     pub acl: Acl,
     /// Sees everything in STATS (other connections, their client ids and subscriptions).
     pub admin: bool,
+    /// May read the HTTP `/metrics` and `/stats` when they require credentials (as `admin`
+    /// may; `/stats` then shows what STATS shows this identity).
+    pub metrics: bool,
 }
 
 impl Identity {
@@ -70,6 +73,7 @@ impl Identity {
             user: None,
             acl: Acl::everything(),
             admin: true,
+            metrics: true,
         }
     }
 }
@@ -154,15 +158,16 @@ impl Authenticator {
                         role_names: &[String],
                         publish: &[String],
                         subscribe: &[String],
-                        admin: bool| {
+                        (admin, metrics): (bool, bool)| {
             let mut p: Vec<&str> = publish.iter().map(String::as_str).collect();
             let mut s: Vec<&str> = subscribe.iter().map(String::as_str).collect();
-            let mut admin = admin;
+            let (mut admin, mut metrics) = (admin, metrics);
             for name in role_names {
                 if let Some(role) = roles.get(name.as_str()) {
                     p.extend(role.publish.iter().map(String::as_str));
                     s.extend(role.subscribe.iter().map(String::as_str));
                     admin |= role.admin;
+                    metrics |= role.metrics;
                 }
             }
             Arc::new(Identity {
@@ -172,18 +177,25 @@ impl Authenticator {
                     subscribe: PatternSet::new(s),
                 },
                 admin,
+                metrics,
             })
         };
         let anonymous = config
             .anonymous
-            .then(|| identity(None, &config.anonymous_roles, &[], &[], false));
+            .then(|| identity(None, &config.anonymous_roles, &[], &[], (false, false)));
         let users = config
             .users
             .iter()
             .map(|u| {
                 let user = User {
                     hash: u.secret_hash.clone(),
-                    identity: identity(Some(&u.name), &u.roles, &u.publish, &u.subscribe, u.admin),
+                    identity: identity(
+                        Some(&u.name),
+                        &u.roles,
+                        &u.publish,
+                        &u.subscribe,
+                        (u.admin, u.metrics),
+                    ),
                 };
                 (Box::from(u.name.as_str()), user)
             })

@@ -40,6 +40,7 @@ fn nobody() -> Arc<Identity> {
                 user: None,
                 acl: crate::auth::Acl::default(),
                 admin: false,
+                metrics: false,
             })
         })
         .clone()

@@ -24,6 +24,7 @@ mod guard_tests;
 mod handle_tests;
 #[cfg(test)]
 mod harness;
+mod http_auth;
 pub mod limits;
 mod mqtt_session;
 mod mqtt_sessions;
@@ -693,10 +694,30 @@ impl Engine {
             return Ok(None);
         };
         let shared = Arc::clone(&self.shared);
-        let server = crate::metrics::MetricsServer::start(addr, move || {
-            let stats = stats::collect(&shared, &shared.mailboxes);
-            (shared.metrics.merged(), stats)
-        })?;
+        let server = if self.config.auth.anonymous {
+            crate::metrics::MetricsServer::start(addr, move || {
+                let stats = stats::collect(&shared, &shared.mailboxes);
+                (shared.metrics.merged(), stats)
+            })?
+        } else {
+            // Not anonymous: the endpoint asks for credentials too (http_auth.rs).
+            let auth = http_auth::http_auth(shared.clone(), &self.config);
+            crate::metrics::MetricsServer::start_authenticated(
+                addr,
+                move |viewer| {
+                    let stats = stats::collect(&shared, &shared.mailboxes);
+                    let snapshot = shared.metrics.merged();
+                    match viewer {
+                        None => (snapshot, stats),
+                        Some(viewer) => (
+                            http_auth::scoped_snapshot(snapshot, viewer),
+                            stats::scoped(&stats, viewer, 0),
+                        ),
+                    }
+                },
+                auth,
+            )?
+        };
         let _ = self.shared.metrics_addr.set(server.local_addr());
         Ok(Some(server))
     }

@@ -16,6 +16,8 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
+use crate::auth::Identity;
+
 use super::prometheus::prometheus_text;
 use super::snapshot::MetricsSnapshot;
 
@@ -30,6 +32,55 @@ pub const MAX_REQUEST_BYTES: usize = 8 * 1024;
 
 /// Content type of the Prometheus text format this server speaks.
 pub const PROMETHEUS_CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
+
+/// HTTP Basic authentication of `/metrics` and `/stats`, used when the engine does not admit
+/// anonymous clients (`auth.anonymous = false`). `check` gets the user, the secret and the
+/// client's address, and returns the identity (then the server requires `admin` or `metrics`),
+/// or `None` (401). It runs on the server's thread; the engine budgets argon2 runs there.
+pub struct HttpAuth {
+    #[allow(clippy::type_complexity)]
+    pub check: Box<dyn Fn(&str, &[u8], Option<SocketAddr>) -> Option<Arc<Identity>> + Send>,
+}
+
+impl std::fmt::Debug for HttpAuth {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("HttpAuth")
+    }
+}
+
+/// What the source of a response is asked for: everything (`None`: no authentication
+/// configured, or an `admin` identity), or what the identity may see (its ACL's topic
+/// prefixes, no connections).
+pub type Viewer<'a> = Option<&'a Identity>;
+
+/// The `WWW-Authenticate` challenge of a 401.
+pub const CHALLENGE: &str = "Basic realm=\"lanpush\", charset=\"UTF-8\"";
+
+/// The user and secret of an `Authorization: Basic` header in a request head, if it has a
+/// well-formed one (RFC 7617: base64 of `user:secret`; the user is not empty and has no ':').
+pub fn basic_credentials(head: &[u8]) -> Option<(String, Vec<u8>)> {
+    use base64::Engine as _;
+    let text = std::str::from_utf8(head).ok()?;
+    let value = text.lines().skip(1).find_map(|line| {
+        let (name, value) = line.split_once(':')?;
+        name.trim()
+            .eq_ignore_ascii_case("authorization")
+            .then(|| value.trim())
+    })?;
+    let (scheme, encoded) = value.split_once(' ')?;
+    if !scheme.eq_ignore_ascii_case("basic") {
+        return None;
+    }
+    let decoded = base64::engine::general_purpose::STANDARD
+        .decode(encoded.trim())
+        .ok()?;
+    let colon = decoded.iter().position(|&b| b == b':')?;
+    let user = std::str::from_utf8(&decoded[..colon]).ok()?;
+    if user.is_empty() {
+        return None;
+    }
+    Some((user.to_string(), decoded[colon + 1..].to_vec()))
+}
 
 /// The HTTP endpoint: `GET /metrics` (Prometheus text, [`prometheus_text`]) and `GET /stats`
 /// (the stats JSON with a `latency` member holding [`MetricsSnapshot::to_json`]); 404 for
@@ -52,12 +103,24 @@ impl MetricsServer {
         addr: SocketAddr,
         source: impl Fn() -> (MetricsSnapshot, Value) + Send + 'static,
     ) -> io::Result<MetricsServer> {
-        Self::start_with(addr, source, Timeouts::default())
+        Self::start_with(addr, move |_: Viewer<'_>| source(), None, Timeouts::default())
+    }
+
+    /// As [`MetricsServer::start`], with HTTP Basic authentication: a request without valid
+    /// credentials gets 401 and the [`CHALLENGE`], one whose identity has neither `admin` nor
+    /// `metrics` 403; `source` is told what the identity may see ([`Viewer`]).
+    pub fn start_authenticated(
+        addr: SocketAddr,
+        source: impl Fn(Viewer<'_>) -> (MetricsSnapshot, Value) + Send + 'static,
+        auth: HttpAuth,
+    ) -> io::Result<MetricsServer> {
+        Self::start_with(addr, source, Some(auth), Timeouts::default())
     }
 
     fn start_with(
         addr: SocketAddr,
-        source: impl Fn() -> (MetricsSnapshot, Value) + Send + 'static,
+        source: impl Fn(Viewer<'_>) -> (MetricsSnapshot, Value) + Send + 'static,
+        auth: Option<HttpAuth>,
         timeouts: Timeouts,
     ) -> io::Result<MetricsServer> {
         let listener = TcpListener::bind(addr)?;
@@ -67,7 +130,7 @@ impl MetricsServer {
             .name("lanpush-metrics".into())
             .spawn({
                 let stop = Arc::clone(&stop);
-                move || serve(listener, &stop, &source, timeouts)
+                move || serve(listener, &stop, &source, auth.as_ref(), timeouts)
             })?;
         Ok(MetricsServer {
             local_addr,
@@ -129,7 +192,8 @@ impl Default for Timeouts {
 fn serve(
     listener: TcpListener,
     stop: &AtomicBool,
-    source: &(impl Fn() -> (MetricsSnapshot, Value) + Send),
+    source: &(impl Fn(Viewer<'_>) -> (MetricsSnapshot, Value) + Send),
+    auth: Option<&HttpAuth>,
     timeouts: Timeouts,
 ) {
     loop {
@@ -139,8 +203,8 @@ fn serve(
         }
         match accepted {
             // A failed client is that client's problem: nothing to report to anyone.
-            Ok((stream, _)) => {
-                let _ = handle(stream, source, timeouts);
+            Ok((stream, peer)) => {
+                let _ = handle(stream, peer, source, auth, timeouts);
             }
             // Out of descriptors or similar: back off instead of spinning.
             Err(_) => std::thread::sleep(Duration::from_millis(50)),
@@ -153,6 +217,8 @@ struct Response {
     content_type: &'static str,
     body: Vec<u8>,
     allow: bool,
+    /// A 401: the response carries the [`CHALLENGE`].
+    challenge: bool,
 }
 
 impl Response {
@@ -162,13 +228,16 @@ impl Response {
             content_type: "text/plain; charset=utf-8",
             body: format!("{status}\n").into_bytes(),
             allow: false,
+            challenge: false,
         }
     }
 }
 
 fn handle(
     mut stream: TcpStream,
-    source: &(impl Fn() -> (MetricsSnapshot, Value) + Send),
+    peer: SocketAddr,
+    source: &(impl Fn(Viewer<'_>) -> (MetricsSnapshot, Value) + Send),
+    auth: Option<&HttpAuth>,
     timeouts: Timeouts,
 ) -> io::Result<()> {
     let mut head_only = false;
@@ -181,7 +250,14 @@ fn handle(
             None => Response::error("400 Bad Request"),
             Some((method, path)) => {
                 head_only = method == "HEAD";
-                route(method, path, source)
+                match auth.map(|auth| admit(auth, &head, peer)) {
+                    None => route(method, path, || source(None)),
+                    Some(Ok(identity)) => {
+                        let viewer = (!identity.admin).then_some(&*identity);
+                        route(method, path, || source(viewer))
+                    }
+                    Some(Err(refused)) => refused,
+                }
             }
         },
     };
@@ -193,6 +269,9 @@ fn handle(
     );
     if response.allow {
         out.push_str("Allow: GET, HEAD\r\n");
+    }
+    if response.challenge {
+        out.push_str(&format!("WWW-Authenticate: {CHALLENGE}\r\n"));
     }
     out.push_str("\r\n");
     let deadline = Instant::now() + timeouts.response;
@@ -214,10 +293,26 @@ fn handle(
     Ok(())
 }
 
+/// The identity of a request with valid credentials and the right to see metrics, or the
+/// refusal: 401 (none, malformed or wrong), 403 (neither `admin` nor `metrics`).
+fn admit(auth: &HttpAuth, head: &[u8], peer: SocketAddr) -> Result<Arc<Identity>, Response> {
+    let identity = basic_credentials(head)
+        .and_then(|(user, secret)| (auth.check)(&user, &secret, Some(peer)))
+        .ok_or_else(|| Response {
+            challenge: true,
+            ..Response::error("401 Unauthorized")
+        })?;
+    if identity.admin || identity.metrics {
+        Ok(identity)
+    } else {
+        Err(Response::error("403 Forbidden"))
+    }
+}
+
 fn route(
     method: &str,
     path: &str,
-    source: &(impl Fn() -> (MetricsSnapshot, Value) + Send),
+    source: impl FnOnce() -> (MetricsSnapshot, Value),
 ) -> Response {
     if method != "GET" && method != "HEAD" {
         let mut r = Response::error("405 Method Not Allowed");
@@ -248,6 +343,7 @@ fn route(
             },
             body,
             allow: false,
+            challenge: false,
         },
         Err(_) => Response::error("500 Internal Server Error"),
     }
@@ -498,7 +594,8 @@ mod tests {
         };
         let server = MetricsServer::start_with(
             "127.0.0.1:0".parse().unwrap(),
-            || (MetricsSnapshot::new(&MetricsConfig::default()), Value::Null),
+            |_: Viewer<'_>| (MetricsSnapshot::new(&MetricsConfig::default()), Value::Null),
+            None,
             timeouts,
         )
         .unwrap();
