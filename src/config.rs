@@ -365,7 +365,7 @@ impl MetricsConfig {
             })?;
             if !addr.ip().is_loopback() && !self.prometheus_allow_remote {
                 return Err(format!(
-                    "metrics.prometheus_listen = {text:?} is not a loopback address: the endpoint has no authentication; set metrics.prometheus_allow_remote = true to expose it anyway"
+                    "metrics.prometheus_listen = {text:?} is not a loopback address: the endpoint is plain HTTP (credentials, when auth.anonymous = false asks for them, cross in the clear); set metrics.prometheus_allow_remote = true to expose it anyway"
                 ));
             }
         }

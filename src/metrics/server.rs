@@ -497,6 +497,100 @@ mod tests {
     }
 
     #[test]
+    fn basic_credentials_are_read_from_the_authorization_header() {
+        use base64::Engine as _;
+        let b64 = |s: &[u8]| base64::engine::general_purpose::STANDARD.encode(s);
+        let head = |value: &str| format!("GET /metrics HTTP/1.1\r\nHost: x\r\n{value}\r\n");
+        let creds = basic_credentials(head(&format!("Authorization: Basic {}", b64(b"ops:p:w"))).as_bytes());
+        assert_eq!(creds, Some(("ops".to_string(), b"p:w".to_vec())));
+        let lower = format!("authorization:   basic {}", b64(b"ops:pw"));
+        assert!(basic_credentials(head(&lower).as_bytes()).is_some());
+        for bad in [
+            "Authorization: Bearer abc".to_string(),
+            "Authorization: Basic !!!not-base64".to_string(),
+            format!("Authorization: Basic {}", b64(b"no-colon")),
+            format!("Authorization: Basic {}", b64(b":empty-user")),
+            format!("Authorization: Basic {}", b64(b"\xff\xfe:pw")),
+            "Authorization: Basic".to_string(),
+            "X-Other: 1".to_string(),
+        ] {
+            assert_eq!(basic_credentials(head(&bad).as_bytes()), None, "{bad}");
+        }
+        // The request line is not a header, whatever it says.
+        let trick = format!("GET /Authorization: Basic {} HTTP/1.1\r\n\r\n", b64(b"a:b"));
+        assert_eq!(basic_credentials(trick.as_bytes()), None);
+    }
+
+    #[test]
+    fn authenticated_endpoint_answers_401_403_or_the_viewers_share() {
+        use crate::auth::{Acl, PatternSet};
+        use base64::Engine as _;
+        let config = MetricsConfig::default();
+        let mut shard = ShardMetrics::new(&config);
+        shard.record_delivery(5, "plant/line1/t", 1_000_000, 500_000, 1_042_000);
+        let snapshot = shard.snapshot();
+        let person = |name: &str, admin: bool, metrics: bool| {
+            Arc::new(Identity {
+                user: Some(name.into()),
+                acl: Acl {
+                    publish: PatternSet::new(Vec::<&str>::new()),
+                    subscribe: PatternSet::new(vec!["plant/line1/#"]),
+                },
+                admin,
+                metrics,
+            })
+        };
+        let auth = HttpAuth {
+            check: Box::new(move |user, secret, _| match (user, secret) {
+                ("root", b"pw") => Some(person("root", true, false)),
+                ("scraper", b"pw") => Some(person("scraper", false, true)),
+                ("hmi", b"pw") => Some(person("hmi", false, false)),
+                _ => None,
+            }),
+        };
+        let server = MetricsServer::start_authenticated(
+            "127.0.0.1:0".parse().unwrap(),
+            move |viewer| {
+                let view = viewer.map_or("everything".to_string(), |v| v.name().to_string());
+                (snapshot.clone(), serde_json::json!({ "view": view }))
+            },
+            auth,
+        )
+        .unwrap();
+        let get = |path: &str, creds: Option<&[u8]>| {
+            let auth = creds.map_or(String::new(), |c| {
+                format!(
+                    "Authorization: Basic {}\r\n",
+                    base64::engine::general_purpose::STANDARD.encode(c)
+                )
+            });
+            fetch(&server, format!("GET {path} HTTP/1.1\r\n{auth}\r\n").as_bytes())
+        };
+        for creds in [None, Some(&b"root:wrong"[..]), Some(b"nobody:pw")] {
+            for path in ["/metrics", "/stats"] {
+                let (status, headers, _) = get(path, creds);
+                assert_eq!(status, "HTTP/1.1 401 Unauthorized", "{path} {creds:?}");
+                assert_eq!(header(&headers, "WWW-Authenticate"), Some(CHALLENGE));
+            }
+        }
+        let (status, headers, _) = get("/stats", Some(b"hmi:pw"));
+        assert_eq!(status, "HTTP/1.1 403 Forbidden");
+        assert_eq!(header(&headers, "WWW-Authenticate"), None);
+        let (status, _, body) = get("/stats", Some(b"root:pw"));
+        assert_eq!(status, "HTTP/1.1 200 OK");
+        assert!(body.contains(r#""view":"everything""#), "{body}");
+        let (status, _, body) = get("/stats", Some(b"scraper:pw"));
+        assert_eq!(status, "HTTP/1.1 200 OK");
+        assert!(body.contains(r#""view":"scraper""#), "{body}");
+        let (status, _, body) = get("/metrics", Some(b"scraper:pw"));
+        assert_eq!(status, "HTTP/1.1 200 OK");
+        assert!(body.contains("lanpush_"), "{body}");
+        // Unknown paths still need credentials first: nothing is learnt without them.
+        let (status, _, _) = get("/nope", None);
+        assert_eq!(status, "HTTP/1.1 401 Unauthorized");
+    }
+
+    #[test]
     fn serves_metrics_and_stats() {
         let server = start();
         let (status, headers, body) = fetch(
