@@ -398,3 +398,86 @@ fn mqtt_over_tls_connects_and_receives_a_native_publish() {
     mqtt.read_exact(&mut publish).unwrap();
     assert_eq!(publish, [0x30, 7, 0, 3, b'm', b'/', b'x', b'h', b'i']);
 }
+
+/// The latency cost of TLS (bench/RESULTS.md): one publisher at 1,000 msg/s for 5 s to one
+/// subscriber, publish → receive, plain TCP then TLS on the same engine, alternating twice.
+/// `cargo test --release --test tls -- --ignored --nocapture tls_latency_cost`.
+#[test]
+#[ignore]
+fn tls_latency_cost() {
+    let engine = tls_engine("", false);
+    let tls = engine.ca.client(None);
+    let run = |use_tls: bool, round: u32| {
+        let addr = if use_tls {
+            engine.tls_addr.to_string()
+        } else {
+            engine.server.addr_string()
+        };
+        let mut o = ClientOptions::new(addr).connect_timeout(STEP);
+        if use_tls {
+            o = o.tls(tls.clone());
+        }
+        let topic = format!("lat/{use_tls}/{round}");
+        let mut sub = Subscriber::connect(
+            o.clone().client_id(format!("s{use_tls}{round}")),
+            vec![SubscriptionSpec::new(topic.clone(), DeliveryMode::All)],
+        )
+        .unwrap();
+        let mut publisher = Publisher::connect(o.client_id(format!("p{use_tls}{round}"))).unwrap();
+        let payload = [0u8; 64];
+        let n = 5_000u64;
+        let start = Instant::now();
+        let mut lat_us = Vec::with_capacity(n as usize);
+        for i in 0..n {
+            let due = start + Duration::from_micros(i * 1_000);
+            while Instant::now() < due {
+                std::thread::sleep(due - Instant::now());
+            }
+            publisher.publish(&topic, &payload).unwrap();
+            publisher.flush().unwrap();
+            if let Some(Event::Message(m)) = sub.next_event(Duration::from_secs(2)).unwrap() {
+                lat_us.push((lanpush::client::now_ns() - m.source_ts_ns) / 1_000);
+            }
+        }
+        lat_us.sort_unstable();
+        let q = |p: f64| lat_us[((lat_us.len() as f64 * p) as usize).min(lat_us.len() - 1)];
+        println!(
+            "{:5} round {round}: n={} p50={} p90={} p99={} p99.9={} max={} us",
+            if use_tls { "tls" } else { "plain" },
+            lat_us.len(),
+            q(0.5),
+            q(0.9),
+            q(0.99),
+            q(0.999),
+            lat_us[lat_us.len() - 1]
+        );
+    };
+    for round in 0..2 {
+        run(false, round);
+        run(true, round);
+    }
+}
+
+/// configs/secure.toml's `[tls]` example, with generated files at its placeholder paths and
+/// its listener uncommented: a certificate with CN "gw" publishes as the user gw, without a
+/// token, and one with no certificate is refused.
+#[test]
+fn the_secure_example_serves_mtls_once_its_files_exist() {
+    let ca = Ca::new("plant");
+    let (cert, key) = ca.issue("engine", &["localhost"], None);
+    let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/configs/secure.toml"))
+        .unwrap()
+        .replace("/etc/lanpush/tls/engine.pem", cert.path_str())
+        .replace("/etc/lanpush/tls/engine-key.pem", key.path_str())
+        .replace("/etc/lanpush/tls/plant-ca.pem", ca.pem.path_str())
+        .replace("# listen = \"0.0.0.0:7412\"", "listen = \"127.0.0.1:0\"")
+        .replace("prometheus_listen = \"127.0.0.1:9464\"", "prometheus_listen = \"\"");
+    let (server, _config) = Server::start_with_config(&text);
+    let tls_addr = server.line_addr("tls");
+    let gw = ca.issue("gw", &[], Some("gw"));
+    let mut publisher = Publisher::connect(opts(tls_addr, ca.client(Some(&gw)), "gw1")).unwrap();
+    publisher.publish("plant/line1/temp", b"21.5").unwrap();
+    publisher.confirm(STEP).unwrap();
+    let err = refused(opts(tls_addr, ca.client(None), "anon"));
+    assert!(matches!(err, ClientError::Tls { .. }), "{err:?}");
+}
