@@ -81,7 +81,10 @@ impl TlsConfig {
     /// Checks the keys that can be checked without reading files (the files are read at
     /// start, by [`server_config`], and a failure there stops the engine with the path).
     pub(crate) fn validate(&self) -> Result<(), String> {
-        for (key, text) in [("tls.listen", &self.listen), ("tls.mqtt_listen", &self.mqtt_listen)] {
+        for (key, text) in [
+            ("tls.listen", &self.listen),
+            ("tls.mqtt_listen", &self.mqtt_listen),
+        ] {
             let text = text.trim();
             if !text.is_empty() && text.parse::<SocketAddr>().is_err() {
                 return Err(format!(
@@ -89,8 +92,7 @@ impl TlsConfig {
                 ));
             }
         }
-        if self.enabled() && (self.cert_path.trim().is_empty() || self.key_path.trim().is_empty())
-        {
+        if self.enabled() && (self.cert_path.trim().is_empty() || self.key_path.trim().is_empty()) {
             return Err("tls: a TLS listener needs tls.cert_path and tls.key_path".into());
         }
         if self.require_client_cert && self.client_ca_path.trim().is_empty() {
@@ -114,7 +116,10 @@ pub(crate) fn provider() -> Arc<rustls::crypto::CryptoProvider> {
 }
 
 /// Reads every certificate of a PEM file.
-pub fn load_certs(path: &Path, what: &'static str) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+pub fn load_certs(
+    path: &Path,
+    what: &'static str,
+) -> Result<Vec<CertificateDer<'static>>, TlsError> {
     let pem_err = |reason: String| TlsError::Pem {
         what,
         path: path.display().to_string(),
@@ -218,14 +223,11 @@ impl ClientTls {
             .with_root_certificates(roots(ca_path)?);
         let config = match cert_key {
             None => builder.with_no_client_auth(),
-            Some((cert, key)) => builder.with_client_auth_cert(
-                load_certs(cert, "client certificate")?,
-                load_key(key)?,
-            )?,
+            Some((cert, key)) => builder
+                .with_client_auth_cert(load_certs(cert, "client certificate")?, load_key(key)?)?,
         };
         if let Some(name) = &server_name {
-            ServerName::try_from(name.as_str())
-                .map_err(|_| TlsError::ServerName(name.clone()))?;
+            ServerName::try_from(name.as_str()).map_err(|_| TlsError::ServerName(name.clone()))?;
         }
         Ok(ClientTls {
             config: Arc::new(config),

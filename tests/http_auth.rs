@@ -84,7 +84,10 @@ fn metrics_and_stats_need_credentials_with_the_right_and_show_the_viewers_share(
     }
     assert_eq!(got, 2);
     let stats = server.stats_as("admin:pw");
-    let url = stats["metrics_url"].as_str().expect("metrics_url").to_string();
+    let url = stats["metrics_url"]
+        .as_str()
+        .expect("metrics_url")
+        .to_string();
     let addr = url
         .trim_start_matches("http://")
         .trim_end_matches("/metrics")
@@ -114,18 +117,39 @@ fn metrics_and_stats_need_credentials_with_the_right_and_show_the_viewers_share(
         }
         std::thread::sleep(Duration::from_millis(20));
     };
-    assert!(full["latency"]["prefixes"].get("plant/line1").is_some(), "{full}");
-    assert!(full["latency"]["prefixes"].get("plant/line2").is_some(), "{full}");
-    assert!(!full["connections"].as_array().unwrap().is_empty(), "admin sees connections");
+    assert!(
+        full["latency"]["prefixes"].get("plant/line1").is_some(),
+        "{full}"
+    );
+    assert!(
+        full["latency"]["prefixes"].get("plant/line2").is_some(),
+        "{full}"
+    );
+    assert!(
+        !full["connections"].as_array().unwrap().is_empty(),
+        "admin sees connections"
+    );
 
     let (status, _, body) = get(&addr, "/stats", Some("ops:pw"));
     assert_eq!(status, "HTTP/1.1 200 OK");
     let scoped: serde_json::Value = serde_json::from_str(&body).unwrap();
     assert_eq!(scoped["view"], "ops");
-    assert!(scoped["connections"].as_array().unwrap().is_empty(), "{scoped}");
-    assert!(scoped["latency"]["prefixes"].get("plant/line1").is_some(), "{scoped}");
-    assert!(scoped["latency"]["prefixes"].get("plant/line2").is_none(), "{scoped}");
-    assert!(scoped["totals"]["delivered"].as_u64() >= Some(2), "counters are shown");
+    assert!(
+        scoped["connections"].as_array().unwrap().is_empty(),
+        "{scoped}"
+    );
+    assert!(
+        scoped["latency"]["prefixes"].get("plant/line1").is_some(),
+        "{scoped}"
+    );
+    assert!(
+        scoped["latency"]["prefixes"].get("plant/line2").is_none(),
+        "{scoped}"
+    );
+    assert!(
+        scoped["totals"]["delivered"].as_u64() >= Some(2),
+        "counters are shown"
+    );
 
     let (status, _, text) = get(&addr, "/metrics", Some("ops:pw"));
     assert_eq!(status, "HTTP/1.1 200 OK");
@@ -138,5 +162,9 @@ fn metrics_and_stats_need_credentials_with_the_right_and_show_the_viewers_share(
     while !server.stderr().contains("HTTP request refused") && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(20));
     }
-    assert!(server.stderr().contains("HTTP request refused"), "{}", server.stderr());
+    assert!(
+        server.stderr().contains("HTTP request refused"),
+        "{}",
+        server.stderr()
+    );
 }

@@ -41,7 +41,9 @@ impl Ca {
             rcgen::CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>())
                 .unwrap();
         if let Some(cn) = cn {
-            params.distinguished_name.push(rcgen::DnType::CommonName, cn);
+            params
+                .distinguished_name
+                .push(rcgen::DnType::CommonName, cn);
         }
         let cert = params.signed_by(&key, &self.cert, &self.key).unwrap();
         (
@@ -130,7 +132,8 @@ fn tls_publish_reaches_a_tls_subscriber_and_a_plain_one() {
     let engine = tls_engine("", false);
     let tls = engine.ca.client(None);
     let spec = || vec![SubscriptionSpec::new("plant/#", DeliveryMode::All)];
-    let mut sub = Subscriber::connect(opts(engine.tls_addr, tls.clone(), "tls-sub"), spec()).unwrap();
+    let mut sub =
+        Subscriber::connect(opts(engine.tls_addr, tls.clone(), "tls-sub"), spec()).unwrap();
     let mut plain = Subscriber::connect(
         ClientOptions::new(engine.server.addr_string()).client_id("plain-sub"),
         spec(),
@@ -212,7 +215,8 @@ fn a_client_that_trusts_another_ca_is_refused_with_a_clear_error() {
         out.stderr
     );
     // A name the certificate does not carry is refused too.
-    let wrong_name = ClientTls::from_files(&engine.ca.pem.path, None, Some("elsewhere".into())).unwrap();
+    let wrong_name =
+        ClientTls::from_files(&engine.ca.pem.path, None, Some("elsewhere".into())).unwrap();
     let err = refused(opts(engine.tls_addr, wrong_name, "p"));
     assert!(matches!(err, ClientError::Tls { .. }), "{err:?}");
 }
@@ -234,13 +238,21 @@ fn plain_tcp_or_junk_on_the_tls_port_is_closed_and_disturbs_no_one() {
     let mut answer = Vec::new();
     let closed_at = Instant::now();
     raw.stream.read_to_end(&mut answer).unwrap();
-    assert!(closed_at.elapsed() < Duration::from_secs(2), "closed at once");
-    assert_eq!(answer.first(), Some(&0x15), "a TLS alert record: {answer:?}");
+    assert!(
+        closed_at.elapsed() < Duration::from_secs(2),
+        "closed at once"
+    );
+    assert_eq!(
+        answer.first(),
+        Some(&0x15),
+        "a TLS alert record: {answer:?}"
+    );
     // Junk and a truncated handshake from other connections meanwhile.
     let mut junk = TcpStream::connect(engine.tls_addr).unwrap();
     junk.write_all(&util::noise(7, 64 * 1024)).ok();
     let mut half = TcpStream::connect(engine.tls_addr).unwrap();
-    half.write_all(&[0x16, 0x03, 0x01, 0x02, 0x00, 0x01]).unwrap();
+    half.write_all(&[0x16, 0x03, 0x01, 0x02, 0x00, 0x01])
+        .unwrap();
     for i in 0..50u32 {
         publisher.publish("steady/t", &i.to_be_bytes()).unwrap();
         publisher.flush().unwrap();
@@ -318,12 +330,14 @@ fn a_client_certificate_is_the_users_identity_and_brings_its_acl() {
     hmi_pub.publish("plant/line1/temp", b"x").unwrap();
     assert!(matches!(
         hmi_pub.confirm(STEP),
-        Err(ClientError::Engine { code: error_code::FORBIDDEN, .. })
+        Err(ClientError::Engine {
+            code: error_code::FORBIDDEN,
+            ..
+        })
     ));
     // A token naming another user than the certificate is refused (ERROR 16).
-    let err = refused(
-        opts(engine.tls_addr, engine.ca.client(Some(&hmi)), "mixed").token("gateway1:pw"),
-    );
+    let err =
+        refused(opts(engine.tls_addr, engine.ca.client(Some(&hmi)), "mixed").token("gateway1:pw"));
     assert!(
         matches!(&err, ClientError::Engine { code: error_code::UNAUTHENTICATED, reason } if reason.contains("certificate")),
         "{err:?}"
@@ -332,7 +346,13 @@ fn a_client_certificate_is_the_users_identity_and_brings_its_acl() {
     let nobody = engine.ca.issue("nobody", &[], Some("nobody"));
     let err = refused(opts(engine.tls_addr, engine.ca.client(Some(&nobody)), "n"));
     assert!(
-        matches!(&err, ClientError::Engine { code: error_code::UNAUTHENTICATED, .. }),
+        matches!(
+            &err,
+            ClientError::Engine {
+                code: error_code::UNAUTHENTICATED,
+                ..
+            }
+        ),
         "{err:?}"
     );
     // ... and with a valid token, that token's user.
@@ -385,7 +405,8 @@ fn mqtt_over_tls_connects_and_receives_a_native_publish() {
     mqtt.read_exact(&mut connack).unwrap();
     assert_eq!(connack, [0x20, 2, 0, 0], "CONNACK accepted");
     // SUBSCRIBE packet id 1 to "m/#" at QoS 0.
-    mqtt.write_all(&[0x82, 8, 0, 1, 0, 3, b'm', b'/', b'#', 0]).unwrap();
+    mqtt.write_all(&[0x82, 8, 0, 1, 0, 3, b'm', b'/', b'#', 0])
+        .unwrap();
     let mut suback = [0u8; 5];
     mqtt.read_exact(&mut suback).unwrap();
     assert_eq!(suback, [0x90, 3, 0, 1, 0]);
@@ -471,7 +492,10 @@ fn the_secure_example_serves_mtls_once_its_files_exist() {
         .replace("/etc/lanpush/tls/engine-key.pem", key.path_str())
         .replace("/etc/lanpush/tls/plant-ca.pem", ca.pem.path_str())
         .replace("# listen = \"0.0.0.0:7412\"", "listen = \"127.0.0.1:0\"")
-        .replace("prometheus_listen = \"127.0.0.1:9464\"", "prometheus_listen = \"\"");
+        .replace(
+            "prometheus_listen = \"127.0.0.1:9464\"",
+            "prometheus_listen = \"\"",
+        );
     let (server, _config) = Server::start_with_config(&text);
     let tls_addr = server.line_addr("tls");
     let gw = ca.issue("gw", &[], Some("gw"));

@@ -30,7 +30,8 @@ impl Write for DontWait<'_> {
 
 /// The rustls error inside an I/O error, if it is one (a TLS alert, a bad record).
 pub(crate) fn tls_cause(e: &io::Error) -> Option<&rustls::Error> {
-    e.get_ref().and_then(|inner| inner.downcast_ref::<rustls::Error>())
+    e.get_ref()
+        .and_then(|inner| inner.downcast_ref::<rustls::Error>())
 }
 
 impl Stream {
@@ -71,7 +72,9 @@ impl Stream {
                 return Err(failed(reason));
             }
         }
-        Ok(Stream::Tls(Box::new(rustls::StreamOwned::new(conn, socket))))
+        Ok(Stream::Tls(Box::new(rustls::StreamOwned::new(
+            conn, socket,
+        ))))
     }
 
     /// The TCP socket underneath.

@@ -335,7 +335,9 @@ impl Reactor {
                 match event.token() {
                     WAKER_TOKEN => {}
                     TIMER_TOKEN => self.timer.fired(),
-                    LISTENER_TOKEN | MQTT_LISTENER_TOKEN | TLS_LISTENER_TOKEN
+                    LISTENER_TOKEN
+                    | MQTT_LISTENER_TOKEN
+                    | TLS_LISTENER_TOKEN
                     | TLS_MQTT_LISTENER_TOKEN => self.accept(now),
                     Token(slot) => {
                         if event.is_writable() {
@@ -472,7 +474,10 @@ impl Reactor {
             }
             for event in events.iter() {
                 match event.token() {
-                    WAKER_TOKEN | LISTENER_TOKEN | MQTT_LISTENER_TOKEN | TLS_LISTENER_TOKEN
+                    WAKER_TOKEN
+                    | LISTENER_TOKEN
+                    | MQTT_LISTENER_TOKEN
+                    | TLS_LISTENER_TOKEN
                     | TLS_MQTT_LISTENER_TOKEN => {}
                     TIMER_TOKEN => self.timer.fired(),
                     // Reads wait: nothing new is taken in while draining.

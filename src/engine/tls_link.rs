@@ -316,7 +316,10 @@ mod tests {
         let taken = link.write_plain(&[IoSlice::new(&big)]).unwrap();
         assert!(taken <= TLS_SEND_LIMIT, "took {taken}");
         assert!(taken > 0);
-        assert!(!link.flush_to(&mut to_client).unwrap(), "the socket is full");
+        assert!(
+            !link.flush_to(&mut to_client).unwrap(),
+            "the socket is full"
+        );
         // No more is taken than the socket made room for: rustls's buffer stays at the limit.
         let more = link.write_plain(&[IoSlice::new(&big)]).unwrap();
         assert!(more <= 1000, "took {more} more");

@@ -103,7 +103,12 @@ impl MetricsServer {
         addr: SocketAddr,
         source: impl Fn() -> (MetricsSnapshot, Value) + Send + 'static,
     ) -> io::Result<MetricsServer> {
-        Self::start_with(addr, move |_: Viewer<'_>| source(), None, Timeouts::default())
+        Self::start_with(
+            addr,
+            move |_: Viewer<'_>| source(),
+            None,
+            Timeouts::default(),
+        )
     }
 
     /// As [`MetricsServer::start`], with HTTP Basic authentication: a request without valid
@@ -309,11 +314,7 @@ fn admit(auth: &HttpAuth, head: &[u8], peer: SocketAddr) -> Result<Arc<Identity>
     }
 }
 
-fn route(
-    method: &str,
-    path: &str,
-    source: impl FnOnce() -> (MetricsSnapshot, Value),
-) -> Response {
+fn route(method: &str, path: &str, source: impl FnOnce() -> (MetricsSnapshot, Value)) -> Response {
     if method != "GET" && method != "HEAD" {
         let mut r = Response::error("405 Method Not Allowed");
         r.allow = true;
@@ -501,7 +502,9 @@ mod tests {
         use base64::Engine as _;
         let b64 = |s: &[u8]| base64::engine::general_purpose::STANDARD.encode(s);
         let head = |value: &str| format!("GET /metrics HTTP/1.1\r\nHost: x\r\n{value}\r\n");
-        let creds = basic_credentials(head(&format!("Authorization: Basic {}", b64(b"ops:p:w"))).as_bytes());
+        let creds = basic_credentials(
+            head(&format!("Authorization: Basic {}", b64(b"ops:p:w"))).as_bytes(),
+        );
         assert_eq!(creds, Some(("ops".to_string(), b"p:w".to_vec())));
         let lower = format!("authorization:   basic {}", b64(b"ops:pw"));
         assert!(basic_credentials(head(&lower).as_bytes()).is_some());
@@ -564,7 +567,10 @@ mod tests {
                     base64::engine::general_purpose::STANDARD.encode(c)
                 )
             });
-            fetch(&server, format!("GET {path} HTTP/1.1\r\n{auth}\r\n").as_bytes())
+            fetch(
+                &server,
+                format!("GET {path} HTTP/1.1\r\n{auth}\r\n").as_bytes(),
+            )
         };
         for creds in [None, Some(&b"root:wrong"[..]), Some(b"nobody:pw")] {
             for path in ["/metrics", "/stats"] {
