@@ -19,6 +19,13 @@
 #   fanin100                                fan-in 100 publishers -> 1 wildcard subscriber
 #   open1 open10                            fan-out 1 -> S open loop (--window 0): issue 9's bar
 #   stalled10                               10,000 msg/s -> 10 healthy + 1 stalled subscriber
+#   plant                                   bench/scenarios/plant.toml: 8 gateways x 500 tags
+#                                           every 100 ms -> 40 HMIs: p50/p99/p99.9
+#
+# Targets: lanpush (native protocol), lanpush-mqtt (the same engine through its MQTT listener,
+# driven by the same MQTT client as the mosquitto column: issue 12's comparison), mqtt
+# (mosquitto), nats (nats-server), redis (redis-server). For MQTT against MQTT only:
+#   TARGETS="lanpush-mqtt mqtt" SCENARIOS="fanout100 plant" bench/compare.sh
 #
 # Environment (defaults in brackets):
 #   SCENARIOS [all above]   TARGETS ["lanpush mqtt nats redis"]
@@ -40,7 +47,7 @@ set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 # shellcheck source=bench/lib.sh
 source "$ROOT/bench/lib.sh"
-ALL_SCENARIOS="fanout1 fanout10 fanout100 fanout1000 lat10k-10 lat10k-100 lat100k-10 lat100k-100 fanin100 open1 open10 stalled10"
+ALL_SCENARIOS="fanout1 fanout10 fanout100 fanout1000 lat10k-10 lat10k-100 lat100k-10 lat100k-100 fanin100 open1 open10 stalled10 plant"
 SCENARIOS=${SCENARIOS:-$ALL_SCENARIOS}
 TARGETS=${TARGETS:-lanpush mqtt nats redis}
 DURATION=${DURATION:-10}
@@ -106,11 +113,16 @@ find_bin() { # NAME: path of a daemon, also in sbin dirs that a non-root PATH la
 
 port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
 
+has_target() { [[ " $TARGETS " == *" $1 "* ]]; }
+
+# The columns lanpush-bench serves with an engine it starts itself.
+is_lanpush() { [[ $1 == lanpush || $1 == lanpush-mqtt ]]; }
+
 install_missing() {
     local wanted=() missing=() pkg t
     for t in $TARGETS; do
-        [[ $t == lanpush ]] && continue
-        [[ -n ${PEER_PKG[$t]:-} ]] || die "unknown target $t (lanpush, mqtt, nats, redis)"
+        is_lanpush "$t" && continue
+        [[ -n ${PEER_PKG[$t]:-} ]] || die "unknown target $t (lanpush, lanpush-mqtt, mqtt, nats, redis)"
         find_bin "${PEER_PKG[$t]}" >/dev/null || wanted+=("${PEER_PKG[$t]}")
     done
     command -v jq >/dev/null || wanted+=(jq)
@@ -216,6 +228,7 @@ declare -A SCENARIO=(
     [open1]="thr|fan-out 1 → 1, open loop|fanout --publishers 1 --subscribers 1 --rate 0 --window 0"
     [open10]="thr|fan-out 1 → 10, open loop|fanout --publishers 1 --subscribers 10 --rate 0 --window 0"
     [stalled10]="lat|10,000 msg/s → 10 + 1 stalled|fanout --publishers 1 --subscribers 10 --stalled 1 --rate 10000"
+    [plant]="lat|plant: 8 × 500 tags / 100 ms → 40 HMIs|run $ROOT/bench/scenarios/plant.toml"
 )
 
 run_one() { # SCENARIO TARGET: one bounded run; leaves RAW/<s>.<t>.json, .log, .rc
@@ -226,7 +239,11 @@ run_one() { # SCENARIO TARGET: one bounded run; leaves RAW/<s>.<t>.json, .log, .
     # shellcheck disable=SC2206 # $args is a word list by design
     local cmd=("$BENCH" $args --duration "$DURATION" --warmup "$WARMUP" --size "$SIZE"
         --label "$t" --json "$base.json" --quiet)
-    [[ $t == lanpush ]] || cmd+=(--target "$(target_url "$t")")
+    case $t in
+    lanpush) ;;
+    lanpush-mqtt) cmd+=(--mqtt) ;;
+    *) cmd+=(--target "$(target_url "$t")") ;;
+    esac
     # shellcheck disable=SC2206 # word splitting of BENCH_ARGS is intended
     cmd+=($BENCH_ARGS)
     log "$s on $t: ${cmd[*]}"
@@ -247,7 +264,7 @@ read_cells() {
     VALUES=() CELL=()
     for t in $TARGETS; do
         base="$RAW/$s.$t"
-        if [[ $t != lanpush && ${PEER_STATE[$t]:-} != ok ]]; then
+        if ! is_lanpush "$t" && [[ ${PEER_STATE[$t]:-} != ok ]]; then
             CELL[$t]="—"
             continue
         fi
@@ -275,11 +292,15 @@ read_cells() {
     done
 }
 
-# "yes", or which peers beat lanpush on this row.
+# "yes", or which peers beat lanpush on this row. lanpush's figure is the native column's, or
+# the MQTT column's when the native one is not in the table. On throughput rows "yes" carries
+# the factor over the best peer.
 verdict() {
-    local kind=$1 t behind=() mine theirs
-    [[ -n ${VALUES[lanpush]:-} ]] || { echo "n/a"; return; }
-    read -ra mine <<<"${VALUES[lanpush]}"
+    local kind=$1 t me behind=() mine theirs best=0
+    me=lanpush
+    [[ -n ${VALUES[lanpush]:-} ]] || me=lanpush-mqtt
+    [[ -n ${VALUES[$me]:-} ]] || { echo "n/a"; return; }
+    read -ra mine <<<"${VALUES[$me]}"
     if [[ $kind == thr ]] && awk -v a="${mine[0]}" 'BEGIN { exit !(a <= 0) }'; then
         echo "**no**: lanpush delivered nothing in the window"
         return
@@ -289,8 +310,9 @@ verdict() {
         return
     fi
     for t in $TARGETS; do
-        if [[ $t == lanpush || -z ${VALUES[$t]:-} ]]; then continue; fi
+        if is_lanpush "$t" || [[ -z ${VALUES[$t]:-} ]]; then continue; fi
         read -ra theirs <<<"${VALUES[$t]}"
+        best=$(awk -v a="$best" -v b="${theirs[0]}" 'BEGIN { print (b > a ? b : a) }')
         # A peer with no measured deliveries has no percentiles to compare (they read as 0).
         if [[ $kind == lat ]] && awk -v e="${theirs[2]}" -v l="${theirs[1]}" 'BEGIN { exit !(e <= 0 || l >= e) }'; then
             continue
@@ -308,7 +330,13 @@ verdict() {
             fi
         fi
     done
-    if ((${#behind[@]} == 0)); then echo "yes"; else echo "**no**: behind ${behind[*]}"; fi
+    if ((${#behind[@]} > 0)); then
+        echo "**no**: behind ${behind[*]}"
+    elif [[ $kind == thr ]] && awk -v b="$best" 'BEGIN { exit !(b > 0) }'; then
+        awk -v a="${mine[0]}" -v b="$best" 'BEGIN { printf "yes (%.1f×)\n", a / b }'
+    else
+        echo "yes"
+    fi
 }
 
 write_table() {
@@ -326,6 +354,7 @@ write_table() {
         for t in $TARGETS; do
             case $t in
             lanpush) header+=" lanpush |" ;;
+            lanpush-mqtt) header+=" lanpush (MQTT) |" ;;
             *) header+=" ${PEER_PKG[$t]} ${PEER_VERSION[$t]:-} |" ;;
             esac
             sep+=" ---: |"
@@ -342,14 +371,15 @@ write_table() {
         echo
         echo "Notes"
         for t in $TARGETS; do
-            if [[ $t == lanpush ]]; then continue; fi
+            if is_lanpush "$t"; then continue; fi
             if [[ ${PEER_STATE[$t]:-} != ok ]]; then
                 echo "- ${PEER_PKG[$t]}: not measured (${PEER_STATE[$t]:-not started})."
             fi
         done
-        echo "- mosquitto: bench/peers/mosquitto.conf (QoS 0; max_queued_messages 65536, lanpush's default queue bound, instead of 1000; TCP_NODELAY on; no persistence)."
-        echo "- nats-server: \`-a 127.0.0.1 -p $NATS_PORT\`, defaults otherwise (64 MB pending per client before a slow consumer is cut)."
-        echo "- redis-server: \`--save '' --appendonly no --client-output-buffer-limit 'pubsub 0 0 0'\` (no persistence, subscribers never cut for lagging); publishers use CLIENT REPLY OFF."
+        has_target lanpush-mqtt && echo "- lanpush (MQTT): the engine lanpush-bench starts, with \`--mqtt-listen 127.0.0.1:0\`, driven by the same MQTT 3.1.1 QoS 0 client as the mosquitto column (\`lanpush-bench --mqtt\`)."
+        has_target mqtt && echo "- mosquitto: bench/peers/mosquitto.conf (QoS 0; max_queued_messages 65536, lanpush's default queue bound, instead of 1000; TCP_NODELAY on; no persistence)."
+        has_target nats && echo "- nats-server: \`-a 127.0.0.1 -p $NATS_PORT\`, defaults otherwise (64 MB pending per client before a slow consumer is cut)."
+        has_target redis && echo "- redis-server: \`--save '' --appendonly no --client-output-buffer-limit 'pubsub 0 0 0'\` (no persistence, subscribers never cut for lagging); publishers use CLIENT REPLY OFF."
         echo "- Client drivers: tools/lanpush-bench/peers/ (topic translation and its limits are in each module's docs). \"lost\" = deliveries the run expected and did not see; \"—\" = target not available."
         echo "- Raw results (--json per run, logs): $(realpath --relative-to="$ROOT" "$RAW" 2>/dev/null || echo "$RAW")/"
     } >"$OUT.tmp"
@@ -358,7 +388,7 @@ write_table() {
 
 # --- main -----------------------------------------------------------------------------------
 for s in $SCENARIOS; do [[ -n ${SCENARIO[$s]:-} ]] || die "unknown scenario $s (known: $ALL_SCENARIOS)"; done
-for t in $TARGETS; do [[ $t == lanpush || -n ${PEER_PKG[$t]:-} ]] || die "unknown target $t"; done
+for t in $TARGETS; do is_lanpush "$t" || [[ -n ${PEER_PKG[$t]:-} ]] || die "unknown target $t"; done
 mkdir -p "$RAW"
 install_missing
 command -v jq >/dev/null || die "jq is needed to read the results (apt-get install jq)"
@@ -374,12 +404,12 @@ fi
 # 1,000 subscribers need 1,000 sockets in the tool and as many in the broker.
 ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
 
-for t in $TARGETS; do [[ $t == lanpush ]] || start_peer "$t"; done
+for t in $TARGETS; do is_lanpush "$t" || start_peer "$t"; done
 
 deadline=$((SECONDS + MAX_TOTAL))
 for s in $SCENARIOS; do
     for t in $TARGETS; do
-        if [[ $t != lanpush && ${PEER_STATE[$t]:-} != ok ]]; then continue; fi
+        if ! is_lanpush "$t" && [[ ${PEER_STATE[$t]:-} != ok ]]; then continue; fi
         if ((SECONDS >= deadline)); then
             log "MAX_TOTAL=$MAX_TOTAL s reached: skipping $s on $t"
             echo 125 >"$RAW/$s.$t.rc"

@@ -10,3 +10,4 @@ pub mod proto;
 pub mod service;
 pub mod tls;
 pub mod topic;
+pub mod ws;

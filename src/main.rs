@@ -67,6 +67,10 @@ struct ServeArgs {
     /// line printed is `mqtt listening on <ip:port>`).
     #[arg(long, value_name = "ADDR")]
     mqtt_listen: Option<SocketAddr>,
+    /// WebSocket listen address, overriding websocket.listen (port 0 picks a free port; the
+    /// line after the MQTT one is `ws listening on <ip:port>`).
+    #[arg(long, value_name = "ADDR")]
+    ws_listen: Option<SocketAddr>,
 }
 
 #[derive(Args)]
@@ -283,6 +287,10 @@ fn serve(args: ServeArgs) -> Result<(), CliError> {
                 Some(mqtt) => writeln!(out, "mqtt listening on {mqtt}"),
                 None => Ok(()),
             })
+            .and_then(|()| match engine.ws_addr() {
+                Some(ws) => writeln!(out, "ws listening on {ws}"),
+                None => Ok(()),
+            })
             .and_then(|()| match engine.tls_addr() {
                 Some(tls) => writeln!(out, "tls listening on {tls}"),
                 None => Ok(()),
@@ -371,6 +379,9 @@ fn serve_config(args: &ServeArgs) -> Result<Config, CliError> {
     }
     if let Some(mqtt) = args.mqtt_listen {
         config.mqtt.listen = mqtt.to_string();
+    }
+    if let Some(ws) = args.ws_listen {
+        config.websocket.listen = ws.to_string();
     }
     Ok(config)
 }

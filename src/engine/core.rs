@@ -370,6 +370,15 @@ impl FanoutCore {
         self.arm(slot);
     }
 
+    /// Before any input of `slot`: it speaks `wire` after all. A WebSocket connection is opened
+    /// as native and learns its subprotocol at the upgrade (`ws_link.rs`).
+    pub(crate) fn set_wire(&mut self, slot: usize, wire: WireKind) {
+        let mqtt = (wire == WireKind::Mqtt).then(|| self.new_mqtt_state());
+        if let Some(session) = self.session_mut(slot) {
+            session.mqtt = mqtt;
+        }
+    }
+
     /// The transport of `slot` can take bytes (again).
     pub(crate) fn handle_writable(&mut self, slot: usize) {
         if let Some(s) = self.sessions.get_mut(slot).and_then(Option::as_mut) {

@@ -287,6 +287,7 @@ fn join_reports_the_failed_reactor_after_it_stopped_the_others() {
         mqtt_addr: None,
         tls_addr: None,
         tls_mqtt_addr: None,
+        ws_addr: None,
         threads,
         stats_thread: std::thread::spawn(|| {}),
         shared: shared.clone(),

@@ -44,6 +44,9 @@ mod store;
 mod timer;
 mod tls_link;
 mod wire;
+mod ws_link;
+#[cfg(test)]
+mod ws_link_tests;
 
 use std::cell::RefCell;
 use std::io;
@@ -461,6 +464,8 @@ pub struct Engine {
     local_addr: SocketAddr,
     /// The MQTT listener's address, when `mqtt.listen` is set.
     mqtt_addr: Option<SocketAddr>,
+    /// The WebSocket listener's address, when `websocket.listen` is set.
+    ws_addr: Option<SocketAddr>,
     /// The TLS listeners' addresses, when `tls.listen` / `tls.mqtt_listen` are set.
     tls_addr: Option<SocketAddr>,
     tls_mqtt_addr: Option<SocketAddr>,
@@ -504,6 +509,19 @@ impl Engine {
             None => None,
             Some(l) => Some(l.local_addr().map_err(|source| EngineError::Listen {
                 addr: config.mqtt.listen_addr().unwrap_or(addr),
+                source,
+            })?),
+        };
+        let ws_listener = match config.websocket.listen_addr() {
+            None => None,
+            Some(addr) => {
+                Some(bind_listener(addr).map_err(|source| EngineError::Listen { addr, source })?)
+            }
+        };
+        let ws_addr = match &ws_listener {
+            None => None,
+            Some(l) => Some(l.local_addr().map_err(|source| EngineError::Listen {
+                addr: config.websocket.listen_addr().unwrap_or(addr),
                 source,
             })?),
         };
@@ -567,6 +585,7 @@ impl Engine {
         .map_err(EngineError::Thread)?;
         let mut listener = Some(mio::net::TcpListener::from_std(listener));
         let mut mqtt_listener = mqtt_listener.map(mio::net::TcpListener::from_std);
+        let mut ws_listener = ws_listener.map(mio::net::TcpListener::from_std);
         let mut threads = Vec::with_capacity(n);
         for (id, (poll, inbox)) in polls.into_iter().zip(inboxes).enumerate() {
             let started = Reactor::new(
@@ -577,6 +596,7 @@ impl Engine {
                 poll,
                 if id == 0 { listener.take() } else { None },
                 if id == 0 { mqtt_listener.take() } else { None },
+                if id == 0 { ws_listener.take() } else { None },
                 reactor::TlsSetup {
                     listener: if id == 0 { tls_listener.take() } else { None },
                     mqtt_listener: if id == 0 {
@@ -628,6 +648,7 @@ impl Engine {
         Ok(Engine {
             local_addr,
             mqtt_addr,
+            ws_addr,
             tls_addr,
             tls_mqtt_addr,
             threads,
@@ -669,6 +690,12 @@ impl Engine {
         self.tls_mqtt_addr
     }
 
+    /// The WebSocket listener's address (the real port when the config asked for port 0), when
+    /// `websocket.listen` is set.
+    pub fn ws_addr(&self) -> Option<SocketAddr> {
+        self.ws_addr
+    }
+
     /// Reactor threads running.
     pub fn reactor_count(&self) -> usize {
         self.shared.mailboxes.len()
@@ -695,7 +722,7 @@ impl Engine {
         };
         let shared = Arc::clone(&self.shared);
         let server = if self.config.auth.anonymous {
-            crate::metrics::MetricsServer::start(addr, move || {
+            crate::metrics::MetricsServer::start_with_live_page(addr, self.ws_addr, move || {
                 let stats = stats::collect(&shared, &shared.mailboxes);
                 (shared.metrics.merged(), stats)
             })?
@@ -704,6 +731,7 @@ impl Engine {
             let auth = http_auth::http_auth(shared.clone(), &self.config);
             crate::metrics::MetricsServer::start_authenticated(
                 addr,
+                self.ws_addr,
                 move |viewer| {
                     let stats = stats::collect(&shared, &shared.mailboxes);
                     let snapshot = shared.metrics.merged();

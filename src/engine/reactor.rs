@@ -28,6 +28,7 @@ use super::stats::StatsJob;
 use super::timer::DeadlineTimer;
 use super::tls_link::{Plain, TlsIoError, TlsLink};
 use super::wire::WireKind;
+use super::ws_link::{LinkInput, WsLink};
 use super::{now_unix_ns, EngineShared};
 use crate::config::Config;
 use crate::proto::{self, error_code};
@@ -36,8 +37,9 @@ pub(crate) const WAKER_TOKEN: Token = Token(usize::MAX - 1);
 const LISTENER_TOKEN: Token = Token(usize::MAX - 2);
 const TIMER_TOKEN: Token = Token(usize::MAX - 3);
 const MQTT_LISTENER_TOKEN: Token = Token(usize::MAX - 4);
-const TLS_LISTENER_TOKEN: Token = Token(usize::MAX - 5);
-const TLS_MQTT_LISTENER_TOKEN: Token = Token(usize::MAX - 6);
+const WS_LISTENER_TOKEN: Token = Token(usize::MAX - 5);
+const TLS_LISTENER_TOKEN: Token = Token(usize::MAX - 6);
+const TLS_MQTT_LISTENER_TOKEN: Token = Token(usize::MAX - 7);
 
 /// Readiness events taken per `poll` call.
 const MAX_EVENTS: usize = 1024;
@@ -70,6 +72,8 @@ pub(crate) enum ShardMsg {
         stream: TcpStream,
         conn_id: u64,
         wire: WireKind,
+        /// Accepted by the WebSocket listener.
+        ws: bool,
         /// Accepted on a TLS listener: the receiver runs the handshake.
         tls: bool,
     },
@@ -92,11 +96,26 @@ pub(crate) enum ShardMsg {
     Shutdown,
 }
 
+/// Which listener accepted a connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Listener {
+    Native,
+    Mqtt,
+    /// WebSocket: the core serves it as native until the upgrade names its subprotocol.
+    WebSocket,
+    /// The native protocol over TLS.
+    Tls,
+    /// MQTT over TLS.
+    TlsMqtt,
+}
+
 /// A connection's transport half: the socket and what has been read but not yet used.
 struct Link {
     stream: TcpStream,
     input: ReadBuf,
     wire: WireKind,
+    /// A WebSocket connection's bridge (`ws_link.rs`): its socket bytes go through it.
+    ws: Option<Box<WsLink>>,
     /// The source address, counted in `EngineShared::sources` while the link lives.
     peer: Option<std::net::SocketAddr>,
     /// Accepted on a TLS listener: the rustls state between the socket and the core.
@@ -125,10 +144,10 @@ impl Transport for Sockets<'_> {
         let Some(link) = self.links.get_mut(slot).and_then(Option::as_mut) else {
             return Err(io::ErrorKind::NotConnected.into());
         };
-        let result = match link.tls.as_mut() {
-            None => link.stream.write_vectored(slices),
+        let result = match (link.ws.as_deref_mut(), link.tls.as_deref_mut()) {
+            (Some(ws), _) => ws.write(&mut link.stream, slices),
             // Encrypt only once the last ciphertext is out (tls_link.rs, the driver's duties).
-            Some(tls) => match tls.flush_to(&mut link.stream) {
+            (None, Some(tls)) => match tls.flush_to(&mut link.stream) {
                 Ok(true) => tls.write_plain(slices).and_then(|n| {
                     // What the socket does not take now waits for its writable event.
                     tls.flush_to(&mut link.stream).map(|_| n)
@@ -136,6 +155,7 @@ impl Transport for Sockets<'_> {
                 Ok(false) => Err(io::ErrorKind::WouldBlock.into()),
                 Err(e) => Err(e),
             },
+            (None, None) => link.stream.write_vectored(slices),
         };
         if let Err(e) = &result {
             if !matches!(
@@ -151,11 +171,18 @@ impl Transport for Sockets<'_> {
 
     fn shutdown_write(&mut self, slot: usize) {
         if let Some(link) = self.links.get_mut(slot).and_then(Option::as_mut) {
+            // A WebSocket ends with a close frame first (the rest when the socket takes it).
+            let ready = match link.ws.as_deref_mut() {
+                Some(ws) => ws.handle_shutdown(&mut link.stream),
+                None => true,
+            };
             if let Some(tls) = link.tls.as_mut() {
                 tls.close();
                 let _ = tls.flush_to(&mut link.stream);
             }
-            let _ = link.stream.shutdown(Shutdown::Write);
+            if ready {
+                let _ = link.stream.shutdown(Shutdown::Write);
+            }
         }
     }
 
@@ -195,6 +222,10 @@ pub(crate) struct Reactor {
     listener: Option<TcpListener>,
     /// The MQTT listener (`mqtt.listen`), on the same reactor as the native one.
     mqtt_listener: Option<TcpListener>,
+    /// The WebSocket listener (`websocket.listen`).
+    ws_listener: Option<TcpListener>,
+    /// WebSocket connections with control frames waiting for an open binary frame to end.
+    ws_flush: Vec<usize>,
     /// The TLS listeners (`tls.listen`, `tls.mqtt_listen`), on the same reactor.
     tls_listener: Option<TcpListener>,
     tls_mqtt_listener: Option<TcpListener>,
@@ -208,7 +239,7 @@ pub(crate) struct Reactor {
     inbox: Inbox<ShardMsg>,
     peers: Vec<Mailbox<ShardMsg>>,
     /// Connections for each peer, sent before the core's messages.
-    new_conns: Vec<Vec<(TcpStream, u64, WireKind, bool)>>,
+    new_conns: Vec<Vec<(TcpStream, u64, WireKind, bool, bool)>>,
     links: Vec<Option<Link>>,
     free_slots: Vec<usize>,
     read_again: Vec<usize>,
@@ -236,6 +267,7 @@ impl Reactor {
         poll: Poll,
         listener: Option<TcpListener>,
         mqtt_listener: Option<TcpListener>,
+        ws_listener: Option<TcpListener>,
         tls: TlsSetup,
         inbox: Inbox<ShardMsg>,
         peers: Vec<Mailbox<ShardMsg>>,
@@ -264,6 +296,11 @@ impl Reactor {
             poll.registry()
                 .register(l, TLS_MQTT_LISTENER_TOKEN, Interest::READABLE)?;
         }
+        let mut ws_listener = ws_listener;
+        if let Some(l) = ws_listener.as_mut() {
+            poll.registry()
+                .register(l, WS_LISTENER_TOKEN, Interest::READABLE)?;
+        }
         let mut timer = DeadlineTimer::new()?;
         poll.registry()
             .register(&mut timer, TIMER_TOKEN, Interest::READABLE)?;
@@ -277,6 +314,8 @@ impl Reactor {
             poll,
             listener,
             mqtt_listener,
+            ws_listener,
+            ws_flush: Vec::new(),
             tls_listener,
             tls_mqtt_listener,
             tls_config,
@@ -337,6 +376,7 @@ impl Reactor {
                     TIMER_TOKEN => self.timer.fired(),
                     LISTENER_TOKEN
                     | MQTT_LISTENER_TOKEN
+                    | WS_LISTENER_TOKEN
                     | TLS_LISTENER_TOKEN
                     | TLS_MQTT_LISTENER_TOKEN => self.accept(now),
                     Token(slot) => {
@@ -367,6 +407,7 @@ impl Reactor {
             }
             self.forward_stats_requests();
             self.flush(now);
+            self.flush_ws(now);
             self.resume_paused(now);
             self.drop_closed();
             self.send_outgoing();
@@ -393,11 +434,13 @@ impl Reactor {
     fn drain(&mut self, events: &mut Events) -> io::Result<()> {
         let deadline = Instant::now() + Duration::from_millis(self.config.server.drain_ms);
         self.draining = true;
-        for listener in [
-            self.listener.take(),
-            self.tls_listener.take(),
-            self.tls_mqtt_listener.take(),
-        ] {
+        if let Some(mut listener) = self.listener.take() {
+            let _ = self.poll.registry().deregister(&mut listener);
+        }
+        if let Some(mut listener) = self.ws_listener.take() {
+            let _ = self.poll.registry().deregister(&mut listener);
+        }
+        for listener in [self.tls_listener.take(), self.tls_mqtt_listener.take()] {
             if let Some(mut listener) = listener {
                 let _ = self.poll.registry().deregister(&mut listener);
             }
@@ -474,14 +517,13 @@ impl Reactor {
             }
             for event in events.iter() {
                 match event.token() {
-                    WAKER_TOKEN
-                    | LISTENER_TOKEN
-                    | MQTT_LISTENER_TOKEN
-                    | TLS_LISTENER_TOKEN
-                    | TLS_MQTT_LISTENER_TOKEN => {}
+                    WAKER_TOKEN | LISTENER_TOKEN => {}
                     TIMER_TOKEN => self.timer.fired(),
                     // Reads wait: nothing new is taken in while draining.
-                    Token(slot) if event.is_writable() => self.handle_writable(now, slot),
+                    Token(slot) if event.is_writable() => {
+                        let now = Instant::now();
+                        self.handle_writable(now, slot);
+                    }
                     Token(_) => {}
                 }
             }
@@ -503,21 +545,25 @@ impl Reactor {
     /// event.
     fn accept(&mut self, now: Instant) {
         self.accept_again = None;
-        self.accept_from(now, WireKind::Native, false);
-        self.accept_from(now, WireKind::Mqtt, false);
-        self.accept_from(now, WireKind::Native, true);
-        self.accept_from(now, WireKind::Mqtt, true);
+        self.accept_from(now, Listener::Native);
+        self.accept_from(now, Listener::Mqtt);
+        self.accept_from(now, Listener::WebSocket);
+        self.accept_from(now, Listener::Tls);
+        self.accept_from(now, Listener::TlsMqtt);
     }
 
-    fn accept_from(&mut self, now: Instant, wire: WireKind, tls: bool) {
-        // A refusal in the clear would be garbage to a TLS client: the close alone refuses it.
-        let answers = wire == WireKind::Native && !tls;
+    fn accept_from(&mut self, now: Instant, kind: Listener) {
+        let wire = match kind {
+            Listener::Mqtt | Listener::TlsMqtt => WireKind::Mqtt,
+            Listener::Native | Listener::WebSocket | Listener::Tls => WireKind::Native,
+        };
         for _ in 0..MAX_ACCEPTS {
-            let listener = match (wire, tls) {
-                (WireKind::Native, false) => self.listener.as_ref(),
-                (WireKind::Mqtt, false) => self.mqtt_listener.as_ref(),
-                (WireKind::Native, true) => self.tls_listener.as_ref(),
-                (WireKind::Mqtt, true) => self.tls_mqtt_listener.as_ref(),
+            let listener = match kind {
+                Listener::Native => self.listener.as_ref(),
+                Listener::Mqtt => self.mqtt_listener.as_ref(),
+                Listener::WebSocket => self.ws_listener.as_ref(),
+                Listener::Tls => self.tls_listener.as_ref(),
+                Listener::TlsMqtt => self.tls_mqtt_listener.as_ref(),
             };
             let Some(listener) = listener else {
                 return;
@@ -542,7 +588,7 @@ impl Reactor {
             if open >= self.config.limits.max_connections {
                 self.shared.open_connections.fetch_sub(1, Ordering::Relaxed);
                 // MQTT has no answer before CONNECT: the close alone refuses it.
-                if answers {
+                if kind == Listener::Native {
                     refuse(
                         stream,
                         error_code::TOO_MANY_CONNECTIONS,
@@ -559,7 +605,7 @@ impl Reactor {
                     self.config.limits.max_connections_per_address
                 );
                 self.shared.open_connections.fetch_sub(1, Ordering::Relaxed);
-                if answers {
+                if kind == Listener::Native {
                     refuse(stream, error_code::TOO_MANY_CONNECTIONS, &reason);
                 }
                 continue;
@@ -575,10 +621,12 @@ impl Reactor {
             self.counters.accepted += 1;
             let target = self.next_target % self.n_shards as usize;
             self.next_target = self.next_target.wrapping_add(1);
+            let ws = kind == Listener::WebSocket;
+            let tls = matches!(kind, Listener::Tls | Listener::TlsMqtt);
             if target == self.id as usize {
-                self.add_conn(stream, conn_id, wire, tls, now);
+                self.add_conn(stream, conn_id, wire, ws, tls, now);
             } else {
-                self.new_conns[target].push((stream, conn_id, wire, tls));
+                self.new_conns[target].push((stream, conn_id, wire, ws, tls));
             }
         }
         // Budget spent: the rest of the backlog is taken next turn.
@@ -617,6 +665,7 @@ impl Reactor {
         mut stream: TcpStream,
         conn_id: u64,
         wire: WireKind,
+        ws: bool,
         tls: bool,
         now: Instant,
     ) {
@@ -624,7 +673,8 @@ impl Reactor {
         if self.draining {
             self.release_source(peer);
             self.shared.open_connections.fetch_sub(1, Ordering::Relaxed);
-            if wire == WireKind::Native && !tls {
+            // A refusal in the clear would be garbage to a TLS client: the close refuses it.
+            if wire == WireKind::Native && !ws && !tls {
                 refuse(
                     stream,
                     error_code::SHUTTING_DOWN,
@@ -666,10 +716,12 @@ impl Reactor {
             self.shared.open_connections.fetch_sub(1, Ordering::Relaxed);
             return;
         }
+        let ws = ws.then(|| Box::new(WsLink::new(self.ws_bridge())));
         self.links[slot] = Some(Link {
             stream,
             input: ReadBuf::default(),
             wire,
+            ws,
             peer,
             tls,
         });
@@ -698,6 +750,8 @@ impl Reactor {
             // The length of a frame larger than the buffer, once its prefix is in (a length
             // over the limit is refused by the core, not buffered).
             let needed = match link.wire {
+                // A WebSocket link's buffer holds frames, which its bridge takes whole.
+                _ if link.ws.is_some() => None,
                 WireKind::Native => proto::frame_len_hint(link.input.data())
                     .filter(|&len| len <= max_frame + proto::LEN_PREFIX_BYTES),
                 // An MQTT fixed header is at most 5 bytes.
@@ -728,10 +782,16 @@ impl Reactor {
                     // The ingest time of every PUBLISH in this read: when the engine took it off
                     // the socket (one clock read per read, not per message).
                     let read_ns = now_unix_ns();
-                    let used = self
-                        .core
-                        .handle_input(now, read_ns, slot, link.input.data());
-                    link.input.consume(used);
+                    if link.ws.is_some() {
+                        if !self.handle_ws_input(now, read_ns, slot) {
+                            return;
+                        }
+                    } else {
+                        let used = self
+                            .core
+                            .handle_input(now, read_ns, slot, link.input.data());
+                        link.input.consume(used);
+                    }
                     budget = budget.saturating_sub(n);
                     if budget == 0 {
                         self.read_again.push(slot);
@@ -808,19 +868,6 @@ impl Reactor {
         }
     }
 
-    /// The socket of `slot` takes bytes again: ciphertext a TLS link holds goes first (the
-    /// core may have nothing new to write), then the core's outbox.
-    fn handle_writable(&mut self, now: Instant, slot: usize) {
-        let Some(link) = self.links.get_mut(slot).and_then(Option::as_mut) else {
-            return;
-        };
-        match link.flush_tls() {
-            Ok(true) => self.core.handle_writable(slot),
-            Ok(false) => {}
-            Err(e) => self.io_error(now, slot, "write", &e),
-        }
-    }
-
     /// Connections that pacing paused and has let go: the input they left in their buffer
     /// first, then their socket, on the next turn.
     fn resume_paused(&mut self, now: Instant) {
@@ -828,7 +875,14 @@ impl Reactor {
             let Some(link) = self.links.get_mut(slot).and_then(Option::as_mut) else {
                 continue;
             };
-            if !link.input.data().is_empty() {
+            if let Some(ws) = link.ws.as_deref_mut() {
+                if !ws.core_input().is_empty() {
+                    let used = self
+                        .core
+                        .handle_input(now, now_unix_ns(), slot, ws.core_input());
+                    ws.consume_core_input(used);
+                }
+            } else if !link.input.data().is_empty() {
                 let used = self
                     .core
                     .handle_input(now, now_unix_ns(), slot, link.input.data());
@@ -836,6 +890,121 @@ impl Reactor {
             }
             self.read_again.push(slot);
         }
+    }
+
+    /// A WebSocket link read bytes: through its bridge into the core. `false` when the
+    /// connection is gone.
+    fn handle_ws_input(&mut self, now: Instant, read_ns: u64, slot: usize) -> bool {
+        let Some(link) = self.links.get_mut(slot).and_then(Option::as_mut) else {
+            return false;
+        };
+        let Some(ws) = link.ws.as_deref_mut() else {
+            return false;
+        };
+        let raw = link.input.data();
+        let upgraded = ws.handle_input(raw);
+        let n = raw.len();
+        link.input.consume(n);
+        if let LinkInput::Upgraded(wire) = upgraded {
+            link.wire = wire;
+            self.core.set_wire(slot, wire);
+        }
+        if !ws.core_input().is_empty() {
+            let used = self.core.handle_input(now, read_ns, slot, ws.core_input());
+            ws.consume_core_input(used);
+        }
+        self.flush_ws_link(now, slot)
+    }
+
+    /// Writes what a WebSocket link has pending (upgrade answer, pong, close, JSON frames);
+    /// closes the connection once its bridge is closed and everything is out. `false` when the
+    /// connection is gone.
+    fn flush_ws_link(&mut self, now: Instant, slot: usize) -> bool {
+        let Some(link) = self.links.get_mut(slot).and_then(Option::as_mut) else {
+            return false;
+        };
+        let Some(ws) = link.ws.as_deref_mut() else {
+            return true;
+        };
+        let flushed = ws.flush(&mut link.stream);
+        if ws.shutdown_due() {
+            let _ = link.stream.shutdown(Shutdown::Write);
+        }
+        match flushed {
+            Err(e) => {
+                self.io_error(now, slot, "write", &e);
+                false
+            }
+            Ok(done) if ws.is_closed() => {
+                let reason = ws.closed_reason.clone().unwrap_or_default();
+                if done {
+                    let _ = link.stream.shutdown(Shutdown::Write);
+                }
+                self.core.handle_transport_error(now, slot, reason);
+                self.drop_closed();
+                false
+            }
+            Ok(done) => {
+                if !done && ws.wants_flush() {
+                    self.ws_flush.push(slot);
+                }
+                true
+            }
+        }
+    }
+
+    /// The socket of `slot` can take bytes again: a WebSocket link's own pending bytes first,
+    /// then the core's.
+    fn handle_writable(&mut self, now: Instant, slot: usize) {
+        // Ciphertext a TLS link holds goes first: the core may have nothing new to write.
+        if let Some(link) = self.links.get_mut(slot).and_then(Option::as_mut) {
+            match link.flush_tls() {
+                Ok(true) => {}
+                Ok(false) => return,
+                Err(e) => {
+                    self.io_error(now, slot, "write", &e);
+                    return;
+                }
+            }
+        }
+        let ws = self
+            .links
+            .get(slot)
+            .and_then(Option::as_ref)
+            .is_some_and(|l| l.ws.is_some());
+        if ws && !self.flush_ws_link(now, slot) {
+            return;
+        }
+        self.core.handle_writable(slot);
+    }
+
+    /// WebSocket links whose control frames waited for the end of a binary frame.
+    fn flush_ws(&mut self, now: Instant) {
+        if self.ws_flush.is_empty() {
+            return;
+        }
+        let mut slots = std::mem::take(&mut self.ws_flush);
+        slots.sort_unstable();
+        slots.dedup();
+        for slot in slots {
+            self.flush_ws_link(now, slot);
+        }
+    }
+
+    /// A new WebSocket connection's bridge: the configured origins, and the live page's own.
+    fn ws_bridge(&self) -> crate::ws::WsBridge {
+        let ws = &self.config.websocket;
+        let mut allowed = ws.origins.clone();
+        if let Some(addr) = self.shared.metrics_addr.get() {
+            allowed.push(format!("http://{addr}"));
+            if addr.ip().is_loopback() {
+                allowed.push(format!("http://localhost:{}", addr.port()));
+            }
+        }
+        crate::ws::WsBridge::new(
+            crate::ws::handshake::OriginPolicy { allowed },
+            ws.max_message_bytes,
+        )
     }
 
     fn io_error(&mut self, now: Instant, slot: usize, what: &str, e: &io::Error) {
@@ -873,8 +1042,9 @@ impl Reactor {
                     stream,
                     conn_id,
                     wire,
+                    ws,
                     tls,
-                } => self.add_conn(stream, conn_id, wire, tls, now),
+                } => self.add_conn(stream, conn_id, wire, ws, tls, now),
                 ShardMsg::Core(msg) => {
                     frames_budget = frames_budget.saturating_sub(FanoutCore::msg_weight(&msg));
                     self.core.handle_msg(now, msg);
@@ -930,19 +1100,21 @@ impl Reactor {
                 continue;
             }
             let conns = std::mem::take(&mut self.new_conns[peer]);
-            for (stream, conn_id, wire, tls) in conns {
+            for (stream, conn_id, wire, ws, tls) in conns {
                 if let Err(TrySendError::Full(ShardMsg::NewConn {
                     stream,
                     conn_id,
                     wire,
+                    ws,
                     tls,
                 })) = self.peers[peer].try_send(ShardMsg::NewConn {
                     stream,
                     conn_id,
                     wire,
+                    ws,
                     tls,
                 }) {
-                    self.new_conns[peer].push((stream, conn_id, wire, tls));
+                    self.new_conns[peer].push((stream, conn_id, wire, ws, tls));
                 }
             }
             let queue = self.core.outgoing(peer);

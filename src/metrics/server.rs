@@ -108,18 +108,43 @@ impl MetricsServer {
             move |_: Viewer<'_>| source(),
             None,
             Timeouts::default(),
+            None,
         )
     }
 
-    /// As [`MetricsServer::start`], with HTTP Basic authentication: a request without valid
-    /// credentials gets 401 and the [`CHALLENGE`], one whose identity has neither `admin` nor
-    /// `metrics` 403; `source` is told what the identity may see ([`Viewer`]).
+    /// As [`start`](Self::start), and serves the live page (`GET /` and `/live`, [`LIVE_PAGE`])
+    /// pointed at the WebSocket listener `ws` (`None`: the page says it is off).
+    pub fn start_with_live_page(
+        addr: SocketAddr,
+        ws: Option<SocketAddr>,
+        source: impl Fn() -> (MetricsSnapshot, Value) + Send + 'static,
+    ) -> io::Result<MetricsServer> {
+        Self::start_with(
+            addr,
+            move |_: Viewer<'_>| source(),
+            None,
+            Timeouts::default(),
+            Some(live_page(ws)),
+        )
+    }
+
+    /// As [`MetricsServer::start_with_live_page`], with HTTP Basic authentication on every
+    /// path: a request without valid credentials gets 401 and the [`CHALLENGE`], one whose
+    /// identity has neither `admin` nor `metrics` 403; `source` is told what the identity may
+    /// see ([`Viewer`]).
     pub fn start_authenticated(
         addr: SocketAddr,
+        ws: Option<SocketAddr>,
         source: impl Fn(Viewer<'_>) -> (MetricsSnapshot, Value) + Send + 'static,
         auth: HttpAuth,
     ) -> io::Result<MetricsServer> {
-        Self::start_with(addr, source, Some(auth), Timeouts::default())
+        Self::start_with(
+            addr,
+            source,
+            Some(auth),
+            Timeouts::default(),
+            Some(live_page(ws)),
+        )
     }
 
     fn start_with(
@@ -127,6 +152,7 @@ impl MetricsServer {
         source: impl Fn(Viewer<'_>) -> (MetricsSnapshot, Value) + Send + 'static,
         auth: Option<HttpAuth>,
         timeouts: Timeouts,
+        page: Option<Vec<u8>>,
     ) -> io::Result<MetricsServer> {
         let listener = TcpListener::bind(addr)?;
         let local_addr = listener.local_addr()?;
@@ -135,7 +161,16 @@ impl MetricsServer {
             .name("lanpush-metrics".into())
             .spawn({
                 let stop = Arc::clone(&stop);
-                move || serve(listener, &stop, &source, auth.as_ref(), timeouts)
+                move || {
+                    serve(
+                        listener,
+                        &stop,
+                        &source,
+                        auth.as_ref(),
+                        timeouts,
+                        page.as_deref(),
+                    )
+                }
             })?;
         Ok(MetricsServer {
             local_addr,
@@ -200,6 +235,7 @@ fn serve(
     source: &(impl Fn(Viewer<'_>) -> (MetricsSnapshot, Value) + Send),
     auth: Option<&HttpAuth>,
     timeouts: Timeouts,
+    live: Option<&[u8]>,
 ) {
     loop {
         let accepted = listener.accept();
@@ -209,7 +245,7 @@ fn serve(
         match accepted {
             // A failed client is that client's problem: nothing to report to anyone.
             Ok((stream, peer)) => {
-                let _ = handle(stream, peer, source, auth, timeouts);
+                let _ = handle(stream, peer, source, auth, timeouts, live);
             }
             // Out of descriptors or similar: back off instead of spinning.
             Err(_) => std::thread::sleep(Duration::from_millis(50)),
@@ -244,6 +280,7 @@ fn handle(
     source: &(impl Fn(Viewer<'_>) -> (MetricsSnapshot, Value) + Send),
     auth: Option<&HttpAuth>,
     timeouts: Timeouts,
+    live: Option<&[u8]>,
 ) -> io::Result<()> {
     let mut head_only = false;
     let response = match read_head(&mut stream, Instant::now() + timeouts.request) {
@@ -256,10 +293,10 @@ fn handle(
             Some((method, path)) => {
                 head_only = method == "HEAD";
                 match auth.map(|auth| admit(auth, &head, peer)) {
-                    None => route(method, path, || source(None)),
+                    None => route(&method, &path, || source(None), live),
                     Some(Ok(identity)) => {
                         let viewer = (!identity.admin).then_some(&*identity);
-                        route(method, path, || source(viewer))
+                        route(&method, &path, || source(viewer), live)
                     }
                     Some(Err(refused)) => refused,
                 }
@@ -314,7 +351,12 @@ fn admit(auth: &HttpAuth, head: &[u8], peer: SocketAddr) -> Result<Arc<Identity>
     }
 }
 
-fn route(method: &str, path: &str, source: impl FnOnce() -> (MetricsSnapshot, Value)) -> Response {
+fn route(
+    method: &str,
+    path: &str,
+    source: impl FnOnce() -> (MetricsSnapshot, Value),
+    live: Option<&[u8]>,
+) -> Response {
     if method != "GET" && method != "HEAD" {
         let mut r = Response::error("405 Method Not Allowed");
         r.allow = true;
@@ -324,6 +366,15 @@ fn route(method: &str, path: &str, source: impl FnOnce() -> (MetricsSnapshot, Va
     let prometheus = match path {
         "/metrics" => true,
         "/stats" => false,
+        "/" | "/live" if live.is_some() => {
+            return Response {
+                status: "200 OK",
+                content_type: "text/html; charset=utf-8",
+                body: live.unwrap_or_default().to_vec(),
+                allow: false,
+                challenge: false,
+            }
+        }
         _ => return Response::error("404 Not Found"),
     };
     let rendered = catch_unwind(AssertUnwindSafe(|| {
@@ -348,6 +399,32 @@ fn route(method: &str, path: &str, source: impl FnOnce() -> (MetricsSnapshot, Va
         },
         Err(_) => Response::error("500 Internal Server Error"),
     }
+}
+
+/// The live page: one static HTML file, no build step, no CDN. It subscribes over the
+/// WebSocket listener's `lanpush.json.v1` subprotocol and asks for STATS every second.
+pub const LIVE_PAGE: &str = include_str!("live.html");
+
+/// The live page with the WebSocket listener's address filled in: `{"host": "..", "port": N}`
+/// (an empty host when the listener is on every address: the page then uses the host it was
+/// loaded from), or `null` when the listener is off.
+fn live_page(ws: Option<SocketAddr>) -> Vec<u8> {
+    let target = match ws {
+        None => Value::Null,
+        Some(addr) => {
+            let host = if addr.ip().is_unspecified() {
+                String::new()
+            } else if addr.is_ipv6() {
+                format!("[{}]", addr.ip())
+            } else {
+                addr.ip().to_string()
+            };
+            serde_json::json!({"host": host, "port": addr.port()})
+        }
+    };
+    LIVE_PAGE
+        .replace("\"__LANPUSH_WS__\"", &target.to_string())
+        .into_bytes()
 }
 
 /// The stats document with the latency histograms added as its `latency` member.
@@ -428,22 +505,28 @@ fn find_head_end(bytes: &[u8]) -> Option<usize> {
     })
 }
 
-/// `METHOD SP PATH SP HTTP/1.x` from the head's first line; `None` if it is not one.
-fn parse_request_line(head: &[u8]) -> Option<(&str, &str)> {
+/// `METHOD SP PATH SP HTTP/1.x` from the head's first line, parsed by httparse; `None` if it
+/// is not one. The method must be upper case and the path absolute (origin form).
+fn parse_request_line(head: &[u8]) -> Option<(String, String)> {
     let line_end = head.iter().position(|&b| b == b'\n').unwrap_or(head.len());
-    let line = std::str::from_utf8(&head[..line_end]).ok()?;
-    let line = line.strip_suffix('\r').unwrap_or(line);
-    let mut parts = line.split(' ');
-    let (method, path, version) = (parts.next()?, parts.next()?, parts.next()?);
+    // httparse wants a whole head; only the request line is of interest here.
+    let mut line = head[..line_end].to_vec();
+    if line.last() == Some(&b'\r') {
+        line.pop();
+    }
+    line.extend_from_slice(b"\r\n\r\n");
+    let mut headers = [httparse::EMPTY_HEADER; 0];
+    let mut req = httparse::Request::new(&mut headers);
+    match req.parse(&line) {
+        Ok(httparse::Status::Complete(_)) => {}
+        _ => return None,
+    }
+    let (method, path) = (req.method?, req.path?);
     let is_token = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_uppercase());
-    if parts.next().is_some()
-        || !is_token(method)
-        || !path.starts_with('/')
-        || !matches!(version, "HTTP/1.0" | "HTTP/1.1")
-    {
+    if !is_token(method) || !path.starts_with('/') {
         return None;
     }
-    Some((method, path))
+    Some((method.to_string(), path.to_string()))
 }
 
 fn is_timeout(e: &io::Error) -> bool {
@@ -553,6 +636,7 @@ mod tests {
         };
         let server = MetricsServer::start_authenticated(
             "127.0.0.1:0".parse().unwrap(),
+            None,
             move |viewer| {
                 let view = viewer.map_or("everything".to_string(), |v| v.name().to_string());
                 (snapshot.clone(), serde_json::json!({ "view": view }))
@@ -697,6 +781,7 @@ mod tests {
             |_: Viewer<'_>| (MetricsSnapshot::new(&MetricsConfig::default()), Value::Null),
             None,
             timeouts,
+            None,
         )
         .unwrap();
         let started = Instant::now();
@@ -741,11 +826,12 @@ mod tests {
 
     #[test]
     fn request_line_parsing() {
+        let owned = |m: &str, p: &str| Some((m.to_string(), p.to_string()));
         assert_eq!(
             parse_request_line(b"GET /metrics HTTP/1.1\r\nHost: a"),
-            Some(("GET", "/metrics"))
+            owned("GET", "/metrics")
         );
-        assert_eq!(parse_request_line(b"GET /a HTTP/1.0"), Some(("GET", "/a")));
+        assert_eq!(parse_request_line(b"GET /a HTTP/1.0"), owned("GET", "/a"));
         for bad in [
             &b""[..],
             b"GET",

@@ -35,6 +35,9 @@ pub struct Server {
     pub addr: SocketAddr,
     /// The MQTT listener's address, when started with `--mqtt-listen` (second stdout line).
     pub mqtt_addr: Option<SocketAddr>,
+    /// The WebSocket listener's address, when started with `--ws-listen` (the line after the
+    /// MQTT one).
+    pub ws_addr: Option<SocketAddr>,
     stderr: Arc<Mutex<String>>,
     /// The stdout lines after those read at start (the TLS listeners'), for [`Server::line_addr`].
     lines: Mutex<Receiver<String>>,
@@ -62,7 +65,7 @@ impl Server {
         thread::spawn(move || {
             let mut lines = BufReader::new(stdout).lines();
             // The "listening on" lines come first; nobody waits for the later ones.
-            for line in lines.by_ref().take(4) {
+            for line in lines.by_ref().take(5) {
                 let Ok(line) = line else { break };
                 let _ = tx.send(line);
             }
@@ -92,10 +95,19 @@ impl Server {
                 .and_then(|a| a.parse().ok())
                 .unwrap_or_else(|| panic!("second line is not `mqtt listening on ADDR`: {line:?}"))
         });
+        let ws_addr = extra.contains(&"--ws-listen").then(|| {
+            let line = rx
+                .recv_timeout(STEP)
+                .unwrap_or_else(|_| panic!("no `ws listening on` line"));
+            line.strip_prefix("ws listening on ")
+                .and_then(|a| a.parse().ok())
+                .unwrap_or_else(|| panic!("line is not `ws listening on ADDR`: {line:?}"))
+        });
         Server {
             child,
             addr,
             mqtt_addr,
+            ws_addr,
             stderr,
             lines: Mutex::new(rx),
         }

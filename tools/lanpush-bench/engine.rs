@@ -1,5 +1,6 @@
-//! The engine the tool starts by default: `lanpush serve --listen 127.0.0.1:0`, found next to the
-//! tool's own executable, killed when the guard drops.
+//! The engine the tool starts by default: `lanpush serve --listen 127.0.0.1:0` (with `--mqtt`,
+//! also `--mqtt-listen 127.0.0.1:0`), found next to the tool's own executable, killed when the
+//! guard drops.
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -16,6 +17,8 @@ const STARTUP_TIMEOUT: Duration = Duration::from_secs(15);
 pub struct EngineProcess {
     child: Child,
     pub addr: String,
+    /// The MQTT listener's address, when the engine was started with one.
+    pub mqtt_addr: Option<String>,
     pub binary: PathBuf,
 }
 
@@ -42,6 +45,7 @@ impl EngineProcess {
         binary: &Path,
         threads: Option<usize>,
         config: Option<&Path>,
+        mqtt: bool,
     ) -> Result<Self, BenchError> {
         if !binary.exists() {
             return Err(BenchError::Engine(format!(
@@ -57,6 +61,9 @@ impl EngineProcess {
         }
         if let Some(n) = threads {
             command.args(["--threads", &n.to_string()]);
+        }
+        if mqtt {
+            command.args(["--mqtt-listen", "127.0.0.1:0"]);
         }
         command
             .stdin(Stdio::null())
@@ -74,41 +81,57 @@ impl EngineProcess {
         let mut engine = EngineProcess {
             child,
             addr: String::new(),
+            mqtt_addr: None,
             binary: binary.to_path_buf(),
         };
         let (tx, rx) = mpsc::channel();
-        // Reads the first line, then keeps draining stdout so the engine never blocks on a full
-        // pipe; ends when the engine exits.
+        // Passes on the address lines (the first, and the MQTT one after it when asked for),
+        // then keeps draining stdout so the engine never blocks on a full pipe; ends when the
+        // engine exits.
+        let wanted = if mqtt { 2 } else { 1 };
         std::thread::Builder::new()
             .name("engine-stdout".into())
             .spawn(move || {
                 let mut lines = BufReader::new(stdout).lines();
-                let first = lines.next();
-                let _ = tx.send(first);
+                for _ in 0..wanted {
+                    let _ = tx.send(lines.next());
+                }
                 for _ in lines {}
             })
             .map_err(BenchError::io("spawning the engine-stdout reader"))?;
-        let first = match rx.recv_timeout(STARTUP_TIMEOUT) {
-            Ok(Some(Ok(line))) => line,
-            Ok(Some(Err(e))) => return Err(BenchError::Engine(format!("reading stdout: {e}"))),
+        let next_line = |engine: &mut EngineProcess| match rx.recv_timeout(STARTUP_TIMEOUT) {
+            Ok(Some(Ok(line))) => Ok(line),
+            Ok(Some(Err(e))) => Err(BenchError::Engine(format!("reading stdout: {e}"))),
             Ok(None) | Err(mpsc::RecvTimeoutError::Disconnected) => {
                 let status = engine.child.try_wait().ok().flatten();
-                return Err(BenchError::Engine(format!(
+                Err(BenchError::Engine(format!(
                     "exited before printing its address ({})",
                     status.map_or("still running".into(), |s| s.to_string())
-                )));
-            }
-            Err(mpsc::RecvTimeoutError::Timeout) => {
-                return Err(BenchError::Engine(format!(
-                    "no 'listening on' line within {STARTUP_TIMEOUT:?}"
                 )))
             }
+            Err(mpsc::RecvTimeoutError::Timeout) => Err(BenchError::Engine(format!(
+                "no 'listening on' line within {STARTUP_TIMEOUT:?}"
+            ))),
         };
+        let first = next_line(&mut engine)?;
         engine.addr = parse_listening_line(&first).ok_or_else(|| {
             BenchError::Engine(format!(
                 "first line {first:?} is not 'listening on <ip:port>'"
             ))
         })?;
+        if mqtt {
+            let second = next_line(&mut engine)?;
+            let addr = second
+                .trim()
+                .strip_prefix("mqtt ")
+                .and_then(parse_listening_line)
+                .ok_or_else(|| {
+                    BenchError::Engine(format!(
+                        "second line {second:?} is not 'mqtt listening on <ip:port>'"
+                    ))
+                })?;
+            engine.mqtt_addr = Some(addr);
+        }
         Ok(engine)
     }
 }

@@ -103,6 +103,10 @@ struct RunArgs {
     /// `server.listen` is overridden with 127.0.0.1:0.
     #[arg(long, value_name = "FILE", conflicts_with_all = ["server", "target"])]
     engine_config: Option<PathBuf>,
+    /// Drive the engine the tool starts through its MQTT 3.1.1 listener (QoS 0, the same
+    /// client as `--target mqtt://`), to compare with another MQTT broker client for client.
+    #[arg(long, conflicts_with_all = ["server", "target"])]
+    mqtt: bool,
     /// Write the latency histogram as HdrHistogram percentile-distribution text (µs).
     #[arg(long, value_name = "FILE")]
     hgrm: Option<PathBuf>,
@@ -222,6 +226,7 @@ fn make_target(args: &RunArgs, params: &Params) -> Result<Target, BenchError> {
         &binary,
         params.engine_threads,
         args.engine_config.as_deref(),
+        args.mqtt,
     )?;
     if !args.quiet {
         eprintln!(
@@ -235,6 +240,23 @@ fn make_target(args: &RunArgs, params: &Params) -> Result<Target, BenchError> {
                 .as_ref()
                 .map_or(String::new(), |f| format!(", config {}", f.display()))
         );
+    }
+    if let Some(addr) = engine.mqtt_addr.clone() {
+        let url = format!("mqtt://{addr}");
+        let driver = match peers::driver_for_url(&url) {
+            Some(Ok(driver)) => driver,
+            Some(Err(e)) => return Err(BenchError::connect(format!("target {url}"))(e)),
+            None => return Err(BenchError::Engine(format!("no MQTT driver for {url}"))),
+        };
+        return Ok(Target {
+            driver,
+            info: TargetInfo {
+                driver: "mqtt".into(),
+                address: url,
+                engine_started: true,
+            },
+            engine: Some(engine),
+        });
     }
     let (driver, info) = lanpush(&engine.addr.clone(), true)?;
     Ok(Target {
