@@ -204,6 +204,10 @@ struct DriverCounters {
     tls_failures: u64,
 }
 
+/// An accepted connection on its way to another reactor: socket, connection id, codec,
+/// WebSocket, TLS.
+type NewConn = (TcpStream, u64, WireKind, bool, bool);
+
 /// A reactor's share of TLS: the listeners (reactor 0 only) and the rustls config (every
 /// reactor, for the handshakes of the connections it is dealt).
 #[derive(Default)]
@@ -239,7 +243,7 @@ pub(crate) struct Reactor {
     inbox: Inbox<ShardMsg>,
     peers: Vec<Mailbox<ShardMsg>>,
     /// Connections for each peer, sent before the core's messages.
-    new_conns: Vec<Vec<(TcpStream, u64, WireKind, bool, bool)>>,
+    new_conns: Vec<Vec<NewConn>>,
     links: Vec<Option<Link>>,
     free_slots: Vec<usize>,
     read_again: Vec<usize>,
@@ -440,10 +444,11 @@ impl Reactor {
         if let Some(mut listener) = self.ws_listener.take() {
             let _ = self.poll.registry().deregister(&mut listener);
         }
-        for listener in [self.tls_listener.take(), self.tls_mqtt_listener.take()] {
-            if let Some(mut listener) = listener {
-                let _ = self.poll.registry().deregister(&mut listener);
-            }
+        for mut listener in [self.tls_listener.take(), self.tls_mqtt_listener.take()]
+            .into_iter()
+            .flatten()
+        {
+            let _ = self.poll.registry().deregister(&mut listener);
         }
         self.read_again.clear();
         let n = self.n_shards as usize;
