@@ -37,6 +37,8 @@ pub struct Config {
     pub auth: AuthConfig,
     pub tls: crate::tls::TlsConfig,
     pub websocket: WebSocketConfig,
+    /// UDP multicast channels (`src/mcast/`); none by default.
+    pub multicast: crate::mcast::MulticastConfig,
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -593,6 +595,9 @@ impl Config {
         if let Err(message) = self.tls.validate() {
             return invalid(message);
         }
+        if let Err(message) = self.multicast.validate(l.max_topic_bytes) {
+            return invalid(message);
+        }
         Ok(())
     }
 }
@@ -691,6 +696,13 @@ impl Config {
             websocket.listen,
             websocket.origins,
             websocket.max_message_bytes,
+            // Senders and sockets are made at start.
+            multicast.channels,
+            multicast.heartbeat_ms,
+            multicast.repair_ring_bytes,
+            multicast.unicast_repair_max,
+            multicast.repair_window_ms,
+            multicast.test_loss,
             // The authenticator, the per-address table and each connection's rate are built at
             // start and at HELLO: a reload would apply them to some connections only.
             limits.max_connections_per_address,
@@ -883,6 +895,39 @@ mod tests {
             plant.mqtt.listen_addr(),
             Some("0.0.0.0:1883".parse().unwrap())
         );
+    }
+
+    #[test]
+    fn multicast_is_off_by_default_and_on_in_its_example() {
+        assert!(Config::default().multicast.channels.is_empty());
+        assert_eq!(Config::default().multicast.test_loss.percent, 0.0);
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/configs/multicast.toml");
+        let m = Config::from_file(Path::new(path)).unwrap().multicast;
+        assert_eq!(m.channels.len(), 1);
+        assert_eq!(m.channels[0].group, std::net::Ipv4Addr::new(239, 192, 0, 1));
+        assert_eq!(m.channels[0].datagram_bytes, 1472);
+        assert_eq!(m.channels[0].ttl, 1);
+        let channel = |extra: &str| {
+            format!("[[multicast.channels]]\ngroup = \"239.1.1.1\"\nport = 7000\npatterns = [\"a/#\"]\n{extra}")
+        };
+        for (text, key) in [
+            (
+                channel("").replace("239.1.1.1", "10.0.0.1"),
+                "not a multicast address",
+            ),
+            (channel("ttl = 0"), "ttl"),
+            (channel("datagram_bytes = 20"), "datagram_bytes"),
+            (channel("").replace("[\"a/#\"]", "[]"), "patterns is empty"),
+            (channel("").replace("a/#", "a/#/b"), "patterns"),
+            (channel("").replace("7000", "0"), "port"),
+            (
+                "[multicast.test_loss]\npercent = 101.0\n".to_string(),
+                "test_loss",
+            ),
+        ] {
+            let e = Config::from_toml_str(&text, "test").unwrap_err();
+            assert!(e.to_string().contains(key), "{text}: {e}");
+        }
     }
 
     #[test]

@@ -4,6 +4,7 @@ pub mod client;
 pub mod config;
 pub mod engine;
 pub mod log;
+pub mod mcast;
 pub mod metrics;
 pub mod mqtt;
 pub mod proto;

@@ -10,8 +10,8 @@ use std::time::{Duration, Instant};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use lanpush::client::{
-    self, now_ns, ClientError, ClientOptions, EventRef, MessageRef, Publisher, Subscriber,
-    SubscriptionSpec, DEFAULT_SERVER, QUALITY_GOOD,
+    self, now_ns, ClientError, ClientOptions, Event, EventRef, McastOptions, McastSubscriber,
+    MessageRef, Publisher, Subscriber, SubscriptionSpec, DEFAULT_SERVER, QUALITY_GOOD,
 };
 use lanpush::config::{Config, ConfigError, DEFAULT_TOML};
 use lanpush::engine::{Engine, EngineError};
@@ -206,6 +206,14 @@ struct SubArgs {
     /// Give up after SECS; exit non-zero if --count messages have not arrived by then.
     #[arg(long, value_name = "SECS")]
     timeout: Option<f64>,
+    /// Receive the topics a multicast channel carries from its group (joined as the engine
+    /// announces), repaired over the TCP session; prints the receiver's counters on stderr at
+    /// exit. Does not reconnect.
+    #[arg(long)]
+    multicast: bool,
+    /// With --multicast: the address of the interface to join the groups on.
+    #[arg(long, value_name = "ADDR", default_value = "0.0.0.0")]
+    multicast_interface: std::net::Ipv4Addr,
 }
 
 #[derive(Args)]
@@ -650,6 +658,9 @@ fn subscribe(args: SubArgs) -> Result<(), CliError> {
         None => None,
     };
     let mode = args.mode.map_or(DeliveryMode::Default, DeliveryMode::from);
+    if args.multicast {
+        return subscribe_multicast(&args, opts, mode, timeout);
+    }
     let specs = args
         .patterns
         .iter()
@@ -713,6 +724,93 @@ fn subscribe(args: SubArgs) -> Result<(), CliError> {
     }
     out.flush().map_err(io_err("cannot write to stdout"))?;
     Ok(())
+}
+
+/// `sub --multicast`: the same output, from a [`McastSubscriber`].
+fn subscribe_multicast(
+    args: &SubArgs,
+    opts: lanpush::client::ClientOptions,
+    mode: DeliveryMode,
+    timeout: Option<Duration>,
+) -> Result<(), CliError> {
+    let started = Instant::now();
+    let mcast = McastOptions {
+        interface: args.multicast_interface,
+        ..McastOptions::default()
+    };
+    let mut sub = McastSubscriber::connect(opts, mcast, args.patterns.clone(), mode)?;
+    eprintln!(
+        "subscribed: {} (multicast, {} channel(s) joined)",
+        args.patterns.join(" "),
+        sub.channels_joined()
+    );
+    let deadline = timeout.map(|t| started + t);
+    let mut out = BufWriter::with_capacity(64 * 1024, io::stdout().lock());
+    let mut received = 0u64;
+    let result = loop {
+        if args.count.is_some_and(|n| received >= n) {
+            break Ok(());
+        }
+        let wait = match deadline {
+            None => SUB_POLL,
+            Some(deadline) => {
+                let now = Instant::now();
+                if now >= deadline {
+                    break match args.count {
+                        Some(expected) => Err(CliError::Timeout {
+                            secs: args.timeout.unwrap_or(0.0),
+                            received,
+                            expected,
+                        }),
+                        None => Ok(()),
+                    };
+                }
+                (deadline - now).min(SUB_POLL)
+            }
+        };
+        match sub.next_event(wait) {
+            Ok(Some(event)) => {
+                if let Event::Message(_) = event {
+                    received += 1;
+                }
+                if let Err(e) = print_event(&mut out, &event.as_event_ref(), args.json) {
+                    if e.kind() == io::ErrorKind::BrokenPipe {
+                        break Ok(());
+                    }
+                    break Err(CliError::Io {
+                        context: "cannot write to stdout",
+                        source: e,
+                    });
+                }
+            }
+            Ok(None) => {
+                let _ = out.flush();
+            }
+            Err(e) => break Err(e.into()),
+        }
+    };
+    let _ = out.flush();
+    let c = sub.counters();
+    let r = c.receiver;
+    eprintln!(
+        "multicast: messages={} tcp_messages={} datagrams={} heartbeats={} duplicates={} naks_sent={} nak_datagrams={} naks_suppressed={} repairs_received={} retransmits_received={} gone={} gaps={} stitched={} skipped={} recv_buffer_overflows={}",
+        r.messages,
+        c.tcp_messages,
+        r.datagrams,
+        r.heartbeats,
+        r.duplicates,
+        r.naks_sent,
+        r.nak_datagrams,
+        r.naks_suppressed,
+        r.repairs_received,
+        r.retransmits_received,
+        r.gone,
+        r.gaps,
+        r.stitched,
+        r.skipped,
+        c.recv_buffer_overflows
+    );
+    result
 }
 
 /// One output line per event. Plain:
@@ -873,6 +971,36 @@ fn render_stats(doc: &serde_json::Value) -> String {
     if let Some(totals) = doc.get("totals").and_then(|t| t.as_object()) {
         for (name, value) in totals {
             let _ = writeln!(out, "  {name:<20} {value}");
+        }
+    }
+    if let Some(channels) = doc.get("multicast").and_then(|c| c.as_array()) {
+        let _ = writeln!(
+            out,
+            "\nmulticast {:>7} {:>12} {:>8} {:>9} {:>9} {:>9} {:>10} {:>12} {:>9}",
+            "channel",
+            "datagrams",
+            "MB",
+            "naks",
+            "unicast",
+            "mcast_rtx",
+            "suppressed",
+            "unrecoverable",
+            "send_err"
+        );
+        for c in channels {
+            let _ = writeln!(
+                out,
+                "          {:>7} {:>12} {:>8.1} {:>9} {:>9} {:>9} {:>10} {:>12} {:>9}",
+                num(c, "channel"),
+                num(c, "datagrams_sent"),
+                num(c, "bytes_sent") as f64 / 1e6,
+                num(c, "naks_received"),
+                num(c, "unicast_repairs"),
+                num(c, "multicast_repairs"),
+                num(c, "naks_suppressed"),
+                num(c, "unrecoverable"),
+                num(c, "send_errors")
+            );
         }
     }
     let conns = doc

@@ -162,6 +162,12 @@ impl Conn {
         Ok(waited)
     }
 
+    /// The socket's descriptor, for a caller that waits on several sockets (with TLS, bytes
+    /// rustls already decrypted do not show on it: not for TLS connections).
+    pub(crate) fn raw_fd(&self) -> std::os::fd::RawFd {
+        std::os::fd::AsRawFd::as_raw_fd(self.stream.socket())
+    }
+
     /// Received bytes not yet consumed.
     pub(crate) fn pending(&self) -> &[u8] {
         &self.buf[self.start..self.end]
@@ -254,5 +260,6 @@ pub(crate) fn frame_name(frame: &Frame<'_>) -> &'static str {
         Frame::Gap(_) => "GAP",
         Frame::StatsRequest => "STATS_REQUEST",
         Frame::Stats(_) => "STATS",
+        Frame::Multicast(_) => "MULTICAST",
     }
 }

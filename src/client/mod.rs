@@ -25,6 +25,7 @@
 
 mod conn;
 mod error;
+mod mcast;
 mod options;
 mod publisher;
 mod stream;
@@ -36,6 +37,7 @@ mod tests;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 pub use error::ClientError;
+pub use mcast::{McastCounters, McastOptions, McastSubscriber, DEFAULT_RECV_BUFFER_BYTES};
 pub use options::{Backoff, ClientOptions, Token, DEFAULT_SERVER};
 pub use publisher::{Publisher, PublisherCounters, FLUSH_AT_BYTES, QUALITY_GOOD};
 pub use subscriber::{

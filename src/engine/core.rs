@@ -66,6 +66,10 @@ use crate::topic::TopicIndex;
 #[path = "mqtt_core.rs"]
 mod mqtt_core;
 
+/// The multicast side of the core (a child module, so it reaches the core's state).
+#[path = "mcast_core.rs"]
+mod mcast_core;
+
 /// The durable sessions' side of the core (a child module, so it reaches the core's state).
 #[path = "durable_core.rs"]
 mod durable_core;
@@ -163,6 +167,24 @@ pub(crate) enum CoreMsg {
     /// Pacing (`pacing.rs`), to every shard: the topic's gate opened, its paused publishers
     /// may be read again.
     Resume { topic: String },
+    /// Multicast: shard `stream`'s datagram positions for a receiver's subscription, taken
+    /// with the snapshot that follows (`mcast_core.rs`).
+    StreamPos {
+        sub: SubRef,
+        stream: u16,
+        positions: Vec<(u16, u64)>,
+    },
+    /// Multicast: a receiver on shard `from` NAKed datagrams of the receiver's stream.
+    Nak {
+        from: u16,
+        conn: ConnRef,
+        nak: proto::Nak,
+    },
+    /// Multicast: REPAIR / REPAIR_GONE frames for a connection of the receiver.
+    Repair {
+        conn: ConnRef,
+        frames: Vec<SharedFrame>,
+    },
 }
 
 /// A subscription on another shard, in this shard's remote-interest index.
@@ -274,6 +296,9 @@ pub(crate) struct FanoutCore {
     resumed: Vec<usize>,
     /// Rate limits of the connection-event log lines.
     log: LogLimiter,
+    /// Multicast channels this shard sends its topics on (`mcast_core.rs`); `None`: none
+    /// configured.
+    mcast: Option<Box<mcast_core::McastShard>>,
 }
 
 impl FanoutCore {
@@ -293,7 +318,9 @@ impl FanoutCore {
                 store.restore(&topic, frame);
             }
         }
+        let mcast = mcast_core::McastShard::new(&config, id, shared.engine_id, now).map(Box::new);
         FanoutCore {
+            mcast,
             store,
             log: LogLimiter::new(&config.log, now),
             metrics: ShardMetrics::new(&config.metrics),
@@ -518,6 +545,8 @@ impl FanoutCore {
                 )
             }
             Op::Subscribe(subscribe) => self.handle_subscribe(now, slot, subscribe),
+            Op::ChannelsRequest => self.handle_channels_request(slot),
+            Op::Nak(nak) => self.handle_nak(slot, nak),
             Op::Unsubscribe { sub_id } => {
                 let session = self.session_mut(slot).expect("looked up above");
                 match session.remove_sub(sub_id) {
@@ -580,6 +609,15 @@ impl FanoutCore {
                     },
                 );
                 self.interest_epoch += 1;
+                if self.mcast.is_some() {
+                    // Before the snapshot it continues (a receiver holds its streams until SUBACK).
+                    let positions = self.mcast_positions();
+                    self.outgoing[from as usize].push(CoreMsg::StreamPos {
+                        sub,
+                        stream: self.id,
+                        positions,
+                    });
+                }
                 let (frames, lagged) = self.snapshot(&pattern, resume.as_deref());
                 let reply = CoreMsg::SnapshotReply {
                     from: self.id,
@@ -614,6 +652,20 @@ impl FanoutCore {
                 self.interest_epoch += 1;
             }
             CoreMsg::Resume { topic } => self.resume(Some(&topic)),
+            CoreMsg::StreamPos {
+                sub,
+                stream,
+                positions,
+            } => self.handle_stream_pos(sub, stream, &positions),
+            CoreMsg::Nak { from, conn, nak } => {
+                let frames = self.answer_nak(nak);
+                if from == self.id {
+                    self.handle_repairs(conn, frames);
+                } else {
+                    self.outgoing[from as usize].push(CoreMsg::Repair { conn, frames });
+                }
+            }
+            CoreMsg::Repair { conn, frames } => self.handle_repairs(conn, frames),
             CoreMsg::StatsReply { conn, frame } => {
                 let slot = conn.slot as usize;
                 let Some(session) = self
@@ -681,6 +733,9 @@ impl FanoutCore {
         }
         if let Some(flush_at) = self.flush_at {
             at = at.min(flush_at);
+        }
+        if let Some(mcast_at) = self.mcast_timeout() {
+            at = at.min(mcast_at);
         }
         at
     }
@@ -855,6 +910,10 @@ impl FanoutCore {
     /// Writes every connection with queued output that write coalescing lets go now, in
     /// vectored writes through `transport`.
     pub(crate) fn flush(&mut self, now: Instant, transport: &mut impl Transport) {
+        if self.mcast.is_some() {
+            let unix_ns = transport.unix_ns();
+            self.mcast_close(now, unix_ns);
+        }
         let mut dirty = std::mem::take(&mut self.dirty);
         let mut still = std::mem::take(&mut self.spare_dirty);
         self.flush_now = false;
@@ -987,6 +1046,7 @@ impl FanoutCore {
         s.publishers_paused
             .store(c.publishers_paused, Ordering::Relaxed);
         s.pace_releases.store(c.pace_releases, Ordering::Relaxed);
+        self.publish_mcast_stats(s);
     }
 
     /// This shard's part of a stats document, made when someone asks (never on a timer): posts
@@ -1261,6 +1321,10 @@ impl FanoutCore {
                 });
             }
         }
+        if self.mcast.is_some() {
+            let positions = self.mcast_positions();
+            self.handle_stream_pos(sub_ref, self.id, &positions);
+        }
         let (frames, lagged) = self.snapshot(&subscribe.pattern, resume.as_deref());
         self.handle_snapshot_reply(self.id, sub_ref, frames, lagged);
         Ok(())
@@ -1507,6 +1571,7 @@ impl FanoutCore {
     /// The owner's half of a publish: sequence, encode once, retain, fan out.
     fn ingest(&mut self, publish: &PublishRef<'_>, ingest_ts_ns: u64) {
         let (frame, id) = self.store.ingest(publish, ingest_ts_ns);
+        self.mcast_ingest(publish.topic, &frame, ingest_ts_ns);
         // Only to the shards that have a subscription it can match.
         let mut peers = if self.n_shards > 1 {
             self.peers_interested(id, publish.topic)
@@ -1548,12 +1613,21 @@ impl FanoutCore {
         // MQTT subscriber here (mqtt_session.rs): the QoS 0 packet, the QoS 1 payload.
         let mut mqtt_qos0: Option<SharedFrame> = None;
         let mut mqtt_payload: Option<SharedFrame> = None;
+        // Multicast receivers get a carried topic's live messages from the group only.
+        let mut carried: Option<bool> = None;
         for m in &matches {
             let slot = m.slot as usize;
             let Some(session) = self.sessions.get_mut(slot).and_then(Option::as_mut) else {
                 continue;
             };
             if session.stamp == self.stamp {
+                continue;
+            }
+            if session.mcast
+                && *carried.get_or_insert_with(|| {
+                    self.mcast.as_deref().is_some_and(|mc| mc.carries(topic))
+                })
+            {
                 continue;
             }
             let Some(sub) = session.sub(m.pos, m.key) else {

@@ -26,6 +26,7 @@ mod handle_tests;
 mod harness;
 mod http_auth;
 pub mod limits;
+mod mcast_io;
 mod mqtt_session;
 mod mqtt_sessions;
 #[cfg(test)]
@@ -121,6 +122,8 @@ pub enum PublishError {
 #[derive(Default)]
 #[repr(align(128))]
 pub(crate) struct ShardStats {
+    /// Per multicast channel (empty when none is configured); written by the reactor each turn.
+    pub mcast: Mutex<Vec<mcast_io::McastChannelStats>>,
     pub connections: AtomicUsize,
     pub subscriptions: AtomicUsize,
     pub topics_owned: AtomicUsize,
@@ -443,10 +446,50 @@ impl EngineShared {
         if partial {
             doc["partial"] = true.into();
         }
+        if let Some(channels) = self.multicast_stats() {
+            doc["multicast"] = channels;
+        }
         if let Some(addr) = self.metrics_addr.get() {
             doc["metrics_url"] = format!("http://{addr}/metrics").into();
         }
         doc
+    }
+}
+
+impl EngineShared {
+    /// Per channel, summed over the reactors (each sends its own stream): `None` when no
+    /// channel is configured.
+    fn multicast_stats(&self) -> Option<serde_json::Value> {
+        let mut sums: Vec<Vec<(&'static str, u64)>> = Vec::new();
+        for shard in &self.shards {
+            let Ok(channels) = shard.mcast.lock() else {
+                continue;
+            };
+            for (i, c) in channels.iter().enumerate() {
+                if sums.len() <= i {
+                    sums.push(c.fields().iter().map(|&(k, _)| (k, 0)).collect());
+                }
+                for (sum, (_, v)) in sums[i].iter_mut().zip(c.fields()) {
+                    sum.1 += v;
+                }
+            }
+        }
+        if sums.is_empty() {
+            return None;
+        }
+        Some(
+            sums.into_iter()
+                .enumerate()
+                .map(|(i, fields)| {
+                    let mut m = serde_json::Map::new();
+                    m.insert("channel".into(), i.into());
+                    for (k, v) in fields {
+                        m.insert(k.into(), v.into());
+                    }
+                    serde_json::Value::Object(m)
+                })
+                .collect(),
+        )
     }
 }
 

@@ -6,7 +6,9 @@
 //! delivery modes and its shard exchange stay as they are.
 
 use super::session::Fatal;
-use crate::proto::{self, error_code, Frame, PublishRef, SubAck, Subscribe, Welcome, WireError};
+use crate::proto::{
+    self, error_code, Frame, Mcast, PublishRef, SubAck, Subscribe, Welcome, WireError,
+};
 
 /// What a connection asks of the engine, whatever its wire protocol.
 #[derive(Debug)]
@@ -31,6 +33,10 @@ pub(crate) enum Op<'a> {
     /// Answers the engine's PING.
     Pong,
     StatsRequest,
+    /// A multicast receiver asks for the channels (docs/PROTOCOL.md §12).
+    ChannelsRequest,
+    /// A multicast receiver missed datagrams.
+    Nak(proto::Nak),
 }
 
 /// What the engine answers a connection (data frames are shared, and not replies; STATS is
@@ -69,6 +75,8 @@ pub(crate) fn op(frame: Frame<'_>) -> Result<Op<'_>, Fatal> {
         Frame::Ping { nonce } => Ok(Op::Ping { nonce }),
         Frame::Pong { .. } => Ok(Op::Pong),
         Frame::StatsRequest => Ok(Op::StatsRequest),
+        Frame::Multicast(Mcast::ChannelsRequest) => Ok(Op::ChannelsRequest),
+        Frame::Multicast(Mcast::Nak(nak)) => Ok(Op::Nak(nak)),
         Frame::Error(e) => Err(Fatal::new(
             error_code::UNEXPECTED_FRAME,
             format!(
@@ -81,7 +89,10 @@ pub(crate) fn op(frame: Frame<'_>) -> Result<Op<'_>, Fatal> {
         | Frame::SubAck(_)
         | Frame::Data { .. }
         | Frame::Gap(_)
-        | Frame::Stats(_) => Err(Fatal::new(
+        | Frame::Stats(_)
+        | Frame::Multicast(
+            Mcast::Channels(_) | Mcast::StreamPos(_) | Mcast::Repair(_) | Mcast::RepairGone(_),
+        ) => Err(Fatal::new(
             error_code::UNEXPECTED_FRAME,
             "this frame kind is sent only by the engine",
         )),

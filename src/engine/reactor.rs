@@ -259,6 +259,8 @@ pub(crate) struct Reactor {
     timer: DeadlineTimer,
     /// STATS requests go to the stats thread.
     stats_jobs: crossbeam_channel::Sender<StatsJob>,
+    /// The multicast channels' sockets (`mcast_io.rs`); `None` when none is configured.
+    mcast: Option<super::mcast_io::McastSockets>,
 }
 
 impl Reactor {
@@ -309,7 +311,9 @@ impl Reactor {
         poll.registry()
             .register(&mut timer, TIMER_TOKEN, Interest::READABLE)?;
         let now = Instant::now();
+        let mcast = super::mcast_io::McastSockets::open(&config)?;
         Ok(Reactor {
+            mcast,
             core: FanoutCore::new(id, n_shards, config.clone(), shared.clone(), now),
             id,
             n_shards,
@@ -412,6 +416,7 @@ impl Reactor {
             self.forward_stats_requests();
             self.flush(now);
             self.flush_ws(now);
+            self.send_datagrams(now);
             self.resume_paused(now);
             self.drop_closed();
             self.send_outgoing();
@@ -532,6 +537,13 @@ impl Reactor {
                     Token(_) => {}
                 }
             }
+        }
+    }
+
+    /// The turn's multicast datagrams (after `flush`, which seals them).
+    fn send_datagrams(&mut self, now: Instant) {
+        if let Some(m) = self.mcast.as_mut() {
+            m.send(&mut self.core, now, now_unix_ns());
         }
     }
 
@@ -1172,6 +1184,9 @@ impl Reactor {
             .store(c.throttled_turns, Ordering::Relaxed);
         s.io_errors.store(c.io_errors, Ordering::Relaxed);
         s.tls_failures.store(c.tls_failures, Ordering::Relaxed);
+        if let Some(m) = &self.mcast {
+            m.publish_stats(&s.mcast);
+        }
     }
 }
 

@@ -243,6 +243,9 @@ pub(crate) struct Session {
     /// A durable session (`durable.rs`): what has been written to this connection, merged into
     /// its client id's session at close. `None`: the connection did not opt in.
     pub durable: Option<Box<super::durable::SessionState>>,
+    /// A multicast receiver (it sent CHANNELS_REQUEST): carried topics' live messages go by
+    /// the group, not this connection (`mcast_core.rs`).
+    pub mcast: bool,
 }
 
 /// The result of [`Session::enqueue`].
@@ -300,6 +303,7 @@ impl Session {
             close_cause: None,
             mqtt: None,
             durable: None,
+            mcast: false,
         }
     }
 

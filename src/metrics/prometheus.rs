@@ -83,6 +83,7 @@ pub fn prometheus_text(snapshot: &MetricsSnapshot, stats: &Value) -> String {
         families: HashSet::new(),
     };
     engine_metrics(&mut w, stats);
+    multicast_metrics(&mut w, stats);
     latency_metrics(&mut w, snapshot);
     if let Some(process) = super::process::ProcessStats::read() {
         process_metrics(&mut w, &process);
@@ -170,6 +171,35 @@ impl Writer {
         self.out.push(' ');
         self.out.push_str(value);
         self.out.push('\n');
+    }
+}
+
+/// The stats document's `multicast` list: `lanpush_multicast_<figure>_total{channel="N"}`.
+fn multicast_metrics(w: &mut Writer, stats: &Value) {
+    let Some(channels) = stats.get("multicast").and_then(Value::as_array) else {
+        return;
+    };
+    let mut keys: Vec<&str> = Vec::new();
+    for c in channels.iter().filter_map(Value::as_object) {
+        for key in c.keys() {
+            if key != "channel" && !keys.contains(&key.as_str()) {
+                keys.push(key);
+            }
+        }
+    }
+    for key in keys {
+        let name = format!("lanpush_multicast_{key}_total");
+        let help = format!("Multicast channel figure {key} (docs/PROTOCOL.md section 12), summed over the reactors.");
+        if !w.family(&name, "counter", &help) {
+            continue;
+        }
+        for c in channels.iter().filter_map(Value::as_object) {
+            let (Some(id), Some(value)) = (c.get("channel"), c.get(key).and_then(number)) else {
+                continue;
+            };
+            let id = id.to_string();
+            w.sample(&name, &[("channel", &id)], &value);
+        }
     }
 }
 

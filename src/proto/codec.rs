@@ -76,10 +76,28 @@ pub fn encode_control(out: &mut Vec<u8>, frame: &Frame<'_>) {
             let start = begin_frame(out, KIND_STATS_REQUEST);
             finish_frame(out, start);
         }
+        Frame::Multicast(m) => match m {
+            Mcast::ChannelsRequest => {
+                let start = begin_frame(out, KIND_CHANNELS_REQUEST);
+                finish_frame(out, start);
+            }
+            Mcast::Channels(v) => body(out, KIND_CHANNELS, v),
+            Mcast::StreamPos(v) => body(out, KIND_STREAM_POS, v),
+            Mcast::Nak(v) => body(out, KIND_NAK, v),
+            Mcast::RepairGone(v) => body(out, KIND_REPAIR_GONE, v),
+            Mcast::Repair(datagram) => encode_repair(out, datagram),
+        },
         Frame::Publish(_) | Frame::Data { .. } | Frame::Ping { .. } | Frame::Pong { .. } => {
             panic!("encode_control called with a hot-path frame: {frame:?}")
         }
     }
+}
+
+/// Appends a REPAIR frame: the datagram's bytes as they were multicast.
+pub fn encode_repair(out: &mut Vec<u8>, datagram: &[u8]) {
+    let start = begin_frame(out, KIND_REPAIR);
+    out.extend_from_slice(datagram);
+    finish_frame(out, start);
 }
 
 /// Appends a PUBLISH frame. The caller has validated the topic (see [`validate_topic`]);
@@ -239,6 +257,12 @@ fn kind_name(kind: u8) -> Option<&'static str> {
         KIND_GAP => "GAP",
         KIND_STATS_REQUEST => "STATS_REQUEST",
         KIND_STATS => "STATS",
+        KIND_CHANNELS_REQUEST => "CHANNELS_REQUEST",
+        KIND_CHANNELS => "CHANNELS",
+        KIND_STREAM_POS => "STREAM_POS",
+        KIND_NAK => "NAK",
+        KIND_REPAIR => "REPAIR",
+        KIND_REPAIR_GONE => "REPAIR_GONE",
         _ => return None,
     })
 }
@@ -361,6 +385,19 @@ fn decode_body(kind: u8, body: &[u8]) -> Result<Frame<'_>, DecodeError> {
             .finish()?;
             Frame::StatsRequest
         }
+        KIND_CHANNELS_REQUEST => {
+            Body {
+                kind: name,
+                rest: body,
+            }
+            .finish()?;
+            Frame::Multicast(Mcast::ChannelsRequest)
+        }
+        KIND_CHANNELS => Frame::Multicast(Mcast::Channels(control(name, body)?)),
+        KIND_STREAM_POS => Frame::Multicast(Mcast::StreamPos(control(name, body)?)),
+        KIND_NAK => Frame::Multicast(Mcast::Nak(control(name, body)?)),
+        KIND_REPAIR_GONE => Frame::Multicast(Mcast::RepairGone(control(name, body)?)),
+        KIND_REPAIR => Frame::Multicast(Mcast::Repair(body)),
         KIND_PUBLISH => {
             let mut b = Body {
                 kind: name,

@@ -287,6 +287,63 @@ pub enum Frame<'a> {
     StatsRequest,
     /// Engine counters as a JSON document (UTF-8).
     Stats(String),
+    /// The multicast frames (docs/PROTOCOL.md §12).
+    Multicast(Mcast<'a>),
+}
+
+/// The multicast frames: a receiver's requests and the engine's answers over the TCP session
+/// (docs/PROTOCOL.md §12). One variant of [`Frame`], so older code matches them in one arm.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Mcast<'a> {
+    /// Client: "I receive by multicast": the engine answers CHANNELS, and from then on this
+    /// connection's subscriptions get carried topics' live messages by multicast only.
+    ChannelsRequest,
+    /// Engine: the configured channels.
+    Channels(Channels),
+    /// Engine, before SUBACK: from which datagram on the stream continues the snapshot.
+    StreamPos(StreamPos),
+    /// Client: datagrams `from_seq .. from_seq + count` of a stream did not arrive.
+    Nak(Nak),
+    /// Engine: one datagram of a stream, as it was (or would have been) multicast.
+    Repair(&'a [u8]),
+    /// Engine: these datagrams are no longer held; their messages are lost for this receiver.
+    RepairGone(Nak),
+}
+
+/// One multicast channel as the engine announces it.
+#[derive(Debug, Clone, PartialEq, Eq, Encode, Decode)]
+pub struct ChannelInfo {
+    pub id: u16,
+    /// IPv4 group address, e.g. `239.192.0.1`.
+    pub group: String,
+    pub port: u16,
+    /// The topic patterns the channel carries.
+    pub patterns: Vec<String>,
+    /// Largest datagram the engine sends on it (bytes of UDP payload).
+    pub datagram_bytes: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Encode, Decode)]
+pub struct Channels {
+    pub channels: Vec<ChannelInfo>,
+}
+
+/// Stream `(channel, stream)` continues the snapshot from datagram `next_seq`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Encode, Decode)]
+pub struct StreamPos {
+    pub channel: u16,
+    /// The owner reactor whose datagram sequence this is.
+    pub stream: u16,
+    pub next_seq: u64,
+}
+
+/// A range of datagrams of one stream (NAK, REPAIR_GONE).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Encode, Decode)]
+pub struct Nak {
+    pub channel: u16,
+    pub stream: u16,
+    pub from_seq: u64,
+    pub count: u32,
 }
 
 /// Why a topic or pattern is refused.

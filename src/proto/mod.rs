@@ -25,13 +25,15 @@ mod tests;
 pub use codec::{
     data_frame_flags, data_frame_seq, data_frame_shared, data_frame_topic, data_frame_total_len,
     data_frame_with_flags, decode_frame, encode_control, encode_data, encode_data_from_publish,
-    encode_frame, encode_ping, encode_pong, encode_publish, frame_len_hint, DecodeError, Decoded,
+    encode_frame, encode_ping, encode_pong, encode_publish, encode_repair, frame_len_hint,
+    DecodeError, Decoded,
 };
 pub use frames::{
     check_depth, error_code, validate_pattern, validate_topic, DataHeader, DeliveryMode, Frame,
     Gap, Hello, PublishRef, SubAck, Subscribe, TopicError, TopicPosition, Unsubscribe, Welcome,
     WireError, DATA_FLAG_RESTORED, DATA_FLAG_SNAPSHOT,
 };
+pub use frames::{ChannelInfo, Channels, Mcast, Nak, StreamPos};
 
 /// Protocol version spoken by this build; HELLO carries the client's, WELCOME the engine's.
 pub const PROTOCOL_VERSION: u16 = 1;
@@ -65,3 +67,10 @@ pub const KIND_ERROR: u8 = 0x30;
 pub const KIND_GAP: u8 = 0x31;
 pub const KIND_STATS_REQUEST: u8 = 0x40;
 pub const KIND_STATS: u8 = 0x41;
+/// Multicast frames (docs/PROTOCOL.md §12), all in [`Frame::Multicast`].
+pub const KIND_CHANNELS_REQUEST: u8 = 0x60;
+pub const KIND_CHANNELS: u8 = 0x61;
+pub const KIND_STREAM_POS: u8 = 0x62;
+pub const KIND_NAK: u8 = 0x63;
+pub const KIND_REPAIR: u8 = 0x64;
+pub const KIND_REPAIR_GONE: u8 = 0x65;

@@ -500,6 +500,8 @@ fn validate_pattern_cases() {
 enum Owned {
     /// Every variant without borrowed fields.
     Plain(Frame<'static>),
+    /// REPAIR, the one multicast frame that borrows.
+    Repair(Vec<u8>),
     Publish {
         topic: String,
         source_ts_ns: u64,
@@ -537,6 +539,7 @@ impl Owned {
                 topic,
                 payload,
             },
+            Owned::Repair(d) => Frame::Multicast(Mcast::Repair(d)),
         }
     }
 
@@ -568,6 +571,14 @@ impl Owned {
             Frame::Gap(v) => Owned::Plain(Frame::Gap(v.clone())),
             Frame::StatsRequest => Owned::Plain(Frame::StatsRequest),
             Frame::Stats(v) => Owned::Plain(Frame::Stats(v.clone())),
+            Frame::Multicast(m) => match m {
+                Mcast::Repair(d) => Owned::Repair(d.to_vec()),
+                Mcast::ChannelsRequest => Owned::Plain(Frame::Multicast(Mcast::ChannelsRequest)),
+                Mcast::Channels(c) => Owned::Plain(Frame::Multicast(Mcast::Channels(c.clone()))),
+                Mcast::StreamPos(p) => Owned::Plain(Frame::Multicast(Mcast::StreamPos(*p))),
+                Mcast::Nak(n) => Owned::Plain(Frame::Multicast(Mcast::Nak(*n))),
+                Mcast::RepairGone(n) => Owned::Plain(Frame::Multicast(Mcast::RepairGone(*n))),
+            },
         }
     }
 }
@@ -683,9 +694,56 @@ fn any_frame() -> impl Strategy<Value = Owned> {
         }),
         Just(Frame::StatsRequest),
         text().prop_map(Frame::Stats),
+        Just(Frame::Multicast(Mcast::ChannelsRequest)),
+        (
+            any::<u16>(),
+            text(),
+            any::<u16>(),
+            prop::collection::vec(text(), 0..3),
+            any::<u32>()
+        )
+            .prop_map(|(id, group, port, patterns, datagram_bytes)| {
+                Frame::Multicast(Mcast::Channels(Channels {
+                    channels: vec![ChannelInfo {
+                        id,
+                        group,
+                        port,
+                        patterns,
+                        datagram_bytes,
+                    }],
+                }))
+            }),
+        (any::<u16>(), any::<u16>(), any::<u64>()).prop_map(|(channel, stream, next_seq)| {
+            Frame::Multicast(Mcast::StreamPos(StreamPos {
+                channel,
+                stream,
+                next_seq,
+            }))
+        }),
+        (
+            any::<u16>(),
+            any::<u16>(),
+            any::<u64>(),
+            any::<u32>(),
+            any::<bool>()
+        )
+            .prop_map(|(channel, stream, from_seq, count, gone)| {
+                let nak = Nak {
+                    channel,
+                    stream,
+                    from_seq,
+                    count,
+                };
+                Frame::Multicast(if gone {
+                    Mcast::RepairGone(nak)
+                } else {
+                    Mcast::Nak(nak)
+                })
+            }),
     ];
     prop_oneof![
         3 => plain.prop_map(Owned::Plain),
+        1 => payload().prop_map(Owned::Repair),
         2 => (text(), any::<u64>(), any::<u8>(), payload()).prop_map(
             |(topic, source_ts_ns, quality, payload)| Owned::Publish {
                 topic,

@@ -45,6 +45,8 @@ const QUALITY_GOOD: u8 = 192;
 /// Connects to one lanpush engine.
 pub struct LanpushDriver {
     addr: SocketAddr,
+    /// Subscribers receive carried topics by UDP multicast (`McastSubscriber`).
+    pub multicast: bool,
 }
 
 impl LanpushDriver {
@@ -52,7 +54,10 @@ impl LanpushDriver {
         let addr = addr.to_socket_addrs()?.next().ok_or_else(|| {
             io::Error::new(io::ErrorKind::InvalidInput, format!("{addr}: no address"))
         })?;
-        Ok(Self { addr })
+        Ok(Self {
+            addr,
+            multicast: false,
+        })
     }
 }
 
@@ -72,12 +77,66 @@ impl Driver for LanpushDriver {
     }
 
     fn subscriber(&self, client_id: &str) -> io::Result<Box<dyn SubConn>> {
+        if self.multicast {
+            return Ok(Box::new(McastSub {
+                opts: lanpush::client::ClientOptions::new(self.addr.to_string())
+                    .client_id(client_id)
+                    // Connecting a thousand receivers one by one takes longer than the default
+                    // keep-alive, and none is polled meanwhile.
+                    .keepalive_ms(60_000),
+                sub: None,
+            }));
+        }
         let wire = Wire::connect(self.addr, client_id, SUB_RECV_BUFFER_BYTES)?;
         wire.stream.set_nonblocking(true)?;
         Ok(Box::new(LanpushSub {
             wire,
             next_sub_id: 1,
         }))
+    }
+}
+
+/// A multicast receiver (`--multicast`): the library's `McastSubscriber`, one pattern.
+struct McastSub {
+    opts: lanpush::client::ClientOptions,
+    sub: Option<lanpush::client::McastSubscriber>,
+}
+
+impl SubConn for McastSub {
+    fn subscribe(&mut self, pattern: &str) -> io::Result<()> {
+        let sub = lanpush::client::McastSubscriber::connect(
+            self.opts.clone(),
+            lanpush::client::McastOptions::default(),
+            vec![pattern.to_string()],
+            lanpush::proto::DeliveryMode::All,
+        )
+        .map_err(io::Error::other)?;
+        self.sub = Some(sub);
+        Ok(())
+    }
+
+    fn poll(
+        &mut self,
+        timeout: Duration,
+        on_message: &mut dyn FnMut(&str, &[u8]),
+    ) -> io::Result<usize> {
+        let Some(sub) = self.sub.as_mut() else {
+            return Err(io::Error::other("poll before subscribe"));
+        };
+        let mut n = 0;
+        let mut wait = timeout;
+        while let Some(event) = sub.next_event(wait).map_err(io::Error::other)? {
+            if let lanpush::client::Event::Message(m) = event {
+                on_message(&m.topic, &m.payload);
+                n += 1;
+            }
+            wait = Duration::ZERO;
+        }
+        Ok(n)
+    }
+
+    fn raw_fd(&self) -> Option<RawFd> {
+        self.sub.as_ref().and_then(|s| s.group_fd())
     }
 }
 

@@ -105,8 +105,13 @@ struct RunArgs {
     engine_config: Option<PathBuf>,
     /// Drive the engine the tool starts through its MQTT 3.1.1 listener (QoS 0, the same
     /// client as `--target mqtt://`), to compare with another MQTT broker client for client.
-    #[arg(long, conflicts_with_all = ["server", "target"])]
+    #[arg(long, conflicts_with_all = ["server", "target", "multicast"])]
     mqtt: bool,
+    /// lanpush only: subscribers receive by UDP multicast (`McastSubscriber`); the engine needs
+    /// a channel carrying the scenario's topics (`--engine-config bench/multicast.toml`) and
+    /// multicast on loopback, i.e. a private network namespace (bench/README.md).
+    #[arg(long)]
+    multicast: bool,
     /// Write the latency histogram as HdrHistogram percentile-distribution text (µs).
     #[arg(long, value_name = "FILE")]
     hgrm: Option<PathBuf>,
@@ -171,8 +176,9 @@ struct Target {
 /// The driver for the target the flags name, and the engine process if the tool started one.
 fn make_target(args: &RunArgs, params: &Params) -> Result<Target, BenchError> {
     let lanpush = |addr: &str, engine_started: bool| -> Result<_, BenchError> {
-        let driver = lanpush_driver::LanpushDriver::new(addr)
+        let mut driver = lanpush_driver::LanpushDriver::new(addr)
             .map_err(BenchError::connect(format!("resolving {addr}")))?;
+        driver.multicast = args.multicast;
         Ok((
             Box::new(driver) as Box<dyn Driver>,
             TargetInfo {
