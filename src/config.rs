@@ -35,6 +35,7 @@ pub struct Config {
     pub log: LogConfig,
     pub mqtt: MqttConfig,
     pub auth: AuthConfig,
+    pub tls: crate::tls::TlsConfig,
     pub websocket: WebSocketConfig,
     /// UDP multicast channels (`src/mcast/`); none by default.
     pub multicast: crate::mcast::MulticastConfig,
@@ -265,6 +266,10 @@ pub struct UserConfig {
     pub subscribe: Vec<String>,
     #[serde(default)]
     pub admin: bool,
+    /// May read the HTTP `/metrics` and `/stats` (which require credentials when
+    /// `anonymous = false`).
+    #[serde(default)]
+    pub metrics: bool,
 }
 
 impl std::fmt::Debug for UserConfig {
@@ -275,6 +280,7 @@ impl std::fmt::Debug for UserConfig {
             .field("publish", &self.publish)
             .field("subscribe", &self.subscribe)
             .field("admin", &self.admin)
+            .field("metrics", &self.metrics)
             .finish_non_exhaustive()
     }
 }
@@ -293,6 +299,9 @@ pub struct RoleConfig {
     /// Sees every connection in STATS.
     #[serde(default)]
     pub admin: bool,
+    /// May read the HTTP `/metrics` and `/stats` when they require credentials.
+    #[serde(default)]
+    pub metrics: bool,
 }
 
 impl AuthConfig {
@@ -345,6 +354,7 @@ impl AuthConfig {
                 publish: user.publish.clone(),
                 subscribe: user.subscribe.clone(),
                 admin: user.admin,
+                metrics: user.metrics,
             };
             check_patterns(&what, &own, max_topic_bytes)?;
         }
@@ -400,7 +410,7 @@ impl MetricsConfig {
             })?;
             if !addr.ip().is_loopback() && !self.prometheus_allow_remote {
                 return Err(format!(
-                    "metrics.prometheus_listen = {text:?} is not a loopback address: the endpoint has no authentication; set metrics.prometheus_allow_remote = true to expose it anyway"
+                    "metrics.prometheus_listen = {text:?} is not a loopback address: the endpoint is plain HTTP (credentials, when auth.anonymous = false asks for them, cross in the clear); set metrics.prometheus_allow_remote = true to expose it anyway"
                 ));
             }
         }
@@ -589,6 +599,9 @@ impl Config {
         if let Err(message) = self.auth.validate(l.max_topic_bytes) {
             return invalid(message);
         }
+        if let Err(message) = self.tls.validate() {
+            return invalid(message);
+        }
         if let Err(message) = self.multicast.validate(l.max_topic_bytes) {
             return invalid(message);
         }
@@ -707,6 +720,12 @@ impl Config {
             auth.max_verifications_per_s,
             auth.users,
             auth.roles,
+            tls.listen,
+            tls.mqtt_listen,
+            tls.cert_path,
+            tls.key_path,
+            tls.client_ca_path,
+            tls.require_client_cert,
         );
         ReloadPlan {
             config: out,

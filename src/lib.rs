@@ -9,5 +9,6 @@ pub mod metrics;
 pub mod mqtt;
 pub mod proto;
 pub mod service;
+pub mod tls;
 pub mod topic;
 pub mod ws;

@@ -110,10 +110,40 @@ struct ConnectArgs {
         hide_env_values = true
     )]
     token: Option<String>,
+    /// Connect with TLS (the engine's `tls.listen` address); needs --ca.
+    #[arg(long, requires = "ca")]
+    tls: bool,
+    /// PEM file of the CA that signs the engine's certificate.
+    #[arg(long, value_name = "FILE", requires = "tls")]
+    ca: Option<PathBuf>,
+    /// PEM certificate chain presented to the engine (mTLS); with --key.
+    #[arg(long, value_name = "FILE", requires_all = ["tls", "key"])]
+    cert: Option<PathBuf>,
+    /// PEM private key of --cert.
+    #[arg(long, value_name = "FILE", requires = "cert")]
+    key: Option<PathBuf>,
+    /// Name the engine's certificate must carry (default: the host part of --server).
+    #[arg(long, value_name = "NAME", requires = "tls")]
+    server_name: Option<String>,
 }
 
 impl ConnectArgs {
-    fn options(&self, role: &str) -> ClientOptions {
+    fn options(&self, role: &str) -> Result<ClientOptions, CliError> {
+        let opts = self.plain_options(role);
+        if !self.tls {
+            return Ok(opts);
+        }
+        let ca = self
+            .ca
+            .as_deref()
+            .ok_or_else(|| CliError::Usage("--tls needs --ca FILE".into()))?;
+        let cert_key = self.cert.as_deref().zip(self.key.as_deref());
+        let tls = lanpush::tls::ClientTls::from_files(ca, cert_key, self.server_name.clone())
+            .map_err(|e| CliError::Usage(e.to_string()))?;
+        Ok(opts.tls(tls))
+    }
+
+    fn plain_options(&self, role: &str) -> ClientOptions {
         // A named client is a durable session: a restarted `sub` resumes where it stopped.
         let durable = self.client_id.is_some();
         let id = self
@@ -295,6 +325,14 @@ fn serve(args: ServeArgs) -> Result<(), CliError> {
             })
             .and_then(|()| match engine.ws_addr() {
                 Some(ws) => writeln!(out, "ws listening on {ws}"),
+                None => Ok(()),
+            })
+            .and_then(|()| match engine.tls_addr() {
+                Some(tls) => writeln!(out, "tls listening on {tls}"),
+                None => Ok(()),
+            })
+            .and_then(|()| match engine.tls_mqtt_addr() {
+                Some(tls) => writeln!(out, "mqtt tls listening on {tls}"),
                 None => Ok(()),
             })
             .and_then(|()| out.flush())
@@ -551,7 +589,7 @@ fn check_runnable(config: &Config) -> Result<(), CliError> {
 }
 
 fn publish(args: PubArgs) -> Result<(), CliError> {
-    let opts = args.connect.options("pub");
+    let opts = args.connect.options("pub")?;
     // Checked before connecting, so the message is about the topic whatever the network does.
     validate_topic(&args.topic, opts.max_topic_bytes).map_err(|source| ClientError::Topic {
         topic: args.topic.clone(),
@@ -759,7 +797,7 @@ fn publish_synthetic(
 const SUB_POLL: Duration = Duration::from_secs(1);
 
 fn subscribe(args: SubArgs) -> Result<(), CliError> {
-    let opts = args.connect.options("sub");
+    let opts = args.connect.options("sub")?;
     for pattern in &args.patterns {
         validate_pattern(pattern, opts.max_topic_bytes).map_err(|source| ClientError::Pattern {
             pattern: pattern.clone(),
@@ -1079,7 +1117,7 @@ fn hex(bytes: &[u8]) -> String {
 }
 
 fn stats(args: StatsArgs) -> Result<(), CliError> {
-    let opts = args.connect.options("stats");
+    let opts = args.connect.options("stats")?;
     loop {
         let (json, welcome) = client::stats_with_welcome(&opts)?;
         let text = if args.json {

@@ -56,6 +56,9 @@ pub struct Identity {
     pub acl: Acl,
     /// Sees everything in STATS (other connections, their client ids and subscriptions).
     pub admin: bool,
+    /// May read the HTTP `/metrics` and `/stats` when they require credentials (as `admin`
+    /// may; `/stats` then shows what STATS shows this identity).
+    pub metrics: bool,
 }
 
 impl Identity {
@@ -70,6 +73,7 @@ impl Identity {
             user: None,
             acl: Acl::everything(),
             admin: true,
+            metrics: true,
         }
     }
 }
@@ -91,13 +95,21 @@ pub enum AuthError {
     },
     #[error("too many authentication attempts on this reactor; try again in a second")]
     Throttled { user: String },
+    #[error("the token names another user than the client certificate ({certificate:?})")]
+    CertificateMismatch {
+        /// The token's user (for the audit log).
+        user: String,
+        certificate: String,
+    },
 }
 
 impl AuthError {
     /// The user named, if any (for the audit log).
     pub fn user(&self) -> Option<&str> {
         match self {
-            AuthError::Rejected { user, .. } | AuthError::Throttled { user } => Some(user),
+            AuthError::Rejected { user, .. }
+            | AuthError::Throttled { user }
+            | AuthError::CertificateMismatch { user, .. } => Some(user),
             AuthError::Missing | AuthError::BadToken => None,
         }
     }
@@ -146,15 +158,16 @@ impl Authenticator {
                         role_names: &[String],
                         publish: &[String],
                         subscribe: &[String],
-                        admin: bool| {
+                        (admin, metrics): (bool, bool)| {
             let mut p: Vec<&str> = publish.iter().map(String::as_str).collect();
             let mut s: Vec<&str> = subscribe.iter().map(String::as_str).collect();
-            let mut admin = admin;
+            let (mut admin, mut metrics) = (admin, metrics);
             for name in role_names {
                 if let Some(role) = roles.get(name.as_str()) {
                     p.extend(role.publish.iter().map(String::as_str));
                     s.extend(role.subscribe.iter().map(String::as_str));
                     admin |= role.admin;
+                    metrics |= role.metrics;
                 }
             }
             Arc::new(Identity {
@@ -164,18 +177,25 @@ impl Authenticator {
                     subscribe: PatternSet::new(s),
                 },
                 admin,
+                metrics,
             })
         };
         let anonymous = config
             .anonymous
-            .then(|| identity(None, &config.anonymous_roles, &[], &[], false));
+            .then(|| identity(None, &config.anonymous_roles, &[], &[], (false, false)));
         let users = config
             .users
             .iter()
             .map(|u| {
                 let user = User {
                     hash: u.secret_hash.clone(),
-                    identity: identity(Some(&u.name), &u.roles, &u.publish, &u.subscribe, u.admin),
+                    identity: identity(
+                        Some(&u.name),
+                        &u.roles,
+                        &u.publish,
+                        &u.subscribe,
+                        (u.admin, u.metrics),
+                    ),
                 };
                 (Box::from(u.name.as_str()), user)
             })
@@ -257,6 +277,46 @@ impl Authenticator {
                 user: name.to_string(),
                 known: user.is_some(),
             }),
+        }
+    }
+
+    /// The identity a verified client certificate gives (`crate::tls`, "Identity from a
+    /// certificate"): the first of its `names` that is a configured user, if any.
+    pub fn certificate_identity<S: AsRef<str>>(&self, names: &[S]) -> Option<Arc<Identity>> {
+        names
+            .iter()
+            .find_map(|name| self.users.get(name.as_ref()))
+            .map(|user| user.identity.clone())
+    }
+
+    /// Checks a HELLO's token on a connection whose client certificate named `certificate`
+    /// (its names, `None` without a verified certificate): a certificate that names a user
+    /// admits that user without a token; a token, when sent, is checked as usual and must then
+    /// name the certificate's user.
+    pub fn authenticate_token(
+        &self,
+        token: &str,
+        certificate: Option<&[String]>,
+        now: Instant,
+        slow_budget: &mut TokenBucket,
+    ) -> Result<Authenticated, AuthError> {
+        let from_certificate = certificate.and_then(|names| self.certificate_identity(names));
+        if let Some(identity) = &from_certificate {
+            if token.is_empty() {
+                return Ok(Authenticated {
+                    identity: identity.clone(),
+                    verified_slowly: false,
+                });
+            }
+        }
+        let done = Self::split_token(token)
+            .and_then(|credentials| self.authenticate(credentials, now, slow_budget))?;
+        match from_certificate {
+            Some(cert) if cert.user != done.identity.user => Err(AuthError::CertificateMismatch {
+                user: done.identity.name().to_string(),
+                certificate: cert.name().to_string(),
+            }),
+            _ => Ok(done),
         }
     }
 

@@ -1,10 +1,11 @@
 //! One TCP connection to the engine: connect, handshake, and a growable receive buffer that
 //! holds many frames per read.
 
-use std::io::{self, Read, Write};
+use std::io;
 use std::net::{TcpStream, ToSocketAddrs};
 use std::time::{Duration, Instant};
 
+use super::stream::{tls_cause, Stream};
 use super::{ClientError, ClientOptions};
 use crate::proto::{
     decode_frame, encode_control, frame_len_hint, Decoded, Frame, Hello, Welcome, LEN_PREFIX_BYTES,
@@ -28,7 +29,7 @@ pub(crate) enum Fill {
 }
 
 pub(crate) struct Conn {
-    stream: TcpStream,
+    stream: Stream,
     pub(crate) welcome: Welcome,
     /// Storage; `buf[start..end]` holds received bytes not yet decoded.
     buf: Vec<u8>,
@@ -45,9 +46,12 @@ impl Conn {
         read_buffer_bytes: usize,
     ) -> Result<Conn, ClientError> {
         let deadline = Instant::now() + opts.connect_timeout;
-        let stream = connect_stream(&opts.server, opts.connect_timeout)?;
-        stream.set_nodelay(true)?;
-        stream.set_write_timeout(Some(opts.io_timeout.max(Duration::from_millis(1))))?;
+        let socket = connect_stream(&opts.server, opts.connect_timeout)?;
+        socket.set_nodelay(true)?;
+        let stream = Stream::open(socket, opts.tls.as_ref(), &opts.server, deadline)?;
+        stream
+            .socket()
+            .set_write_timeout(Some(opts.io_timeout.max(Duration::from_millis(1))))?;
         let now = Instant::now();
         let mut conn = Conn {
             stream,
@@ -79,8 +83,22 @@ impl Conn {
                     .map_or_else(String::new, |t| t.as_str().to_string()),
             }),
         );
-        conn.send(&hello)?;
-        conn.welcome = conn.await_welcome(deadline, opts.connect_timeout)?;
+        // With TLS 1.3 the engine checks a client certificate after the client's side of the
+        // handshake is done: its refusal arrives as an alert here, and is told as such.
+        let tls_refusal = |e: ClientError| match &e {
+            ClientError::Io(io) if opts.tls.is_some() => match tls_cause(io) {
+                Some(cause) => ClientError::Tls {
+                    addr: opts.server.clone(),
+                    reason: format!("the engine refused the connection: {cause}"),
+                },
+                None => e,
+            },
+            _ => e,
+        };
+        conn.send(&hello).map_err(|e| tls_refusal(e.into()))?;
+        conn.welcome = conn
+            .await_welcome(deadline, opts.connect_timeout)
+            .map_err(tls_refusal)?;
         Ok(conn)
     }
 
@@ -139,27 +157,15 @@ impl Conn {
     pub(crate) fn send(&mut self, bytes: &[u8]) -> io::Result<Option<Duration>> {
         // One non-blocking attempt first (a flag on the call, not on the socket), so that a
         // wait is seen rather than guessed from timings.
-        let sent =
-            match socket2::SockRef::from(&self.stream).send_with_flags(bytes, libc::MSG_DONTWAIT) {
-                Ok(n) => n,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => 0,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => 0,
-                Err(e) => return Err(e),
-            };
-        let waited = if sent < bytes.len() {
-            let started = Instant::now();
-            self.stream.write_all(&bytes[sent..])?;
-            Some(started.elapsed())
-        } else {
-            None
-        };
+        let waited = self.stream.send(bytes)?;
         self.last_send = Instant::now();
         Ok(waited)
     }
 
-    /// The socket's descriptor, for a caller that waits on several sockets.
+    /// The socket's descriptor, for a caller that waits on several sockets (with TLS, bytes
+    /// rustls already decrypted do not show on it: not for TLS connections).
     pub(crate) fn raw_fd(&self) -> std::os::fd::RawFd {
-        std::os::fd::AsRawFd::as_raw_fd(&self.stream)
+        std::os::fd::AsRawFd::as_raw_fd(self.stream.socket())
     }
 
     /// Received bytes not yet consumed.
@@ -181,20 +187,7 @@ impl Conn {
     /// frame in progress, not to hold an unbounded backlog).
     pub(crate) fn fill(&mut self, timeout: Option<Duration>) -> io::Result<Fill> {
         self.make_room();
-        let result = match timeout {
-            None => {
-                self.stream.set_nonblocking(true)?;
-                let r = self.stream.read(&mut self.buf[self.end..]);
-                self.stream.set_nonblocking(false)?;
-                r
-            }
-            Some(t) => {
-                // A zero read timeout means "block forever" to the OS: never pass one.
-                self.stream
-                    .set_read_timeout(Some(t.max(Duration::from_micros(100))))?;
-                self.stream.read(&mut self.buf[self.end..])
-            }
-        };
+        let result = self.stream.read(&mut self.buf[self.end..], timeout);
         match result {
             Ok(0) => Ok(Fill::Eof),
             Ok(n) => {

@@ -58,6 +58,11 @@ pub enum ClientError {
     /// No answer within the time given.
     #[error("no answer from the engine within {0:?}")]
     Timeout(Duration),
+    /// The TLS handshake failed: the engine's certificate did not verify (wrong CA, wrong
+    /// name), or the engine refused this client's (missing, unknown). Reconnecting would fail
+    /// the same way.
+    #[error("TLS with {addr} failed: {reason}")]
+    Tls { addr: String, reason: String },
 }
 
 impl ClientError {
@@ -75,7 +80,8 @@ impl ClientError {
             ClientError::Protocol(_)
             | ClientError::Topic { .. }
             | ClientError::Pattern { .. }
-            | ClientError::TooLarge { .. } => false,
+            | ClientError::TooLarge { .. }
+            | ClientError::Tls { .. } => false,
         }
     }
 }

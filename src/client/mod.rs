@@ -28,6 +28,7 @@ mod error;
 mod mcast;
 mod options;
 mod publisher;
+mod stream;
 mod subscriber;
 mod timefmt;
 mod unconfirmed;

@@ -38,6 +38,9 @@ pub struct ClientOptions {
     /// confirm what it has taken, keeps up to `bytes` of unconfirmed PUBLISH frames, and resends
     /// them after a reconnect. `None` (the default): no acknowledgements, as before.
     pub publisher_acks: Option<usize>,
+    /// Connect with TLS (`lanpush pub/sub --tls --ca FILE`): the CA to trust, an optional
+    /// client certificate (mTLS), the name to check. `None`: plain TCP.
+    pub tls: Option<crate::tls::ClientTls>,
 }
 
 /// A HELLO token, `user:secret`. Its `Debug` never shows the secret.
@@ -79,6 +82,7 @@ impl Default for ClientOptions {
             token: None,
             durable_session: false,
             publisher_acks: None,
+            tls: None,
         }
     }
 }
@@ -128,6 +132,11 @@ impl ClientOptions {
     /// Authenticates as `token` (`user:secret`).
     pub fn token(mut self, token: impl Into<String>) -> Self {
         self.token = Some(Token::new(token));
+        self
+    }
+    /// Connects with TLS ([`crate::tls::ClientTls::from_files`]).
+    pub fn tls(mut self, tls: crate::tls::ClientTls) -> Self {
+        self.tls = Some(tls);
         self
     }
     pub fn read_buffer_bytes(mut self, read_buffer_bytes: usize) -> Self {

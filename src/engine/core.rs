@@ -860,6 +860,14 @@ impl FanoutCore {
     }
 
     /// The peer address of the connection in `slot`, for its log lines.
+    /// The TLS handshake of `slot` verified a client certificate carrying `names` (empty: the
+    /// client sent none); HELLO may be admitted on it (`Authenticator::authenticate_token`).
+    pub(crate) fn set_certificate_names(&mut self, slot: usize, names: Vec<String>) {
+        if let Some(session) = self.session_mut(slot) {
+            session.guard.certificate = (!names.is_empty()).then_some(names);
+        }
+    }
+
     pub(crate) fn set_peer(&mut self, slot: usize, peer: std::net::SocketAddr) {
         if let Some(session) = self.session_mut(slot) {
             session.peer = Some(peer);
@@ -1174,9 +1182,16 @@ impl FanoutCore {
         }
         let session = self.session(slot).expect("caller looked it up");
         let (conn_id, peer) = (session.id, session.guard.peer);
-        let identity = self
-            .guard
-            .authenticate(&self.shared.auth, token, now, conn_id, peer)?;
+        // Cloned once per HELLO, for the borrow of the shard's guard.
+        let certificate = session.guard.certificate.clone();
+        let identity = self.guard.authenticate(
+            &self.shared.auth,
+            token,
+            now,
+            conn_id,
+            peer,
+            certificate.as_deref(),
+        )?;
         let user = identity.user.clone();
         // Admitted before the client id is claimed, so the audit lines of a takeover or a
         // conflict name the identity (the session is not open until WELCOME).

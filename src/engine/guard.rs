@@ -40,6 +40,7 @@ fn nobody() -> Arc<Identity> {
                 user: None,
                 acl: crate::auth::Acl::default(),
                 admin: false,
+                metrics: false,
             })
         })
         .clone()
@@ -58,6 +59,9 @@ pub(crate) struct Guard {
     /// most (`Session::queue_reply`).
     pub notice: Option<Weak<[u8]>>,
     untold: u64,
+    /// The names of the client certificate a TLS handshake verified (`crate::tls`), offered as
+    /// the identity at HELLO.
+    pub certificate: Option<Vec<String>>,
 }
 
 impl Default for Guard {
@@ -68,6 +72,7 @@ impl Default for Guard {
             rate: None,
             notice: None,
             untold: 0,
+            certificate: None,
         }
     }
 }
@@ -153,9 +158,9 @@ impl ShardGuard {
         now: Instant,
         conn_id: u64,
         peer: Option<SocketAddr>,
+        certificate: Option<&[String]>,
     ) -> Result<Arc<Identity>, Fatal> {
-        let result = Authenticator::split_token(token)
-            .and_then(|credentials| auth.authenticate(credentials, now, &mut self.slow_budget));
+        let result = auth.authenticate_token(token, certificate, now, &mut self.slow_budget);
         match result {
             Ok(done) => Ok(done.identity),
             Err(e) => {

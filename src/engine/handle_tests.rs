@@ -285,6 +285,8 @@ fn join_reports_the_failed_reactor_after_it_stopped_the_others() {
     let engine = Engine {
         local_addr: "127.0.0.1:0".parse().unwrap(),
         mqtt_addr: None,
+        tls_addr: None,
+        tls_mqtt_addr: None,
         ws_addr: None,
         threads,
         stats_thread: std::thread::spawn(|| {}),

@@ -27,6 +27,7 @@ mod guard_tests;
 mod handle_tests;
 #[cfg(test)]
 mod harness;
+mod http_auth;
 pub mod limits;
 mod mcast_io;
 #[cfg(test)]
@@ -47,6 +48,7 @@ mod session;
 mod stats;
 mod store;
 mod timer;
+mod tls_link;
 mod trim;
 mod wire;
 mod ws_link;
@@ -99,6 +101,8 @@ pub enum EngineError {
     Stopped { id: usize },
     #[error("the stats thread panicked: {message}")]
     StatsPanicked { message: String },
+    #[error("TLS: {0}")]
+    Tls(#[from] crate::tls::TlsError),
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -145,6 +149,7 @@ pub(crate) struct ShardStats {
     pub handshake_timeouts: AtomicU64,
     pub shutdown_closes: AtomicU64,
     pub io_errors: AtomicU64,
+    pub tls_failures: AtomicU64,
     pub ring_bytes: AtomicUsize,
     pub retained_bytes: AtomicUsize,
     pub retained_evicted: AtomicU64,
@@ -369,6 +374,7 @@ impl EngineShared {
                 s.shutdown_closes.load(Ordering::Relaxed)
             }),
             ("io_errors", |s| s.io_errors.load(Ordering::Relaxed)),
+            ("tls_failures", |s| s.tls_failures.load(Ordering::Relaxed)),
             ("keepalive_timeouts", |s| {
                 s.keepalive_timeouts.load(Ordering::Relaxed)
             }),
@@ -517,6 +523,9 @@ pub struct Engine {
     mqtt_addr: Option<SocketAddr>,
     /// The WebSocket listener's address, when `websocket.listen` is set.
     ws_addr: Option<SocketAddr>,
+    /// The TLS listeners' addresses, when `tls.listen` / `tls.mqtt_listen` are set.
+    tls_addr: Option<SocketAddr>,
+    tls_mqtt_addr: Option<SocketAddr>,
     threads: Vec<JoinHandle<Result<(), EngineError>>>,
     /// Ends once every reactor (each holding a sender of STATS jobs) has exited.
     stats_thread: JoinHandle<()>,
@@ -573,6 +582,28 @@ impl Engine {
                 source,
             })?),
         };
+        let bind_optional = |addr: Option<SocketAddr>| match addr {
+            None => Ok(None),
+            Some(addr) => bind_listener(addr)
+                .and_then(|l| {
+                    let local = l.local_addr()?;
+                    Ok(Some((mio::net::TcpListener::from_std(l), local)))
+                })
+                .map_err(|source| EngineError::Listen { addr, source }),
+        };
+        let tls_listener = bind_optional(config.tls.listen_addr())?;
+        let tls_mqtt_listener = bind_optional(config.tls.mqtt_listen_addr())?;
+        let (tls_addr, tls_mqtt_addr) = (
+            tls_listener.as_ref().map(|(_, a)| *a),
+            tls_mqtt_listener.as_ref().map(|(_, a)| *a),
+        );
+        let tls_config = if config.tls.enabled() {
+            Some(crate::tls::server_config(&config.tls)?)
+        } else {
+            None
+        };
+        let mut tls_listener = tls_listener.map(|(l, _)| l);
+        let mut tls_mqtt_listener = tls_mqtt_listener.map(|(l, _)| l);
         let config = Arc::new(config);
 
         let mut polls = Vec::with_capacity(n);
@@ -623,6 +654,15 @@ impl Engine {
                 if id == 0 { listener.take() } else { None },
                 if id == 0 { mqtt_listener.take() } else { None },
                 if id == 0 { ws_listener.take() } else { None },
+                reactor::TlsSetup {
+                    listener: if id == 0 { tls_listener.take() } else { None },
+                    mqtt_listener: if id == 0 {
+                        tls_mqtt_listener.take()
+                    } else {
+                        None
+                    },
+                    config: tls_config.clone(),
+                },
                 inbox,
                 mailboxes.clone(),
                 stats_jobs.clone(),
@@ -666,6 +706,8 @@ impl Engine {
             local_addr,
             mqtt_addr,
             ws_addr,
+            tls_addr,
+            tls_mqtt_addr,
             threads,
             stats_thread,
             shared,
@@ -692,6 +734,17 @@ impl Engine {
     /// `mqtt.listen` is set.
     pub fn mqtt_addr(&self) -> Option<SocketAddr> {
         self.mqtt_addr
+    }
+
+    /// The native TLS listener's address (the real port when configured with port 0), when
+    /// `tls.listen` is set.
+    pub fn tls_addr(&self) -> Option<SocketAddr> {
+        self.tls_addr
+    }
+
+    /// The MQTT-over-TLS listener's address, when `tls.mqtt_listen` is set.
+    pub fn tls_mqtt_addr(&self) -> Option<SocketAddr> {
+        self.tls_mqtt_addr
     }
 
     /// The WebSocket listener's address (the real port when the config asked for port 0), when
@@ -725,11 +778,31 @@ impl Engine {
             return Ok(None);
         };
         let shared = Arc::clone(&self.shared);
-        let server =
+        let server = if self.config.auth.anonymous {
             crate::metrics::MetricsServer::start_with_live_page(addr, self.ws_addr, move || {
                 let stats = stats::collect(&shared, &shared.mailboxes);
                 (shared.metrics.merged(), stats)
-            })?;
+            })?
+        } else {
+            // Not anonymous: the endpoint asks for credentials too (http_auth.rs).
+            let auth = http_auth::http_auth(shared.clone(), &self.config);
+            crate::metrics::MetricsServer::start_authenticated(
+                addr,
+                self.ws_addr,
+                move |viewer| {
+                    let stats = stats::collect(&shared, &shared.mailboxes);
+                    let snapshot = shared.metrics.merged();
+                    match viewer {
+                        None => (snapshot, stats),
+                        Some(viewer) => (
+                            http_auth::scoped_snapshot(snapshot, viewer),
+                            stats::scoped(&stats, viewer, 0),
+                        ),
+                    }
+                },
+                auth,
+            )?
+        };
         let _ = self.shared.metrics_addr.set(server.local_addr());
         Ok(Some(server))
     }

@@ -26,6 +26,7 @@ use super::notify::{Inbox, Mailbox};
 use super::readbuf::{BufPool, ReadBuf};
 use super::stats::StatsJob;
 use super::timer::DeadlineTimer;
+use super::tls_link::{Plain, TlsIoError, TlsLink};
 use super::wire::WireKind;
 use super::ws_link::{LinkInput, WsLink};
 use super::{now_unix_ns, EngineShared};
@@ -37,6 +38,8 @@ const LISTENER_TOKEN: Token = Token(usize::MAX - 2);
 const TIMER_TOKEN: Token = Token(usize::MAX - 3);
 const MQTT_LISTENER_TOKEN: Token = Token(usize::MAX - 4);
 const WS_LISTENER_TOKEN: Token = Token(usize::MAX - 5);
+const TLS_LISTENER_TOKEN: Token = Token(usize::MAX - 6);
+const TLS_MQTT_LISTENER_TOKEN: Token = Token(usize::MAX - 7);
 
 /// Readiness events taken per `poll` call.
 const MAX_EVENTS: usize = 1024;
@@ -75,6 +78,8 @@ pub(crate) enum ShardMsg {
         wire: WireKind,
         /// Accepted by the WebSocket listener.
         ws: bool,
+        /// Accepted on a TLS listener: the receiver runs the handshake.
+        tls: bool,
     },
     /// A core message from a `LocalPublisher` or the stats thread.
     Core(CoreMsg),
@@ -102,6 +107,10 @@ enum Listener {
     Mqtt,
     /// WebSocket: the core serves it as native until the upgrade names its subprotocol.
     WebSocket,
+    /// The native protocol over TLS.
+    Tls,
+    /// MQTT over TLS.
+    TlsMqtt,
 }
 
 /// A connection's transport half: the socket and what has been read but not yet used.
@@ -116,6 +125,19 @@ struct Link {
     lingering: bool,
     /// The source address, counted in `EngineShared::sources` while the link lives.
     peer: Option<std::net::SocketAddr>,
+    /// Accepted on a TLS listener: the rustls state between the socket and the core.
+    tls: Option<Box<TlsLink>>,
+}
+
+impl Link {
+    /// Writes the TLS link's waiting ciphertext: `Ok(true)` when none is left (always, for
+    /// plain TCP).
+    fn flush_tls(&mut self) -> io::Result<bool> {
+        match self.tls.as_mut() {
+            Some(tls) => tls.flush_to(&mut self.stream),
+            None => Ok(true),
+        }
+    }
 }
 
 /// The reactor's sockets as the core's [`Transport`]; counts failed writes.
@@ -129,9 +151,18 @@ impl Transport for Sockets<'_> {
         let Some(link) = self.links.get_mut(slot).and_then(Option::as_mut) else {
             return Err(io::ErrorKind::NotConnected.into());
         };
-        let result = match link.ws.as_deref_mut() {
-            Some(ws) => ws.write(&mut link.stream, slices),
-            None => link.stream.write_vectored(slices),
+        let result = match (link.ws.as_deref_mut(), link.tls.as_deref_mut()) {
+            (Some(ws), _) => ws.write(&mut link.stream, slices),
+            // Encrypt only once the last ciphertext is out (tls_link.rs, the driver's duties).
+            (None, Some(tls)) => match tls.flush_to(&mut link.stream) {
+                Ok(true) => tls.write_plain(slices).and_then(|n| {
+                    // What the socket does not take now waits for its writable event.
+                    tls.flush_to(&mut link.stream).map(|_| n)
+                }),
+                Ok(false) => Err(io::ErrorKind::WouldBlock.into()),
+                Err(e) => Err(e),
+            },
+            (None, None) => link.stream.write_vectored(slices),
         };
         if let Err(e) = &result {
             if !matches!(
@@ -152,6 +183,10 @@ impl Transport for Sockets<'_> {
                 Some(ws) => ws.handle_shutdown(&mut link.stream, crate::ws::close_code::POLICY),
                 None => true,
             };
+            if let Some(tls) = link.tls.as_mut() {
+                tls.close();
+                let _ = tls.flush_to(&mut link.stream);
+            }
             if ready {
                 let _ = link.stream.shutdown(Shutdown::Write);
             }
@@ -171,6 +206,22 @@ struct DriverCounters {
     throttled_turns: u64,
     /// Connections closed because a read or write failed (not a clean EOF).
     io_errors: u64,
+    /// TLS connections closed by a TLS failure: a bad handshake or record, a refused or
+    /// missing client certificate.
+    tls_failures: u64,
+}
+
+/// An accepted connection on its way to another reactor: socket, connection id, codec,
+/// WebSocket, TLS.
+type NewConn = (TcpStream, u64, WireKind, bool, bool);
+
+/// A reactor's share of TLS: the listeners (reactor 0 only) and the rustls config (every
+/// reactor, for the handshakes of the connections it is dealt).
+#[derive(Default)]
+pub(crate) struct TlsSetup {
+    pub listener: Option<TcpListener>,
+    pub mqtt_listener: Option<TcpListener>,
+    pub config: Option<Arc<rustls::ServerConfig>>,
 }
 
 pub(crate) struct Reactor {
@@ -188,6 +239,11 @@ pub(crate) struct Reactor {
     ws_flush: Vec<usize>,
     /// Closed WebSocket connections waiting for their peer's close, and until when.
     ws_lingering: Vec<(usize, Instant)>,
+    /// The TLS listeners (`tls.listen`, `tls.mqtt_listen`), on the same reactor.
+    tls_listener: Option<TcpListener>,
+    tls_mqtt_listener: Option<TcpListener>,
+    /// The rustls server config, when a TLS listener is on (every reactor runs handshakes).
+    tls_config: Option<Arc<rustls::ServerConfig>>,
     /// The listener may still hold connections (budget spent or a failed accept): accept
     /// again at this time without waiting for an event (edge-triggered readiness would not
     /// report them again).
@@ -196,7 +252,7 @@ pub(crate) struct Reactor {
     inbox: Inbox<ShardMsg>,
     peers: Vec<Mailbox<ShardMsg>>,
     /// Connections for each peer, sent before the core's messages.
-    new_conns: Vec<Vec<(TcpStream, u64, WireKind, bool)>>,
+    new_conns: Vec<Vec<NewConn>>,
     links: Vec<Option<Link>>,
     /// Read buffers lent to the connections while they read (`readbuf.rs`).
     read_bufs: BufPool,
@@ -231,6 +287,7 @@ impl Reactor {
         listener: Option<TcpListener>,
         mqtt_listener: Option<TcpListener>,
         ws_listener: Option<TcpListener>,
+        tls: TlsSetup,
         inbox: Inbox<ShardMsg>,
         peers: Vec<Mailbox<ShardMsg>>,
         stats_jobs: crossbeam_channel::Sender<StatsJob>,
@@ -244,6 +301,19 @@ impl Reactor {
         if let Some(l) = mqtt_listener.as_mut() {
             poll.registry()
                 .register(l, MQTT_LISTENER_TOKEN, Interest::READABLE)?;
+        }
+        let TlsSetup {
+            listener: mut tls_listener,
+            mqtt_listener: mut tls_mqtt_listener,
+            config: tls_config,
+        } = tls;
+        if let Some(l) = tls_listener.as_mut() {
+            poll.registry()
+                .register(l, TLS_LISTENER_TOKEN, Interest::READABLE)?;
+        }
+        if let Some(l) = tls_mqtt_listener.as_mut() {
+            poll.registry()
+                .register(l, TLS_MQTT_LISTENER_TOKEN, Interest::READABLE)?;
         }
         let mut ws_listener = ws_listener;
         if let Some(l) = ws_listener.as_mut() {
@@ -268,6 +338,9 @@ impl Reactor {
             ws_listener,
             ws_flush: Vec::new(),
             ws_lingering: Vec::new(),
+            tls_listener,
+            tls_mqtt_listener,
+            tls_config,
             accept_again: None,
             next_target: 0,
             inbox,
@@ -340,7 +413,11 @@ impl Reactor {
                 match event.token() {
                     WAKER_TOKEN => {}
                     TIMER_TOKEN => self.timer.fired(),
-                    LISTENER_TOKEN | MQTT_LISTENER_TOKEN | WS_LISTENER_TOKEN => self.accept(now),
+                    LISTENER_TOKEN
+                    | MQTT_LISTENER_TOKEN
+                    | WS_LISTENER_TOKEN
+                    | TLS_LISTENER_TOKEN
+                    | TLS_MQTT_LISTENER_TOKEN => self.accept(now),
                     Token(slot) if self.is_lingering(slot) => self.linger_read(slot),
                     Token(slot) => {
                         if event.is_writable() {
@@ -403,6 +480,12 @@ impl Reactor {
             let _ = self.poll.registry().deregister(&mut listener);
         }
         if let Some(mut listener) = self.ws_listener.take() {
+            let _ = self.poll.registry().deregister(&mut listener);
+        }
+        for mut listener in [self.tls_listener.take(), self.tls_mqtt_listener.take()]
+            .into_iter()
+            .flatten()
+        {
             let _ = self.poll.registry().deregister(&mut listener);
         }
         self.read_again.clear();
@@ -515,18 +598,22 @@ impl Reactor {
         self.accept_from(now, Listener::Native);
         self.accept_from(now, Listener::Mqtt);
         self.accept_from(now, Listener::WebSocket);
+        self.accept_from(now, Listener::Tls);
+        self.accept_from(now, Listener::TlsMqtt);
     }
 
     fn accept_from(&mut self, now: Instant, kind: Listener) {
         let wire = match kind {
-            Listener::Mqtt => WireKind::Mqtt,
-            Listener::Native | Listener::WebSocket => WireKind::Native,
+            Listener::Mqtt | Listener::TlsMqtt => WireKind::Mqtt,
+            Listener::Native | Listener::WebSocket | Listener::Tls => WireKind::Native,
         };
         for _ in 0..MAX_ACCEPTS {
             let listener = match kind {
                 Listener::Native => self.listener.as_ref(),
                 Listener::Mqtt => self.mqtt_listener.as_ref(),
                 Listener::WebSocket => self.ws_listener.as_ref(),
+                Listener::Tls => self.tls_listener.as_ref(),
+                Listener::TlsMqtt => self.tls_mqtt_listener.as_ref(),
             };
             let Some(listener) = listener else {
                 return;
@@ -585,10 +672,11 @@ impl Reactor {
             let target = self.next_target % self.n_shards as usize;
             self.next_target = self.next_target.wrapping_add(1);
             let ws = kind == Listener::WebSocket;
+            let tls = matches!(kind, Listener::Tls | Listener::TlsMqtt);
             if target == self.id as usize {
-                self.add_conn(stream, conn_id, wire, ws, now);
+                self.add_conn(stream, conn_id, wire, ws, tls, now);
             } else {
-                self.new_conns[target].push((stream, conn_id, wire, ws));
+                self.new_conns[target].push((stream, conn_id, wire, ws, tls));
             }
         }
         // Budget spent: the rest of the backlog is taken next turn.
@@ -628,13 +716,15 @@ impl Reactor {
         conn_id: u64,
         wire: WireKind,
         ws: bool,
+        tls: bool,
         now: Instant,
     ) {
         let peer = stream.peer_addr().ok();
         if self.draining {
             self.release_source(peer);
             self.shared.open_connections.fetch_sub(1, Ordering::Relaxed);
-            if wire == WireKind::Native && !ws {
+            // A refusal in the clear would be garbage to a TLS client: the close refuses it.
+            if wire == WireKind::Native && !ws && !tls {
                 refuse(
                     stream,
                     error_code::SHUTTING_DOWN,
@@ -643,6 +733,24 @@ impl Reactor {
             }
             return;
         }
+        let tls = if tls {
+            let made = self
+                .tls_config
+                .clone()
+                .ok_or(rustls::Error::General("no TLS config".into()))
+                .and_then(TlsLink::new);
+            match made {
+                Ok(link) => Some(Box::new(link)),
+                Err(e) => {
+                    tracing::error!(conn = conn_id, error = %e, "cannot start a TLS connection");
+                    self.release_source(peer);
+                    self.shared.open_connections.fetch_sub(1, Ordering::Relaxed);
+                    return;
+                }
+            }
+        } else {
+            None
+        };
         let slot = self.free_slots.pop().unwrap_or_else(|| {
             self.links.push(None);
             self.links.len() - 1
@@ -666,6 +774,7 @@ impl Reactor {
             ws,
             lingering: false,
             peer,
+            tls,
         });
         self.core.open_wire(now, slot, conn_id, wire);
         if let Some(peer) = peer {
@@ -700,6 +809,19 @@ impl Reactor {
                 WireKind::Mqtt => crate::mqtt::packet_len_hint(link.input.data())
                     .filter(|&len| len <= max_frame + 5),
             };
+            if link.tls.is_some() {
+                match self.read_tls(slot, needed, now) {
+                    Some(n) => {
+                        budget = budget.saturating_sub(n);
+                        if budget == 0 {
+                            self.read_again.push(slot);
+                            return;
+                        }
+                        continue;
+                    }
+                    None => return,
+                }
+            }
             match link
                 .stream
                 .read(link.input.spare(needed, &mut self.read_bufs))
@@ -739,6 +861,70 @@ impl Reactor {
                     self.io_error(now, slot, "read", &e);
                     return;
                 }
+            }
+        }
+    }
+
+    /// One step of reading a TLS connection (tls_link.rs, the driver's duties): decrypted bytes
+    /// waiting in rustls go to the core first; only when there are none is the socket read.
+    /// Returns the bytes moved, or `None` when the socket would block or the connection ended.
+    fn read_tls(&mut self, slot: usize, needed: Option<usize>, now: Instant) -> Option<usize> {
+        let link = self.links.get_mut(slot).and_then(Option::as_mut)?;
+        let Link {
+            stream, input, tls, ..
+        } = link;
+        let tls = tls.as_mut()?;
+        match tls.take_plaintext(input.spare(needed, &mut self.read_bufs)) {
+            Plain::Bytes(n) => {
+                input.filled(n);
+                let used = self
+                    .core
+                    .handle_input(now, now_unix_ns(), slot, input.data());
+                input.consume(used, &mut self.read_bufs);
+                return Some(n);
+            }
+            Plain::Closed => {
+                self.core.handle_closed(now, slot);
+                self.drop_closed();
+                return None;
+            }
+            Plain::Empty => {}
+        }
+        let result = tls.read_from(stream);
+        // The handshake's answers (or the alert of a failure) go out at once.
+        let flushed = tls.flush_to(stream);
+        match result {
+            Ok(0) => {
+                self.core.handle_closed(now, slot);
+                self.drop_closed();
+                None
+            }
+            Ok(n) => {
+                if let Some(names) = tls.poll_peer_names() {
+                    self.core.set_certificate_names(slot, names);
+                }
+                if let Err(e) = flushed {
+                    self.io_error(now, slot, "write", &e);
+                    return None;
+                }
+                Some(n)
+            }
+            Err(TlsIoError::Io(e)) if e.kind() == io::ErrorKind::WouldBlock => {
+                // Nothing decrypted, nothing on the socket: an idle connection keeps no buffer.
+                input.rest(&mut self.read_bufs);
+                None
+            }
+            Err(TlsIoError::Io(e)) if e.kind() == io::ErrorKind::Interrupted => Some(0),
+            Err(TlsIoError::Io(e)) => {
+                self.io_error(now, slot, "read", &e);
+                None
+            }
+            Err(TlsIoError::Tls(e)) => {
+                self.counters.tls_failures += 1;
+                self.core
+                    .handle_transport_error(now, slot, format!("TLS failed: {e}"));
+                self.drop_closed();
+                None
             }
         }
     }
@@ -831,6 +1017,17 @@ impl Reactor {
     /// The socket of `slot` can take bytes again: a WebSocket link's own pending bytes first,
     /// then the core's.
     fn handle_writable(&mut self, now: Instant, slot: usize) {
+        // Ciphertext a TLS link holds goes first: the core may have nothing new to write.
+        if let Some(link) = self.links.get_mut(slot).and_then(Option::as_mut) {
+            match link.flush_tls() {
+                Ok(true) => {}
+                Ok(false) => return,
+                Err(e) => {
+                    self.io_error(now, slot, "write", &e);
+                    return;
+                }
+            }
+        }
         let ws = self
             .links
             .get(slot)
@@ -960,7 +1157,8 @@ impl Reactor {
                     conn_id,
                     wire,
                     ws,
-                } => self.add_conn(stream, conn_id, wire, ws, now),
+                    tls,
+                } => self.add_conn(stream, conn_id, wire, ws, tls, now),
                 ShardMsg::Core(msg) => {
                     frames_budget = frames_budget.saturating_sub(FanoutCore::msg_weight(&msg));
                     self.core.handle_msg(now, msg);
@@ -1016,19 +1214,21 @@ impl Reactor {
                 continue;
             }
             let conns = std::mem::take(&mut self.new_conns[peer]);
-            for (stream, conn_id, wire, ws) in conns {
+            for (stream, conn_id, wire, ws, tls) in conns {
                 if let Err(TrySendError::Full(ShardMsg::NewConn {
                     stream,
                     conn_id,
                     wire,
                     ws,
+                    tls,
                 })) = self.peers[peer].try_send(ShardMsg::NewConn {
                     stream,
                     conn_id,
                     wire,
                     ws,
+                    tls,
                 }) {
-                    self.new_conns[peer].push((stream, conn_id, wire, ws));
+                    self.new_conns[peer].push((stream, conn_id, wire, ws, tls));
                 }
             }
             let queue = self.core.outgoing(peer);
@@ -1080,6 +1280,7 @@ impl Reactor {
         s.throttled_turns
             .store(c.throttled_turns, Ordering::Relaxed);
         s.io_errors.store(c.io_errors, Ordering::Relaxed);
+        s.tls_failures.store(c.tls_failures, Ordering::Relaxed);
         if let Some(m) = &self.mcast {
             m.publish_stats(&s.mcast);
         }

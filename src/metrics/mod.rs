@@ -55,7 +55,7 @@ mod window;
 pub use board::MetricsBoard;
 pub use prometheus::prometheus_text;
 pub use recorder::{ShardMetrics, MAX_PREFIXES, OTHER_PREFIX};
-pub use server::MetricsServer;
+pub use server::{basic_credentials, HttpAuth, MetricsServer, Viewer};
 pub use snapshot::{render_latency_table, LatencySummary, MetricsSnapshot, PrefixLatency};
 pub use stamp::{data_frame_stamp, DataStamp};
 pub use window::{WindowMax, WINDOW_NS};

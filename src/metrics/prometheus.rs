@@ -37,6 +37,7 @@ fn engine_help(name: &str) -> &'static str {
         "requests_refused" => "Requests refused with a non-fatal ERROR.",
         "shutdown_closes" => "Connections closed because the engine shut down.",
         "io_errors" => "Connections closed because a socket read or write failed.",
+        "tls_failures" => "TLS connections closed by a failed handshake, a bad record or a refused client certificate.",
         "keepalive_timeouts" => "Connections closed for silence past their keep-alive.",
         "handshake_timeouts" => "Connections closed for not sending HELLO in time.",
         "ring_bytes" => "Bytes held in the replay rings.",

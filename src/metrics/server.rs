@@ -16,6 +16,8 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
+use crate::auth::Identity;
+
 use super::prometheus::prometheus_text;
 use super::snapshot::MetricsSnapshot;
 
@@ -30,6 +32,55 @@ pub const MAX_REQUEST_BYTES: usize = 8 * 1024;
 
 /// Content type of the Prometheus text format this server speaks.
 pub const PROMETHEUS_CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
+
+/// HTTP Basic authentication of `/metrics` and `/stats`, used when the engine does not admit
+/// anonymous clients (`auth.anonymous = false`). `check` gets the user, the secret and the
+/// client's address, and returns the identity (then the server requires `admin` or `metrics`),
+/// or `None` (401). It runs on the server's thread; the engine budgets argon2 runs there.
+pub struct HttpAuth {
+    #[allow(clippy::type_complexity)]
+    pub check: Box<dyn Fn(&str, &[u8], Option<SocketAddr>) -> Option<Arc<Identity>> + Send>,
+}
+
+impl std::fmt::Debug for HttpAuth {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("HttpAuth")
+    }
+}
+
+/// What the source of a response is asked for: everything (`None`: no authentication
+/// configured, or an `admin` identity), or what the identity may see (its ACL's topic
+/// prefixes, no connections).
+pub type Viewer<'a> = Option<&'a Identity>;
+
+/// The `WWW-Authenticate` challenge of a 401.
+pub const CHALLENGE: &str = "Basic realm=\"lanpush\", charset=\"UTF-8\"";
+
+/// The user and secret of an `Authorization: Basic` header in a request head, if it has a
+/// well-formed one (RFC 7617: base64 of `user:secret`; the user is not empty and has no ':').
+pub fn basic_credentials(head: &[u8]) -> Option<(String, Vec<u8>)> {
+    use base64::Engine as _;
+    let text = std::str::from_utf8(head).ok()?;
+    let value = text.lines().skip(1).find_map(|line| {
+        let (name, value) = line.split_once(':')?;
+        name.trim()
+            .eq_ignore_ascii_case("authorization")
+            .then(|| value.trim())
+    })?;
+    let (scheme, encoded) = value.split_once(' ')?;
+    if !scheme.eq_ignore_ascii_case("basic") {
+        return None;
+    }
+    let decoded = base64::engine::general_purpose::STANDARD
+        .decode(encoded.trim())
+        .ok()?;
+    let colon = decoded.iter().position(|&b| b == b':')?;
+    let user = std::str::from_utf8(&decoded[..colon]).ok()?;
+    if user.is_empty() {
+        return None;
+    }
+    Some((user.to_string(), decoded[colon + 1..].to_vec()))
+}
 
 /// The HTTP endpoint: `GET /metrics` (Prometheus text, [`prometheus_text`]) and `GET /stats`
 /// (the stats JSON with a `latency` member holding [`MetricsSnapshot::to_json`]); 404 for
@@ -52,7 +103,13 @@ impl MetricsServer {
         addr: SocketAddr,
         source: impl Fn() -> (MetricsSnapshot, Value) + Send + 'static,
     ) -> io::Result<MetricsServer> {
-        Self::start_with(addr, source, Timeouts::default(), None)
+        Self::start_with(
+            addr,
+            move |_: Viewer<'_>| source(),
+            None,
+            Timeouts::default(),
+            None,
+        )
     }
 
     /// As [`start`](Self::start), and serves the live page (`GET /` and `/live`, [`LIVE_PAGE`])
@@ -62,12 +119,38 @@ impl MetricsServer {
         ws: Option<SocketAddr>,
         source: impl Fn() -> (MetricsSnapshot, Value) + Send + 'static,
     ) -> io::Result<MetricsServer> {
-        Self::start_with(addr, source, Timeouts::default(), Some(live_page(ws)))
+        Self::start_with(
+            addr,
+            move |_: Viewer<'_>| source(),
+            None,
+            Timeouts::default(),
+            Some(live_page(ws)),
+        )
+    }
+
+    /// As [`MetricsServer::start_with_live_page`], with HTTP Basic authentication on every
+    /// path: a request without valid credentials gets 401 and the [`CHALLENGE`], one whose
+    /// identity has neither `admin` nor `metrics` 403; `source` is told what the identity may
+    /// see ([`Viewer`]).
+    pub fn start_authenticated(
+        addr: SocketAddr,
+        ws: Option<SocketAddr>,
+        source: impl Fn(Viewer<'_>) -> (MetricsSnapshot, Value) + Send + 'static,
+        auth: HttpAuth,
+    ) -> io::Result<MetricsServer> {
+        Self::start_with(
+            addr,
+            source,
+            Some(auth),
+            Timeouts::default(),
+            Some(live_page(ws)),
+        )
     }
 
     fn start_with(
         addr: SocketAddr,
-        source: impl Fn() -> (MetricsSnapshot, Value) + Send + 'static,
+        source: impl Fn(Viewer<'_>) -> (MetricsSnapshot, Value) + Send + 'static,
+        auth: Option<HttpAuth>,
         timeouts: Timeouts,
         page: Option<Vec<u8>>,
     ) -> io::Result<MetricsServer> {
@@ -78,7 +161,16 @@ impl MetricsServer {
             .name("lanpush-metrics".into())
             .spawn({
                 let stop = Arc::clone(&stop);
-                move || serve(listener, &stop, &source, timeouts, page.as_deref())
+                move || {
+                    serve(
+                        listener,
+                        &stop,
+                        &source,
+                        auth.as_ref(),
+                        timeouts,
+                        page.as_deref(),
+                    )
+                }
             })?;
         Ok(MetricsServer {
             local_addr,
@@ -140,7 +232,8 @@ impl Default for Timeouts {
 fn serve(
     listener: TcpListener,
     stop: &AtomicBool,
-    source: &(impl Fn() -> (MetricsSnapshot, Value) + Send),
+    source: &(impl Fn(Viewer<'_>) -> (MetricsSnapshot, Value) + Send),
+    auth: Option<&HttpAuth>,
     timeouts: Timeouts,
     live: Option<&[u8]>,
 ) {
@@ -151,8 +244,8 @@ fn serve(
         }
         match accepted {
             // A failed client is that client's problem: nothing to report to anyone.
-            Ok((stream, _)) => {
-                let _ = handle(stream, source, timeouts, live);
+            Ok((stream, peer)) => {
+                let _ = handle(stream, peer, source, auth, timeouts, live);
             }
             // Out of descriptors or similar: back off instead of spinning.
             Err(_) => std::thread::sleep(Duration::from_millis(50)),
@@ -165,6 +258,8 @@ struct Response {
     content_type: &'static str,
     body: Vec<u8>,
     allow: bool,
+    /// A 401: the response carries the [`CHALLENGE`].
+    challenge: bool,
 }
 
 impl Response {
@@ -174,13 +269,16 @@ impl Response {
             content_type: "text/plain; charset=utf-8",
             body: format!("{status}\n").into_bytes(),
             allow: false,
+            challenge: false,
         }
     }
 }
 
 fn handle(
     mut stream: TcpStream,
-    source: &(impl Fn() -> (MetricsSnapshot, Value) + Send),
+    peer: SocketAddr,
+    source: &(impl Fn(Viewer<'_>) -> (MetricsSnapshot, Value) + Send),
+    auth: Option<&HttpAuth>,
     timeouts: Timeouts,
     live: Option<&[u8]>,
 ) -> io::Result<()> {
@@ -194,7 +292,14 @@ fn handle(
             None => Response::error("400 Bad Request"),
             Some((method, path)) => {
                 head_only = method == "HEAD";
-                route(&method, &path, source, live)
+                match auth.map(|auth| admit(auth, &head, peer)) {
+                    None => route(&method, &path, || source(None), live),
+                    Some(Ok(identity)) => {
+                        let viewer = (!identity.admin).then_some(&*identity);
+                        route(&method, &path, || source(viewer), live)
+                    }
+                    Some(Err(refused)) => refused,
+                }
             }
         },
     };
@@ -206,6 +311,9 @@ fn handle(
     );
     if response.allow {
         out.push_str("Allow: GET, HEAD\r\n");
+    }
+    if response.challenge {
+        out.push_str(&format!("WWW-Authenticate: {CHALLENGE}\r\n"));
     }
     out.push_str("\r\n");
     let deadline = Instant::now() + timeouts.response;
@@ -227,10 +335,26 @@ fn handle(
     Ok(())
 }
 
+/// The identity of a request with valid credentials and the right to see metrics, or the
+/// refusal: 401 (none, malformed or wrong), 403 (neither `admin` nor `metrics`).
+fn admit(auth: &HttpAuth, head: &[u8], peer: SocketAddr) -> Result<Arc<Identity>, Response> {
+    let identity = basic_credentials(head)
+        .and_then(|(user, secret)| (auth.check)(&user, &secret, Some(peer)))
+        .ok_or_else(|| Response {
+            challenge: true,
+            ..Response::error("401 Unauthorized")
+        })?;
+    if identity.admin || identity.metrics {
+        Ok(identity)
+    } else {
+        Err(Response::error("403 Forbidden"))
+    }
+}
+
 fn route(
     method: &str,
     path: &str,
-    source: &(impl Fn() -> (MetricsSnapshot, Value) + Send),
+    source: impl FnOnce() -> (MetricsSnapshot, Value),
     live: Option<&[u8]>,
 ) -> Response {
     if method != "GET" && method != "HEAD" {
@@ -248,6 +372,7 @@ fn route(
                 content_type: "text/html; charset=utf-8",
                 body: live.unwrap_or_default().to_vec(),
                 allow: false,
+                challenge: false,
             }
         }
         _ => return Response::error("404 Not Found"),
@@ -270,6 +395,7 @@ fn route(
             },
             body,
             allow: false,
+            challenge: false,
         },
         Err(_) => Response::error("500 Internal Server Error"),
     }
@@ -455,6 +581,106 @@ mod tests {
     }
 
     #[test]
+    fn basic_credentials_are_read_from_the_authorization_header() {
+        use base64::Engine as _;
+        let b64 = |s: &[u8]| base64::engine::general_purpose::STANDARD.encode(s);
+        let head = |value: &str| format!("GET /metrics HTTP/1.1\r\nHost: x\r\n{value}\r\n");
+        let creds = basic_credentials(
+            head(&format!("Authorization: Basic {}", b64(b"ops:p:w"))).as_bytes(),
+        );
+        assert_eq!(creds, Some(("ops".to_string(), b"p:w".to_vec())));
+        let lower = format!("authorization:   basic {}", b64(b"ops:pw"));
+        assert!(basic_credentials(head(&lower).as_bytes()).is_some());
+        for bad in [
+            "Authorization: Bearer abc".to_string(),
+            "Authorization: Basic !!!not-base64".to_string(),
+            format!("Authorization: Basic {}", b64(b"no-colon")),
+            format!("Authorization: Basic {}", b64(b":empty-user")),
+            format!("Authorization: Basic {}", b64(b"\xff\xfe:pw")),
+            "Authorization: Basic".to_string(),
+            "X-Other: 1".to_string(),
+        ] {
+            assert_eq!(basic_credentials(head(&bad).as_bytes()), None, "{bad}");
+        }
+        // The request line is not a header, whatever it says.
+        let trick = format!("GET /Authorization: Basic {} HTTP/1.1\r\n\r\n", b64(b"a:b"));
+        assert_eq!(basic_credentials(trick.as_bytes()), None);
+    }
+
+    #[test]
+    fn authenticated_endpoint_answers_401_403_or_the_viewers_share() {
+        use crate::auth::{Acl, PatternSet};
+        use base64::Engine as _;
+        let config = MetricsConfig::default();
+        let mut shard = ShardMetrics::new(&config);
+        shard.record_delivery(5, "plant/line1/t", 1_000_000, 500_000, 1_042_000);
+        let snapshot = shard.snapshot();
+        let person = |name: &str, admin: bool, metrics: bool| {
+            Arc::new(Identity {
+                user: Some(name.into()),
+                acl: Acl {
+                    publish: PatternSet::new(Vec::<&str>::new()),
+                    subscribe: PatternSet::new(vec!["plant/line1/#"]),
+                },
+                admin,
+                metrics,
+            })
+        };
+        let auth = HttpAuth {
+            check: Box::new(move |user, secret, _| match (user, secret) {
+                ("root", b"pw") => Some(person("root", true, false)),
+                ("scraper", b"pw") => Some(person("scraper", false, true)),
+                ("hmi", b"pw") => Some(person("hmi", false, false)),
+                _ => None,
+            }),
+        };
+        let server = MetricsServer::start_authenticated(
+            "127.0.0.1:0".parse().unwrap(),
+            None,
+            move |viewer| {
+                let view = viewer.map_or("everything".to_string(), |v| v.name().to_string());
+                (snapshot.clone(), serde_json::json!({ "view": view }))
+            },
+            auth,
+        )
+        .unwrap();
+        let get = |path: &str, creds: Option<&[u8]>| {
+            let auth = creds.map_or(String::new(), |c| {
+                format!(
+                    "Authorization: Basic {}\r\n",
+                    base64::engine::general_purpose::STANDARD.encode(c)
+                )
+            });
+            fetch(
+                &server,
+                format!("GET {path} HTTP/1.1\r\n{auth}\r\n").as_bytes(),
+            )
+        };
+        for creds in [None, Some(&b"root:wrong"[..]), Some(b"nobody:pw")] {
+            for path in ["/metrics", "/stats"] {
+                let (status, headers, _) = get(path, creds);
+                assert_eq!(status, "HTTP/1.1 401 Unauthorized", "{path} {creds:?}");
+                assert_eq!(header(&headers, "WWW-Authenticate"), Some(CHALLENGE));
+            }
+        }
+        let (status, headers, _) = get("/stats", Some(b"hmi:pw"));
+        assert_eq!(status, "HTTP/1.1 403 Forbidden");
+        assert_eq!(header(&headers, "WWW-Authenticate"), None);
+        let (status, _, body) = get("/stats", Some(b"root:pw"));
+        assert_eq!(status, "HTTP/1.1 200 OK");
+        assert!(body.contains(r#""view":"everything""#), "{body}");
+        let (status, _, body) = get("/stats", Some(b"scraper:pw"));
+        assert_eq!(status, "HTTP/1.1 200 OK");
+        assert!(body.contains(r#""view":"scraper""#), "{body}");
+        let (status, _, body) = get("/metrics", Some(b"scraper:pw"));
+        assert_eq!(status, "HTTP/1.1 200 OK");
+        assert!(body.contains("lanpush_"), "{body}");
+        // Unknown paths still need credentials first: nothing is learnt without them.
+        let (status, _, _) = get("/nope", None);
+        assert_eq!(status, "HTTP/1.1 401 Unauthorized");
+    }
+
+    #[test]
     fn serves_metrics_and_stats() {
         let server = start();
         let (status, headers, body) = fetch(
@@ -552,7 +778,8 @@ mod tests {
         };
         let server = MetricsServer::start_with(
             "127.0.0.1:0".parse().unwrap(),
-            || (MetricsSnapshot::new(&MetricsConfig::default()), Value::Null),
+            |_: Viewer<'_>| (MetricsSnapshot::new(&MetricsConfig::default()), Value::Null),
+            None,
             timeouts,
             None,
         )

@@ -41,6 +41,8 @@ pub struct Server {
     /// MQTT one).
     pub ws_addr: Option<SocketAddr>,
     stderr: Arc<Mutex<String>>,
+    /// The stdout lines after those read at start (the TLS listeners'), for [`Server::line_addr`].
+    lines: Mutex<Receiver<String>>,
 }
 
 impl Server {
@@ -84,7 +86,7 @@ impl Server {
         thread::spawn(move || {
             let mut lines = BufReader::new(stdout).lines();
             // The "listening on" lines come first; nobody waits for the later ones.
-            for line in lines.by_ref().take(3) {
+            for line in lines.by_ref().take(5) {
                 let Ok(line) = line else { break };
                 let _ = tx.send(line);
             }
@@ -128,6 +130,22 @@ impl Server {
             mqtt_addr,
             ws_addr,
             stderr,
+            lines: Mutex::new(rx),
+        }
+    }
+
+    /// The address on the next stdout line that starts with `{name} listening on ` (lines
+    /// before it are skipped): `line_addr("tls")` for `tls listening on ADDR`.
+    pub fn line_addr(&self, name: &str) -> SocketAddr {
+        let prefix = format!("{name} listening on ");
+        let rx = self.lines.lock().unwrap();
+        loop {
+            let line = rx
+                .recv_timeout(STEP)
+                .unwrap_or_else(|_| panic!("no `{prefix}ADDR` line"));
+            if let Some(addr) = line.strip_prefix(&prefix) {
+                return addr.parse().expect("a socket address");
+            }
         }
     }
 
