@@ -179,12 +179,7 @@ impl MqttConfig {
     }
 
     fn validate(&self) -> Result<(), String> {
-        let text = self.listen.trim();
-        if !text.is_empty() && text.parse::<SocketAddr>().is_err() {
-            return Err(format!(
-                "mqtt.listen = {text:?} is not a socket address such as \"0.0.0.0:1883\" (or \"\" for off)"
-            ));
-        }
+        check_optional_addr("mqtt.listen", &self.listen, "0.0.0.0:1883")?;
         if self.max_inflight == 0 {
             return Err("mqtt.max_inflight must be at least 1".into());
         }
@@ -214,12 +209,7 @@ impl WebSocketConfig {
     }
 
     fn validate(&self) -> Result<(), String> {
-        let text = self.listen.trim();
-        if !text.is_empty() && text.parse::<SocketAddr>().is_err() {
-            return Err(format!(
-                "websocket.listen = {text:?} is not a socket address such as \"0.0.0.0:8080\" (or \"\" for off)"
-            ));
-        }
+        check_optional_addr("websocket.listen", &self.listen, "0.0.0.0:8080")?;
         for origin in &self.origins {
             let ok = origin == "*"
                 || ((origin.starts_with("http://") || origin.starts_with("https://"))
@@ -402,12 +392,9 @@ impl MetricsConfig {
 
     fn validate(&self) -> Result<(), String> {
         let text = self.prometheus_listen.trim();
-        if !text.is_empty() {
-            let addr: SocketAddr = text.parse().map_err(|_| {
-                format!(
-                    "metrics.prometheus_listen = {text:?} is not a socket address such as \"127.0.0.1:9464\" (or \"\" for off)"
-                )
-            })?;
+        if let Some(addr) =
+            check_optional_addr("metrics.prometheus_listen", text, "127.0.0.1:9464")?
+        {
             if !addr.ip().is_loopback() && !self.prometheus_allow_remote {
                 return Err(format!(
                     "metrics.prometheus_listen = {text:?} is not a loopback address: the endpoint is plain HTTP (credentials, when auth.anonymous = false asks for them, cross in the clear); set metrics.prometheus_allow_remote = true to expose it anyway"
@@ -733,6 +720,22 @@ impl Config {
             needs_restart,
         }
     }
+}
+
+/// Checks an optional listen address: "" (off) or a socket address; the error names `key` and
+/// shows `example`.
+pub(crate) fn check_optional_addr(
+    key: &str,
+    text: &str,
+    example: &str,
+) -> Result<Option<SocketAddr>, String> {
+    let text = text.trim();
+    if text.is_empty() {
+        return Ok(None);
+    }
+    text.parse().map(Some).map_err(|_| {
+        format!("{key} = {text:?} is not a socket address such as \"{example}\" (or \"\" for off)")
+    })
 }
 
 /// An optional listen address: `None` for "" (off); validation has checked that the rest parse.

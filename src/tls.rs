@@ -85,12 +85,7 @@ impl TlsConfig {
             ("tls.listen", &self.listen),
             ("tls.mqtt_listen", &self.mqtt_listen),
         ] {
-            let text = text.trim();
-            if !text.is_empty() && text.parse::<SocketAddr>().is_err() {
-                return Err(format!(
-                    "{key} = {text:?} is not a socket address such as \"0.0.0.0:7412\" (or \"\" for off)"
-                ));
-            }
+            crate::config::check_optional_addr(key, text, "0.0.0.0:7412")?;
         }
         if self.enabled() && (self.cert_path.trim().is_empty() || self.key_path.trim().is_empty()) {
             return Err("tls: a TLS listener needs tls.cert_path and tls.key_path".into());

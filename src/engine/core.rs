@@ -706,17 +706,11 @@ impl FanoutCore {
             }
             CoreMsg::Repair { conn, frames } => self.handle_repairs(conn, frames),
             CoreMsg::StatsReply { conn, frame } => {
-                let slot = conn.slot as usize;
-                let Some(session) = self
-                    .sessions
-                    .get_mut(slot)
-                    .and_then(Option::as_mut)
-                    .filter(|s| s.id == conn.id)
-                else {
+                let Some(session) = live_session(&mut self.sessions, conn) else {
                     return;
                 };
                 session.queue_stats(frame);
-                mark_dirty(session, slot, &mut self.dirty);
+                mark_dirty(session, conn.slot as usize, &mut self.dirty);
             }
         }
     }
@@ -2187,6 +2181,15 @@ pub(crate) fn data_frame_len(topic_bytes: usize, payload_bytes: usize) -> usize 
 fn peers_mask(n: u16, me: u16) -> u64 {
     let all = if n >= 64 { u64::MAX } else { (1u64 << n) - 1 };
     all & !(1u64 << me)
+}
+
+/// The session `conn` names, if it is still the one in its slot (not closed, the slot not
+/// reused). A free function, so that the caller can borrow the core's other fields beside it.
+fn live_session(sessions: &mut [Option<Box<Session>>], conn: ConnRef) -> Option<&mut Session> {
+    sessions
+        .get_mut(conn.slot as usize)
+        .and_then(Option::as_deref_mut)
+        .filter(|s| s.id == conn.id)
 }
 
 fn mark_dirty(session: &mut Session, slot: usize, dirty: &mut Vec<usize>) {

@@ -11,7 +11,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use super::{mark_dirty, ConnRef, CoreMsg, FanoutCore, SubRef};
+use super::{live_session, mark_dirty, ConnRef, CoreMsg, FanoutCore, SubRef};
 use crate::config::Config;
 use crate::engine::mcast_io::McastChannelStats;
 use crate::engine::outbox::SharedFrame;
@@ -315,13 +315,7 @@ impl FanoutCore {
 
     /// Repairs for connection `conn` on this shard.
     pub(super) fn handle_repairs(&mut self, conn: ConnRef, frames: Vec<SharedFrame>) {
-        let slot = conn.slot as usize;
-        let Some(session) = self
-            .sessions
-            .get_mut(slot)
-            .and_then(Option::as_mut)
-            .filter(|s| s.id == conn.id)
-        else {
+        let Some(session) = live_session(&mut self.sessions, conn) else {
             return;
         };
         // Bounded by MAX_NAK_RANGE datagrams per NAK, and NAKs are ignored past
@@ -329,6 +323,6 @@ impl FanoutCore {
         for frame in frames {
             session.outbox.push_unbounded(frame);
         }
-        mark_dirty(session, slot, &mut self.dirty);
+        mark_dirty(session, conn.slot as usize, &mut self.dirty);
     }
 }

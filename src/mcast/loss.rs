@@ -49,3 +49,17 @@ impl LossGen {
         false
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::LossGen;
+
+    /// tests/multicast.rs relies on this seed: its first burst of 50 starts at the second
+    /// datagram, so the test needs only 51 datagrams to see the whole burst.
+    #[test]
+    fn seed_4102_drops_datagrams_2_to_51_first() {
+        let mut gen = LossGen::new(4102, 20.0, 50);
+        let dropped: Vec<usize> = (1..=60).filter(|_| gen.drop_next()).collect();
+        assert_eq!(dropped, (2..=51).collect::<Vec<_>>());
+    }
+}
