@@ -5,6 +5,8 @@
 mod util;
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -346,6 +348,12 @@ fn a_subscriber_cut_off_mid_stream_resumes_without_loss_or_duplicates() {
     // The cut makes the subscriber come back on a new connection (a new local port).
     let mut sub = Subscriber::connect(sub_opts, vec![all("res/#")]).unwrap();
     let o = opts(&server, "resume-pub");
+    // The cut comes when the publisher is half-way, and the publisher waits for it: the second
+    // half can only reach the subscriber after it reconnects. (Cutting after the subscriber had
+    // *handled* half raced the client library, which may already have read everything.)
+    let half_published = Arc::new(AtomicBool::new(false));
+    let cut_done = Arc::new(AtomicBool::new(false));
+    let (half, done) = (half_published.clone(), cut_done.clone());
     let publisher = thread::spawn(move || {
         let mut publisher = Publisher::connect(o).unwrap();
         for i in 1..=PER_TOPIC {
@@ -355,6 +363,13 @@ fn a_subscriber_cut_off_mid_stream_resumes_without_loss_or_duplicates() {
             if i % 50 == 0 {
                 publisher.confirm(STEP).unwrap();
             }
+            if i == PER_TOPIC / 2 {
+                half.store(true, Ordering::SeqCst);
+                let until = Instant::now() + STEP;
+                while !done.load(Ordering::SeqCst) && Instant::now() < until {
+                    thread::sleep(Duration::from_millis(1));
+                }
+            }
         }
         publisher.confirm(STEP).unwrap();
     });
@@ -363,9 +378,10 @@ fn a_subscriber_cut_off_mid_stream_resumes_without_loss_or_duplicates() {
     let mut got: BTreeMap<String, Vec<u64>> = BTreeMap::new();
     let (mut total, mut cut, mut reconnected) = (0u64, false, 0);
     while total < 2 * PER_TOPIC && Instant::now() < deadline {
-        if !cut && total >= PER_TOPIC / 2 {
+        if !cut && half_published.load(Ordering::SeqCst) {
             proxy.cut();
             cut = true;
+            cut_done.store(true, Ordering::SeqCst);
         }
         match sub.next_event(Duration::from_millis(100)).unwrap() {
             Some(Event::Message(m)) => {
