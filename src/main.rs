@@ -840,22 +840,11 @@ fn subscribe(args: SubArgs) -> Result<(), CliError> {
         if args.count.is_some_and(|n| received >= n) {
             break;
         }
-        let wait = match deadline {
-            None => SUB_POLL,
-            Some(deadline) => {
-                let now = Instant::now();
-                if now >= deadline {
-                    out.flush().ok();
-                    return match args.count {
-                        Some(expected) => Err(CliError::Timeout {
-                            secs: args.timeout.unwrap_or(0.0),
-                            received,
-                            expected,
-                        }),
-                        None => Ok(()),
-                    };
-                }
-                (deadline - now).min(SUB_POLL)
+        let wait = match sub_wait(&args, deadline, received) {
+            Ok(wait) => wait,
+            Err(end) => {
+                out.flush().ok();
+                return end;
             }
         };
         sub.next_batch(wait, |event| {
@@ -884,6 +873,30 @@ fn subscribe(args: SubArgs) -> Result<(), CliError> {
     Ok(())
 }
 
+/// How long a `sub` loop's next poll may wait, or, once `--timeout` has passed, how the command
+/// ends: a time-out error when `--count` messages were expected, else success.
+fn sub_wait(
+    args: &SubArgs,
+    deadline: Option<Instant>,
+    received: u64,
+) -> Result<Duration, Result<(), CliError>> {
+    let Some(deadline) = deadline else {
+        return Ok(SUB_POLL);
+    };
+    let now = Instant::now();
+    if now < deadline {
+        return Ok((deadline - now).min(SUB_POLL));
+    }
+    Err(match args.count {
+        Some(expected) => Err(CliError::Timeout {
+            secs: args.timeout.unwrap_or(0.0),
+            received,
+            expected,
+        }),
+        None => Ok(()),
+    })
+}
+
 /// `sub --multicast`: the same output, from a [`McastSubscriber`].
 fn subscribe_multicast(
     args: &SubArgs,
@@ -909,22 +922,9 @@ fn subscribe_multicast(
         if args.count.is_some_and(|n| received >= n) {
             break Ok(());
         }
-        let wait = match deadline {
-            None => SUB_POLL,
-            Some(deadline) => {
-                let now = Instant::now();
-                if now >= deadline {
-                    break match args.count {
-                        Some(expected) => Err(CliError::Timeout {
-                            secs: args.timeout.unwrap_or(0.0),
-                            received,
-                            expected,
-                        }),
-                        None => Ok(()),
-                    };
-                }
-                (deadline - now).min(SUB_POLL)
-            }
+        let wait = match sub_wait(args, deadline, received) {
+            Ok(wait) => wait,
+            Err(end) => break end,
         };
         match sub.next_event(wait) {
             Ok(Some(event)) => {
