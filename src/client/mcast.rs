@@ -168,6 +168,11 @@ impl McastSubscriber {
         Ok(sub)
     }
 
+    /// The engine's WELCOME on the TCP session.
+    pub fn welcome(&self) -> &crate::proto::Welcome {
+        &self.conn.welcome
+    }
+
     /// The channels joined (their group sockets).
     pub fn channels_joined(&self) -> usize {
         self.channels.len()
