@@ -551,6 +551,127 @@ publish = ["plant/line1/setpoint"]
     }
 
     #[test]
+    fn the_split_check_answers_at_once_when_it_can_and_remembers_only_after_finish() {
+        let hash = hash_password(b"s3cret").unwrap();
+        let auth = Authenticator::new(&secure_config(&hash).auth);
+        let t0 = Instant::now();
+        let mut budget = TokenBucket::new(100, 100, t0);
+        let begin = |auth: &Authenticator, budget: &mut TokenBucket, secret: &[u8]| {
+            auth.begin(Some(("op", secret)), t0, budget)
+        };
+        let Ok(Check::Verify(pending, verification)) = begin(&auth, &mut budget, b"s3cret") else {
+            panic!("a secret not yet verified needs a run");
+        };
+        assert_eq!(pending.user(), "op");
+        let shown = format!("{pending:?} {verification:?}");
+        assert!(!shown.contains("s3cret"), "{shown}");
+        // Until finish, nothing is remembered: the same secret needs a run again.
+        assert!(matches!(
+            begin(&auth, &mut budget, b"s3cret"),
+            Ok(Check::Verify(..))
+        ));
+        assert!(verification.run());
+        let done = auth.finish(pending, true).unwrap();
+        assert!(done.verified_slowly);
+        assert_eq!(done.identity.name(), "op");
+        let Ok(Check::Done(again)) = begin(&auth, &mut budget, b"s3cret") else {
+            panic!("remembered after finish");
+        };
+        assert!(!again.verified_slowly);
+        // A wrong secret: the run says no, finish refuses and remembers nothing.
+        let Ok(Check::Verify(pending, verification)) = begin(&auth, &mut budget, b"nope") else {
+            panic!("a run");
+        };
+        assert!(!verification.run());
+        assert_eq!(
+            auth.finish(pending, false).unwrap_err(),
+            AuthError::Rejected {
+                user: "op".into(),
+                known: true
+            }
+        );
+        assert!(matches!(
+            begin(&auth, &mut budget, b"nope"),
+            Ok(Check::Verify(..))
+        ));
+    }
+
+    #[test]
+    fn an_unknown_user_costs_a_run_against_the_dummy_hash_and_a_token_of_the_budget() {
+        let hash = hash_password(b"s3cret").unwrap();
+        let auth = Authenticator::new(&secure_config(&hash).auth);
+        let t0 = Instant::now();
+        let mut budget = TokenBucket::new(1, 1, t0);
+        let Ok(Check::Verify(pending, verification)) =
+            auth.begin(Some(("nobody", b"s3cret")), t0, &mut budget)
+        else {
+            panic!("an unknown user is verified like a known one");
+        };
+        // The run is a real argon2 run of the default parameters (the dummy hash's).
+        assert!(verification
+            .hash
+            .starts_with("$argon2id$v=19$m=19456,t=2,p=1$"));
+        assert!(!verification.run());
+        // Even a verdict that said yes admits no one who does not exist.
+        assert_eq!(
+            auth.finish(pending, true).unwrap_err(),
+            AuthError::Rejected {
+                user: "nobody".into(),
+                known: false
+            }
+        );
+        assert!(matches!(
+            auth.begin(Some(("op", b"s3cret")), t0, &mut budget),
+            Err(AuthError::Throttled { .. })
+        ));
+    }
+
+    #[test]
+    fn a_token_for_another_user_than_the_certificate_is_refused_after_its_run() {
+        let hash = hash_password(b"s3cret").unwrap();
+        let auth = Authenticator::new(&secure_config(&hash).auth);
+        let t0 = Instant::now();
+        let mut budget = TokenBucket::new(100, 100, t0);
+        let op = ["op".to_string()];
+        let Ok(Check::Done(by_cert)) = auth.begin_token("", Some(&op), t0, &mut budget) else {
+            panic!("a certificate naming a user needs no run");
+        };
+        assert_eq!(by_cert.identity.name(), "op");
+        // A certificate naming no configured user leaves the token to decide.
+        let other = ["someone-else".to_string()];
+        assert!(matches!(
+            auth.begin_token("op:s3cret", Some(&other), t0, &mut budget),
+            Ok(Check::Verify(..))
+        ));
+        let Ok(Check::Verify(pending, verification)) =
+            auth.begin_token("op:s3cret", Some(&op), t0, &mut budget)
+        else {
+            panic!("a run");
+        };
+        assert!(auth.finish(pending, verification.run()).is_ok());
+        // A certificate of another configured user than the token's: found once the token
+        // has verified, as when the check ran in one piece.
+        let mut cfg = secure_config(&hash);
+        let mut second = cfg.auth.users[0].clone();
+        second.name = "op2".into();
+        cfg.auth.users.push(second);
+        let auth = Authenticator::new(&cfg.auth);
+        let op2 = ["op2".to_string()];
+        let Ok(Check::Verify(pending, verification)) =
+            auth.begin_token("op:s3cret", Some(&op2), t0, &mut budget)
+        else {
+            panic!("a run");
+        };
+        assert_eq!(
+            auth.finish(pending, verification.run()).unwrap_err(),
+            AuthError::CertificateMismatch {
+                user: "op".into(),
+                certificate: "op2".into()
+            }
+        );
+    }
+
+    #[test]
     fn tokens_split_at_the_first_colon() {
         assert_eq!(Authenticator::split_token(""), Ok(None));
         assert_eq!(

@@ -12,6 +12,8 @@ mod acks;
 #[cfg(test)]
 mod acks_tests;
 mod audit;
+#[cfg(test)]
+mod auth_core_tests;
 mod bench_api;
 mod clients;
 mod core;
