@@ -649,8 +649,8 @@ impl Engine {
         .map_err(EngineError::Thread)?;
         let (verify_jobs, verify_rx) =
             crossbeam_channel::bounded(verifier::queue_capacity(&config, n));
-        let verifier_thread =
-            verifier::spawn(mailboxes.clone(), verify_rx).map_err(EngineError::Thread)?;
+        let verifier_thread = verifier::spawn(shared.clone(), mailboxes.clone(), verify_rx)
+            .map_err(EngineError::Thread)?;
         let mut listener = Some(mio::net::TcpListener::from_std(listener));
         let mut mqtt_listener = mqtt_listener.map(mio::net::TcpListener::from_std);
         let mut ws_listener = ws_listener.map(mio::net::TcpListener::from_std);

@@ -8,10 +8,12 @@
 //! (its token bucket, `guard.rs`), so the thread's work is bounded by the config: with the
 //! default parameters (~31 ms a run) one thread makes about 30 runs a second, the default
 //! budget of three reactors. The verdict goes back to the reactor's inbox
-//! ([`CoreMsg::Verified`], with its waker), like a STATS reply. The thread ends when every
-//! reactor (each holding a sender of jobs) has exited; a run in progress then finishes (one
-//! run's time) and its verdict is dropped with the reactor.
+//! ([`CoreMsg::Verified`], with its waker), like a STATS reply. Once a shutdown is requested
+//! the jobs still queued are dropped unmade (every connection is closed with SHUTTING_DOWN
+//! anyway), so a stop waits for one run at most; the thread ends when every reactor (each
+//! holding a sender of jobs) has exited.
 
+use std::sync::Arc;
 use std::thread::JoinHandle;
 
 use crossbeam_channel::Receiver;
@@ -19,6 +21,7 @@ use crossbeam_channel::Receiver;
 use super::core::{ConnRef, CoreMsg, Verdict};
 use super::notify::Mailbox;
 use super::reactor::ShardMsg;
+use super::EngineShared;
 use crate::auth::Verification;
 use crate::config::Config;
 
@@ -43,6 +46,7 @@ pub(crate) fn queue_capacity(config: &Config, shards: usize) -> usize {
 
 /// Starts the verifier thread. It ends when every sender of jobs is gone.
 pub(crate) fn spawn(
+    shared: Arc<EngineShared>,
     mailboxes: Vec<Mailbox<ShardMsg>>,
     jobs: Receiver<VerifyJob>,
 ) -> std::io::Result<JoinHandle<()>> {
@@ -50,6 +54,9 @@ pub(crate) fn spawn(
         .name("lanpush-auth".into())
         .spawn(move || {
             while let Ok(job) = jobs.recv() {
+                if shared.shutdown_requested() {
+                    continue;
+                }
                 let verdict = Verdict::of(job.verification.run());
                 // The secret goes now, not when the next job replaces it.
                 drop(job.verification);
