@@ -630,6 +630,57 @@ const SLOW_KEEPALIVE_MS: u32 = 1000;
 /// The bar: closed within its deadline plus this.
 const CLOSE_SLACK: Duration = Duration::from_secs(1);
 
+/// Every connection of `fleet` was closed by the engine at its kind's deadline (not later than
+/// `CLOSE_SLACK` after it, not before 0.9 × it), having been sent its kind's ERROR code when
+/// `codes` names them; prints each kind's range of close times.
+fn assert_closed_at_deadlines(
+    fleet: &[Slow],
+    kinds: &[&str],
+    deadlines: &[Duration],
+    codes: Option<&[u16]>,
+) {
+    let mut report = BTreeMap::new();
+    let mut failures = Vec::new();
+    for slow in fleet {
+        let kind = slow.kind;
+        let entry = report
+            .entry(kinds[kind])
+            .or_insert((0usize, Duration::MAX, Duration::ZERO));
+        entry.0 += 1;
+        match slow.closed_after {
+            Some(after) => {
+                entry.1 = entry.1.min(after);
+                entry.2 = entry.2.max(after);
+                // Closed by its deadline, not by something else earlier or much later.
+                if after > deadlines[kind] + CLOSE_SLACK || after < deadlines[kind] * 9 / 10 {
+                    failures.push(format!("{} closed after {after:?}", kinds[kind]));
+                }
+                if let Some(codes) = codes {
+                    if !slow.errors().contains(&codes[kind]) {
+                        failures.push(format!(
+                            "{} closed with ERRORs {:?}, not {}",
+                            kinds[kind],
+                            slow.errors(),
+                            codes[kind]
+                        ));
+                    }
+                }
+            }
+            None => failures.push(format!("{} still open", kinds[kind])),
+        }
+    }
+    for (kind, (n, first, last)) in &report {
+        println!("slowloris: {n} {kind} connections closed after {first:?} .. {last:?}");
+    }
+    assert!(
+        failures.is_empty(),
+        "{} of {} slowloris connections missed their deadline (+{CLOSE_SLACK:?}): {:?}",
+        failures.len(),
+        fleet.len(),
+        &failures[..failures.len().min(10)]
+    );
+}
+
 #[test]
 fn five_hundred_slowloris_connections_of_three_kinds_are_closed_at_their_deadlines() {
     let _serial = serial();
@@ -685,43 +736,7 @@ fn five_hundred_slowloris_connections_of_three_kinds_are_closed_at_their_deadlin
     let until = Instant::now() + deadlines[0] + CLOSE_SLACK + Duration::from_secs(2);
     run_fleet(&mut fleet, until);
 
-    let mut report = BTreeMap::new();
-    let mut failures = Vec::new();
-    for slow in &fleet {
-        let kind = slow.kind;
-        let entry = report
-            .entry(kinds[kind])
-            .or_insert((0usize, Duration::MAX, Duration::ZERO));
-        entry.0 += 1;
-        match slow.closed_after {
-            Some(after) => {
-                entry.1 = entry.1.min(after);
-                entry.2 = entry.2.max(after);
-                // Closed by its deadline, not by something else earlier or much later.
-                if after > deadlines[kind] + CLOSE_SLACK || after < deadlines[kind] * 9 / 10 {
-                    failures.push(format!("{} closed after {after:?}", kinds[kind]));
-                }
-                if !slow.errors().contains(&codes[kind]) {
-                    failures.push(format!(
-                        "{} closed with ERRORs {:?}, not {}",
-                        kinds[kind],
-                        slow.errors(),
-                        codes[kind]
-                    ));
-                }
-            }
-            None => failures.push(format!("{} still open", kinds[kind])),
-        }
-    }
-    for (kind, (n, first, last)) in &report {
-        println!("slowloris: {n} {kind} connections closed after {first:?} .. {last:?}");
-    }
-    assert!(
-        failures.is_empty(),
-        "{} of {SLOWLORIS} slowloris connections missed their deadline (+{CLOSE_SLACK:?}): {:?}",
-        failures.len(),
-        &failures[..failures.len().min(10)]
-    );
+    assert_closed_at_deadlines(&fleet, &kinds, &deadlines, Some(&codes));
     // The engine served on meanwhile.
     Raw::connect(server.addr).hello(60_000);
 }
@@ -765,34 +780,7 @@ fn slowloris_on_the_mqtt_and_websocket_listeners_is_closed_at_the_handshake_dead
         &mut fleet,
         Instant::now() + deadline + CLOSE_SLACK + Duration::from_secs(2),
     );
-    let mut failures = Vec::new();
-    let mut report = BTreeMap::new();
-    for slow in &fleet {
-        let entry =
-            report
-                .entry(kinds[slow.kind])
-                .or_insert((0usize, Duration::MAX, Duration::ZERO));
-        entry.0 += 1;
-        match slow.closed_after {
-            Some(after) => {
-                entry.1 = entry.1.min(after);
-                entry.2 = entry.2.max(after);
-                if after > deadline + CLOSE_SLACK || after < deadline * 9 / 10 {
-                    failures.push(format!("{} closed after {after:?}", kinds[slow.kind]));
-                }
-            }
-            None => failures.push(format!("{} still open", kinds[slow.kind])),
-        }
-    }
-    for (kind, (n, first, last)) in &report {
-        println!("slowloris: {n} {kind} connections closed after {first:?} .. {last:?}");
-    }
-    assert!(
-        failures.is_empty(),
-        "{} of 200 connections missed the handshake deadline (+{CLOSE_SLACK:?}): {:?}",
-        failures.len(),
-        &failures[..failures.len().min(10)]
-    );
+    assert_closed_at_deadlines(&fleet, &kinds, &[deadline; 2], None);
     let doc = stats(&mut {
         let mut observer = Raw::connect(server.addr);
         observer.hello(60_000);
