@@ -1829,8 +1829,9 @@ impl FanoutCore {
             .is_some_and(|s| s.paused || s.verifying.is_some())
     }
 
-    /// A paused connection (pacing, or a HELLO whose verdict came) that may be read again: the driver hands it the bytes it kept
-    /// ([`FanoutCore::handle_input`]) and reads its socket until it would block.
+    /// A paused connection (pacing, or a HELLO whose verdict came) that may be read again: the
+    /// driver hands it the bytes it kept ([`FanoutCore::handle_input`]) and reads its socket
+    /// until it would block.
     pub(crate) fn poll_resumed(&mut self) -> Option<usize> {
         self.resumed.pop()
     }
