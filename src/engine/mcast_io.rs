@@ -176,7 +176,7 @@ impl McastSockets {
 }
 
 /// `sendmmsg(2)` on a connected socket: how many of `run` the kernel took.
-fn sendmmsg(socket: &UdpSocket, run: &[(u16, Arc<[u8]>)]) -> io::Result<usize> {
+pub(super) fn sendmmsg(socket: &UdpSocket, run: &[(u16, Arc<[u8]>)]) -> io::Result<usize> {
     let n = run.len().min(MAX_BATCH);
     let mut iovs: [libc::iovec; MAX_BATCH] = [libc::iovec {
         iov_base: std::ptr::null_mut(),
