@@ -236,7 +236,7 @@ struct SubArgs {
     timeout: Option<f64>,
     /// Receive the topics a multicast channel carries from its group (joined as the engine
     /// announces), repaired over the TCP session; prints the receiver's counters on stderr at
-    /// exit. Does not reconnect.
+    /// exit. Reconnects as without it: channels joined again, subscriptions resumed.
     #[arg(long)]
     multicast: bool,
     /// With --multicast: the address of the interface to join the groups on.
