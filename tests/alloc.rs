@@ -183,6 +183,7 @@ fn an_in_order_multicast_datagram_allocates_nothing() {
             unicast_repair_max: 3,
             repair_window: Duration::from_millis(20),
             loss: None,
+            linger: Duration::ZERO,
         },
         now,
     );

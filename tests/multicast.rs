@@ -600,3 +600,30 @@ fn a_multicast_receiver_finds_a_restarted_engine_and_says_so() {
     );
     assert!(sub.counters().receiver.messages >= 300 + 100 - 5);
 }
+
+#[test]
+fn lingering_datagrams_carry_several_turns_and_lose_nothing() {
+    if !in_private_netns("lingering_datagrams_carry_several_turns_and_lose_nothing") {
+        return;
+    }
+    // Appended to the example's channel table: 5 ms of linger, with 5 % loss repaired.
+    let extra = format!("linger_us = 5000\n{}", loss(5.0, 1));
+    let (c, engine) = thousand_in_order("linger", &extra, 2);
+    let datagrams = engine["datagrams_sent"].as_u64().unwrap()
+        - engine["heartbeats"].as_u64().unwrap()
+        - engine["multicast_repairs"].as_u64().unwrap();
+    // `pub --rate 5000` for 0.2 s: about 25 messages per 5 ms; one datagram per turn would
+    // be about one per message.
+    assert!(
+        datagrams < 300,
+        "1,000 messages in {datagrams} datagrams: {engine}"
+    );
+    let injected = engine["injected_drops"].as_u64().unwrap();
+    for r in &c {
+        assert_eq!(
+            r["repairs_received"] + r["retransmits_received"],
+            injected,
+            "{r:?}"
+        );
+    }
+}

@@ -36,6 +36,7 @@ fn sender_cfg(loss: Option<LossGen>) -> SenderConfig {
         unicast_repair_max: 3,
         repair_window: Duration::from_millis(20),
         loss,
+        linger: Duration::ZERO,
     }
 }
 
@@ -921,4 +922,54 @@ fn the_borrowing_path_delivers_what_the_owned_path_does() {
     assert_eq!(last["a/x"], seqs[0]);
     assert_eq!(last["b/z"], seqs[2]);
     assert_eq!(borrowed.missing(), 0);
+}
+
+/// `linger`: turns' frames share a datagram until it is full or has waited `linger`; the
+/// deadline is in `poll_timeout`, and without linger every turn seals its own.
+#[test]
+fn a_lingering_datagram_gathers_turns_until_full_or_due() {
+    let t0 = Instant::now();
+    let linger = Duration::from_millis(1);
+    let mut s = ChannelSender::new(
+        SenderConfig {
+            linger,
+            heartbeat: Duration::from_secs(10),
+            ..sender_cfg(None)
+        },
+        t0,
+    );
+    let frame = data("a/x", 1, &[7; 100]);
+    // Three turns 200 µs apart: one open datagram, nothing to send, woken at its deadline.
+    for i in 0..3u32 {
+        let now = t0 + Duration::from_micros(200) * i;
+        s.handle_frame(now, 0, &frame);
+        s.end_turn(now, 0);
+        assert!(s.poll_transmit(now, 0).is_none(), "turn {i} sent early");
+        assert_eq!(s.poll_timeout(), t0 + linger);
+    }
+    let due = t0 + linger;
+    s.end_turn(due, 0);
+    let d = s.poll_transmit(due, 0).expect("sealed at its deadline");
+    assert_eq!(parse_datagram(&d).unwrap().frames().count(), 3);
+    assert!(s.poll_transmit(due, 0).is_none());
+    // A full datagram goes at once, whatever the linger.
+    let per_datagram = (1472 - HEADER_BYTES) / frame.len();
+    for _ in 0..per_datagram + 1 {
+        s.handle_frame(due, 0, &frame);
+    }
+    s.end_turn(due, 0);
+    let full = s.poll_transmit(due, 0).expect("a full datagram");
+    assert_eq!(
+        parse_datagram(&full).unwrap().frames().count(),
+        per_datagram
+    );
+    assert!(s.poll_transmit(due, 0).is_none(), "the extra frame lingers");
+    // Without linger, each turn is a datagram.
+    let mut eager = ChannelSender::new(sender_cfg(None), t0);
+    for i in 0..3u32 {
+        let now = t0 + Duration::from_micros(200) * i;
+        eager.handle_frame(now, 0, &frame);
+        eager.end_turn(now, 0);
+        assert!(eager.poll_transmit(now, 0).is_some(), "turn {i}");
+    }
 }
