@@ -31,7 +31,8 @@
 #
 # Environment (defaults in brackets):
 #   ROWS      "path:receivers:rate ..." [tcp:100:10000 mcast:100:10000 tcp:1000:10000
-#             mcast:1000:10000 tcp:8000:10 mcast:8000:10]
+#             mcast:1000:10000 tcp:8000:10 mcast:8000:10]; path tcp, mcast, or mcast@US: the
+#             channel with linger_us = US (bench/multicast.toml has none)
 #   DURATION [5] measured seconds   WARMUP [2]   SIZE [64] payload bytes
 #   ENGINE_CPU [0]  RECV_CPU [1]   the CPUs the engine and lanpush-bench are pinned to
 #   BIN       directory of lanpush and lanpush-bench [$CARGO_TARGET_DIR/release or target/release]
@@ -112,7 +113,13 @@ inside() {
         name="$path-$subs-$rate"
         base="$RAW/$name"
         config=()
-        [[ $path == mcast ]] && config=(--config "$ROOT/bench/multicast.toml")
+        case $path in
+        mcast) config=(--config "$ROOT/bench/multicast.toml") ;;
+        mcast@*)
+            # The channel's linger_us, appended to its table.
+            { cat "$ROOT/bench/multicast.toml"; echo "linger_us = ${path#mcast@}"; } >"$base.toml"
+            config=(--config "$base.toml") ;;
+        esac
         log "$name: engine on CPU $ENGINE_CPU, receivers on CPU $RECV_CPU"
         taskset -c "$ENGINE_CPU" "$BIN/lanpush" serve --listen 10.77.0.1:0 --threads 1 \
             "${config[@]}" >"$base.engine.out" 2>"$base.engine.err" &
@@ -127,7 +134,7 @@ inside() {
             log "$name: the engine printed no address"; stop_pid "$epid"; epid=""; continue
         fi
         local flags=()
-        [[ $path == mcast ]] && flags=(--multicast)
+        [[ $path == mcast* ]] && flags=(--multicast)
         grep '^cpu[0-9]' /proc/stat >"$base.stat-before"
         cat /proc/loadavg >"$base.load-before"
         timeout --kill-after=10 "$RUN_TIMEOUT" nsenter --target "$holder" --net --mount -- \
