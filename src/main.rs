@@ -636,7 +636,7 @@ fn publish(args: PubArgs) -> Result<(), CliError> {
                 "published {count} messages to engine {} in {secs:.3} s ({:.0} msg/s); {}{}",
                 publisher
                     .welcome()
-                    .map_or_else(|| "?".to_string(), |w| format!("{:016x}", w.engine_id)),
+                    .map_or_else(|| "?".to_string(), engine_label),
                 count as f64 / secs.max(1e-9),
                 acks_summary(args.acks, &c, count),
                 paced_summary(c.paced_writes, c.paced_ns, c.writes)
@@ -829,8 +829,7 @@ fn subscribe(args: SubArgs) -> Result<(), CliError> {
         "subscribed: {} (reactor {}, engine {})",
         args.patterns.join(" "),
         sub.welcome().map_or(0, |w| w.reactor),
-        sub.welcome()
-            .map_or_else(|| "?".to_string(), |w| format!("{:016x}", w.engine_id))
+        sub.welcome().map_or_else(|| "?".to_string(), engine_label)
     );
     let deadline = timeout.map(|t| started + t);
     let mut out = BufWriter::with_capacity(64 * 1024, io::stdout().lock());
@@ -873,6 +872,16 @@ fn subscribe(args: SubArgs) -> Result<(), CliError> {
     Ok(())
 }
 
+/// Which engine a client reached, as `sub` and `pub` print it: the run's id, and the engine's
+/// version when it told it (WELCOME, docs/PROTOCOL.md §4).
+fn engine_label(w: &lanpush::proto::Welcome) -> String {
+    if w.engine_version.is_empty() {
+        format!("{:016x}", w.engine_id)
+    } else {
+        format!("{:016x}, lanpush {}", w.engine_id, w.engine_version)
+    }
+}
+
 /// How long a `sub` loop's next poll may wait, or, once `--timeout` has passed, how the command
 /// ends: a time-out error when `--count` messages were expected, else success.
 fn sub_wait(
@@ -911,9 +920,10 @@ fn subscribe_multicast(
     };
     let mut sub = McastSubscriber::connect(opts, mcast, args.patterns.clone(), mode)?;
     eprintln!(
-        "subscribed: {} (multicast, {} channel(s) joined)",
+        "subscribed: {} (multicast, {} channel(s) joined, engine {})",
         args.patterns.join(" "),
-        sub.channels_joined()
+        sub.channels_joined(),
+        sub.welcome().map_or_else(|| "?".to_string(), engine_label)
     );
     let deadline = timeout.map(|t| started + t);
     let mut out = BufWriter::with_capacity(64 * 1024, io::stdout().lock());

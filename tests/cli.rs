@@ -444,6 +444,37 @@ fn sub_prints_readable_timestamps_raw_on_request_and_strings_in_json() {
 }
 
 #[test]
+fn sub_and_pub_name_the_engine_run_and_version_they_reached() {
+    let server = Server::start();
+    let addr = server.addr_string();
+    let version = format!("lanpush {}", env!("CARGO_PKG_VERSION"));
+    let sub = Cli::spawn(&[
+        "sub",
+        "--server",
+        &addr,
+        "ver/t",
+        "--count",
+        "1",
+        "--timeout",
+        "10",
+    ]);
+    let line = sub.wait_stderr_line("subscribed:", STEP);
+    assert!(line.contains(&version), "{line}");
+    let out = run(
+        &["pub", "--server", &addr, "ver/t", "--count", "1"],
+        None,
+        STEP,
+    );
+    assert!(out.status.success(), "{}", out.stderr);
+    assert!(
+        out.stderr.contains("to engine ") && out.stderr.contains(&version),
+        "{}",
+        out.stderr
+    );
+    assert!(sub.finish(STEP).status.success());
+}
+
+#[test]
 fn stats_names_its_columns_and_leaves_out_its_own_connection() {
     let server = Server::start();
     let addr = server.addr_string();

@@ -86,6 +86,7 @@ fn hello_frame(client_id: &str, keepalive_ms: u32) -> Vec<u8> {
             client_id: client_id.into(),
             keepalive_ms,
             token: String::new(),
+            features: 0,
         }),
     );
     out

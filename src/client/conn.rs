@@ -8,8 +8,8 @@ use std::time::{Duration, Instant};
 use super::stream::{tls_cause, Stream};
 use super::{ClientError, ClientOptions};
 use crate::proto::{
-    decode_frame, encode_control, frame_len_hint, Decoded, Frame, Hello, Welcome, LEN_PREFIX_BYTES,
-    PROTOCOL_VERSION,
+    decode_frame, encode_control, error_code, frame_len_hint, hello_features, Decoded, Frame,
+    Hello, Welcome, LEN_PREFIX_BYTES, PROTOCOL_VERSION,
 };
 
 /// Largest frame accepted from the engine. DATA frames are bounded by the engine's
@@ -40,10 +40,26 @@ pub(crate) struct Conn {
 }
 
 impl Conn {
-    /// Connects and completes HELLO → WELCOME within `opts.connect_timeout`.
+    /// Connects and completes HELLO → WELCOME within `opts.connect_timeout`, asking for the
+    /// engine's version. An engine older than HELLO's features refuses the trailing field as
+    /// MALFORMED: then once more without it (WELCOME's `engine_version` stays empty).
     pub(crate) fn open(
         opts: &ClientOptions,
         read_buffer_bytes: usize,
+    ) -> Result<Conn, ClientError> {
+        match Conn::open_with(opts, read_buffer_bytes, hello_features::ENGINE_VERSION) {
+            Err(ClientError::Engine {
+                code: error_code::MALFORMED,
+                ..
+            }) => Conn::open_with(opts, read_buffer_bytes, 0),
+            result => result,
+        }
+    }
+
+    fn open_with(
+        opts: &ClientOptions,
+        read_buffer_bytes: usize,
+        features: u32,
     ) -> Result<Conn, ClientError> {
         let deadline = Instant::now() + opts.connect_timeout;
         let socket = connect_stream(&opts.server, opts.connect_timeout)?;
@@ -55,15 +71,7 @@ impl Conn {
         let now = Instant::now();
         let mut conn = Conn {
             stream,
-            welcome: Welcome {
-                version: 0,
-                keepalive_ms: 0,
-                max_frame_bytes: 0,
-                max_subscriptions: 0,
-                reactor: 0,
-                connection_id: 0,
-                engine_id: 0,
-            },
+            welcome: Welcome::default(),
             buf: vec![0; read_buffer_bytes.max(LEN_PREFIX_BYTES * 64)],
             start: 0,
             end: 0,
@@ -81,6 +89,7 @@ impl Conn {
                     .token
                     .as_ref()
                     .map_or_else(String::new, |t| t.as_str().to_string()),
+                features,
             }),
         );
         // With TLS 1.3 the engine checks a client certificate after the client's side of the

@@ -169,6 +169,11 @@ impl McastSubscriber {
         Ok(sub)
     }
 
+    /// The engine's WELCOME on the current session; `None` while disconnected.
+    pub fn welcome(&self) -> Option<&crate::proto::Welcome> {
+        self.session.as_ref().map(|s| &s.conn.welcome)
+    }
+
     /// The channels joined (their group sockets) by the current session.
     pub fn channels_joined(&self) -> usize {
         self.session.as_ref().map_or(0, |s| s.channels.len())

@@ -100,6 +100,7 @@ impl FakeConn {
             reactor: 0,
             connection_id: 1,
             engine_id,
+            engine_version: String::new(),
         })]);
         hello
     }
@@ -625,6 +626,45 @@ fn connect_and_handshake_failures_are_typed() {
         Err(ClientError::Handshake(_))
     ));
     engine.join().unwrap();
+}
+
+#[test]
+fn the_client_asks_for_the_engine_version_and_falls_back_for_an_older_engine() {
+    let (l, addr) = listener();
+    let engine = thread::spawn(move || {
+        // A current engine: the client asks, WELCOME tells.
+        let mut c = FakeConn::accept(&l);
+        let Got::Hello(hello) = c.read() else {
+            panic!("expected HELLO")
+        };
+        assert_eq!(hello.features, crate::proto::hello_features::ENGINE_VERSION);
+        c.send(&[Frame::Welcome(Welcome {
+            version: crate::proto::PROTOCOL_VERSION,
+            engine_id: 5,
+            engine_version: "9.8.7".into(),
+            ..Welcome::default()
+        })]);
+        // An engine older than HELLO's features refuses the trailing bytes as MALFORMED; the
+        // client tries once more without them.
+        let mut old = FakeConn::accept(&l);
+        assert!(matches!(old.read(), Got::Hello(h) if h.features != 0));
+        old.send(&[Frame::Error(WireError {
+            code: error_code::MALFORMED,
+            reason: "HELLO: 1 trailing bytes".into(),
+        })]);
+        let mut again = FakeConn::accept(&l);
+        assert_eq!(again.handshake().features, 0);
+        (c, again)
+    });
+    let current = Publisher::connect(fast_opts(addr)).unwrap();
+    assert_eq!(current.welcome().unwrap().engine_version, "9.8.7");
+    let older = Publisher::connect(fast_opts(addr)).unwrap();
+    let welcome = older.welcome().unwrap();
+    assert_eq!(
+        (welcome.engine_id, welcome.engine_version.as_str()),
+        (77, "")
+    );
+    drop(engine.join().unwrap());
 }
 
 #[test]

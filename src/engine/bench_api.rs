@@ -127,6 +127,7 @@ impl FanoutBench {
                             client_id: name,
                             keepalive_ms: 0,
                             token: String::new(),
+                            features: 0,
                         }),
                     ),
                     WireKind::Mqtt => bench.feed_mqtt(

@@ -57,8 +57,8 @@ use crate::config::Config;
 use crate::log::{Admit, Category, LogLimiter};
 use crate::metrics::{data_frame_stamp, ShardMetrics};
 use crate::proto::{
-    self, data_frame_topic, decode_frame, error_code, Decoded, DeliveryMode, Frame, PublishRef,
-    SubAck, Subscribe, Welcome, PROTOCOL_VERSION,
+    self, data_frame_topic, decode_frame, error_code, hello_features, Decoded, DeliveryMode, Frame,
+    PublishRef, SubAck, Subscribe, Welcome, PROTOCOL_VERSION,
 };
 use crate::topic::TopicIndex;
 
@@ -505,6 +505,7 @@ impl FanoutCore {
                 client_id,
                 keepalive_ms,
                 token,
+                features,
             } = op
             else {
                 return Err(Fatal::new(
@@ -512,7 +513,15 @@ impl FanoutCore {
                     "the first frame must be HELLO",
                 ));
             };
-            return self.handle_hello(now, slot, version, client_id, keepalive_ms, &token.0);
+            if version != PROTOCOL_VERSION {
+                return Err(Fatal::new(
+                    error_code::VERSION,
+                    format!(
+                        "protocol version {version} is not supported (this engine speaks {PROTOCOL_VERSION})"
+                    ),
+                ));
+            }
+            return self.handle_hello(now, slot, client_id, keepalive_ms, &token.0, features);
         }
         match op {
             Op::Hello { .. } => Err(Fatal::new(error_code::HANDSHAKE, "HELLO sent twice")),
@@ -1146,19 +1155,11 @@ impl FanoutCore {
         &mut self,
         now: Instant,
         slot: usize,
-        version: u16,
         client_id: String,
         keepalive_ms: u32,
         token: &str,
+        features: u32,
     ) -> Result<(), Fatal> {
-        if version != PROTOCOL_VERSION {
-            return Err(Fatal::new(
-                error_code::VERSION,
-                format!(
-                    "protocol version {version} is not supported (this engine speaks {PROTOCOL_VERSION})"
-                ),
-            ));
-        }
         let k = &self.config.keepalive;
         let keepalive_ms = match keepalive_ms {
             0 => k.default_ms,
@@ -1238,6 +1239,11 @@ impl FanoutCore {
             reactor: self.id,
             connection_id: 0,
             engine_id: self.shared.engine_id,
+            engine_version: if features & hello_features::ENGINE_VERSION != 0 {
+                env!("CARGO_PKG_VERSION").to_string()
+            } else {
+                String::new()
+            },
         };
         let session = self.session_mut(slot).expect("caller looked it up");
         let welcome = Welcome {

@@ -472,6 +472,7 @@ fn input_fed_one_byte_at_a_time_is_the_same_as_whole() {
             client_id: "slow".into(),
             keepalive_ms: 0,
             token: String::new(),
+            features: 0,
         }),
     );
     let mut start = 0;
@@ -481,6 +482,39 @@ fn input_fed_one_byte_at_a_time_is_the_same_as_whole() {
     assert_eq!(start, bytes.len());
     c.run();
     assert!(matches!(c.recv(client)[..], [Got::Welcome { .. }]));
+}
+
+#[test]
+fn welcome_carries_the_engine_version_only_when_hello_asks() {
+    let mut c = Cluster::new(1, |_| {});
+    for (features, version) in [
+        (0, ""),
+        (
+            crate::proto::hello_features::ENGINE_VERSION,
+            env!("CARGO_PKG_VERSION"),
+        ),
+        // Unknown bits are ignored.
+        (0xfffe, ""),
+    ] {
+        let client = c.connect_raw(0, 1 << 20);
+        c.send(
+            client,
+            &Frame::Hello(crate::proto::Hello {
+                version: crate::proto::PROTOCOL_VERSION,
+                features,
+                ..Default::default()
+            }),
+        );
+        c.run();
+        let bytes = c.recv_bytes(client);
+        match crate::proto::decode_frame(&bytes, 1 << 20) {
+            Ok(crate::proto::Decoded::Frame(Frame::Welcome(w), used)) => {
+                assert_eq!(used, bytes.len());
+                assert_eq!(w.engine_version, version, "features {features:#x}");
+            }
+            other => panic!("expected WELCOME, got {other:?}"),
+        }
+    }
 }
 
 #[test]
@@ -608,6 +642,7 @@ fn a_client_id_past_the_limit_is_refused_at_hello() {
             client_id: "x".repeat(9),
             keepalive_ms: 0,
             token: String::new(),
+            features: 0,
         }),
     );
     c.run();

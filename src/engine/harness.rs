@@ -220,6 +220,7 @@ impl Cluster {
                 client_id: client_id.into(),
                 keepalive_ms: 0,
                 token: String::new(),
+                features: 0,
             }),
         );
         self.run();
@@ -501,6 +502,7 @@ impl Cluster {
                 client_id: client_id.into(),
                 keepalive_ms: 0,
                 token: token.into(),
+                features: 0,
             }),
         );
         self.run();

@@ -238,6 +238,7 @@ impl FanoutCore {
                 ),
                 None => String::new(),
             }),
+            features: 0,
         };
         self.handle_op(now, read_ns, slot, hello)?;
         // The native rules clamp the keep-alive; MQTT's is the client's to choose (spec 3.1.2.10).

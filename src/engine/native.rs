@@ -20,6 +20,8 @@ pub(crate) enum Op<'a> {
         keepalive_ms: u32,
         /// Credentials, `user:secret`; empty for anonymous.
         token: crate::auth::Redacted,
+        /// `proto::hello_features` bits.
+        features: u32,
     },
     Publish(PublishRef<'a>),
     Subscribe(Subscribe),
@@ -73,6 +75,7 @@ pub(crate) fn op(frame: Frame<'_>) -> Result<Op<'_>, Fatal> {
             client_id: hello.client_id,
             keepalive_ms: hello.keepalive_ms,
             token: crate::auth::Redacted(hello.token),
+            features: hello.features,
         }),
         Frame::Publish(publish) => Ok(Op::Publish(publish)),
         Frame::Subscribe(subscribe) => Ok(Op::Subscribe(subscribe)),

@@ -50,6 +50,7 @@ impl Raw {
             client_id: "test".into(),
             keepalive_ms: 0,
             token: String::new(),
+            features: 0,
         }));
         match raw.next_frame_kind() {
             Got::Other(s) if s.starts_with("Welcome") => {

@@ -84,13 +84,21 @@ pub mod error_code {
     }
 }
 
+/// HELLO feature bits (docs/PROTOCOL.md §4): what a client asks the engine to add to its
+/// answers. Unknown bits are ignored, so a client may ask for more than an engine knows.
+pub mod hello_features {
+    /// Append the engine's software version to WELCOME ([`super::Welcome::engine_version`]).
+    pub const ENGINE_VERSION: u32 = 1;
+}
+
 /// First frame from a client.
 ///
-/// `token` is an optional trailing field (docs/PROTOCOL.md §4): an empty token is not written,
-/// so a HELLO without credentials is byte for byte what version 1 clients always sent, and a
-/// HELLO that ends after `keepalive_ms` decodes with an empty token. Its `Debug` never shows
-/// the token.
-#[derive(Clone, PartialEq, Eq)]
+/// `token` and `features` are optional trailing fields (docs/PROTOCOL.md §4): an empty token
+/// and no features are not written, so a HELLO without credentials is byte for byte what
+/// version 1 clients always sent, and a HELLO that ends after `keepalive_ms` decodes with an
+/// empty token and no features. Features follow the token, which is then written even when
+/// empty. Its `Debug` never shows the token.
+#[derive(Clone, PartialEq, Eq, Default)]
 pub struct Hello {
     pub version: u16,
     /// Free-form name used in logs and stats (e.g. `plc-gw-7`).
@@ -100,6 +108,8 @@ pub struct Hello {
     pub keepalive_ms: u32,
     /// Credentials, `user:secret`; empty for none (anonymous).
     pub token: String,
+    /// [`hello_features`] bits; 0 for none.
+    pub features: u32,
 }
 
 impl std::fmt::Debug for Hello {
@@ -116,6 +126,7 @@ impl std::fmt::Debug for Hello {
                     "<redacted>"
                 },
             )
+            .field("features", &self.features)
             .finish()
     }
 }
@@ -128,8 +139,11 @@ impl Encode for Hello {
         self.version.encode(encoder)?;
         self.client_id.encode(encoder)?;
         self.keepalive_ms.encode(encoder)?;
-        if !self.token.is_empty() {
+        if !self.token.is_empty() || self.features != 0 {
             self.token.encode(encoder)?;
+        }
+        if self.features != 0 {
+            self.features.encode(encoder)?;
         }
         Ok(())
     }
@@ -143,25 +157,35 @@ impl<Context> Decode<Context> for Hello {
         let version = u16::decode(decoder)?;
         let client_id = String::decode(decoder)?;
         let keepalive_ms = u32::decode(decoder)?;
-        // The optional trailing token: present when the body goes on. Frames are decoded from
-        // a slice, whose reader can tell; a reader that cannot peek sees no token.
+        // The optional trailing token, then features: present when the body goes on. Frames
+        // are decoded from a slice, whose reader can tell; a reader that cannot peek sees none.
         let token = if decoder.reader().peek_read(1).is_some() {
             String::decode(decoder)?
         } else {
             String::new()
+        };
+        let features = if decoder.reader().peek_read(1).is_some() {
+            u32::decode(decoder)?
+        } else {
+            0
         };
         Ok(Hello {
             version,
             client_id,
             keepalive_ms,
             token,
+            features,
         })
     }
 }
 bincode::impl_borrow_decode!(Hello);
 
 /// The engine's answer to HELLO: what it accepted and its limits.
-#[derive(Debug, Clone, PartialEq, Eq, Encode, Decode)]
+///
+/// `engine_version` is an optional trailing field, written only when HELLO asked for it
+/// ([`hello_features::ENGINE_VERSION`]): a version-1 client that never asks refuses trailing
+/// bytes, so it never gets any.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Welcome {
     pub version: u16,
     /// The keep-alive in force; the engine closes the connection after 1.5x this of silence.
@@ -176,7 +200,51 @@ pub struct Welcome {
     /// retained values and the replay ring belong to one run: a client that reconnects and sees
     /// another `engine_id` must not resume from its old positions.
     pub engine_id: u64,
+    /// The engine's software version (`0.1.0`); empty when HELLO did not ask for it.
+    pub engine_version: String,
 }
+
+impl Encode for Welcome {
+    fn encode<E: bincode::enc::Encoder>(
+        &self,
+        encoder: &mut E,
+    ) -> Result<(), bincode::error::EncodeError> {
+        self.version.encode(encoder)?;
+        self.keepalive_ms.encode(encoder)?;
+        self.max_frame_bytes.encode(encoder)?;
+        self.max_subscriptions.encode(encoder)?;
+        self.reactor.encode(encoder)?;
+        self.connection_id.encode(encoder)?;
+        self.engine_id.encode(encoder)?;
+        if !self.engine_version.is_empty() {
+            self.engine_version.encode(encoder)?;
+        }
+        Ok(())
+    }
+}
+
+impl<Context> Decode<Context> for Welcome {
+    fn decode<D: bincode::de::Decoder<Context = Context>>(
+        decoder: &mut D,
+    ) -> Result<Self, bincode::error::DecodeError> {
+        use bincode::de::read::Reader;
+        let mut welcome = Welcome {
+            version: u16::decode(decoder)?,
+            keepalive_ms: u32::decode(decoder)?,
+            max_frame_bytes: u32::decode(decoder)?,
+            max_subscriptions: u32::decode(decoder)?,
+            reactor: u16::decode(decoder)?,
+            connection_id: u64::decode(decoder)?,
+            engine_id: u64::decode(decoder)?,
+            engine_version: String::new(),
+        };
+        if decoder.reader().peek_read(1).is_some() {
+            welcome.engine_version = String::decode(decoder)?;
+        }
+        Ok(welcome)
+    }
+}
+bincode::impl_borrow_decode!(Welcome);
 
 /// How a subscription wants its messages when it cannot keep up.
 #[derive(

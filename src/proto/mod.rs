@@ -29,9 +29,9 @@ pub use codec::{
     encode_repair, frame_len_hint, DecodeError, Decoded,
 };
 pub use frames::{
-    check_depth, error_code, validate_pattern, validate_topic, DataHeader, DeliveryMode, Frame,
-    Gap, Hello, PublishRef, SubAck, Subscribe, TopicError, TopicPosition, Unsubscribe, Welcome,
-    WireError, DATA_FLAG_RESTORED, DATA_FLAG_SNAPSHOT,
+    check_depth, error_code, hello_features, validate_pattern, validate_topic, DataHeader,
+    DeliveryMode, Frame, Gap, Hello, PublishRef, SubAck, Subscribe, TopicError, TopicPosition,
+    Unsubscribe, Welcome, WireError, DATA_FLAG_RESTORED, DATA_FLAG_SNAPSHOT,
 };
 pub use frames::{ChannelInfo, Channels, Mcast, Nak, StreamPos};
 

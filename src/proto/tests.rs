@@ -29,6 +29,7 @@ fn hello() -> Hello {
         client_id: "plc-gw-7".into(),
         keepalive_ms: 10_000,
         token: String::new(),
+        features: 0,
     }
 }
 
@@ -185,6 +186,66 @@ fn golden_hello_with_token() {
         !format!("{frame:?}").contains("op-pw"),
         "Debug hides the token"
     );
+}
+
+#[test]
+fn golden_hello_with_features() {
+    // Features without a token: the token is written empty so that features can follow.
+    #[rustfmt::skip]
+    let expected = [
+        0x10, 0x00, 0x00, 0x00,                         // len 16
+        0x01,                                           // kind HELLO
+        0x01,                                           // version 1
+        0x08,                                           // client_id length 8
+        b'p', b'l', b'c', b'-', b'g', b'w', b'-', b'7', // client_id
+        0xfb, 0x10, 0x27,                               // keepalive_ms 10000
+        0x00,                                           // token length 0: none
+        0x01,                                           // features: ENGINE_VERSION
+    ];
+    let frame = Frame::Hello(Hello {
+        features: hello_features::ENGINE_VERSION,
+        ..hello()
+    });
+    assert_eq!(encoded(&frame), expected);
+    assert_eq!(decode_whole(&expected), frame);
+}
+
+#[test]
+fn golden_welcome_with_and_without_the_engine_version() {
+    #[rustfmt::skip]
+    let plain = [
+        0x10, 0x00, 0x00, 0x00,       // len 16
+        0x02,                         // kind WELCOME
+        0x01,                         // version 1
+        0xfb, 0x10, 0x27,             // keepalive_ms 10000
+        0xfc, 0x00, 0x00, 0x10, 0x00, // max_frame_bytes 1048576: 252, then u32 LE
+        0xfb, 0xe8, 0x03,             // max_subscriptions 1000
+        0x01,                         // reactor 1
+        0x07,                         // connection_id 7
+        0x2a,                         // engine_id 42
+    ];
+    let welcome = Welcome {
+        version: 1,
+        keepalive_ms: 10_000,
+        max_frame_bytes: 1 << 20,
+        max_subscriptions: 1000,
+        reactor: 1,
+        connection_id: 7,
+        engine_id: 42,
+        engine_version: String::new(),
+    };
+    assert_eq!(encoded(&Frame::Welcome(welcome.clone())), plain);
+    assert_eq!(decode_whole(&plain), Frame::Welcome(welcome.clone()));
+    // Asked for by HELLO: the version follows as one more String.
+    let mut with = plain.to_vec();
+    with.extend_from_slice(&[0x05, b'0', b'.', b'1', b'.', b'0']);
+    with[0] += 6;
+    let welcome = Welcome {
+        engine_version: "0.1.0".into(),
+        ..welcome
+    };
+    assert_eq!(encoded(&Frame::Welcome(welcome.clone())), with);
+    assert_eq!(decode_whole(&with), Frame::Welcome(welcome));
 }
 
 #[test]
@@ -398,9 +459,10 @@ fn trailing_bytes_are_malformed() {
     pong[0] -= 1;
     assert_malformed(&pong, "PONG");
 
+    // HELLO's optional fields (an empty token, features 0), then one byte too many.
     let mut hello = encoded(&Frame::Hello(hello()));
-    hello.extend_from_slice(&[0, 0]);
-    hello[0] += 2;
+    hello.extend_from_slice(&[0, 0, 0]);
+    hello[0] += 3;
     assert_malformed(&hello, "HELLO");
 
     assert_malformed(&frame_bytes(KIND_STATS_REQUEST, &[0]), "STATS_REQUEST");
@@ -663,13 +725,14 @@ fn payload() -> impl Strategy<Value = Vec<u8>> {
 /// since `any::<u64>()` favours edge values).
 fn any_frame() -> impl Strategy<Value = Owned> {
     let plain = prop_oneof![
-        (any::<u16>(), text(), any::<u32>(), text()).prop_map(
-            |(version, client_id, keepalive_ms, token)| {
+        (any::<u16>(), text(), any::<u32>(), text(), any::<u32>()).prop_map(
+            |(version, client_id, keepalive_ms, token, features)| {
                 Frame::Hello(Hello {
                     version,
                     client_id,
                     keepalive_ms,
                     token,
+                    features,
                 })
             }
         ),
@@ -680,7 +743,8 @@ fn any_frame() -> impl Strategy<Value = Owned> {
             any::<u32>(),
             any::<u16>(),
             any::<u64>(),
-            any::<u64>()
+            any::<u64>(),
+            text()
         )
             .prop_map(
                 |(
@@ -691,6 +755,7 @@ fn any_frame() -> impl Strategy<Value = Owned> {
                     reactor,
                     connection_id,
                     engine_id,
+                    engine_version,
                 )| {
                     Frame::Welcome(Welcome {
                         version,
@@ -700,6 +765,7 @@ fn any_frame() -> impl Strategy<Value = Owned> {
                         reactor,
                         connection_id,
                         engine_id,
+                        engine_version,
                     })
                 }
             ),

@@ -9,8 +9,8 @@ use base64::Engine as _;
 use serde::{Deserialize, Serialize};
 
 use crate::proto::{
-    self, error_code, DeliveryMode, Frame, Hello, PublishRef, Subscribe, Unsubscribe,
-    DATA_FLAG_RESTORED, DATA_FLAG_SNAPSHOT, PROTOCOL_VERSION,
+    self, error_code, hello_features, DeliveryMode, Frame, Hello, PublishRef, Subscribe,
+    Unsubscribe, DATA_FLAG_RESTORED, DATA_FLAG_SNAPSHOT, PROTOCOL_VERSION,
 };
 
 /// Quality of a `pub` that names none: OPC "good".
@@ -130,6 +130,7 @@ impl JsonSession {
                     client_id,
                     keepalive_ms,
                     token,
+                    features: hello_features::ENGINE_VERSION,
                 }),
             );
             return Ok(());
@@ -140,9 +141,8 @@ impl JsonSession {
                 native,
                 &Frame::Hello(Hello {
                     version: PROTOCOL_VERSION,
-                    client_id: String::new(),
-                    keepalive_ms: 0,
-                    token: String::new(),
+                    features: hello_features::ENGINE_VERSION,
+                    ..Hello::default()
                 }),
             );
         }
@@ -239,6 +239,7 @@ fn frame_json(frame: Frame<'_>) -> Option<Out> {
             "type": "welcome",
             "connection_id": w.connection_id.to_string(),
             "engine_id": w.engine_id.to_string(),
+            "engine_version": w.engine_version,
             "keepalive_ms": w.keepalive_ms,
             "max_frame_bytes": w.max_frame_bytes,
             "reactor": w.reactor,

@@ -470,6 +470,7 @@ impl Raw {
             client_id: client_id.into(),
             keepalive_ms,
             token: token.into(),
+            features: 0,
         }));
     }
 

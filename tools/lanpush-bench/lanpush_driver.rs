@@ -247,6 +247,7 @@ impl Wire {
                 client_id: client_id.to_string(),
                 keepalive_ms: KEEPALIVE_MS,
                 token: String::new(),
+                features: 0,
             }),
         );
         wire.send_blocking(&hello)?;
@@ -552,6 +553,7 @@ mod tests {
                                 reactor: 0,
                                 connection_id: 9,
                                 engine_id: 9,
+                                engine_version: String::new(),
                             }),
                         ),
                         Frame::Subscribe(s) => encode_control(

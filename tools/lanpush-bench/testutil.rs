@@ -101,6 +101,7 @@ fn serve(mut stream: TcpStream, shared: Arc<Shared>) {
                         reactor: 0,
                         connection_id: 1,
                         engine_id: 1,
+                        engine_version: String::new(),
                     }),
                 ),
                 Frame::Subscribe(sub) => {
