@@ -139,7 +139,7 @@ inside() {
         cat /proc/loadavg >"$base.load-before"
         timeout --kill-after=10 "$RUN_TIMEOUT" nsenter --target "$holder" --net --mount -- \
             taskset -c "$RECV_CPU" "$BIN/lanpush-bench" fanout --server "$addr" \
-            --engine-pid "$epid" --engine-stats --engine-syscalls \
+            --engine-pid "$epid" --engine-stats --engine-syscalls --engine-cpu "$ENGINE_CPU" \
             --subscribers "$subs" --rate "$rate" --duration "$DURATION" --warmup "$WARMUP" \
             --size "$SIZE" --label "$name" --quiet --json "$base.json" "${flags[@]}" \
             >"$base.txt" 2>"$base.err" &
@@ -189,8 +189,8 @@ import json, os, sys
 raw, rows = sys.argv[1], sys.argv[2].split()
 print(f"# Multicast vs TCP fan-out ({os.path.basename(raw)})\n")
 print(open(os.path.join(raw, "machine.txt")).read())
-print("| receivers × rate | path | delivered msg/s | lost | p50 | p99 | engine CPU % | engine CPU per delivered msg | syscalls per published msg (perf) | engine writes + mcast sends per published msg | datagrams (send calls) | softirq ticks CPU0 / CPU1 |")
-print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+print("| receivers × rate | path | delivered msg/s | lost | p50 | p99 | engine CPU % | engine CPU per delivered msg | engine's CPU busy (softirq) per delivered msg | syscalls per published msg (perf) | engine writes + mcast sends per published msg | datagrams (send calls) | softirq ticks CPU0 / CPU1 (whole run) |")
+print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
 def us(x): return f"{x/1000:.2f} ms" if x >= 1000 else f"{x:.0f} µs"
 def softirq(base):
     try:
@@ -205,18 +205,22 @@ for row in rows:
     try:
         r = json.load(open(base + ".json"))
     except Exception:
-        print(f"| {subs} × {rate} | {path} | run failed (see {base}.err) | | | | | | | | | |")
+        print(f"| {subs} × {rate} | {path} | run failed (see {base}.err) | | | | | | | | | | |")
         continue
     d, p, e = r["deliver"], r["publish"], r.get("engine") or {}
     st = e.get("stats") or {}
     pub = max(p["messages"], 1)
     lost = f'{d["lost"]:,} ({d["incomplete_subscribers"]} incomplete)' if d["lost"] else "0"
     cpu = e.get("cpu_ns")
+    b, sq = e.get("cpu_busy_ns"), e.get("cpu_softirq_ns")
+    busy = (f'{b / max(d["received"], 1):.0f} ns ({sq / max(d["received"], 1):.0f} ns)'
+            if b is not None and sq is not None else "?")
     own = (st.get("writes", 0) + st.get("mcast_send_syscalls", 0)) / pub if st else None
     print(f'| {int(subs):,} × {int(rate):,} | {path} | {d["msg_per_s"]:,.0f} | {lost} | '
           f'{us(r["latency_us"]["p50"])} | {us(r["latency_us"]["p99"])} | '
           f'{r["cpu"]["engine_pct"] or 0:.0f} % | '
           f'{(cpu / max(d["received"], 1)) if cpu is not None else float("nan"):.0f} ns | '
+          f'{busy} | '
           f'{(e["syscalls"] / pub) if e.get("syscalls") is not None else float("nan"):.2f} | '
           f'{own if own is not None else float("nan"):.2f} | '
           f'{st.get("mcast_datagrams", 0):,} ({st.get("mcast_send_syscalls", 0):,}) | {softirq(base)} |')

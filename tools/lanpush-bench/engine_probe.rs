@@ -3,7 +3,9 @@
 //! stats document (`--engine-stats`: vectored writes, multicast datagrams and send calls, as
 //! deltas), and every syscall its threads made (`--engine-syscalls`: `perf stat -e
 //! raw_syscalls:sys_enter -p PID`, started at the window's start and stopped at its end; needs
-//! `perf` and the right to trace the engine).
+//! `perf` and the right to trace the engine), and the busy and softirq time of the CPU the engine
+//! is pinned to (`--engine-cpu N`, from `/proc/stat`: the kernel's receive work for the engine
+//! that ran while the engine slept is charged to no process).
 
 use std::io::Read;
 use std::process::{Child, Command, Stdio};
@@ -19,6 +21,11 @@ pub struct EngineFigures {
     pub syscalls: Option<u64>,
     /// Deltas of the engine's own counters, if asked.
     pub stats: Option<StatsDelta>,
+    /// The engine's CPU (`--engine-cpu`): time not idle, and of it in softirq, ns.
+    #[serde(default)]
+    pub cpu_busy_ns: Option<u64>,
+    #[serde(default)]
+    pub cpu_softirq_ns: Option<u64>,
 }
 
 /// Deltas of the stats document's counters.
@@ -82,6 +89,8 @@ pub struct ProbeSpec {
     /// The engine's address, for its stats document.
     pub stats_addr: Option<String>,
     pub syscalls: bool,
+    /// The CPU the engine is pinned to.
+    pub cpu: Option<usize>,
 }
 
 /// A probe started at the window's start.
@@ -90,6 +99,30 @@ pub struct EngineProbe {
     cpu_ns: Option<u64>,
     stats: Option<StatsDelta>,
     perf: Option<Child>,
+    cpu_times: Option<(u64, u64)>,
+}
+
+/// (busy, softirq) ns of CPU `cpu` since boot, from `/proc/stat` (USER_HZ ticks).
+fn cpu_times(cpu: usize) -> Option<(u64, u64)> {
+    let stat = std::fs::read_to_string("/proc/stat").ok()?;
+    let name = format!("cpu{cpu}");
+    let line = stat
+        .lines()
+        .find(|l| l.split_whitespace().next() == Some(name.as_str()))?;
+    parse_cpu_line(line)
+}
+
+/// `cpuN user nice system idle iowait irq softirq steal ...` in 10 ms ticks (USER_HZ 100).
+fn parse_cpu_line(line: &str) -> Option<(u64, u64)> {
+    let f: Vec<u64> = line
+        .split_whitespace()
+        .skip(1)
+        .map(|x| x.parse().ok())
+        .collect::<Option<_>>()?;
+    let total: u64 = f.iter().take(8).sum();
+    let idle = f.get(3)? + f.get(4)?;
+    let tick_ns = 10_000_000;
+    Some(((total - idle) * tick_ns, f.get(6)? * tick_ns))
 }
 
 fn fetch_stats(addr: &str) -> Option<StatsDelta> {
@@ -115,6 +148,7 @@ impl EngineProbe {
             cpu_ns: spec.pid.and_then(crate::sys::other_process_cpu_ns),
             stats: spec.stats_addr.as_deref().and_then(fetch_stats),
             perf,
+            cpu_times: spec.cpu.and_then(cpu_times),
             spec: spec.clone(),
         }
     }
@@ -124,6 +158,11 @@ impl EngineProbe {
         let cpu_end = self.spec.pid.and_then(crate::sys::other_process_cpu_ns);
         let stats_end = self.spec.stats_addr.as_deref().and_then(fetch_stats);
         let syscalls = self.perf.take().and_then(stop_perf);
+        let cpus_end = self.spec.cpu.and_then(cpu_times);
+        let cpu_delta = match (self.cpu_times, cpus_end) {
+            (Some(a), Some(b)) => Some((b.0.saturating_sub(a.0), b.1.saturating_sub(a.1))),
+            _ => None,
+        };
         EngineFigures {
             cpu_ns: match (self.cpu_ns, cpu_end) {
                 (Some(a), Some(b)) => Some(b.saturating_sub(a)),
@@ -134,6 +173,8 @@ impl EngineProbe {
                 (Some(a), Some(b)) => Some(b.since(&a)),
                 _ => None,
             },
+            cpu_busy_ns: cpu_delta.map(|d| d.0),
+            cpu_softirq_ns: cpu_delta.map(|d| d.1),
         }
     }
 }
@@ -197,5 +238,10 @@ mod tests {
             .unwrap();
         let d = b.since(&a);
         assert_eq!((d.publishes_in, d.delivered, d.writes), (20, 200, 20));
+        assert_eq!(
+            parse_cpu_line("cpu0 100 5 50 1000 10 2 30 0 0 0"),
+            Some((187 * 10_000_000, 30 * 10_000_000))
+        );
+        assert!(cpu_times(0).is_some());
     }
 }

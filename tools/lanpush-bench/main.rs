@@ -126,6 +126,11 @@ struct RunArgs {
     /// engine's pid: started by the tool or --engine-pid).
     #[arg(long)]
     engine_syscalls: bool,
+    /// The CPU the engine is pinned to (taskset): its busy and softirq time over the measured
+    /// window from /proc/stat, which includes the kernel's receive work for the engine that
+    /// ran while the engine slept (charged to no process), and anything else on that CPU.
+    #[arg(long, value_name = "N")]
+    engine_cpu: Option<usize>,
     /// Write the latency histogram as HdrHistogram percentile-distribution text (µs).
     #[arg(long, value_name = "FILE")]
     hgrm: Option<PathBuf>,
@@ -358,6 +363,7 @@ fn run_command(
         stats_addr: (args.engine_stats && target.info.driver == "lanpush")
             .then(|| target.info.address.clone()),
         syscalls: args.engine_syscalls,
+        cpu: args.engine_cpu,
     };
     let result = runner::run(&params, &*target.driver, target.info, &probe, args.quiet);
     // Connections close before the engine is stopped.

@@ -240,6 +240,14 @@ impl RunResult {
                 per(ns, self.deliver.received) / 1e3
             ));
         }
+        if let (Some(busy), Some(softirq)) = (e.cpu_busy_ns, e.cpu_softirq_ns) {
+            parts.push(format!(
+                "its CPU busy {:.0} ms (softirq {:.0} ms) = {:.3} µs per delivered msg",
+                busy as f64 / 1e6,
+                softirq as f64 / 1e6,
+                per(busy, self.deliver.received) / 1e3
+            ));
+        }
         if let Some(n) = e.syscalls {
             parts.push(format!(
                 "syscalls {n} (perf) = {:.2} per published msg",
