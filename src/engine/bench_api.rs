@@ -341,7 +341,7 @@ impl Transport for Sink<'_> {
 
 /// The multicast sender's syscall (`mcast_io.rs`), for `bench/mcast_send.rs`: sends every
 /// datagram of `run` on a connected UDP socket, by `sendmmsg` (up to 64 a call, as the reactor
-/// does) when `batched`, else one `send` each. Returns the syscalls made; a datagram the
+/// does, with a last lone datagram by `send`) when `batched`, else one `send` each. Returns the syscalls made; a datagram the
 /// kernel refused is skipped, as the reactor skips it.
 #[doc(hidden)]
 pub fn mcast_send(
@@ -353,7 +353,7 @@ pub fn mcast_send(
     let mut at = 0;
     while at < run.len() {
         calls += 1;
-        if batched {
+        if batched && run.len() - at > 1 {
             match super::mcast_io::sendmmsg(socket, &run[at..]) {
                 Ok(n) if n > 0 => at += n,
                 Ok(_) => return Ok(calls),
