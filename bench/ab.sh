@@ -62,7 +62,7 @@ BENCH_ARGS=${BENCH_ARGS:-}
 RUN_TIMEOUT=${RUN_TIMEOUT:-$(awk -v d="$DURATION" -v w="$WARMUP" 'BEGIN { printf "%d", d + w + 60 }')}
 MAX_TOTAL=${MAX_TOTAL:-7200}
 STAMP=$(date +%Y-%m-%d)
-OUT=${OUT:-$ROOT/bench/results/ab-$STAMP.md}
+OUT=$(realpath -m "${OUT:-$ROOT/bench/results/ab-$STAMP.md}") # absolute: lanpush-bench puts relative paths under --out
 RAW=${OUT%.md}
 SIDES="before after"
 # One run's numbers: the fields compare.sh reads, plus what was received.

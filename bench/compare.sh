@@ -61,7 +61,7 @@ RUN_TIMEOUT=${RUN_TIMEOUT:-$(awk -v d="$DURATION" -v w="$WARMUP" 'BEGIN { printf
 MAX_TOTAL=${MAX_TOTAL:-3600}
 NO_INSTALL=${NO_INSTALL:-0}
 STAMP=$(date +%Y-%m-%d)
-OUT=${OUT:-$ROOT/bench/results/compare-$STAMP.md}
+OUT=$(realpath -m "${OUT:-$ROOT/bench/results/compare-$STAMP.md}") # absolute: lanpush-bench puts relative paths under --out
 RAW=${OUT%.md}
 # Where the tool's --json puts each number; the second path of each pair is the tool's earlier
 # draft and only a fallback.
@@ -135,10 +135,14 @@ install_missing() {
     [[ $(id -u) == 0 ]] || sudo=(sudo)
     log "installing from Debian's packages: ${wanted[*]}"
     "${sudo[@]}" apt-get update -qq || log "apt-get update failed; trying with the cached lists"
+    local policy
     for pkg in "${wanted[@]}"; do
         # A package this Debian release does not have (nats-server is in bookworm, not in
-        # bullseye) leaves its column out of the table instead of failing the whole run.
-        if apt-cache policy "$pkg" 2>/dev/null | grep -q 'Candidate: [^(]'; then
+        # bullseye) leaves its column out of the table instead of failing the whole run. Read
+        # whole before matching: `apt-cache ... | grep -q` under pipefail fails when grep's
+        # early exit cuts apt-cache off (SIGPIPE), which skipped packages that were there.
+        policy=$(apt-cache policy "$pkg" 2>/dev/null || true)
+        if [[ $policy == *"Candidate: "* && $policy != *"Candidate: (none)"* ]]; then
             missing+=("$pkg")
         else
             log "$pkg is not packaged in this Debian release; its column is skipped"

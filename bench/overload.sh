@@ -37,7 +37,7 @@ OVERLOAD_SUBSCRIBERS=${OVERLOAD_SUBSCRIBERS:-10}
 THREADS=${THREADS:-2}
 SIZE=${SIZE:-64}
 STAMP=$(date -u +%Y-%m-%d-%H%M)
-OUT=${OUT:-$ROOT/bench/results/overload-$STAMP.md}
+OUT=$(realpath -m "${OUT:-$ROOT/bench/results/overload-$STAMP.md}") # absolute: lanpush-bench puts relative paths under --out
 RAW=${OUT%.md}
 RUN_TIMEOUT=$((DURATION + WARMUP + 60))
 

@@ -52,7 +52,7 @@ BENCH_ARGS=${BENCH_ARGS:-}
 RUN_TIMEOUT=${RUN_TIMEOUT:-$(awk -v d="$DURATION" -v w="$WARMUP" 'BEGIN { printf "%d", d + w + 60 }')}
 MAX_TOTAL=${MAX_TOTAL:-3600}
 STAMP=$(date +%Y-%m-%d)
-OUT=${OUT:-$ROOT/bench/results/stalled-$STAMP.md}
+OUT=$(realpath -m "${OUT:-$ROOT/bench/results/stalled-$STAMP.md}") # absolute: lanpush-bench puts relative paths under --out
 RAW=${OUT%.md}
 # One run's numbers, in the order of the per-run table.
 JQ_ROW='[

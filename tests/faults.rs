@@ -13,7 +13,11 @@
 //!    is closed within 1.5 × keep-alive + 0.5 s, and a client notices a dead engine within its
 //!    keep-alive;
 //! 6. a reconnect storm of 1,000 clients is welcomed within 2 s while a live subscriber keeps
-//!    receiving.
+//!    receiving;
+//! 7. the flood of 1. on the MQTT and on the WebSocket listener (16 × 20 MB each, half of it
+//!    after a completed CONNECT or upgrade): the same < 20 MB bound, nothing lost live;
+//! 8. 200 slowloris connections on those listeners (a CONNECT, an upgrade request, one byte
+//!    every 250 ms) are closed at the handshake time-out.
 //!
 //! 10,000 denied PUBLISHes are `tests/security.rs`'s
 //! `ten_thousand_denied_publishes_deliver_nothing_and_are_all_counted`.
@@ -289,9 +293,28 @@ impl LiveFeed {
     }
 }
 
-fn junk_test(bytes_per_connection: u64) {
+/// Which listener the junk goes to. MQTT and WebSocket connections share the native read path
+/// and limits behind their own decoders (the MQTT codec, the HTTP upgrade and the WebSocket
+/// bridge), which is what the junk meets there.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Listener {
+    Native,
+    Mqtt,
+    WebSocket,
+}
+
+fn junk_test(listener: Listener, bytes_per_connection: u64) {
     let _serial = serial();
-    let (server, _config) = start("");
+    let (server, _config) = match listener {
+        Listener::Native => start(""),
+        Listener::Mqtt => start("[mqtt]\nlisten = \"127.0.0.1:0\"\n"),
+        Listener::WebSocket => start("[websocket]\nlisten = \"127.0.0.1:0\"\n"),
+    };
+    let target = match listener {
+        Listener::Native => server.addr,
+        Listener::Mqtt => server.line_addr("mqtt"),
+        Listener::WebSocket => server.line_addr("ws"),
+    };
     let mut observer = Raw::connect(server.addr);
     observer.hello(60_000);
     let live = LiveFeed::start(server.addr, "faults/live/tag");
@@ -303,8 +326,7 @@ fn junk_test(bytes_per_connection: u64) {
     let deadline = started + Duration::from_secs(120);
     let senders: Vec<_> = (0..JUNK_CONNECTIONS)
         .map(|i| {
-            let addr = server.addr;
-            thread::spawn(move || junk_sender(addr, i, bytes_per_connection, deadline))
+            thread::spawn(move || junk_sender(listener, target, i, bytes_per_connection, deadline))
         })
         .collect();
     let mut sent = 0u64;
@@ -321,7 +343,7 @@ fn junk_test(bytes_per_connection: u64) {
     let growth_kib = peak_kib.max(end_kib).saturating_sub(baseline_kib);
     let doc = stats(&mut observer);
     println!(
-        "junk: {JUNK_CONNECTIONS} connections sent {} MB of random bytes over {connections} \
+        "junk ({listener:?}): {JUNK_CONNECTIONS} connections sent {} MB of random bytes over {connections} \
          connects in {junk_time:?}; engine VmRSS {baseline_kib} KiB before, peak {peak_kib} KiB \
          ({samples} samples), {end_kib} KiB after: +{growth_kib} KiB; live subscriber {received} \
          of {published}, longest silence {silence:?}; protocol_errors {}",
@@ -341,15 +363,27 @@ fn junk_test(bytes_per_connection: u64) {
         growth_kib < JUNK_MAX_GROWTH_KIB,
         "junk grew the engine by {growth_kib} KiB (bar: < {JUNK_MAX_GROWTH_KIB} KiB)"
     );
-    assert!(total(&doc, "protocol_errors") >= connections / 2);
-    // Still serving.
+    if listener != Listener::WebSocket {
+        // (A refused WebSocket upgrade is an HTTP answer from the link, not a session error.)
+        assert!(total(&doc, "protocol_errors") >= connections / 2);
+    }
+    // Still serving, on the listener that took the junk too.
     Raw::connect(server.addr).hello(60_000);
+    let mut again = TcpStream::connect(target).expect("connect after the junk");
+    handshake(listener, &mut again, 0);
 }
 
 /// Sends `bytes` of random bytes, reconnecting each time the engine closes; half the senders
-/// complete a handshake first, so the junk meets the decoder of an open session. Returns
-/// (bytes written, connections made).
-fn junk_sender(addr: SocketAddr, i: usize, bytes: u64, deadline: Instant) -> (u64, u64) {
+/// complete a handshake first (HELLO, MQTT CONNECT, or the WebSocket upgrade with the `mqtt`
+/// subprotocol), so the junk meets the decoder of an open session. Returns (bytes written,
+/// connections made).
+fn junk_sender(
+    listener: Listener,
+    addr: SocketAddr,
+    i: usize,
+    bytes: u64,
+    deadline: Instant,
+) -> (u64, u64) {
     let chunk = util::noise(0x5eed + i as u64, 64 * 1024);
     let mut sent = 0u64;
     let mut conns = 0u64;
@@ -357,12 +391,7 @@ fn junk_sender(addr: SocketAddr, i: usize, bytes: u64, deadline: Instant) -> (u6
         let mut stream = TcpStream::connect(addr).expect("junk connect");
         conns += 1;
         if i % 2 == 1 {
-            let mut raw = Raw::from_stream(stream.try_clone().unwrap());
-            raw.send_hello(&format!("junk-{i}"), 60_000);
-            match raw.read(STEP) {
-                Some(Got::Welcome(_)) => {}
-                other => panic!("junk sender {i}: expected WELCOME, got {other:?}"),
-            }
+            handshake(listener, &mut stream, i);
         }
         // The engine closes on the first bad frame, reading and dropping what follows for up
         // to a second (so the close reaches a client still writing): write until it does.
@@ -381,9 +410,79 @@ fn junk_sender(addr: SocketAddr, i: usize, bytes: u64, deadline: Instant) -> (u6
     (sent, conns)
 }
 
+/// Opens a session on `stream` the way `listener`'s clients do, and checks the engine's answer.
+fn handshake(listener: Listener, stream: &mut TcpStream, i: usize) {
+    match listener {
+        Listener::Native => {
+            let mut raw = Raw::from_stream(stream.try_clone().unwrap());
+            raw.send_hello(&format!("junk-{i}"), 60_000);
+            match raw.read(STEP) {
+                Some(Got::Welcome(_)) => {}
+                other => panic!("junk sender {i}: expected WELCOME, got {other:?}"),
+            }
+        }
+        Listener::Mqtt => {
+            stream
+                .write_all(&mqtt_connect(&format!("junk-{i}")))
+                .unwrap();
+            let mut connack = [0u8; 4];
+            stream.set_read_timeout(Some(STEP)).unwrap();
+            stream.read_exact(&mut connack).expect("CONNACK");
+            assert_eq!(
+                connack,
+                [0x20, 0x02, 0x00, 0x00],
+                "junk sender {i}: CONNACK"
+            );
+        }
+        Listener::WebSocket => {
+            stream.write_all(WS_UPGRADE.as_bytes()).unwrap();
+            stream.set_read_timeout(Some(STEP)).unwrap();
+            let mut head = Vec::new();
+            let mut byte = [0u8; 1];
+            while !head.ends_with(b"\r\n\r\n") {
+                stream.read_exact(&mut byte).expect("upgrade answer");
+                head.push(byte[0]);
+                assert!(head.len() < 4096, "upgrade answer too long");
+            }
+            let head = String::from_utf8_lossy(&head);
+            assert!(head.starts_with("HTTP/1.1 101"), "junk sender {i}: {head}");
+        }
+    }
+}
+
+/// An MQTT 3.1.1 CONNECT: clean session, keep-alive 60 s, the given client id.
+fn mqtt_connect(client_id: &str) -> Vec<u8> {
+    let mut body = vec![0, 4, b'M', b'Q', b'T', b'T', 4, 0x02, 0, 60];
+    body.extend_from_slice(&(client_id.len() as u16).to_be_bytes());
+    body.extend_from_slice(client_id.as_bytes());
+    let mut packet = vec![0x10, body.len() as u8];
+    packet.extend_from_slice(&body);
+    packet
+}
+
+/// A WebSocket upgrade asking for the `mqtt` subprotocol (no Origin: not a browser).
+const WS_UPGRADE: &str = "GET /mqtt HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n\
+                          Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\
+                          Sec-WebSocket-Version: 13\r\nSec-WebSocket-Protocol: mqtt\r\n\r\n";
+
 #[test]
 fn random_bytes_from_16_connections_grow_the_engine_less_than_20_mb_and_lose_no_live_message() {
-    junk_test(JUNK_BYTES);
+    junk_test(Listener::Native, JUNK_BYTES);
+}
+
+/// The same flood on the MQTT listener: 16 × 20 MB (a fifth of the native test's, to keep CI
+/// short; the bound is the same).
+#[test]
+fn random_bytes_on_the_mqtt_listener_grow_the_engine_less_than_20_mb_and_lose_no_live_message() {
+    junk_test(Listener::Mqtt, JUNK_BYTES / 5);
+}
+
+/// And on the WebSocket listener: junk as an HTTP request, and junk as WebSocket frames after a
+/// completed upgrade.
+#[test]
+fn random_bytes_on_the_websocket_listener_grow_the_engine_less_than_20_mb_and_lose_no_live_message()
+{
+    junk_test(Listener::WebSocket, JUNK_BYTES / 5);
 }
 
 // ----- A fleet of slow connections -------------------------------------------------------------
@@ -531,6 +630,57 @@ const SLOW_KEEPALIVE_MS: u32 = 1000;
 /// The bar: closed within its deadline plus this.
 const CLOSE_SLACK: Duration = Duration::from_secs(1);
 
+/// Every connection of `fleet` was closed by the engine at its kind's deadline (not later than
+/// `CLOSE_SLACK` after it, not before 0.9 × it), having been sent its kind's ERROR code when
+/// `codes` names them; prints each kind's range of close times.
+fn assert_closed_at_deadlines(
+    fleet: &[Slow],
+    kinds: &[&str],
+    deadlines: &[Duration],
+    codes: Option<&[u16]>,
+) {
+    let mut report = BTreeMap::new();
+    let mut failures = Vec::new();
+    for slow in fleet {
+        let kind = slow.kind;
+        let entry = report
+            .entry(kinds[kind])
+            .or_insert((0usize, Duration::MAX, Duration::ZERO));
+        entry.0 += 1;
+        match slow.closed_after {
+            Some(after) => {
+                entry.1 = entry.1.min(after);
+                entry.2 = entry.2.max(after);
+                // Closed by its deadline, not by something else earlier or much later.
+                if after > deadlines[kind] + CLOSE_SLACK || after < deadlines[kind] * 9 / 10 {
+                    failures.push(format!("{} closed after {after:?}", kinds[kind]));
+                }
+                if let Some(codes) = codes {
+                    if !slow.errors().contains(&codes[kind]) {
+                        failures.push(format!(
+                            "{} closed with ERRORs {:?}, not {}",
+                            kinds[kind],
+                            slow.errors(),
+                            codes[kind]
+                        ));
+                    }
+                }
+            }
+            None => failures.push(format!("{} still open", kinds[kind])),
+        }
+    }
+    for (kind, (n, first, last)) in &report {
+        println!("slowloris: {n} {kind} connections closed after {first:?} .. {last:?}");
+    }
+    assert!(
+        failures.is_empty(),
+        "{} of {} slowloris connections missed their deadline (+{CLOSE_SLACK:?}): {:?}",
+        failures.len(),
+        fleet.len(),
+        &failures[..failures.len().min(10)]
+    );
+}
+
 #[test]
 fn five_hundred_slowloris_connections_of_three_kinds_are_closed_at_their_deadlines() {
     let _serial = serial();
@@ -586,43 +736,7 @@ fn five_hundred_slowloris_connections_of_three_kinds_are_closed_at_their_deadlin
     let until = Instant::now() + deadlines[0] + CLOSE_SLACK + Duration::from_secs(2);
     run_fleet(&mut fleet, until);
 
-    let mut report = BTreeMap::new();
-    let mut failures = Vec::new();
-    for slow in &fleet {
-        let kind = slow.kind;
-        let entry = report
-            .entry(kinds[kind])
-            .or_insert((0usize, Duration::MAX, Duration::ZERO));
-        entry.0 += 1;
-        match slow.closed_after {
-            Some(after) => {
-                entry.1 = entry.1.min(after);
-                entry.2 = entry.2.max(after);
-                // Closed by its deadline, not by something else earlier or much later.
-                if after > deadlines[kind] + CLOSE_SLACK || after < deadlines[kind] * 9 / 10 {
-                    failures.push(format!("{} closed after {after:?}", kinds[kind]));
-                }
-                if !slow.errors().contains(&codes[kind]) {
-                    failures.push(format!(
-                        "{} closed with ERRORs {:?}, not {}",
-                        kinds[kind],
-                        slow.errors(),
-                        codes[kind]
-                    ));
-                }
-            }
-            None => failures.push(format!("{} still open", kinds[kind])),
-        }
-    }
-    for (kind, (n, first, last)) in &report {
-        println!("slowloris: {n} {kind} connections closed after {first:?} .. {last:?}");
-    }
-    assert!(
-        failures.is_empty(),
-        "{} of {SLOWLORIS} slowloris connections missed their deadline (+{CLOSE_SLACK:?}): {:?}",
-        failures.len(),
-        &failures[..failures.len().min(10)]
-    );
+    assert_closed_at_deadlines(&fleet, &kinds, &deadlines, Some(&codes));
     // The engine served on meanwhile.
     Raw::connect(server.addr).hello(60_000);
 }
@@ -634,6 +748,54 @@ const ANNOUNCED_BYTES: u32 = 1 << 20;
 const ANNOUNCE_KEEPALIVE_MS: u32 = 2000;
 /// The bar: growth of the engine's resident memory.
 const ANNOUNCE_MAX_GROWTH_KIB: u64 = 64 * MIB_KIB;
+
+/// Slowloris on the MQTT and WebSocket listeners: a CONNECT, and an HTTP upgrade request, one
+/// byte every 250 ms, never whole: each is closed at the handshake time-out (no ERROR frame:
+/// MQTT has none before CONNACK, and there is no WebSocket yet), while the engine serves on.
+#[test]
+fn slowloris_on_the_mqtt_and_websocket_listeners_is_closed_at_the_handshake_deadline() {
+    let _serial = serial();
+    util::raise_fd_limit(4096);
+    let (server, _config) = start(&format!(
+        "[limits]\nhandshake_timeout_ms = {HANDSHAKE_TIMEOUT_MS}\n\
+         [mqtt]\nlisten = \"127.0.0.1:0\"\n[websocket]\nlisten = \"127.0.0.1:0\"\n"
+    ));
+    let mqtt = server.line_addr("mqtt");
+    let ws = server.line_addr("ws");
+    let kinds = ["mqtt CONNECT trickle", "websocket upgrade trickle"];
+    let connect = Arc::new(mqtt_connect("slowloris-mqtt"));
+    let upgrade = Arc::new(WS_UPGRADE.as_bytes().to_vec());
+    let mut fleet: Vec<Slow> = (0..200)
+        .map(|i| {
+            let (addr, script) = match i % 2 {
+                0 => (mqtt, connect.clone()),
+                _ => (ws, upgrade.clone()),
+            };
+            let stream = TcpStream::connect(addr).expect("connect");
+            Slow::new(stream, i % 2, script, 1, 1, Duration::from_millis(250))
+        })
+        .collect();
+    let deadline = Duration::from_millis(HANDSHAKE_TIMEOUT_MS);
+    run_fleet(
+        &mut fleet,
+        Instant::now() + deadline + CLOSE_SLACK + Duration::from_secs(2),
+    );
+    assert_closed_at_deadlines(&fleet, &kinds, &[deadline; 2], None);
+    let doc = stats(&mut {
+        let mut observer = Raw::connect(server.addr);
+        observer.hello(60_000);
+        observer
+    });
+    assert!(
+        total(&doc, "handshake_timeouts") >= 200,
+        "handshake_timeouts {}",
+        total(&doc, "handshake_timeouts")
+    );
+    for (listener, addr) in [(Listener::Mqtt, mqtt), (Listener::WebSocket, ws)] {
+        let mut again = TcpStream::connect(addr).expect("connect after the slowloris");
+        handshake(listener, &mut again, 0);
+    }
+}
 
 #[test]
 fn a_thousand_connections_announcing_1_mib_frames_grow_the_engine_less_than_64_mib() {

@@ -1038,3 +1038,58 @@ fn a_paused_publisher_is_not_timed_out_for_the_silence_pacing_causes() {
     assert_eq!(c.cores[0].counters.keepalive_timeouts, 0);
     assert!(c.unread_by_engine(publisher) > 0, "still paused");
 }
+
+/// Issue 8's bar, checked on the source: the session and fan-out core (and the other files
+/// docs/ARCHITECTURE.md marks "touches sockets? no") name no socket, no mio, no clock, no sleep
+/// and no file; time comes in as `now`. Their test modules may. The one `std::net` name they
+/// use is `SocketAddr`, a plain address value for logs and per-address limits.
+#[test]
+fn the_sans_io_files_touch_no_socket_and_read_no_clock() {
+    let files = [
+        ("core.rs", include_str!("core.rs")),
+        ("session.rs", include_str!("session.rs")),
+        ("native.rs", include_str!("native.rs")),
+        ("wire.rs", include_str!("wire.rs")),
+        ("mqtt_core.rs", include_str!("mqtt_core.rs")),
+        ("mqtt_session.rs", include_str!("mqtt_session.rs")),
+        ("mqtt_sessions.rs", include_str!("mqtt_sessions.rs")),
+        ("store.rs", include_str!("store.rs")),
+        ("outbox.rs", include_str!("outbox.rs")),
+        ("owners.rs", include_str!("owners.rs")),
+        ("pacing.rs", include_str!("pacing.rs")),
+        ("guard.rs", include_str!("guard.rs")),
+        ("clients.rs", include_str!("clients.rs")),
+        ("acks_core.rs", include_str!("acks_core.rs")),
+        ("durable_core.rs", include_str!("durable_core.rs")),
+        ("mcast_core.rs", include_str!("mcast_core.rs")),
+    ];
+    let forbidden = [
+        "mio::",
+        "use mio",
+        "TcpStream",
+        "TcpListener",
+        "UdpSocket",
+        "ToSocketAddrs",
+        "Instant::now",
+        "SystemTime::now",
+        "thread::sleep",
+        "std::fs",
+    ];
+    for (name, text) in files {
+        // Up to the test module (session.rs's reads the clock: the split is what lets it).
+        let code = text.split("#[cfg(test)]\nmod ").next().unwrap_or(text);
+        for word in forbidden {
+            assert!(
+                !code.contains(word),
+                "src/engine/{name} names `{word}` outside its tests: the sans-IO core takes \
+                 bytes and `now` from the reactor (docs/ARCHITECTURE.md)"
+            );
+        }
+        assert!(
+            code.split("std::net::")
+                .skip(1)
+                .all(|rest| rest.starts_with("SocketAddr")),
+            "src/engine/{name}: the only std::net name allowed is the SocketAddr value"
+        );
+    }
+}
