@@ -236,7 +236,7 @@ struct SubArgs {
     timeout: Option<f64>,
     /// Receive the topics a multicast channel carries from its group (joined as the engine
     /// announces), repaired over the TCP session; prints the receiver's counters on stderr at
-    /// exit. Does not reconnect.
+    /// exit. Reconnects as without it: channels joined again, subscriptions resumed.
     #[arg(long)]
     multicast: bool,
     /// With --multicast: the address of the interface to join the groups on.
@@ -923,7 +923,7 @@ fn subscribe_multicast(
         "subscribed: {} (multicast, {} channel(s) joined, engine {})",
         args.patterns.join(" "),
         sub.channels_joined(),
-        engine_label(sub.welcome())
+        sub.welcome().map_or_else(|| "?".to_string(), engine_label)
     );
     let deadline = timeout.map(|t| started + t);
     let mut out = BufWriter::with_capacity(64 * 1024, io::stdout().lock());

@@ -160,3 +160,83 @@ fn mqtt_delivery_allocates_nothing_per_subscriber() {
         "{ten} allocations for {K} messages, more than 2 each"
     );
 }
+
+/// A multicast receiver's borrowing path (`McastReceiver::handle_datagram_into`, what
+/// `McastSubscriber::next_batch` and lanpush-bench use): datagrams that come in order are
+/// delivered from the caller's buffer, with no allocation at all once every topic was seen.
+#[test]
+fn an_in_order_multicast_datagram_allocates_nothing() {
+    use lanpush::mcast::{ChannelSender, McastReceiver, ReceiverConfig, SenderConfig};
+    use lanpush::proto::{encode_data, DataHeader, StreamPos};
+    use std::time::{Duration, Instant};
+
+    let now = Instant::now();
+    let mut sender = ChannelSender::new(
+        SenderConfig {
+            channel: 0,
+            stream: 0,
+            engine_id: 7,
+            datagram_bytes: 1472,
+            heartbeat: Duration::from_secs(60),
+            ring_bytes: 1 << 20,
+            max_rate_bytes_per_s: 0,
+            unicast_repair_max: 3,
+            repair_window: Duration::from_millis(20),
+            loss: None,
+            linger: Duration::ZERO,
+        },
+        now,
+    );
+    let mut frame = Vec::new();
+    let mut datagrams = Vec::new();
+    for seq in 1..=(WARM_UP + K) {
+        for t in 0..8 {
+            frame.clear();
+            encode_data(
+                &mut frame,
+                &DataHeader {
+                    seq,
+                    ..DataHeader::default()
+                },
+                &format!("plant/line1/tag{t}"),
+                &PAYLOAD,
+            );
+            sender.handle_frame(now, 0, &frame);
+        }
+        sender.close_datagram(now, 0);
+        datagrams.push(sender.poll_transmit(now, 0).expect("a datagram"));
+    }
+    let mut r = McastReceiver::new(ReceiverConfig {
+        engine_id: 7,
+        nak_delay: Duration::from_millis(5),
+        nak_retry: Duration::from_millis(60),
+        repair: true,
+        max_buffered: 1024,
+        seed: 1,
+    });
+    r.add_pattern("plant/#");
+    let mut messages = 0u64;
+    r.handle_stream_pos_into(
+        now,
+        StreamPos {
+            channel: 0,
+            stream: 0,
+            next_seq: 1,
+        },
+        &mut |_| {},
+    );
+    let (warm, counted) = datagrams.split_at(WARM_UP as usize);
+    for d in warm {
+        r.handle_datagram_into(now, d, false, &mut |_| messages += 1);
+    }
+    let before = allocations();
+    for d in counted {
+        r.handle_datagram_into(now, d, false, &mut |_| messages += 1);
+    }
+    let spent = allocations() - before;
+    assert_eq!(messages, (WARM_UP + K) * 8, "every message delivered");
+    assert_eq!(
+        spent, 0,
+        "allocations for {K} in-order datagrams of 8 messages"
+    );
+}

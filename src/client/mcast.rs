@@ -3,34 +3,45 @@
 //! Its TCP session brings the channel list, the retained snapshot, STREAM_POS, the REPAIRs of
 //! what the group lost, and the live messages of topics no channel carries; the group brings
 //! the rest. The ordering, NAK timing and stitching are [`McastReceiver`]'s (sans-IO); this
-//! file only owns the sockets.
+//! file owns the session and the reconnection, `mcast_socket.rs` the group sockets.
 //!
-//! Contract: as [`super::Subscriber`], poll with [`McastSubscriber::next_event`] at least
-//! every half keep-alive (the polls send PINGs and NAKs). Unlike it, this one does not
-//! reconnect: a broken session ends with `Err` (a multicast receiver that reconnects would
-//! need its streams' positions again; not built yet).
+//! Contract: as [`super::Subscriber`], poll with [`McastSubscriber::next_event`] or
+//! [`McastSubscriber::next_batch`] at least every half keep-alive (the polls send PINGs and
+//! NAKs). A broken session is re-established inside the polls, with the client options'
+//! back-off: the channels are learnt and joined again, and every subscription resumes from the
+//! last seq delivered per topic, exactly as the TCP subscriber resumes (docs/PROTOCOL.md §8);
+//! the new session's STREAM_POS and the per-topic filter stitch the group to the replay. A
+//! reconnect that lands on a restarted engine (another `engine_id`) drops the positions and asks
+//! for everything the new run holds; the `Reconnected` event says so.
 
 use std::collections::VecDeque;
 use std::io;
-use std::net::{Ipv4Addr, SocketAddrV4, UdpSocket};
+use std::net::{Ipv4Addr, UdpSocket};
 use std::os::fd::AsRawFd;
 use std::time::{Duration, Instant};
 
-use socket2::{Domain, Protocol, Socket, Type};
-
 use super::conn::{frame_name, Conn, Fill, MAX_INBOUND_FRAME_BYTES};
-use super::{deadline_after, ping_interval, ClientError, ClientOptions, Event, Message};
+use super::error::{error_code_name, is_retryable_code};
+use super::mcast_socket::{join, RecvBatch, RECV_BATCH};
+use super::options::Reconnect;
+use super::subscriber::{EventRef, MessageRef};
+use super::{deadline_after, ping_interval, ClientError, ClientOptions, Event};
 use crate::mcast::{
-    patterns_overlap, McastReceiver, ReceiverConfig, ReceiverCounters, ReceiverEvent,
+    patterns_overlap, McastReceiver, ReceiverConfig, ReceiverCounters, ReceiverEventRef,
 };
 use crate::proto::{
     decode_frame, encode_control, encode_ping, encode_pong, validate_pattern, ChannelInfo, Decoded,
-    DeliveryMode, Frame, Mcast, Subscribe, DATA_FLAG_RESTORED, DATA_FLAG_SNAPSHOT,
+    DeliveryMode, Frame, Mcast, Subscribe, TopicPosition, DATA_FLAG_RESTORED, DATA_FLAG_SNAPSHOT,
+    SESSION_MARKER_SEQ,
 };
+use crate::topic::pattern_matches;
 
 /// Default receive buffer per channel socket: 4 MiB holds about 2,800 full datagrams, 280 ms
 /// of a 10,000-datagram/s channel.
 pub const DEFAULT_RECV_BUFFER_BYTES: usize = 4 << 20;
+/// Datagrams read from one channel per poll round at most (bounded work per round; a socket
+/// that still holds more is readable again at once).
+const MAX_DATAGRAMS_PER_ROUND: usize = 64 * RECV_BATCH;
 
 /// Settings of a multicast receiver beyond [`ClientOptions`].
 #[derive(Debug, Clone)]
@@ -54,15 +65,21 @@ impl Default for McastOptions {
     }
 }
 
-/// Counters of a [`McastSubscriber`].
+/// Counters of a [`McastSubscriber`], cumulative across reconnections.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct McastCounters {
     pub receiver: ReceiverCounters,
     /// Datagrams the kernel dropped because a channel socket's receive buffer was full
     /// (SO_RXQ_OVFL), summed over the channels.
     pub recv_buffer_overflows: u64,
-    /// Messages received over TCP (snapshot values, topics no channel carries).
+    /// Datagrams longer than the channel announced (cut, ignored, repaired by NAK).
+    pub truncated: u64,
+    /// `recvmmsg` calls that returned datagrams.
+    pub recv_calls: u64,
+    /// Messages received over TCP (snapshot values, replays, topics no channel carries).
     pub tcp_messages: u64,
+    pub disconnects: u64,
+    pub reconnects: u64,
 }
 
 struct Channel {
@@ -71,24 +88,49 @@ struct Channel {
     drops: u32,
 }
 
-/// See the module doc.
-pub struct McastSubscriber {
+/// One session: the TCP connection and the groups joined with it.
+struct Session {
     conn: Conn,
     channels: Vec<Channel>,
+    batch: RecvBatch,
+    keepalive: Duration,
+}
+
+/// Why a poll round stopped.
+enum Stop {
+    /// The session broke: reconnect.
+    Lost(String),
+    /// Another session would fail the same way: returned to the caller.
+    Fatal(ClientError),
+}
+
+/// See the module doc.
+pub struct McastSubscriber {
+    opts: ClientOptions,
+    mcast: McastOptions,
+    patterns: Vec<String>,
+    mode: DeliveryMode,
+    session: Option<Session>,
     receiver: McastReceiver,
+    /// Events that came while (re)connecting, returned by the next polls.
     pending: VecDeque<Event>,
+    /// An error found after events were already delivered in the same poll: returned next.
+    deferred: Option<ClientError>,
     awaiting_subacks: usize,
     out: Vec<u8>,
     naks: Vec<crate::proto::Nak>,
-    datagram: Vec<u8>,
     nonce: u64,
     counters: McastCounters,
-    keepalive: Duration,
+    reconnect: Reconnect,
+    last_disconnect: Option<String>,
+    /// The engine run the positions belong to.
+    engine_id: u64,
+    engine_restarted: bool,
 }
 
 impl McastSubscriber {
     /// Connects, learns the channels, joins those that can carry `patterns`, subscribes, and
-    /// returns once every SUBACK arrived.
+    /// returns once every SUBACK arrived. A failure here is returned, not retried.
     pub fn connect(
         opts: ClientOptions,
         mcast: McastOptions,
@@ -101,81 +143,40 @@ impl McastSubscriber {
                 source,
             })?;
         }
-        let mut conn = Conn::open(&opts, opts.read_buffer_bytes)?;
-        let engine_id = conn.welcome.engine_id;
-        let keepalive = ping_interval(conn.welcome.keepalive_ms);
-        let mut out = Vec::new();
-        encode_control(&mut out, &Frame::Multicast(Mcast::ChannelsRequest));
-        conn.send(&out)?;
-        out.clear();
-        let infos = await_channels(&mut conn, opts.connect_timeout)?;
-        let mut channels = Vec::new();
-        for info in infos.iter().filter(|c| {
-            patterns
-                .iter()
-                .any(|p| c.patterns.iter().any(|q| patterns_overlap(p, q)))
-        }) {
-            channels.push(join(info, &mcast)?);
-        }
-        let repair = !matches!(mode, DeliveryMode::Latest);
-        let mut receiver = McastReceiver::new(ReceiverConfig {
-            engine_id,
-            nak_delay: mcast.nak_delay,
-            nak_retry: mcast.nak_retry,
-            repair,
-            max_buffered: 65_536,
-            seed: super::now_ns() ^ u64::from(std::process::id()),
-        });
-        for (i, p) in patterns.iter().enumerate() {
-            receiver.add_pattern(p);
-            receiver.hold();
-            encode_control(
-                &mut out,
-                &Frame::Subscribe(Subscribe {
-                    sub_id: i as u32 + 1,
-                    pattern: p.clone(),
-                    mode,
-                    resume: Vec::new(),
-                }),
-            );
-        }
-        conn.send(&out)?;
-        out.clear();
+        let reconnect = Reconnect::new(opts.reconnect);
         let mut sub = McastSubscriber {
-            conn,
-            channels,
-            receiver,
+            receiver: McastReceiver::new(receiver_config(&mcast, mode, 0)),
+            opts,
+            mcast,
+            patterns,
+            mode,
+            session: None,
             pending: VecDeque::new(),
-            awaiting_subacks: patterns.len(),
-            out,
+            deferred: None,
+            awaiting_subacks: 0,
+            out: Vec::new(),
             naks: Vec::new(),
-            datagram: vec![0; 65_536],
             nonce: 0,
             counters: McastCounters::default(),
-            keepalive,
+            reconnect,
+            last_disconnect: None,
+            engine_id: 0,
+            engine_restarted: false,
         };
-        let deadline = Instant::now() + opts.connect_timeout;
-        while sub.awaiting_subacks > 0 {
-            let now = Instant::now();
-            if now >= deadline {
-                return Err(ClientError::Handshake(format!(
-                    "no SUBACK within {:?}",
-                    opts.connect_timeout
-                )));
-            }
-            sub.turn(deadline.min(now + Duration::from_millis(50)))?;
-        }
+        let mut early = VecDeque::new();
+        sub.establish(false, &mut |e: EventRef<'_>| early.push_back(e.to_event()))?;
+        sub.pending = early;
         Ok(sub)
     }
 
-    /// The engine's WELCOME on the TCP session.
-    pub fn welcome(&self) -> &crate::proto::Welcome {
-        &self.conn.welcome
+    /// The engine's WELCOME on the current session; `None` while disconnected.
+    pub fn welcome(&self) -> Option<&crate::proto::Welcome> {
+        self.session.as_ref().map(|s| &s.conn.welcome)
     }
 
-    /// The channels joined (their group sockets).
+    /// The channels joined (their group sockets) by the current session.
     pub fn channels_joined(&self) -> usize {
-        self.channels.len()
+        self.session.as_ref().map_or(0, |s| s.channels.len())
     }
 
     pub fn counters(&self) -> McastCounters {
@@ -185,126 +186,233 @@ impl McastSubscriber {
         }
     }
 
-    /// The next event, waiting up to `timeout`; `Ok(None)` if none came.
+    /// The last seq delivered on `topic` (by the group or by TCP).
+    pub fn last_seq(&self, topic: &str) -> Option<u64> {
+        self.receiver.last_seq(topic)
+    }
+
+    /// Why the session last broke (or the last reconnect attempt failed).
+    pub fn last_disconnect_reason(&self) -> Option<&str> {
+        self.last_disconnect.as_deref()
+    }
+
+    pub fn is_connected(&self) -> bool {
+        self.session.is_some()
+    }
+
+    /// The next event, waiting up to `timeout`; `Ok(None)` if none came. Copies each message
+    /// out of the datagram; [`McastSubscriber::next_batch`] avoids that.
     pub fn next_event(&mut self, timeout: Duration) -> Result<Option<Event>, ClientError> {
+        if let Some(e) = self.pending.pop_front() {
+            return Ok(Some(e));
+        }
+        let mut batch = std::mem::take(&mut self.pending);
+        let result = self.pump(timeout, &mut |e: EventRef<'_>| {
+            batch.push_back(e.to_event())
+        });
+        self.pending = batch;
+        result?;
+        Ok(self.pending.pop_front())
+    }
+
+    /// Calls `f` for every event of one poll round (a `recvmmsg` batch per channel, what the
+    /// TCP session holds), borrowing the datagrams and the receive buffer: no allocation or
+    /// copy per message when datagrams come in order. Waits up to `timeout` for the first;
+    /// returns how many were delivered (0 when the timeout passed).
+    pub fn next_batch(
+        &mut self,
+        timeout: Duration,
+        mut f: impl FnMut(EventRef<'_>),
+    ) -> Result<usize, ClientError> {
+        if !self.pending.is_empty() {
+            let n = self.pending.len();
+            for event in self.pending.drain(..) {
+                f(event.as_event_ref());
+            }
+            return Ok(n);
+        }
+        self.pump(timeout, &mut f)
+    }
+
+    /// The first joined group's socket, for a caller that waits on many receivers with its own
+    /// epoll (readable: a datagram waits; poll [`McastSubscriber::next_batch`] with a zero
+    /// timeout then, and at least every few milliseconds for NAKs and the TCP session). It
+    /// changes when the session is re-established.
+    pub fn group_fd(&self) -> Option<std::os::fd::RawFd> {
+        self.session
+            .as_ref()
+            .and_then(|s| s.channels.first())
+            .map(|c| c.socket.as_raw_fd())
+    }
+
+    /// The poll loop: read and answer, else wait, else reconnect. Returns after delivering at
+    /// least one event, or at the deadline.
+    fn pump(
+        &mut self,
+        timeout: Duration,
+        sink: &mut dyn FnMut(EventRef<'_>),
+    ) -> Result<usize, ClientError> {
+        if let Some(e) = self.deferred.take() {
+            return Err(e);
+        }
         let deadline = deadline_after(Instant::now(), timeout);
         loop {
-            if let Some(e) = self.pending.pop_front() {
-                return Ok(Some(e));
+            if self.session.is_none() {
+                return self.reconnect_until(deadline, sink);
             }
-            // At least one round, reading without waiting, even with a zero timeout.
-            self.turn(deadline)?;
-            if self.pending.is_empty() && Instant::now() >= deadline {
-                return Ok(None);
+            let mut delivered = 0;
+            let round = self.round(&mut |e: EventRef<'_>| {
+                delivered += 1;
+                sink(e)
+            });
+            match round {
+                Ok(()) => {}
+                Err(Stop::Lost(reason)) => {
+                    self.lose(reason);
+                    if delivered > 0 {
+                        return Ok(delivered);
+                    }
+                    continue;
+                }
+                Err(Stop::Fatal(err)) => {
+                    self.lose(err.to_string());
+                    if delivered == 0 {
+                        return Err(err);
+                    }
+                    self.deferred = Some(err);
+                    return Ok(delivered);
+                }
+            }
+            if delivered > 0 {
+                return Ok(delivered);
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return Ok(0);
+            }
+            let Some(session) = self.session.as_ref() else {
+                continue;
+            };
+            // Two PINGs unanswered (a whole keep-alive of silence): a dead engine or path.
+            let keepalive =
+                Duration::from_millis(u64::from(session.conn.welcome.keepalive_ms.max(1)));
+            let dead_at = session.conn.last_recv + keepalive;
+            if now >= dead_at {
+                let silent_ms = now.duration_since(session.conn.last_recv).as_millis();
+                self.lose(format!("nothing heard from the engine for {silent_ms} ms"));
+                continue;
+            }
+            let mut wake = deadline
+                .min(session.conn.last_send + session.keepalive)
+                .min(dead_at);
+            if let Some(at) = self.receiver.poll_timeout() {
+                wake = wake.min(at);
+            }
+            if let Err(e) = wait(session, wake.saturating_duration_since(now)) {
+                self.lose(format!("poll failed: {e}"));
             }
         }
     }
 
-    /// The first joined group's socket, for a caller that waits on many receivers with its own
-    /// epoll (readable: a datagram waits; poll [`McastSubscriber::next_event`] with a zero
-    /// timeout then, and at least every few milliseconds for NAKs and the TCP session).
-    pub fn group_fd(&self) -> Option<std::os::fd::RawFd> {
-        self.channels.first().map(|c| c.socket.as_raw_fd())
-    }
-
-    /// One round: read what is there (group sockets, TCP), send NAKs and PINGs, then wait for
-    /// input until `deadline` or the next NAK or PING.
-    fn turn(&mut self, deadline: Instant) -> Result<(), ClientError> {
-        self.read_groups()?;
-        self.read_tcp()?;
+    /// One round without waiting: the groups, the TCP session, then NAKs and a PING.
+    fn round(&mut self, sink: &mut dyn FnMut(EventRef<'_>)) -> Result<(), Stop> {
+        self.read_groups(sink)?;
+        self.read_tcp(sink)?;
+        let Some(session) = self.session.as_mut() else {
+            return Ok(());
+        };
         let now = Instant::now();
         self.naks.clear();
         self.receiver.poll_naks(now, &mut self.naks);
         for nak in self.naks.drain(..) {
             encode_control(&mut self.out, &Frame::Multicast(Mcast::Nak(nak)));
         }
-        if now >= self.conn.last_send + self.keepalive {
+        if now >= session.conn.last_send + session.keepalive {
             self.nonce += 1;
             encode_ping(&mut self.out, self.nonce);
         }
         if !self.out.is_empty() {
-            self.conn.send(&self.out)?;
+            let sent = session.conn.send(&self.out);
             self.out.clear();
+            if let Err(e) = sent {
+                return Err(Stop::Lost(format!("write failed: {e}")));
+            }
         }
-        if !self.pending.is_empty() || Instant::now() >= deadline {
+        Ok(())
+    }
+
+    fn read_groups(&mut self, sink: &mut dyn FnMut(EventRef<'_>)) -> Result<(), Stop> {
+        let Some(session) = self.session.as_mut() else {
             return Ok(());
-        }
-        let mut wake = deadline.min(self.conn.last_send + self.keepalive);
-        if let Some(at) = self.receiver.poll_timeout() {
-            wake = wake.min(at);
-        }
-        self.wait(wake.saturating_duration_since(Instant::now()))
-    }
-
-    /// Waits until a socket is readable or `timeout` passes.
-    fn wait(&mut self, timeout: Duration) -> Result<(), ClientError> {
-        let mut fds: Vec<libc::pollfd> = self
-            .channels
-            .iter()
-            .map(|c| c.socket.as_raw_fd())
-            .chain(std::iter::once(self.conn.raw_fd()))
-            .map(|fd| libc::pollfd {
-                fd,
-                events: libc::POLLIN,
-                revents: 0,
-            })
-            .collect();
-        let ms = timeout.as_micros().div_ceil(1000).min(i32::MAX as u128) as libc::c_int;
-        // SAFETY: `fds` is a valid array of `fds.len()` pollfd structs for the duration of the
-        // call; poll only writes their `revents`.
-        let r = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, ms) };
-        if r < 0 {
-            let e = io::Error::last_os_error();
-            if e.kind() != io::ErrorKind::Interrupted {
-                return Err(e.into());
-            }
-        }
-        Ok(())
-    }
-
-    fn read_groups(&mut self) -> Result<(), ClientError> {
-        for i in 0..self.channels.len() {
-            loop {
-                let (n, drops) =
-                    match recv_counting_drops(&self.channels[i].socket, &mut self.datagram) {
-                        Ok(r) => r,
-                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                        Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                        Err(e) => return Err(e.into()),
-                    };
-                if let Some(d) = drops {
-                    let ch = &mut self.channels[i];
-                    self.counters.recv_buffer_overflows += u64::from(d.wrapping_sub(ch.drops));
-                    ch.drops = d;
+        };
+        let receiver = &mut self.receiver;
+        let counters = &mut self.counters;
+        let mut sink = |e: ReceiverEventRef<'_>| sink(as_event_ref(e));
+        for ch in session.channels.iter_mut() {
+            let mut taken = 0;
+            while taken < MAX_DATAGRAMS_PER_ROUND {
+                let n = match session.batch.recv(&ch.socket) {
+                    Ok(n) => n,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                    Err(e) => return Err(Stop::Lost(format!("group socket: {e}"))),
+                };
+                counters.recv_calls += 1;
+                taken += n;
+                let now = Instant::now();
+                for i in 0..n {
+                    let (bytes, got) = session.batch.datagram(i);
+                    if let Some(d) = got.drops {
+                        counters.recv_buffer_overflows += u64::from(d.wrapping_sub(ch.drops));
+                        ch.drops = d;
+                    }
+                    if got.truncated {
+                        counters.truncated += 1;
+                        continue;
+                    }
+                    receiver.handle_datagram_into(now, bytes, false, &mut sink);
                 }
-                self.receiver
-                    .handle_datagram(Instant::now(), &self.datagram[..n], false);
-                self.take_receiver_events();
+                if n < RECV_BATCH {
+                    break;
+                }
             }
         }
         Ok(())
     }
 
-    fn read_tcp(&mut self) -> Result<(), ClientError> {
+    fn read_tcp(&mut self, sink: &mut dyn FnMut(EventRef<'_>)) -> Result<(), Stop> {
         loop {
-            match self.conn.fill(None)? {
-                Fill::Eof => {
-                    return Err(ClientError::ConnectionLost {
-                        lost_frames: 0,
-                        cause: "the engine closed the connection".into(),
-                    })
-                }
-                Fill::WouldBlock => return Ok(()),
-                Fill::Data => self.decode_tcp()?,
+            let Some(session) = self.session.as_mut() else {
+                return Ok(());
+            };
+            match session.conn.fill(None) {
+                Ok(Fill::Eof) => return Err(Stop::Lost("the engine closed the connection".into())),
+                Ok(Fill::WouldBlock) => return Ok(()),
+                Ok(Fill::Data) => self.decode_tcp(sink)?,
+                Err(e) => return Err(Stop::Lost(format!("read failed: {e}"))),
             }
         }
     }
 
-    fn decode_tcp(&mut self) -> Result<(), ClientError> {
+    /// Decodes every whole frame the TCP session holds, handing messages to `sink` borrowed
+    /// from the receive buffer.
+    fn decode_tcp(&mut self, sink: &mut dyn FnMut(EventRef<'_>)) -> Result<(), Stop> {
+        let Some(session) = self.session.as_mut() else {
+            return Ok(());
+        };
+        let receiver = &mut self.receiver;
         let mut used = 0;
-        while let Decoded::Frame(frame, n) =
-            decode_frame(&self.conn.pending()[used..], MAX_INBOUND_FRAME_BYTES)?
-        {
+        let mut stop = None;
+        let buf = session.conn.pending();
+        while stop.is_none() {
+            let (frame, n) = match decode_frame(&buf[used..], MAX_INBOUND_FRAME_BYTES) {
+                Ok(Decoded::Frame(frame, n)) => (frame, n),
+                Ok(Decoded::NeedMore(_)) => break,
+                Err(e) => {
+                    stop = Some(Stop::Fatal(ClientError::Protocol(e)));
+                    break;
+                }
+            };
             used += n;
             let now = Instant::now();
             match frame {
@@ -313,91 +421,327 @@ impl McastSubscriber {
                     topic,
                     payload,
                 } => {
-                    self.receiver.handle_snapshot(topic, header.seq);
+                    // Replays and snapshots of a topic the group also carries may overlap
+                    // what the group delivered: the receiver's per-topic filter decides.
+                    if receiver
+                        .last_seq(topic)
+                        .is_some_and(|last| header.seq <= last)
+                    {
+                        receiver.counters.stitched += 1;
+                        continue;
+                    }
+                    receiver.handle_snapshot(topic, header.seq);
                     self.counters.tcp_messages += 1;
-                    self.pending.push_back(Event::Message(Message {
-                        topic: topic.to_string(),
+                    sink(EventRef::Message(MessageRef {
+                        topic,
                         seq: header.seq,
                         source_ts_ns: header.source_ts_ns,
                         ingest_ts_ns: header.ingest_ts_ns,
                         quality: header.quality,
                         snapshot: header.flags & DATA_FLAG_SNAPSHOT != 0,
                         restored: header.flags & DATA_FLAG_RESTORED != 0,
-                        payload: payload.to_vec(),
+                        payload,
                     }));
                 }
                 Frame::SubAck(_) => {
                     self.awaiting_subacks = self.awaiting_subacks.saturating_sub(1);
-                    self.receiver.unhold();
+                    receiver.unhold_into(&mut |e: ReceiverEventRef<'_>| sink(as_event_ref(e)));
                 }
-                Frame::Gap(g) => self.pending.push_back(Event::Gap {
-                    topic: g.topic,
-                    from_seq: g.from_seq,
-                    to_seq: g.to_seq,
-                }),
+                Frame::Gap(g) => {
+                    if receiver
+                        .last_seq(&g.topic)
+                        .is_some_and(|last| g.to_seq <= last)
+                    {
+                        // Already past it (a resume overlapping an earlier report).
+                        continue;
+                    }
+                    // What the ring no longer holds is lost for the topic: positions move past.
+                    receiver.handle_snapshot(&g.topic, g.to_seq);
+                    sink(EventRef::Gap {
+                        topic: &g.topic,
+                        from_seq: g.from_seq,
+                        to_seq: g.to_seq,
+                    })
+                }
                 Frame::Ping { nonce } => encode_pong(&mut self.out, nonce),
                 Frame::Pong { .. } => {}
                 Frame::Multicast(Mcast::StreamPos(pos)) => {
-                    self.receiver.handle_stream_pos(now, pos)
+                    receiver.handle_stream_pos_into(now, pos, &mut |e: ReceiverEventRef<'_>| {
+                        sink(as_event_ref(e))
+                    })
                 }
-                Frame::Multicast(Mcast::Repair(d)) => self.receiver.handle_datagram(now, d, true),
-                Frame::Multicast(Mcast::RepairGone(g)) => self.receiver.handle_gone(g),
+                Frame::Multicast(Mcast::Repair(d)) => {
+                    receiver.handle_datagram_into(now, d, true, &mut |e: ReceiverEventRef<'_>| {
+                        sink(as_event_ref(e))
+                    })
+                }
+                Frame::Multicast(Mcast::RepairGone(g)) => receiver
+                    .handle_gone_into(g, &mut |e: ReceiverEventRef<'_>| sink(as_event_ref(e))),
+                Frame::Error(e) if is_retryable_code(e.code) => {
+                    stop = Some(Stop::Lost(format!(
+                        "engine sent ERROR {} ({}): {}",
+                        e.code,
+                        error_code_name(e.code),
+                        e.reason
+                    )));
+                }
                 Frame::Error(e) => {
-                    self.conn.consume(used);
-                    return Err(ClientError::Engine {
+                    stop = Some(Stop::Fatal(ClientError::Engine {
                         code: e.code,
                         reason: e.reason,
-                    });
+                    }));
                 }
                 other => {
-                    let name = frame_name(&other);
-                    self.conn.consume(used);
-                    return Err(ClientError::Handshake(format!("unexpected {name} frame")));
+                    stop = Some(Stop::Fatal(ClientError::Handshake(format!(
+                        "unexpected {} frame",
+                        frame_name(&other)
+                    ))));
                 }
             }
-            self.take_receiver_events();
         }
-        self.conn.consume(used);
-        Ok(())
+        session.conn.consume(used);
+        stop.map_or(Ok(()), Err)
     }
 
-    fn take_receiver_events(&mut self) {
-        while let Some(e) = self.receiver.poll_event() {
-            match e {
-                ReceiverEvent::Data(bytes) => {
-                    if let Ok(Decoded::Frame(
-                        Frame::Data {
-                            header,
-                            topic,
-                            payload,
-                        },
-                        _,
-                    )) = decode_frame(&bytes, bytes.len())
-                    {
-                        self.pending.push_back(Event::Message(Message {
-                            topic: topic.to_string(),
-                            seq: header.seq,
-                            source_ts_ns: header.source_ts_ns,
-                            ingest_ts_ns: header.ingest_ts_ns,
-                            quality: header.quality,
-                            snapshot: false,
-                            restored: false,
-                            payload: payload.to_vec(),
-                        }));
+    fn lose(&mut self, reason: String) {
+        self.session = None;
+        self.out.clear();
+        self.counters.disconnects += 1;
+        self.last_disconnect = Some(reason);
+        self.reconnect.on_lost(Instant::now());
+    }
+
+    /// Reconnect attempts, spaced by the back-off, until one succeeds or `deadline` passes:
+    /// `Reconnected` and what came while subscribing go to `sink`.
+    fn reconnect_until(
+        &mut self,
+        deadline: Instant,
+        sink: &mut dyn FnMut(EventRef<'_>),
+    ) -> Result<usize, ClientError> {
+        loop {
+            let now = Instant::now();
+            if now < self.reconnect.next_at {
+                if self.reconnect.next_at >= deadline {
+                    std::thread::sleep(deadline.saturating_duration_since(now));
+                    return Ok(0);
+                }
+                std::thread::sleep(self.reconnect.next_at - now);
+            }
+            let attempt = self.reconnect.attempt + 1;
+            let mut early = Vec::new();
+            match self.establish(true, &mut |e: EventRef<'_>| early.push(e.to_event())) {
+                Ok(()) => {
+                    self.counters.reconnects += 1;
+                    self.reconnect.attempt = 0;
+                    sink(EventRef::Reconnected {
+                        attempt,
+                        engine_restarted: self.engine_restarted,
+                    });
+                    for e in &early {
+                        sink(e.as_event_ref());
+                    }
+                    return Ok(1 + early.len());
+                }
+                Err(e) if e.is_retryable() => {
+                    self.session = None;
+                    self.last_disconnect = Some(e.to_string());
+                    self.reconnect.on_failed(Instant::now());
+                    if Instant::now() >= deadline {
+                        return Ok(0);
                     }
                 }
-                ReceiverEvent::Gap {
-                    topic,
-                    from_seq,
-                    to_seq,
-                } => self.pending.push_back(Event::Gap {
-                    topic,
-                    from_seq,
-                    to_seq,
-                }),
+                Err(e) => {
+                    self.session = None;
+                    self.reconnect.on_failed(Instant::now());
+                    return Err(e);
+                }
             }
         }
     }
+
+    /// Opens a session: CHANNELS, joins, a fresh receiver (the per-topic positions carried
+    /// over unless the engine restarted), SUBSCRIBE with resume positions when `resuming`,
+    /// and every SUBACK. Events that arrive meanwhile go to `sink`.
+    fn establish(
+        &mut self,
+        resuming: bool,
+        sink: &mut dyn FnMut(EventRef<'_>),
+    ) -> Result<(), ClientError> {
+        let mut conn = Conn::open(&self.opts, self.opts.read_buffer_bytes)?;
+        let engine_id = conn.welcome.engine_id;
+        let keepalive = ping_interval(conn.welcome.keepalive_ms);
+        self.engine_restarted = resuming && engine_id != self.engine_id;
+        self.engine_id = engine_id;
+        let mut out = Vec::new();
+        encode_control(&mut out, &Frame::Multicast(Mcast::ChannelsRequest));
+        conn.send(&out)?;
+        out.clear();
+        let infos = await_channels(&mut conn, self.opts.connect_timeout)?;
+        let mut channels = Vec::new();
+        let mut datagram_bytes = 0;
+        for info in infos.iter().filter(|c| {
+            self.patterns
+                .iter()
+                .any(|p| c.patterns.iter().any(|q| patterns_overlap(p, q)))
+        }) {
+            channels.push(join_channel(info, &self.mcast)?);
+            datagram_bytes = datagram_bytes.max(info.datagram_bytes as usize);
+        }
+        // The positions: last seq delivered per topic, meaningless to another engine run.
+        let positions: Vec<(String, u64)> = if self.engine_restarted {
+            Vec::new()
+        } else {
+            self.receiver
+                .positions()
+                .map(|(t, s)| (t.to_string(), s))
+                .collect()
+        };
+        let mut receiver = McastReceiver::new(receiver_config(&self.mcast, self.mode, engine_id));
+        receiver.counters = self.receiver.counters;
+        for (topic, seq) in &positions {
+            receiver.handle_snapshot(topic, *seq);
+        }
+        for (i, p) in self.patterns.iter().enumerate() {
+            receiver.add_pattern(p);
+            receiver.hold();
+            let mut resume: Vec<TopicPosition> = if resuming {
+                positions
+                    .iter()
+                    .filter(|(topic, _)| pattern_matches(p, topic))
+                    .map(|(topic, seq)| TopicPosition {
+                        topic: topic.clone(),
+                        last_seq: *seq,
+                    })
+                    .collect()
+            } else {
+                Vec::new()
+            };
+            resume.sort_by(|a, b| a.topic.cmp(&b.topic));
+            if resuming && resume.is_empty() {
+                // "Resuming, nothing seen yet" (§8): replay from the first message.
+                resume.push(TopicPosition {
+                    topic: String::new(),
+                    last_seq: 0,
+                });
+            }
+            if self.opts.durable_session {
+                resume.push(TopicPosition {
+                    topic: String::new(),
+                    last_seq: SESSION_MARKER_SEQ,
+                });
+            }
+            encode_control(
+                &mut out,
+                &Frame::Subscribe(Subscribe {
+                    sub_id: i as u32 + 1,
+                    pattern: p.clone(),
+                    mode: self.mode,
+                    resume,
+                }),
+            );
+        }
+        conn.send(&out)?;
+        self.receiver = receiver;
+        self.awaiting_subacks = self.patterns.len();
+        self.session = Some(Session {
+            conn,
+            channels,
+            batch: RecvBatch::new(datagram_bytes.max(1)),
+            keepalive,
+        });
+        let deadline = Instant::now() + self.opts.connect_timeout;
+        while self.awaiting_subacks > 0 {
+            let now = Instant::now();
+            if now >= deadline {
+                return Err(ClientError::Handshake(format!(
+                    "no SUBACK within {:?}",
+                    self.opts.connect_timeout
+                )));
+            }
+            match self.round(sink) {
+                Ok(()) => {}
+                Err(Stop::Lost(reason)) => return Err(ClientError::Handshake(reason)),
+                Err(Stop::Fatal(e)) => return Err(e),
+            }
+            if self.awaiting_subacks == 0 {
+                break;
+            }
+            let Some(session) = self.session.as_ref() else {
+                return Err(ClientError::Handshake(
+                    "session lost while subscribing".into(),
+                ));
+            };
+            let wake = deadline.min(now + Duration::from_millis(50));
+            wait(session, wake.saturating_duration_since(Instant::now()))?;
+        }
+        Ok(())
+    }
+}
+
+fn receiver_config(mcast: &McastOptions, mode: DeliveryMode, engine_id: u64) -> ReceiverConfig {
+    ReceiverConfig {
+        engine_id,
+        nak_delay: mcast.nak_delay,
+        nak_retry: mcast.nak_retry,
+        repair: !matches!(mode, DeliveryMode::Latest),
+        max_buffered: 65_536,
+        seed: super::now_ns() ^ u64::from(std::process::id()),
+    }
+}
+
+fn as_event_ref(e: ReceiverEventRef<'_>) -> EventRef<'_> {
+    match e {
+        ReceiverEventRef::Data {
+            header,
+            topic,
+            payload,
+            ..
+        } => EventRef::Message(MessageRef {
+            topic,
+            seq: header.seq,
+            source_ts_ns: header.source_ts_ns,
+            ingest_ts_ns: header.ingest_ts_ns,
+            quality: header.quality,
+            snapshot: false,
+            restored: false,
+            payload,
+        }),
+        ReceiverEventRef::Gap {
+            topic,
+            from_seq,
+            to_seq,
+        } => EventRef::Gap {
+            topic,
+            from_seq,
+            to_seq,
+        },
+    }
+}
+
+/// Waits until a group socket or the TCP session is readable, or `timeout` passes.
+fn wait(session: &Session, timeout: Duration) -> io::Result<()> {
+    let mut fds: Vec<libc::pollfd> = session
+        .channels
+        .iter()
+        .map(|c| c.socket.as_raw_fd())
+        .chain(std::iter::once(session.conn.raw_fd()))
+        .map(|fd| libc::pollfd {
+            fd,
+            events: libc::POLLIN,
+            revents: 0,
+        })
+        .collect();
+    let ms = timeout.as_micros().div_ceil(1000).min(i32::MAX as u128) as libc::c_int;
+    // SAFETY: `fds` is a valid array of `fds.len()` pollfd structs for the duration of the
+    // call; poll only writes their `revents`.
+    let r = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, ms) };
+    if r < 0 {
+        let e = io::Error::last_os_error();
+        if e.kind() != io::ErrorKind::Interrupted {
+            return Err(e);
+        }
+    }
+    Ok(())
 }
 
 fn await_channels(conn: &mut Conn, budget: Duration) -> Result<Vec<ChannelInfo>, ClientError> {
@@ -444,8 +788,8 @@ fn await_channels(conn: &mut Conn, budget: Duration) -> Result<Vec<ChannelInfo>,
     }
 }
 
-/// A socket bound to the group's port and joined to the group.
-fn join(info: &ChannelInfo, opts: &McastOptions) -> Result<Channel, ClientError> {
+/// Joins the group `info` names, on the configured interface.
+fn join_channel(info: &ChannelInfo, opts: &McastOptions) -> Result<Channel, ClientError> {
     let group: Ipv4Addr = info
         .group
         .parse()
@@ -455,73 +799,6 @@ fn join(info: &ChannelInfo, opts: &McastOptions) -> Result<Channel, ClientError>
             "CHANNELS named {group}, not a multicast group"
         )));
     }
-    let socket = Socket::new(Domain::IPV4, Type::DGRAM, Some(Protocol::UDP))?;
-    // Several receivers on one host share the port.
-    socket.set_reuse_address(true)?;
-    socket.set_reuse_port(true)?;
-    socket.set_recv_buffer_size(opts.recv_buffer_bytes)?;
-    enable_drop_count(&socket)?;
-    // Bound to the group address: datagrams of other groups on this port are not delivered here.
-    socket.bind(&SocketAddrV4::new(group, info.port).into())?;
-    socket.join_multicast_v4(&group, &opts.interface)?;
-    socket.set_nonblocking(true)?;
-    Ok(Channel {
-        socket: socket.into(),
-        drops: 0,
-    })
-}
-
-/// SO_RXQ_OVFL: each datagram comes with the socket's cumulative count of datagrams dropped
-/// for want of buffer room.
-fn enable_drop_count(socket: &Socket) -> io::Result<()> {
-    let on: libc::c_int = 1;
-    // SAFETY: setsockopt reads `size_of::<c_int>()` bytes from a live c_int.
-    let r = unsafe {
-        libc::setsockopt(
-            socket.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_RXQ_OVFL,
-            &on as *const libc::c_int as *const libc::c_void,
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    };
-    if r < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
-}
-
-/// One datagram into `buf`, and the socket's drop count if the kernel attached it.
-fn recv_counting_drops(socket: &UdpSocket, buf: &mut [u8]) -> io::Result<(usize, Option<u32>)> {
-    let mut iov = libc::iovec {
-        iov_base: buf.as_mut_ptr() as *mut libc::c_void,
-        iov_len: buf.len(),
-    };
-    // Room for one cmsg holding a u32, 8-aligned.
-    let mut control = [0u64; 8];
-    // SAFETY: an all-zero msghdr is valid; the pointers set below outlive the call.
-    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
-    msg.msg_iov = &mut iov;
-    msg.msg_iovlen = 1;
-    msg.msg_control = control.as_mut_ptr() as *mut libc::c_void;
-    msg.msg_controllen = std::mem::size_of_val(&control) as _;
-    // SAFETY: `msg` points at `iov` (which points at `buf`) and `control`, all live and
-    // writable for their stated lengths during the call.
-    let n = unsafe { libc::recvmsg(socket.as_raw_fd(), &mut msg, libc::MSG_DONTWAIT) };
-    if n < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    let mut drops = None;
-    // SAFETY: the CMSG_* macros walk the control buffer the kernel filled, within
-    // `msg_controllen`; the data of an SO_RXQ_OVFL cmsg is one u32 (read unaligned).
-    unsafe {
-        let mut cmsg = libc::CMSG_FIRSTHDR(&msg);
-        while !cmsg.is_null() {
-            if (*cmsg).cmsg_level == libc::SOL_SOCKET && (*cmsg).cmsg_type == libc::SO_RXQ_OVFL {
-                drops = Some(std::ptr::read_unaligned(libc::CMSG_DATA(cmsg) as *const u32));
-            }
-            cmsg = libc::CMSG_NXTHDR(&msg, cmsg);
-        }
-    }
-    Ok((n as usize, drops))
+    let socket = join(group, info.port, opts.interface, opts.recv_buffer_bytes)?;
+    Ok(Channel { socket, drops: 0 })
 }

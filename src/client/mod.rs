@@ -26,6 +26,7 @@
 mod conn;
 mod error;
 mod mcast;
+mod mcast_socket;
 mod options;
 mod publisher;
 mod stream;

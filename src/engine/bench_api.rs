@@ -338,3 +338,32 @@ impl Transport for Sink<'_> {
         self.unix_ns
     }
 }
+
+/// The multicast sender's syscall (`mcast_io.rs`), for `bench/mcast_send.rs`: sends every
+/// datagram of `run` on a connected UDP socket, by `sendmmsg` (up to 64 a call, as the reactor
+/// does, with a last lone datagram by `send`) when `batched`, else one `send` each. Returns the syscalls made; a datagram the
+/// kernel refused is skipped, as the reactor skips it.
+#[doc(hidden)]
+pub fn mcast_send(
+    socket: &std::net::UdpSocket,
+    run: &[(u16, Arc<[u8]>)],
+    batched: bool,
+) -> io::Result<u64> {
+    let mut calls = 0;
+    let mut at = 0;
+    while at < run.len() {
+        calls += 1;
+        if batched && run.len() - at > 1 {
+            match super::mcast_io::sendmmsg(socket, &run[at..]) {
+                Ok(n) if n > 0 => at += n,
+                Ok(_) => return Ok(calls),
+                Err(e) if e.raw_os_error() == Some(libc::ENOSYS) => return Err(e),
+                Err(_) => at += 1,
+            }
+        } else {
+            let _ = socket.send(&run[at].1);
+            at += 1;
+        }
+    }
+    Ok(calls)
+}

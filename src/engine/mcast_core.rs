@@ -70,6 +70,7 @@ impl McastShard {
                     unicast_repair_max: m.unicast_repair_max,
                     repair_window: Duration::from_millis(m.repair_window_ms),
                     loss,
+                    linger: Duration::from_micros(c.linger_us),
                 },
                 now,
             ));
@@ -161,11 +162,12 @@ impl FanoutCore {
         }
     }
 
-    /// End of the turn: seal the datagrams being filled, so a turn's frames go out together.
+    /// End of the turn: seal the datagrams being filled (once they lingered their channel's
+    /// `linger_us`), so a turn's frames go out together.
     pub(super) fn mcast_close(&mut self, now: Instant, unix_ns: u64) {
         if let Some(m) = self.mcast.as_deref_mut() {
             for s in &mut m.senders {
-                s.close_datagram(now, unix_ns);
+                s.end_turn(now, unix_ns);
             }
         }
     }

@@ -15,6 +15,7 @@ fn cluster() -> Cluster {
             ttl: 1,
             max_rate_bytes_per_s: 0,
             datagram_bytes: 1472,
+            linger_us: 0,
             patterns: vec!["plant/#".into()],
         }];
     })

@@ -76,7 +76,7 @@ use notify::{Inbox, Mailbox, Notifier};
 use reactor::{Reactor, ShardMsg, WAKER_TOKEN};
 
 #[doc(hidden)]
-pub use bench_api::FanoutBench;
+pub use bench_api::{mcast_send, FanoutBench};
 
 /// Bound of each shard's inbox, in messages (each message is a batch from one loop turn).
 const INBOX_CAPACITY: usize = 256;

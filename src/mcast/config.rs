@@ -51,9 +51,16 @@ pub struct ChannelConfig {
     /// Largest datagram (UDP payload); 1472 fits a 1,500-byte Ethernet MTU.
     #[serde(default = "default_datagram_bytes")]
     pub datagram_bytes: usize,
+    /// Microseconds a datagram may wait for more frames after the loop turn that started it
+    /// (0: sent at the end of every turn). See [`crate::mcast::SenderConfig::linger`].
+    #[serde(default)]
+    pub linger_us: u64,
     /// Topic patterns whose messages the channel carries.
     pub patterns: Vec<String>,
 }
+
+/// A channel's `linger_us` at most: 100 ms.
+const MAX_LINGER_US: u64 = 100_000;
 
 fn unspecified() -> Ipv4Addr {
     Ipv4Addr::UNSPECIFIED
@@ -97,6 +104,11 @@ impl MulticastConfig {
             }
             if !(HEADER_BYTES + 64..=65_507).contains(&c.datagram_bytes) {
                 return Err(format!("{name}.datagram_bytes must be in 96 ..= 65507"));
+            }
+            if c.linger_us > MAX_LINGER_US {
+                return Err(format!(
+                    "{name}.linger_us must be at most {MAX_LINGER_US} (it adds up to that much latency)"
+                ));
             }
             if c.patterns.is_empty() {
                 return Err(format!(

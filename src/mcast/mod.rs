@@ -26,7 +26,9 @@ pub use datagram::{
     FLAG_STUB, HEADER_BYTES, MAGIC, VERSION,
 };
 pub use loss::LossGen;
-pub use receiver::{McastReceiver, ReceiverConfig, ReceiverCounters, ReceiverEvent};
+pub use receiver::{
+    McastReceiver, ReceiverConfig, ReceiverCounters, ReceiverEvent, ReceiverEventRef, ReceiverSink,
+};
 pub use sender::{ChannelSender, NakAnswer, SenderConfig, SenderCounters};
 
 /// Whether some topic can match both patterns (`+` one level, `#` the rest): the engine

@@ -20,7 +20,7 @@ use ahash::HashMap;
 
 use super::datagram::{parse_datagram, FLAG_HEARTBEAT, FLAG_RETRANSMIT, FLAG_STUB};
 use super::sender::MAX_NAK_RANGE;
-use crate::proto::{self, Decoded, Frame, Nak, StreamPos};
+use crate::proto::{self, DataHeader, Decoded, Frame, Nak, StreamPos};
 
 /// Missing datagrams tracked per stream; a sequence jump beyond this (a corrupt or hostile
 /// datagram) is tracked up to it, the rest is learnt later.
@@ -80,6 +80,44 @@ pub enum ReceiverEvent {
     },
 }
 
+/// [`ReceiverEvent`] borrowing the datagram (or the receiver's buffer): what the `*_into`
+/// inputs hand their sink, with no allocation per message. A message comes decoded, its
+/// `frame` the whole DATA frame (length prefix included) it was decoded from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReceiverEventRef<'a> {
+    Data {
+        frame: &'a [u8],
+        header: DataHeader,
+        topic: &'a str,
+        payload: &'a [u8],
+    },
+    Gap {
+        topic: &'a str,
+        from_seq: u64,
+        to_seq: u64,
+    },
+}
+
+impl ReceiverEventRef<'_> {
+    pub fn to_event(&self) -> ReceiverEvent {
+        match *self {
+            ReceiverEventRef::Data { frame, .. } => ReceiverEvent::Data(frame.to_vec()),
+            ReceiverEventRef::Gap {
+                topic,
+                from_seq,
+                to_seq,
+            } => ReceiverEvent::Gap {
+                topic: topic.to_string(),
+                from_seq,
+                to_seq,
+            },
+        }
+    }
+}
+
+/// Where the receiver's released events go.
+pub type ReceiverSink<'s> = dyn FnMut(ReceiverEventRef<'_>) + 's;
+
 enum Slot {
     Data(Vec<u8>),
     Gone,
@@ -138,15 +176,31 @@ impl McastReceiver {
         self.held += 1;
     }
 
-    /// One SUBACK arrived.
+    /// One SUBACK arrived. Released events are queued for [`McastReceiver::poll_event`].
     pub fn unhold(&mut self) {
+        self.queued(|r, sink| r.unhold_into(sink));
+    }
+
+    /// [`McastReceiver::unhold`], handing released events to `sink`.
+    pub fn unhold_into(&mut self, sink: &mut ReceiverSink<'_>) {
         self.held = self.held.saturating_sub(1);
         if self.held == 0 {
             let keys: Vec<_> = self.streams.keys().copied().collect();
             for key in keys {
-                self.release(key);
+                self.release(key, sink);
             }
         }
+    }
+
+    /// Runs an `*_into` input with the event queue as its sink (the owned-event API).
+    fn queued(&mut self, input: impl FnOnce(&mut Self, &mut ReceiverSink<'_>)) {
+        let mut events = std::mem::take(&mut self.events);
+        input(self, &mut |e: ReceiverEventRef<'_>| {
+            events.push_back(e.to_event())
+        });
+        // Nothing else queues while `input` runs: the sink is the only way out.
+        debug_assert!(self.events.is_empty());
+        self.events = events;
     }
 
     /// A snapshot (or TCP) message the application got: multicast copies up to `seq` are
@@ -161,6 +215,12 @@ impl McastReceiver {
         self.topics.get(topic).copied()
     }
 
+    /// The last seq delivered per topic (snapshot values included): the resume positions of a
+    /// new session.
+    pub fn positions(&self) -> impl Iterator<Item = (&str, u64)> + '_ {
+        self.topics.iter().map(|(t, &s)| (t.as_str(), s))
+    }
+
     fn random_delay(&mut self) -> Duration {
         let mut x = self.rng;
         x ^= x << 13;
@@ -172,7 +232,18 @@ impl McastReceiver {
             .mul_f64((x >> 11) as f64 / (1u64 << 53) as f64)
     }
 
+    /// STREAM_POS: where the stream starts for this receiver. Released events are queued.
     pub fn handle_stream_pos(&mut self, now: Instant, pos: StreamPos) {
+        self.queued(|r, sink| r.handle_stream_pos_into(now, pos, sink));
+    }
+
+    /// [`McastReceiver::handle_stream_pos`], handing released events to `sink`.
+    pub fn handle_stream_pos_into(
+        &mut self,
+        now: Instant,
+        pos: StreamPos,
+        sink: &mut ReceiverSink<'_>,
+    ) {
         let key = (pos.channel, pos.stream);
         let st = self.streams.entry(key).or_default();
         if st.next.is_some() {
@@ -185,11 +256,30 @@ impl McastReceiver {
         if let Some(&last) = st.buffer.keys().next_back() {
             self.mark_missing(key, pos.next_seq, last, now);
         }
-        self.release(key);
+        self.release(key, sink);
     }
 
-    /// A datagram from the group (`via_tcp` false) or from a REPAIR frame.
+    /// A datagram from the group (`via_tcp` false) or from a REPAIR frame. Released events
+    /// are queued for [`McastReceiver::poll_event`] (one copy per message).
     pub fn handle_datagram(&mut self, now: Instant, bytes: &[u8], via_tcp: bool) {
+        self.queued(|r, sink| r.handle_datagram_into(now, bytes, via_tcp, sink));
+    }
+
+    /// [`McastReceiver::handle_datagram`], handing released events to `sink`. The common case,
+    /// the stream's next datagram with nothing held, is delivered straight from `bytes`: no
+    /// copy and no allocation per datagram or message. Only a datagram that must wait (early,
+    /// or before STREAM_POS or a SUBACK) is copied into the receiver.
+    ///
+    /// The caller must hand the sink's events on before any queued by the owned-event inputs
+    /// that came earlier (drain [`McastReceiver::poll_event`] first), or mix only `*_into`
+    /// inputs, so that per-topic order holds.
+    pub fn handle_datagram_into(
+        &mut self,
+        now: Instant,
+        bytes: &[u8],
+        via_tcp: bool,
+        sink: &mut ReceiverSink<'_>,
+    ) {
         let d = match parse_datagram(bytes) {
             Ok(d) if d.header.engine_id == self.cfg.engine_id => d,
             _ => {
@@ -232,7 +322,8 @@ impl McastReceiver {
             }
             return;
         }
-        if self.buffered >= self.cfg.max_buffered {
+        let in_order = self.held == 0 && next == Some(h.seq);
+        if !in_order && self.buffered >= self.cfg.max_buffered {
             self.counters.buffer_overflow += 1;
             if let Some(next) = next {
                 self.mark_missing(key, next, h.seq.saturating_add(1), now);
@@ -244,23 +335,36 @@ impl McastReceiver {
         } else if h.flags & FLAG_RETRANSMIT != 0 {
             self.counters.retransmits_received += 1;
         }
-        st.buffer.insert(h.seq, Slot::Data(d.frames.to_vec()));
-        self.buffered += 1;
+        let st = self.streams.get_mut(&key).expect("entry made above");
         if let Some(m) = st.missing.remove(&h.seq) {
             if !m.naked {
                 self.counters.naks_suppressed += 1;
             }
         }
+        if in_order {
+            // Straight from the caller's buffer, then whatever it unblocked.
+            st.next = Some(h.seq + 1);
+            self.deliver(d.frames, sink);
+            self.release(key, sink);
+            return;
+        }
+        st.buffer.insert(h.seq, Slot::Data(d.frames.to_vec()));
+        self.buffered += 1;
         if let Some(next) = next {
             if self.cfg.repair {
                 self.mark_missing(key, next, h.seq, now);
             }
         }
-        self.release(key);
+        self.release(key, sink);
     }
 
-    /// REPAIR_GONE: the engine no longer holds these datagrams.
+    /// REPAIR_GONE: the engine no longer holds these datagrams. Released events are queued.
     pub fn handle_gone(&mut self, gone: Nak) {
+        self.queued(|r, sink| r.handle_gone_into(gone, sink));
+    }
+
+    /// [`McastReceiver::handle_gone`], handing released events to `sink`.
+    pub fn handle_gone_into(&mut self, gone: Nak, sink: &mut ReceiverSink<'_>) {
         let key = (gone.channel, gone.stream);
         let Some(st) = self.streams.get_mut(&key) else {
             return;
@@ -285,7 +389,7 @@ impl McastReceiver {
                 self.counters.gone += 1;
             }
         }
-        self.release(key);
+        self.release(key, sink);
     }
 
     /// Marks `from .. to` missing where nothing is held, each NAK due after a random delay.
@@ -312,7 +416,7 @@ impl McastReceiver {
     }
 
     /// Delivers what is in order on stream `key`.
-    fn release(&mut self, key: (u16, u16)) {
+    fn release(&mut self, key: (u16, u16), sink: &mut ReceiverSink<'_>) {
         if self.held > 0 {
             return;
         }
@@ -340,49 +444,64 @@ impl McastReceiver {
             st.next = Some(next + 1);
             st.missing.remove(&next);
             if let Slot::Data(frames) = slot {
-                self.deliver(&frames);
+                self.deliver(&frames, sink);
             }
         }
     }
 
-    fn deliver(&mut self, frames: &[u8]) {
+    /// Hands the datagram body's messages to `sink`, those of subscribed topics whose seq is
+    /// above the topic's last, with a GAP first where a topic skipped.
+    fn deliver(&mut self, frames: &[u8], sink: &mut ReceiverSink<'_>) {
         let mut rest = frames;
         while let Ok(Decoded::Frame(frame, used)) = proto::decode_frame(rest, rest.len()) {
             let bytes = &rest[..used];
             rest = &rest[used..];
-            let Frame::Data { header, topic, .. } = frame else {
+            let Frame::Data {
+                header,
+                topic,
+                payload,
+            } = frame
+            else {
                 continue;
             };
-            if !self
-                .patterns
-                .iter()
-                .any(|p| crate::topic::pattern_matches(p, topic))
-            {
-                continue;
-            }
             let seq = header.seq;
+            // A topic is in the map only once it matched (or came by TCP, which carries only
+            // subscribed topics): the patterns are matched once per topic, not per message.
             match self.topics.get_mut(topic) {
                 Some(last) if seq <= *last => {
                     self.counters.stitched += 1;
                     continue;
                 }
                 Some(last) => {
-                    if *last > 0 && seq > *last + 1 && self.cfg.repair {
+                    let before = *last;
+                    *last = seq;
+                    if before > 0 && seq > before + 1 && self.cfg.repair {
                         self.counters.gaps += 1;
-                        self.events.push_back(ReceiverEvent::Gap {
-                            topic: topic.to_string(),
-                            from_seq: *last + 1,
+                        sink(ReceiverEventRef::Gap {
+                            topic,
+                            from_seq: before + 1,
                             to_seq: seq - 1,
                         });
                     }
-                    *last = seq;
                 }
                 None => {
+                    if !self
+                        .patterns
+                        .iter()
+                        .any(|p| crate::topic::pattern_matches(p, topic))
+                    {
+                        continue;
+                    }
                     self.topics.insert(topic.to_string(), seq);
                 }
             }
             self.counters.messages += 1;
-            self.events.push_back(ReceiverEvent::Data(bytes.to_vec()));
+            sink(ReceiverEventRef::Data {
+                frame: bytes,
+                header,
+                topic,
+                payload,
+            });
         }
     }
 

@@ -31,6 +31,10 @@ pub struct SenderConfig {
     pub repair_window: Duration,
     /// Test-only loss injection on first transmissions.
     pub loss: Option<LossGen>,
+    /// How long a datagram may stay open for more frames after the turn that started it
+    /// (zero: sealed at the end of every turn). Fewer, fuller datagrams: less work per message
+    /// at every receiver (the kernel's per-socket copy), for at most this much latency.
+    pub linger: Duration,
 }
 
 /// Per-stream counters (summed per channel in the engine's stats).
@@ -78,14 +82,17 @@ struct NakBook {
     multicast_at: Option<Instant>,
 }
 
-/// See the module doc. Contract: `handle_frame` for each DATA frame, `close_datagram` at the
-/// end of each loop turn (so a turn's frames go out together), then `poll_transmit` until
-/// `None`; wake at `poll_timeout` for heartbeats and the rate limit.
+/// See the module doc. Contract: `handle_frame` for each DATA frame, `end_turn` at the end of
+/// each loop turn (a turn's frames go out together, or with later turns' for up to `linger`),
+/// then `poll_transmit` until `None`; wake at `poll_timeout` for heartbeats, the rate limit and
+/// a lingering datagram.
 pub struct ChannelSender {
     cfg: SenderConfig,
     next_seq: u64,
     /// The datagram being filled: header room, then frames (empty when none).
     building: Vec<u8>,
+    /// When the first frame went into `building`.
+    building_since: Instant,
     ring: VecDeque<(u64, Arc<[u8]>)>,
     ring_held: usize,
     queue: VecDeque<Arc<[u8]>>,
@@ -102,6 +109,7 @@ impl ChannelSender {
         ChannelSender {
             next_seq: 1,
             building: Vec::with_capacity(cfg.datagram_bytes),
+            building_since: now,
             ring: VecDeque::new(),
             ring_held: 0,
             queue: VecDeque::new(),
@@ -144,8 +152,17 @@ impl ChannelSender {
         }
         if self.building.is_empty() {
             self.building.resize(HEADER_BYTES, 0);
+            self.building_since = now;
         }
         self.building.extend_from_slice(frame);
+    }
+
+    /// End of a loop turn: seals the datagram being filled once it has lingered long enough
+    /// (at once with no `linger`).
+    pub fn end_turn(&mut self, now: Instant, unix_ns: u64) {
+        if now >= self.building_since + self.cfg.linger {
+            self.close_datagram(now, unix_ns);
+        }
     }
 
     /// Seals the datagram being filled, if any.
@@ -262,6 +279,15 @@ impl ChannelSender {
 
     /// When `poll_transmit` has something next: the rate limit's refill or the heartbeat.
     pub fn poll_timeout(&self) -> Instant {
+        if self.building.len() > HEADER_BYTES && !self.cfg.linger.is_zero() {
+            let due = self.building_since + self.cfg.linger;
+            return due.min(self.poll_timeout_sending());
+        }
+        self.poll_timeout_sending()
+    }
+
+    /// The next deadline of the send queue (rate limit) or of the heartbeat.
+    fn poll_timeout_sending(&self) -> Instant {
         if let Some(front) = self.queue.front() {
             if self.cfg.max_rate_bytes_per_s == 0 {
                 return self.refilled;

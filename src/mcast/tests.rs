@@ -5,6 +5,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::*;
+use crate::mcast::ReceiverEventRef;
 use crate::proto::{self, DataHeader, Decoded, Frame, Nak, StreamPos};
 
 const ENGINE: u64 = 42;
@@ -35,6 +36,7 @@ fn sender_cfg(loss: Option<LossGen>) -> SenderConfig {
         unicast_repair_max: 3,
         repair_window: Duration::from_millis(20),
         loss,
+        linger: Duration::ZERO,
     }
 }
 
@@ -785,4 +787,189 @@ fn hostile_datagrams_and_ranges_cannot_grow_the_receiver() {
         from_seq: 0,
         count: 0,
     });
+}
+
+/// The borrowing inputs (`*_into`) hand the sink exactly what the owned ones queue, in the
+/// same order, whatever the datagrams' order: held before SUBACK, before STREAM_POS, early,
+/// duplicated, repaired over TCP, gone.
+#[test]
+fn the_borrowing_path_delivers_what_the_owned_path_does() {
+    let now = Instant::now();
+    let mut s = ChannelSender::new(sender_cfg(None), now);
+    let mut sent = Vec::new();
+    let topics = ["a/x", "a/y", "b/z", "c/w"];
+    let mut seqs = [0u64; 4];
+    for d in 0..60u64 {
+        for k in 0..3 {
+            let t = ((d * 3 + k) % 4) as usize;
+            seqs[t] += 1;
+            s.handle_frame(now, 0, &data(topics[t], seqs[t], b"payload"));
+        }
+        s.close_datagram(now, 0);
+        sent.push(s.poll_transmit(now, 0).expect("a datagram"));
+    }
+    // A seeded scramble: some early, some twice, some only by "TCP", two gone.
+    let mut order: Vec<(usize, bool)> = Vec::new();
+    let mut rng = 0x2545_F491_4F6C_DD1Du64;
+    let mut next = || {
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        rng
+    };
+    for i in 0..sent.len() {
+        order.push((i, false));
+        if next() % 5 == 0 && i + 3 < sent.len() {
+            order.push((i + 3, false));
+        }
+        if next() % 7 == 0 {
+            order.push((i, true));
+        }
+    }
+    order.retain(|&(i, tcp)| (tcp || i != 17) && i != 40);
+    order.insert(30, (17, true));
+    let pos = StreamPos {
+        channel: 0,
+        stream: 1,
+        next_seq: 3,
+    };
+    let gone = Nak {
+        channel: 0,
+        stream: 1,
+        from_seq: 41,
+        count: 1,
+    };
+
+    let mut owned = McastReceiver::new(rx_cfg(9));
+    let mut borrowed = McastReceiver::new(rx_cfg(9));
+    let mut got_owned = Vec::new();
+    let mut got_borrowed = Vec::new();
+    for r in [&mut owned, &mut borrowed] {
+        r.add_pattern("a/#");
+        r.add_pattern("b/z");
+        r.hold();
+        r.handle_snapshot("a/x", 2);
+    }
+    for (step, &(i, tcp)) in order.iter().enumerate() {
+        let t = now + Duration::from_micros(step as u64);
+        if step == 5 {
+            owned.handle_stream_pos(t, pos);
+            borrowed.handle_stream_pos_into(t, pos, &mut |e| got_borrowed.push(e.to_event()));
+        }
+        if step == 9 {
+            owned.unhold();
+            borrowed.unhold_into(&mut |e| got_borrowed.push(e.to_event()));
+        }
+        owned.handle_datagram(t, &sent[i], tcp);
+        borrowed.handle_datagram_into(t, &sent[i], tcp, &mut |e| {
+            if let ReceiverEventRef::Data {
+                frame,
+                header,
+                topic,
+                payload,
+            } = e
+            {
+                // The decoded fields are the frame's.
+                let Ok(Decoded::Frame(
+                    Frame::Data {
+                        header: h,
+                        topic: tp,
+                        payload: p,
+                    },
+                    n,
+                )) = proto::decode_frame(frame, frame.len())
+                else {
+                    panic!("not a DATA frame");
+                };
+                assert_eq!((h, tp, p, n), (header, topic, payload, frame.len()));
+            }
+            got_borrowed.push(e.to_event());
+        });
+        while let Some(e) = owned.poll_event() {
+            got_owned.push(e);
+        }
+    }
+    // Datagram 41 (index 40) never came: the engine no longer has it.
+    owned.handle_gone(gone);
+    borrowed.handle_gone_into(gone, &mut |e| got_borrowed.push(e.to_event()));
+    while let Some(e) = owned.poll_event() {
+        got_owned.push(e);
+    }
+    assert!(borrowed.poll_event().is_none());
+    assert_eq!(got_owned, got_borrowed);
+    assert_eq!(owned.counters, borrowed.counters);
+    // And it is right: per topic in order, from after the snapshot, only subscribed topics,
+    // one GAP for the gone datagram's messages.
+    let mut last: std::collections::HashMap<String, u64> = Default::default();
+    let mut gaps = 0;
+    for e in &got_borrowed {
+        match e {
+            ReceiverEvent::Data(b) => {
+                let Ok(Decoded::Frame(Frame::Data { header, topic, .. }, _)) =
+                    proto::decode_frame(b, b.len())
+                else {
+                    panic!("not a DATA frame");
+                };
+                assert!(!topic.starts_with("c/"), "unsubscribed topic delivered");
+                let l = last.entry(topic.to_string()).or_insert(0);
+                assert!(header.seq > *l, "{topic} {} after {}", header.seq, *l);
+                *l = header.seq;
+            }
+            ReceiverEvent::Gap { .. } => gaps += 1,
+        }
+    }
+    assert!(gaps >= 1, "the gone datagram is reported");
+    assert_eq!(last["a/x"], seqs[0]);
+    assert_eq!(last["b/z"], seqs[2]);
+    assert_eq!(borrowed.missing(), 0);
+}
+
+/// `linger`: turns' frames share a datagram until it is full or has waited `linger`; the
+/// deadline is in `poll_timeout`, and without linger every turn seals its own.
+#[test]
+fn a_lingering_datagram_gathers_turns_until_full_or_due() {
+    let t0 = Instant::now();
+    let linger = Duration::from_millis(1);
+    let mut s = ChannelSender::new(
+        SenderConfig {
+            linger,
+            heartbeat: Duration::from_secs(10),
+            ..sender_cfg(None)
+        },
+        t0,
+    );
+    let frame = data("a/x", 1, &[7; 100]);
+    // Three turns 200 µs apart: one open datagram, nothing to send, woken at its deadline.
+    for i in 0..3u32 {
+        let now = t0 + Duration::from_micros(200) * i;
+        s.handle_frame(now, 0, &frame);
+        s.end_turn(now, 0);
+        assert!(s.poll_transmit(now, 0).is_none(), "turn {i} sent early");
+        assert_eq!(s.poll_timeout(), t0 + linger);
+    }
+    let due = t0 + linger;
+    s.end_turn(due, 0);
+    let d = s.poll_transmit(due, 0).expect("sealed at its deadline");
+    assert_eq!(parse_datagram(&d).unwrap().frames().count(), 3);
+    assert!(s.poll_transmit(due, 0).is_none());
+    // A full datagram goes at once, whatever the linger.
+    let per_datagram = (1472 - HEADER_BYTES) / frame.len();
+    for _ in 0..per_datagram + 1 {
+        s.handle_frame(due, 0, &frame);
+    }
+    s.end_turn(due, 0);
+    let full = s.poll_transmit(due, 0).expect("a full datagram");
+    assert_eq!(
+        parse_datagram(&full).unwrap().frames().count(),
+        per_datagram
+    );
+    assert!(s.poll_transmit(due, 0).is_none(), "the extra frame lingers");
+    // Without linger, each turn is a datagram.
+    let mut eager = ChannelSender::new(sender_cfg(None), t0);
+    for i in 0..3u32 {
+        let now = t0 + Duration::from_micros(200) * i;
+        eager.handle_frame(now, 0, &frame);
+        eager.end_turn(now, 0);
+        assert!(eager.poll_transmit(now, 0).is_some(), "turn {i}");
+    }
 }

@@ -12,6 +12,7 @@
 mod clock;
 mod driver;
 mod engine;
+mod engine_probe;
 mod error;
 mod hgrm;
 mod lanpush_driver;
@@ -112,6 +113,24 @@ struct RunArgs {
     /// multicast on loopback, i.e. a private network namespace (bench/README.md).
     #[arg(long)]
     multicast: bool,
+    /// The pid of the engine given by --server, so that its CPU time over the measured window
+    /// (utime + stime, /proc/PID/stat) is reported as for an engine the tool starts.
+    #[arg(long, value_name = "PID")]
+    engine_pid: Option<u32>,
+    /// lanpush only: read the engine's stats document at the start and end of the measured
+    /// window and report the deltas (vectored writes, multicast datagrams and send calls).
+    #[arg(long)]
+    engine_stats: bool,
+    /// Count every syscall of the engine over the measured window with `perf stat -e
+    /// raw_syscalls:sys_enter -p PID` (needs `perf`, root or perf_event_paranoid ≤ 1, and the
+    /// engine's pid: started by the tool or --engine-pid).
+    #[arg(long)]
+    engine_syscalls: bool,
+    /// The CPU the engine is pinned to (taskset): its busy and softirq time over the measured
+    /// window from /proc/stat, which includes the kernel's receive work for the engine that
+    /// ran while the engine slept (charged to no process), and anything else on that CPU.
+    #[arg(long, value_name = "N")]
+    engine_cpu: Option<usize>,
     /// Write the latency histogram as HdrHistogram percentile-distribution text (µs).
     #[arg(long, value_name = "FILE")]
     hgrm: Option<PathBuf>,
@@ -339,14 +358,14 @@ fn run_command(
         .collect::<Result<Vec<_>, _>>()?;
 
     let target = make_target(&args, &params)?;
-    let engine_pid = target.engine.as_ref().map(|e| e.pid());
-    let result = runner::run(
-        &params,
-        &*target.driver,
-        target.info,
-        engine_pid,
-        args.quiet,
-    );
+    let probe = engine_probe::ProbeSpec {
+        pid: target.engine.as_ref().map(|e| e.pid()).or(args.engine_pid),
+        stats_addr: (args.engine_stats && target.info.driver == "lanpush")
+            .then(|| target.info.address.clone()),
+        syscalls: args.engine_syscalls,
+        cpu: args.engine_cpu,
+    };
+    let result = runner::run(&params, &*target.driver, target.info, &probe, args.quiet);
     // Connections close before the engine is stopped.
     drop(target.driver);
     drop(target.engine);

@@ -31,6 +31,10 @@ pub struct RunResult {
     pub send_lag_us: Percentiles,
     /// CPU use during the measured window.
     pub cpu: CpuStats,
+    /// What the engine spent over the measured window (`--engine-pid`, `--engine-stats`,
+    /// `--engine-syscalls`; absent in older files).
+    #[serde(default)]
+    pub engine: crate::engine_probe::EngineFigures,
     pub errors: Vec<String>,
     pub histogram: HistogramDump,
     /// Where the figures come from: commit, host, engine config (absent in older files).
@@ -224,6 +228,47 @@ impl HistogramDump {
 }
 
 impl RunResult {
+    /// The `--engine-*` figures, per measured message: CPU per delivery, syscalls per publish.
+    fn engine_line(&self) -> Option<String> {
+        let e = &self.engine;
+        let per = |x: u64, n: u64| x as f64 / n.max(1) as f64;
+        let mut parts = Vec::new();
+        if let Some(ns) = e.cpu_ns {
+            parts.push(format!(
+                "cpu {:.1} ms = {:.3} µs per delivered msg",
+                ns as f64 / 1e6,
+                per(ns, self.deliver.received) / 1e3
+            ));
+        }
+        if let (Some(busy), Some(softirq)) = (e.cpu_busy_ns, e.cpu_softirq_ns) {
+            parts.push(format!(
+                "its CPU busy {:.0} ms (softirq {:.0} ms) = {:.3} µs per delivered msg",
+                busy as f64 / 1e6,
+                softirq as f64 / 1e6,
+                per(busy, self.deliver.received) / 1e3
+            ));
+        }
+        if let Some(n) = e.syscalls {
+            parts.push(format!(
+                "syscalls {n} (perf) = {:.2} per published msg",
+                per(n, self.publish.messages)
+            ));
+        }
+        if let Some(s) = e.stats {
+            parts.push(format!(
+                "writes {} = {:.2} per published msg, multicast datagrams {} in {} send calls, \
+                 repairs {} unicast / {} multicast",
+                s.writes,
+                per(s.writes, self.publish.messages),
+                s.mcast_datagrams,
+                s.mcast_send_syscalls,
+                s.mcast_unicast_repairs,
+                s.mcast_multicast_repairs
+            ));
+        }
+        (!parts.is_empty()).then(|| format!("engine (measured window): {}", parts.join("; ")))
+    }
+
     pub fn save(&self, path: &Path) -> Result<(), BenchError> {
         let text = serde_json::to_string_pretty(self).map_err(|e| BenchError::BadResult {
             path: path.display().to_string(),
@@ -373,6 +418,9 @@ impl RunResult {
                 |p| format!("{p:.0}%")
             )
         );
+        if let Some(line) = self.engine_line() {
+            let _ = writeln!(out, "{line}");
+        }
         if !self.errors.is_empty() {
             let _ = writeln!(out, "\n{} error(s):", self.errors.len());
             for e in self.errors.iter().take(10) {

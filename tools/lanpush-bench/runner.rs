@@ -12,6 +12,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use crate::clock::{Clock, WallClock};
 use crate::driver::Driver;
+use crate::engine_probe::{EngineProbe, ProbeSpec};
 use crate::error::BenchError;
 use crate::params::{Params, ScenarioKind};
 use crate::publisher::{run_publisher_thread, PubSlot};
@@ -206,15 +207,16 @@ fn keep_spawned<T>(handles: Vec<std::io::Result<T>>, error: &mut Option<std::io:
     kept
 }
 
-/// Runs the scenario of `params` against `driver`. `engine_pid` (the engine the tool started)
-/// is only used to report the engine's CPU use.
+/// Runs the scenario of `params` against `driver`. `probe` (the engine's pid: the one the tool
+/// started, or `--engine-pid`) is only used to report what the engine spent.
 pub fn run(
     params: &Params,
     driver: &dyn Driver,
     target: TargetInfo,
-    engine_pid: Option<u32>,
+    probe: &ProbeSpec,
     quiet: bool,
 ) -> Result<RunResult, BenchError> {
+    let engine_pid = probe.pid;
     let plan = plan(params);
     let say = |msg: String| {
         if !quiet {
@@ -316,6 +318,8 @@ pub fn run(
 
     let mut cpu_start = None;
     let mut cpu_end = None;
+    let mut engine_probe = None;
+    let mut engine = None;
     let (pub_results, sub_results) = std::thread::scope(|scope| {
         let sub_handles: Vec<_> = sub_groups
             .into_iter()
@@ -365,6 +369,7 @@ pub fn run(
             std::thread::sleep(Duration::from_millis(20));
             if cpu_start.is_none() && clock.now_ns() >= window.measure_start_ns {
                 cpu_start = Some(CpuSample::take(engine_pid));
+                engine_probe = Some(EngineProbe::start(probe));
             }
             if Instant::now() >= next_tick {
                 next_tick += PROGRESS_INTERVAL;
@@ -380,6 +385,7 @@ pub fn run(
             }
         }
         cpu_end = Some(CpuSample::take(engine_pid));
+        engine = engine_probe.take().map(EngineProbe::finish);
         let pub_results: Vec<_> = pub_handles
             .into_iter()
             .map(|h| h.join().expect("publisher thread panicked"))
@@ -565,6 +571,7 @@ pub fn run(
         latency_us: Percentiles::of(&latency),
         send_lag_us: Percentiles::of(&send_lag),
         cpu,
+        engine: engine.unwrap_or_default(),
         errors,
         histogram: HistogramDump::of(&latency),
         provenance: Default::default(),
@@ -608,7 +615,7 @@ mod tests {
             address: engine.addr.clone(),
             engine_started: false,
         };
-        let result = run(&params, &driver, target, None, true).unwrap();
+        let result = run(&params, &driver, target, &ProbeSpec::default(), true).unwrap();
         (result, engine)
     }
 

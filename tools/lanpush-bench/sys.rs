@@ -1,5 +1,6 @@
 //! The few syscalls std does not wrap: level-triggered epoll for the subscriber threads, a
-//! one-descriptor `poll(2)`, the timer slack of the publisher threads and the open-file limit.
+//! one-descriptor `poll(2)`, the timer slack of the publisher threads, the open-file limit and
+//! the SIGINT that stops the tool's `perf` child.
 //! This is the only module of the tool with `unsafe`.
 
 use std::io;
@@ -121,6 +122,14 @@ pub fn wait_readable(fd: RawFd, timeout: Duration) -> io::Result<bool> {
         };
     }
     Ok(n > 0)
+}
+
+/// Sends SIGINT to `pid` (a child of this tool: `perf stat`, which then prints its counts).
+pub fn interrupt(pid: u32) {
+    // SAFETY: kill takes two integers and no pointers.
+    unsafe {
+        libc::kill(pid as libc::pid_t, libc::SIGINT);
+    }
 }
 
 /// Makes `thread::sleep` on the calling thread wake within microseconds of its deadline instead
