@@ -1,8 +1,9 @@
 //! What authentication and authorisation cost (docs/SECURITY.md quotes these figures).
 //!
 //! - `hello/argon2`: checking a secret the engine has not seen (one argon2id run with the
-//!   `lanpush passwd` parameters: 19 MiB, 2 passes) — what a reactor spends on a new client or a
-//!   password guess, within `auth.max_verifications_per_s`;
+//!   `lanpush passwd` parameters: 19 MiB, 2 passes) — what the `lanpush-auth` thread spends on a
+//!   new client or a password guess, within `auth.max_verifications_per_s` per reactor (the
+//!   reactor itself spends what `hello/remembered` does: `Authenticator::begin`);
 //! - `hello/remembered`: the same secret again (a keyed BLAKE2b digest and a map look-up);
 //! - `hello/anonymous`;
 //! - `acl/may_publish_all`, `acl/may_publish_5_patterns`: the check on every PUBLISH, with `#`

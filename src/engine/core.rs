@@ -74,6 +74,14 @@ mod mcast_core;
 #[path = "durable_core.rs"]
 mod durable_core;
 
+/// Password checks off the reactor: the core's side (a child module, so it reaches the core's
+/// state).
+#[path = "auth_core.rs"]
+mod auth_core;
+#[cfg(test)]
+pub(crate) use auth_core::VerifyRequest;
+pub(crate) use auth_core::{PendingHello, Verdict};
+
 /// Publisher acknowledgements' side of the core (a child module, so it reaches the core's state).
 #[path = "acks_core.rs"]
 mod acks_core;
@@ -189,6 +197,8 @@ pub(crate) enum CoreMsg {
         conn: ConnRef,
         frames: Vec<SharedFrame>,
     },
+    /// The verifier thread's verdict on the HELLO of a connection (`auth_core.rs`).
+    Verified { conn: ConnRef, verdict: Verdict },
 }
 
 /// A subscription on another shard, in this shard's remote-interest index.
@@ -311,6 +321,8 @@ pub(crate) struct FanoutCore {
     mcast: Option<Box<mcast_core::McastShard>>,
     /// Connections with an ACK to send (`acks_core.rs`).
     ack_dirty: Vec<usize>,
+    /// argon2 runs for the driver to make off the core (`auth_core.rs`).
+    verifications: auth_core::VerifyQueue,
 }
 
 impl FanoutCore {
@@ -369,6 +381,7 @@ impl FanoutCore {
             pace: PaceBook::new(id),
             resumed: Vec::new(),
             ack_dirty: Vec::new(),
+            verifications: auth_core::VerifyQueue::new(),
         }
     }
 
@@ -452,7 +465,8 @@ impl FanoutCore {
         if session.is_closing() {
             return bytes.len();
         }
-        if session.paused {
+        // Paced, or waiting for the verdict on its HELLO: the bytes wait in the driver's buffer.
+        if session.paused || session.verifying.is_some() {
             return 0;
         }
         if session.mqtt.is_some() {
@@ -483,6 +497,8 @@ impl FanoutCore {
                 Some(s) if s.is_closing() => return bytes.len(),
                 // Paced: the rest waits in the driver's read buffer until the topic resumes.
                 Some(s) if s.paused => return used,
+                // HELLO parked for its argon2 run: the rest waits for the verdict.
+                Some(s) if s.verifying.is_some() => return used,
                 Some(_) => {}
             }
         }
@@ -714,6 +730,9 @@ impl FanoutCore {
                 }
             }
             CoreMsg::Repair { conn, frames } => self.handle_repairs(conn, frames),
+            CoreMsg::Verified { conn, verdict } => {
+                self.handle_verified(now, conn.slot as usize, conn.id, verdict)
+            }
             CoreMsg::StatsReply { conn, frame } => {
                 let Some(session) = live_session(&mut self.sessions, conn) else {
                     return;
@@ -1175,18 +1194,21 @@ impl FanoutCore {
                 ),
             ));
         }
-        let session = self.session(slot).expect("caller looked it up");
-        let (conn_id, peer) = (session.id, session.guard.peer);
-        // Cloned once per HELLO, for the borrow of the shard's guard.
-        let certificate = session.guard.certificate.clone();
-        let identity = self.guard.authenticate(
-            &self.shared.auth,
-            token,
-            now,
-            conn_id,
-            peer,
-            certificate.as_deref(),
-        )?;
+        self.authenticate_hello(now, slot, client_id, keepalive_ms, token, features)
+    }
+
+    /// HELLO's identity is known (at once, or after its argon2 run: `auth_core.rs`): the
+    /// client id is claimed and WELCOME queued.
+    fn admit_hello(
+        &mut self,
+        now: Instant,
+        slot: usize,
+        identity: Arc<crate::auth::Identity>,
+        client_id: String,
+        keepalive_ms: u32,
+        features: u32,
+    ) -> Result<(), Fatal> {
+        let conn_id = self.session(slot).expect("caller looked it up").id;
         let user = identity.user.clone();
         // Admitted before the client id is claimed, so the audit lines of a takeover or a
         // conflict name the identity (the session is not open until WELCOME).
@@ -1800,13 +1822,16 @@ impl FanoutCore {
         }
     }
 
-    /// Whether the driver must leave connection `slot` unread (pacing).
+    /// Whether the driver must leave connection `slot` unread (pacing, or its HELLO waits for
+    /// its argon2 verdict: `auth_core.rs`).
     pub(crate) fn is_paused(&self, slot: usize) -> bool {
-        self.session(slot).is_some_and(|s| s.paused)
+        self.session(slot)
+            .is_some_and(|s| s.paused || s.verifying.is_some())
     }
 
-    /// A paused connection that may be read again: the driver hands it the bytes it kept
-    /// ([`FanoutCore::handle_input`]) and reads its socket until it would block.
+    /// A paused connection (pacing, or a HELLO whose verdict came) that may be read again: the
+    /// driver hands it the bytes it kept ([`FanoutCore::handle_input`]) and reads its socket
+    /// until it would block.
     pub(crate) fn poll_resumed(&mut self) -> Option<usize> {
         self.resumed.pop()
     }

@@ -1062,6 +1062,7 @@ fn the_sans_io_files_touch_no_socket_and_read_no_clock() {
         ("acks_core.rs", include_str!("acks_core.rs")),
         ("durable_core.rs", include_str!("durable_core.rs")),
         ("mcast_core.rs", include_str!("mcast_core.rs")),
+        ("auth_core.rs", include_str!("auth_core.rs")),
     ];
     let forbidden = [
         "mio::",

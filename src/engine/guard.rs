@@ -10,7 +10,7 @@ use std::time::Instant;
 use super::audit::{AuditKind, AuditLog};
 use super::limits::TokenBucket;
 use super::session::Fatal;
-use crate::auth::{AuthError, Authenticator, Identity};
+use crate::auth::{AuthError, Authenticator, Check, Identity, PendingAuth, Verification};
 use crate::config::Config;
 use crate::proto::error_code;
 
@@ -132,6 +132,14 @@ pub(crate) struct GuardCounters {
     pub address_refused: u64,
 }
 
+/// What a HELLO's credentials need, as far as the reactor can tell without an argon2 run.
+#[derive(Debug)]
+pub(crate) enum HelloAuth {
+    Admitted(Arc<Identity>),
+    /// The run to make off the reactor, and what finishes the check with its verdict.
+    Verify(PendingAuth, Verification),
+}
+
 /// One shard's share of admission: the argon2 budget, the audit log and the counters.
 #[derive(Debug)]
 pub(crate) struct ShardGuard {
@@ -150,8 +158,10 @@ impl ShardGuard {
         }
     }
 
-    /// Checks HELLO's token: the identity, or the fatal ERROR (counted and audited).
-    pub(crate) fn authenticate(
+    /// Checks HELLO's token as far as it can without an argon2 run: the identity, the run to
+    /// make ([`HelloAuth::Verify`], finished by [`ShardGuard::finish_authentication`]), or the
+    /// fatal ERROR (counted and audited). The run takes a token of this shard's budget.
+    pub(crate) fn begin_authentication(
         &mut self,
         auth: &Authenticator,
         token: &str,
@@ -159,24 +169,51 @@ impl ShardGuard {
         conn_id: u64,
         peer: Option<SocketAddr>,
         certificate: Option<&[String]>,
-    ) -> Result<Arc<Identity>, Fatal> {
-        let result = auth.authenticate_token(token, certificate, now, &mut self.slow_budget);
-        match result {
-            Ok(done) => Ok(done.identity),
-            Err(e) => {
-                self.counters.auth_failures += 1;
-                let who = e.user().map_or_else(|| "-".to_string(), quote);
-                let detail = match &e {
-                    AuthError::Rejected { known: false, .. } => {
-                        format!("HELLO refused: {e} (no such user)")
-                    }
-                    _ => format!("HELLO refused: {e}"),
-                };
-                self.audit
-                    .record(now, AuditKind::AuthFailure, conn_id, peer, &who, &detail);
-                Err(Fatal::new(error_code::UNAUTHENTICATED, e.to_string()))
+    ) -> Result<HelloAuth, Fatal> {
+        match auth.begin_token(token, certificate, now, &mut self.slow_budget) {
+            Ok(Check::Done(done)) => Ok(HelloAuth::Admitted(done.identity)),
+            Ok(Check::Verify(pending, verification)) => {
+                Ok(HelloAuth::Verify(pending, verification))
             }
+            Err(e) => Err(self.refused(e, now, conn_id, peer)),
         }
+    }
+
+    /// The argon2 run of a HELLO answered `verified`: the identity, or the fatal ERROR (counted
+    /// and audited), exactly as if the run had been made in [`ShardGuard::begin_authentication`].
+    pub(crate) fn finish_authentication(
+        &mut self,
+        auth: &Authenticator,
+        pending: PendingAuth,
+        verified: bool,
+        now: Instant,
+        conn_id: u64,
+        peer: Option<SocketAddr>,
+    ) -> Result<Arc<Identity>, Fatal> {
+        auth.finish(pending, verified)
+            .map(|done| done.identity)
+            .map_err(|e| self.refused(e, now, conn_id, peer))
+    }
+
+    /// A HELLO refused for `e`: counted, audited, and the ERROR the client gets.
+    pub(crate) fn refused(
+        &mut self,
+        e: AuthError,
+        now: Instant,
+        conn_id: u64,
+        peer: Option<SocketAddr>,
+    ) -> Fatal {
+        self.counters.auth_failures += 1;
+        let who = e.user().map_or_else(|| "-".to_string(), quote);
+        let detail = match &e {
+            AuthError::Rejected { known: false, .. } => {
+                format!("HELLO refused: {e} (no such user)")
+            }
+            _ => format!("HELLO refused: {e}"),
+        };
+        self.audit
+            .record(now, AuditKind::AuthFailure, conn_id, peer, &who, &detail);
+        Fatal::new(error_code::UNAUTHENTICATED, e.to_string())
     }
 
     /// Audits one event on a connection.

@@ -56,14 +56,14 @@ admin = true
     .clone()
 }
 
-fn secure(n: u16, adjust: impl FnOnce(&mut Config)) -> Cluster {
+pub(super) fn secure(n: u16, adjust: impl FnOnce(&mut Config)) -> Cluster {
     Cluster::new(n, |config| {
         config.auth = secure_auth();
         adjust(config);
     })
 }
 
-fn counter(c: &Cluster, name: &str) -> u64 {
+pub(super) fn counter(c: &Cluster, name: &str) -> u64 {
     for (i, core) in c.cores.iter().enumerate() {
         core.publish_stats(&c.shared.shards[i]);
     }

@@ -290,6 +290,7 @@ fn join_reports_the_failed_reactor_after_it_stopped_the_others() {
         ws_addr: None,
         threads,
         stats_thread: std::thread::spawn(|| {}),
+        verifier_thread: std::thread::spawn(|| {}),
         shared: shared.clone(),
         current: Arc::new(std::sync::Mutex::new(config.clone())),
         config,

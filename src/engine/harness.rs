@@ -141,6 +141,10 @@ pub(crate) struct Cluster {
     pipes: Vec<Vec<Pipe>>,
     next_conn_id: u64,
     max_frame_bytes: usize,
+    /// The verifier thread's part (`auth_core.rs`): `run` makes each argon2 run in line unless
+    /// the test holds them back to look at a connection waiting for its verdict.
+    hold_verifications: bool,
+    held: Vec<(usize, super::core::VerifyRequest)>,
 }
 
 impl Cluster {
@@ -162,6 +166,8 @@ impl Cluster {
             pipes: (0..n).map(|_| Vec::new()).collect(),
             next_conn_id: 1,
             max_frame_bytes: config.limits.max_frame_bytes,
+            hold_verifications: false,
+            held: Vec::new(),
         }
     }
 
@@ -381,6 +387,15 @@ impl Cluster {
                     self.cores[i].handle_msg(self.now, msg);
                 }
             }
+            // The verifier thread's part: in line, in order, unless held back.
+            for (i, core) in self.cores.iter_mut().enumerate() {
+                while let Some(request) = core.poll_verification() {
+                    self.held.push((i, request));
+                }
+            }
+            if !self.hold_verifications {
+                moved |= self.make_verifications();
+            }
             moved |= self.feed_unread();
             let n = self.cores.len();
             for from in 0..n {
@@ -397,6 +412,34 @@ impl Cluster {
             }
         }
         panic!("the cores never settled");
+    }
+
+    /// Holds the argon2 runs back (`true`): HELLOs that need one wait for their verdict until
+    /// [`Cluster::release_verifications`]. `false` (the default): `run` makes them in line.
+    pub(crate) fn hold_verifications(&mut self, hold: bool) {
+        self.hold_verifications = hold;
+    }
+
+    /// argon2 runs waiting for the verifier.
+    pub(crate) fn held_verifications(&self) -> usize {
+        self.held.len()
+    }
+
+    /// Makes the held runs now and hands their verdicts to the cores, then runs.
+    pub(crate) fn release_verifications(&mut self) {
+        self.make_verifications();
+        self.run();
+    }
+
+    fn make_verifications(&mut self) -> bool {
+        let held = std::mem::take(&mut self.held);
+        let moved = !held.is_empty();
+        for (i, request) in held {
+            let verdict = super::core::Verdict::of(request.verification.run());
+            let conn = request.conn;
+            self.cores[i].handle_verified(self.now, conn.slot as usize, conn.id, verdict);
+        }
+        moved
     }
 
     /// Advances the virtual clock by `by`, in steps no longer than `step`, handling every

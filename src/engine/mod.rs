@@ -12,6 +12,8 @@ mod acks;
 #[cfg(test)]
 mod acks_tests;
 mod audit;
+#[cfg(test)]
+mod auth_core_tests;
 mod bench_api;
 mod clients;
 mod core;
@@ -50,6 +52,7 @@ mod store;
 mod timer;
 mod tls_link;
 mod trim;
+mod verifier;
 mod wire;
 mod ws_link;
 #[cfg(test)]
@@ -101,6 +104,8 @@ pub enum EngineError {
     Stopped { id: usize },
     #[error("the stats thread panicked: {message}")]
     StatsPanicked { message: String },
+    #[error("the password verifier thread panicked: {message}")]
+    VerifierPanicked { message: String },
     #[error("TLS: {0}")]
     Tls(#[from] crate::tls::TlsError),
 }
@@ -529,6 +534,8 @@ pub struct Engine {
     threads: Vec<JoinHandle<Result<(), EngineError>>>,
     /// Ends once every reactor (each holding a sender of STATS jobs) has exited.
     stats_thread: JoinHandle<()>,
+    /// The `lanpush-auth` thread (`verifier.rs`); ends with the reactors, as the stats thread.
+    verifier_thread: JoinHandle<()>,
     shared: Arc<EngineShared>,
     config: Arc<Config>,
     /// The config in force, changed by [`ReloadHandle::reload`].
@@ -640,6 +647,10 @@ impl Engine {
             config.limits.max_frame_bytes,
         )
         .map_err(EngineError::Thread)?;
+        let (verify_jobs, verify_rx) =
+            crossbeam_channel::bounded(verifier::queue_capacity(&config, n));
+        let verifier_thread = verifier::spawn(shared.clone(), mailboxes.clone(), verify_rx)
+            .map_err(EngineError::Thread)?;
         let mut listener = Some(mio::net::TcpListener::from_std(listener));
         let mut mqtt_listener = mqtt_listener.map(mio::net::TcpListener::from_std);
         let mut ws_listener = ws_listener.map(mio::net::TcpListener::from_std);
@@ -666,6 +677,7 @@ impl Engine {
                 inbox,
                 mailboxes.clone(),
                 stats_jobs.clone(),
+                verify_jobs.clone(),
             )
             .map_err(|source| EngineError::Setup { id, source })
             .and_then(|reactor| {
@@ -682,6 +694,7 @@ impl Engine {
             }
         }
         drop(stats_jobs);
+        drop(verify_jobs);
         let persist = match config.retained.persist_file() {
             None => None,
             Some(path) => {
@@ -710,6 +723,7 @@ impl Engine {
             tls_mqtt_addr,
             threads,
             stats_thread,
+            verifier_thread,
             shared,
             current: Arc::new(Mutex::new(config.clone())),
             config,
@@ -836,6 +850,12 @@ impl Engine {
         // The reactors are gone, and with them every sender of STATS jobs.
         if let Err(payload) = self.stats_thread.join() {
             first_failure.get_or_insert(EngineError::StatsPanicked {
+                message: panic_message(payload.as_ref()),
+            });
+        }
+        // And with them every sender of verification jobs.
+        if let Err(payload) = self.verifier_thread.join() {
+            first_failure.get_or_insert(EngineError::VerifierPanicked {
                 message: panic_message(payload.as_ref()),
             });
         }

@@ -40,6 +40,14 @@ pub(crate) const MQTT_QUALITY: u8 = 192;
 /// far longer than any connection the engine expects to see silent.
 const NO_KEEPALIVE: Duration = Duration::from_secs(10 * 24 * 3600);
 
+/// What an MQTT CONNECT does once admitted; kept with a CONNECT parked for its argon2 run.
+#[derive(Debug)]
+pub(crate) struct MqttConnectTail {
+    will: Option<(String, Vec<u8>)>,
+    keep_alive_s: u16,
+    saved: Option<SavedSession>,
+}
+
 impl FanoutCore {
     /// [`FanoutCore::handle_input`] for an MQTT connection: decodes every whole packet.
     pub(super) fn handle_mqtt_input(
@@ -58,8 +66,9 @@ impl FanoutCore {
             if session.is_closing() {
                 return bytes.len();
             }
-            // Paced (`pacing.rs`): the rest waits in the driver's read buffer.
-            if session.paused {
+            // Paced (`pacing.rs`), or CONNECT waits for its argon2 verdict (`auth_core.rs`):
+            // the rest waits in the driver's read buffer.
+            if session.paused || session.verifying.is_some() {
                 return used;
             }
             let result = match mqtt::decode_packet(&bytes[used..], max_packet) {
@@ -241,15 +250,46 @@ impl FanoutCore {
             features: 0,
         };
         self.handle_op(now, read_ns, slot, hello)?;
+        let tail = MqttConnectTail {
+            will: connect
+                .will
+                .map(|w| (w.topic.to_string(), w.message.to_vec())),
+            keep_alive_s: connect.keep_alive_s,
+            saved,
+        };
+        match self
+            .session_mut(slot)
+            .and_then(|s| s.verifying.as_deref_mut())
+        {
+            // Parked for its argon2 run: finished with the verdict (`auth_core.rs`).
+            Some(pending) => {
+                pending.mqtt = Some(tail);
+                Ok(())
+            }
+            None => self.finish_mqtt_connect(now, slot, tail),
+        }
+    }
+
+    /// An accepted CONNECT's part after the admission: the will, the client's keep-alive, the
+    /// saved session restored.
+    pub(super) fn finish_mqtt_connect(
+        &mut self,
+        now: Instant,
+        slot: usize,
+        tail: MqttConnectTail,
+    ) -> Result<(), Fatal> {
+        let MqttConnectTail {
+            will,
+            keep_alive_s,
+            saved,
+        } = tail;
         // The native rules clamp the keep-alive; MQTT's is the client's to choose (spec 3.1.2.10).
         if let Some(session) = self.session_mut(slot) {
             // Only an accepted connection has a will: a refused CONNECT publishes nothing.
             if let Some(m) = session.mqtt.as_deref_mut() {
-                m.will = connect
-                    .will
-                    .map(|w| (w.topic.to_string(), w.message.to_vec()));
+                m.will = will;
             }
-            session.keepalive = match connect.keep_alive_s {
+            session.keepalive = match keep_alive_s {
                 0 => NO_KEEPALIVE,
                 s => Duration::from_secs(s.into()),
             };

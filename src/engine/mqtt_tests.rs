@@ -759,3 +759,84 @@ fn connect_credentials_go_to_the_same_authentication_and_acls_as_native_clients(
     m.cluster.run();
     assert!(m.cluster.is_closed(gw) || m.cluster.write_shut(gw));
 }
+
+#[test]
+fn a_connect_waiting_for_argon2_keeps_its_will_and_the_packets_behind_it() {
+    let gw = crate::auth::hash_password(b"gw-pw").unwrap();
+    let watch = crate::auth::hash_password(b"watch-pw").unwrap();
+    let text = format!(
+        "[auth]\nanonymous = false\nanonymous_roles = []\n\
+         [[auth.users]]\nname = \"gw\"\nsecret_hash = \"{gw}\"\npublish = [\"plant/#\", \"status/#\"]\n\
+         [[auth.users]]\nname = \"watch\"\nsecret_hash = \"{watch}\"\nsubscribe = [\"#\"]\n"
+    );
+    let auth = crate::config::Config::from_toml_str(&text, "test")
+        .unwrap()
+        .auth;
+    let mut cluster = Cluster::new(1, |c| c.auth = auth);
+    let mut m = Mqtt {
+        cluster: &mut cluster,
+    };
+    // Checked in line: the harness plays the verifier thread unless told to hold.
+    let watcher = m.connect_with(
+        0,
+        Connect {
+            username: Some("watch"),
+            password: Some(b"watch-pw"),
+            ..connect("watcher", 60, None)
+        },
+    );
+    assert_eq!(
+        m.subscribe(watcher, "#", QoS::AtLeastOnce),
+        vec![In::SubAck(vec![1])]
+    );
+    m.cluster.hold_verifications(true);
+    let c = m.cluster.connect_mqtt_raw(0);
+    let will = Will {
+        topic: "status/gw",
+        message: b"offline",
+        qos: QoS::AtMostOnce,
+        retain: false,
+    };
+    let mut bytes = Vec::new();
+    mqtt::encode_packet(
+        &mut bytes,
+        &Packet::Connect(Connect {
+            username: Some("gw"),
+            password: Some(b"gw-pw"),
+            ..connect("gw", 10, Some(will))
+        }),
+    );
+    let head = bytes.len();
+    mqtt::encode_packet(
+        &mut bytes,
+        &Packet::Publish(Publish {
+            topic: "plant/a",
+            payload: b"1",
+            qos: QoS::AtLeastOnce,
+            retain: false,
+            dup: false,
+            pkid: 5,
+        }),
+    );
+    assert_eq!(
+        m.cluster.send_bytes(c, &bytes),
+        head,
+        "only CONNECT is taken"
+    );
+    m.cluster.run();
+    assert_eq!(m.recv(c), vec![], "no CONNACK before the verdict");
+    assert_eq!(m.recv(watcher), vec![], "nothing published yet");
+    m.cluster.release_verifications();
+    assert_eq!(m.recv(c), vec![In::ConnAck(0), In::PubAck(5)]);
+    assert_eq!(
+        m.recv(watcher),
+        vec![publish_in("plant/a", b"1", 1, false, 1)]
+    );
+    // The CONNECT's keep-alive (10 s, closed after 15 s of silence) and will came through.
+    m.cluster.advance(Duration::from_secs(16));
+    assert!(m.cluster.is_closed(c) || m.cluster.write_shut(c));
+    assert_eq!(
+        m.recv(watcher),
+        vec![publish_in("status/gw", b"offline", 1, false, 2)]
+    );
+}

@@ -20,13 +20,14 @@ use crossbeam_channel::TrySendError;
 use mio::net::{TcpListener, TcpStream};
 use mio::{Events, Interest, Poll, Token};
 
-use super::core::{CoreMsg, FanoutCore, Transport};
+use super::core::{CoreMsg, FanoutCore, Transport, Verdict};
 use super::native::{self, Reply};
 use super::notify::{Inbox, Mailbox};
 use super::readbuf::{BufPool, ReadBuf};
 use super::stats::StatsJob;
 use super::timer::DeadlineTimer;
 use super::tls_link::{Plain, TlsIoError, TlsLink};
+use super::verifier::VerifyJob;
 use super::wire::WireKind;
 use super::ws_link::{LinkInput, WsLink};
 use super::{now_unix_ns, EngineShared};
@@ -272,6 +273,8 @@ pub(crate) struct Reactor {
     timer: DeadlineTimer,
     /// STATS requests go to the stats thread.
     stats_jobs: crossbeam_channel::Sender<StatsJob>,
+    /// argon2 runs go to the verifier thread (`verifier.rs`).
+    verify_jobs: crossbeam_channel::Sender<VerifyJob>,
     /// The multicast channels' sockets (`mcast_io.rs`); `None` when none is configured.
     mcast: Option<super::mcast_io::McastSockets>,
 }
@@ -291,6 +294,7 @@ impl Reactor {
         inbox: Inbox<ShardMsg>,
         peers: Vec<Mailbox<ShardMsg>>,
         stats_jobs: crossbeam_channel::Sender<StatsJob>,
+        verify_jobs: crossbeam_channel::Sender<VerifyJob>,
     ) -> io::Result<Reactor> {
         let mut listener = listener;
         if let Some(l) = listener.as_mut() {
@@ -357,6 +361,7 @@ impl Reactor {
             throttled: false,
             timer,
             stats_jobs,
+            verify_jobs,
         })
     }
 
@@ -446,6 +451,7 @@ impl Reactor {
                 self.core.handle_timeout(now);
             }
             self.forward_stats_requests();
+            self.forward_verifications(now);
             self.flush(now);
             self.flush_ws(now);
             self.end_lingering(now);
@@ -1203,6 +1209,23 @@ impl Reactor {
             };
             if self.stats_jobs.try_send(job).is_err() {
                 self.core.handle_stats_busy(conn);
+            }
+        }
+    }
+
+    /// HELLOs parked for an argon2 run: the runs go to the verifier thread; a full queue
+    /// refuses the HELLO at once (`Verdict::Busy`), the reactor never waits.
+    fn forward_verifications(&mut self, now: Instant) {
+        while let Some(request) = self.core.poll_verification() {
+            let job = VerifyJob {
+                shard: self.id,
+                conn: request.conn,
+                verification: request.verification,
+            };
+            if let Err(e) = self.verify_jobs.try_send(job) {
+                let conn = e.into_inner().conn;
+                self.core
+                    .handle_verified(now, conn.slot as usize, conn.id, Verdict::Busy);
             }
         }
     }

@@ -229,6 +229,9 @@ pub(crate) struct Session {
     /// Pacing, as a publisher: the engine does not read this connection (it published to a
     /// topic that a subscriber holds back). Its silence is then the engine's doing.
     pub paused: bool,
+    /// Its HELLO waits for an argon2 verdict (`auth_core.rs`): what finishes it. Not read
+    /// meanwhile, like a paused publisher.
+    pub verifying: Option<Box<super::core::PendingHello>>,
     /// Since when the socket has taken nothing while bytes waited for it (a write would
     /// block); `None` once a write makes progress. Pacing's stall rule counts from here.
     pub blocked_since: Option<Instant>,
@@ -299,6 +302,7 @@ impl Session {
             guard: Guard::default(),
             holds: Holds::default(),
             paused: false,
+            verifying: None,
             blocked_since: None,
             peer: None,
             close_code: None,
@@ -615,6 +619,8 @@ impl Session {
         if self.is_closing() {
             return false;
         }
+        // A verdict still to come is moot: the closing connection's input is read and dropped.
+        self.verifying = None;
         let mut buf = Vec::new();
         match self.mqtt.as_deref_mut() {
             None => native::encode_reply(
