@@ -24,7 +24,7 @@ use super::conn::{frame_name, Conn, Fill, MAX_INBOUND_FRAME_BYTES};
 use super::error::{error_code_name, is_retryable_code};
 use super::mcast_socket::{join, RecvBatch, RECV_BATCH};
 use super::options::Reconnect;
-use super::subscriber::{EventRef, MessageRef};
+use super::subscriber::{EventRef, EventSource, MessageRef};
 use super::{deadline_after, ping_interval, ClientError, ClientOptions, Event};
 use crate::mcast::{
     patterns_overlap, McastReceiver, ReceiverConfig, ReceiverCounters, ReceiverEventRef,
@@ -203,16 +203,7 @@ impl McastSubscriber {
     /// The next event, waiting up to `timeout`; `Ok(None)` if none came. Copies each message
     /// out of the datagram; [`McastSubscriber::next_batch`] avoids that.
     pub fn next_event(&mut self, timeout: Duration) -> Result<Option<Event>, ClientError> {
-        if let Some(e) = self.pending.pop_front() {
-            return Ok(Some(e));
-        }
-        let mut batch = std::mem::take(&mut self.pending);
-        let result = self.pump(timeout, &mut |e: EventRef<'_>| {
-            batch.push_back(e.to_event())
-        });
-        self.pending = batch;
-        result?;
-        Ok(self.pending.pop_front())
+        EventSource::next_event(self, timeout)
     }
 
     /// Calls `f` for every event of one poll round (a `recvmmsg` batch per channel, what the
@@ -224,14 +215,7 @@ impl McastSubscriber {
         timeout: Duration,
         mut f: impl FnMut(EventRef<'_>),
     ) -> Result<usize, ClientError> {
-        if !self.pending.is_empty() {
-            let n = self.pending.len();
-            for event in self.pending.drain(..) {
-                f(event.as_event_ref());
-            }
-            return Ok(n);
-        }
-        self.pump(timeout, &mut f)
+        EventSource::next_batch(self, timeout, &mut f)
     }
 
     /// The first joined group's socket, for a caller that waits on many receivers with its own
@@ -801,4 +785,18 @@ fn join_channel(info: &ChannelInfo, opts: &McastOptions) -> Result<Channel, Clie
     }
     let socket = join(group, info.port, opts.interface, opts.recv_buffer_bytes)?;
     Ok(Channel { socket, drops: 0 })
+}
+
+impl EventSource for McastSubscriber {
+    fn pending(&mut self) -> &mut VecDeque<Event> {
+        &mut self.pending
+    }
+
+    fn pump(
+        &mut self,
+        timeout: Duration,
+        sink: &mut dyn FnMut(EventRef<'_>),
+    ) -> Result<usize, ClientError> {
+        McastSubscriber::pump(self, timeout, sink)
+    }
 }

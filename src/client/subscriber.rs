@@ -278,16 +278,7 @@ impl Subscriber {
     /// The next event, waiting up to `timeout`; `Ok(None)` if none came. Copies each message
     /// out of the receive buffer; [`Subscriber::next_batch`] avoids that.
     pub fn next_event(&mut self, timeout: Duration) -> Result<Option<Event>, ClientError> {
-        if let Some(event) = self.pending.pop_front() {
-            return Ok(Some(event));
-        }
-        let mut batch = std::mem::take(&mut self.pending);
-        let result = self.pump(timeout, &mut |e: EventRef<'_>| {
-            batch.push_back(e.to_event())
-        });
-        self.pending = batch;
-        result?;
-        Ok(self.pending.pop_front())
+        EventSource::next_event(self, timeout)
     }
 
     /// Calls `f` for every event decoded from one read (many frames per read), borrowing the
@@ -298,14 +289,7 @@ impl Subscriber {
         timeout: Duration,
         mut f: impl FnMut(EventRef<'_>),
     ) -> Result<usize, ClientError> {
-        if !self.pending.is_empty() {
-            let n = self.pending.len();
-            for event in self.pending.drain(..) {
-                f(event.as_event_ref());
-            }
-            return Ok(n);
-        }
-        self.pump(timeout, &mut f)
+        EventSource::next_batch(self, timeout, &mut f)
     }
 
     /// The engine's WELCOME on the current connection; `None` while disconnected.
@@ -663,4 +647,60 @@ fn drain(
     }
     conn.consume(used);
     (delivered, stop)
+}
+
+/// What [`Subscriber`] and [`super::McastSubscriber`] share: a `pump` that hands one poll round's
+/// events to a sink, and a queue for the events of a round that `next_event` returns one at a
+/// time. Their public `next_event` and `next_batch` are these.
+pub(crate) trait EventSource {
+    fn pending(&mut self) -> &mut VecDeque<Event>;
+
+    fn pump(
+        &mut self,
+        timeout: Duration,
+        sink: &mut dyn FnMut(EventRef<'_>),
+    ) -> Result<usize, ClientError>;
+
+    fn next_event(&mut self, timeout: Duration) -> Result<Option<Event>, ClientError> {
+        if let Some(event) = self.pending().pop_front() {
+            return Ok(Some(event));
+        }
+        let mut batch = std::mem::take(self.pending());
+        let result = self.pump(timeout, &mut |e: EventRef<'_>| {
+            batch.push_back(e.to_event())
+        });
+        *self.pending() = batch;
+        result?;
+        Ok(self.pending().pop_front())
+    }
+
+    fn next_batch(
+        &mut self,
+        timeout: Duration,
+        f: &mut dyn FnMut(EventRef<'_>),
+    ) -> Result<usize, ClientError> {
+        let pending = self.pending();
+        if !pending.is_empty() {
+            let n = pending.len();
+            for event in pending.drain(..) {
+                f(event.as_event_ref());
+            }
+            return Ok(n);
+        }
+        self.pump(timeout, f)
+    }
+}
+
+impl EventSource for Subscriber {
+    fn pending(&mut self) -> &mut VecDeque<Event> {
+        &mut self.pending
+    }
+
+    fn pump(
+        &mut self,
+        timeout: Duration,
+        sink: &mut dyn FnMut(EventRef<'_>),
+    ) -> Result<usize, ClientError> {
+        Subscriber::pump(self, timeout, sink)
+    }
 }
