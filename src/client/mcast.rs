@@ -24,17 +24,15 @@ use super::conn::{frame_name, Conn, Fill, MAX_INBOUND_FRAME_BYTES};
 use super::error::{error_code_name, is_retryable_code};
 use super::mcast_socket::{join, RecvBatch, RECV_BATCH};
 use super::options::Reconnect;
-use super::subscriber::{EventRef, EventSource, MessageRef};
+use super::subscriber::{resume_list, EventRef, EventSource, MessageRef};
 use super::{deadline_after, ping_interval, ClientError, ClientOptions, Event};
 use crate::mcast::{
     patterns_overlap, McastReceiver, ReceiverConfig, ReceiverCounters, ReceiverEventRef,
 };
 use crate::proto::{
     decode_frame, encode_control, encode_ping, encode_pong, validate_pattern, ChannelInfo, Decoded,
-    DeliveryMode, Frame, Mcast, Subscribe, TopicPosition, DATA_FLAG_RESTORED, DATA_FLAG_SNAPSHOT,
-    SESSION_MARKER_SEQ,
+    DeliveryMode, Frame, Mcast, Subscribe, DATA_FLAG_RESTORED, DATA_FLAG_SNAPSHOT,
 };
-use crate::topic::pattern_matches;
 
 /// Default receive buffer per channel socket: 4 MiB holds about 2,800 full datagrams, 280 ms
 /// of a 10,000-datagram/s channel.
@@ -588,32 +586,14 @@ impl McastSubscriber {
         for (i, p) in self.patterns.iter().enumerate() {
             receiver.add_pattern(p);
             receiver.hold();
-            let mut resume: Vec<TopicPosition> = if resuming {
-                positions
-                    .iter()
-                    .filter(|(topic, _)| pattern_matches(p, topic))
-                    .map(|(topic, seq)| TopicPosition {
-                        topic: topic.clone(),
-                        last_seq: *seq,
-                    })
-                    .collect()
-            } else {
-                Vec::new()
-            };
-            resume.sort_by(|a, b| a.topic.cmp(&b.topic));
-            if resuming && resume.is_empty() {
-                // "Resuming, nothing seen yet" (§8): replay from the first message.
-                resume.push(TopicPosition {
-                    topic: String::new(),
-                    last_seq: 0,
-                });
-            }
-            if self.opts.durable_session {
-                resume.push(TopicPosition {
-                    topic: String::new(),
-                    last_seq: SESSION_MARKER_SEQ,
-                });
-            }
+            // Positions only when resuming (a first connection sends none).
+            let seen: &[(String, u64)] = if resuming { &positions } else { &[] };
+            let resume = resume_list(
+                seen.iter().map(|(t, s)| (t.as_str(), *s)),
+                p,
+                resuming,
+                self.opts.durable_session,
+            );
             encode_control(
                 &mut out,
                 &Frame::Subscribe(Subscribe {

@@ -488,32 +488,12 @@ impl Subscriber {
         self.state.awaiting_subacks.clear();
         for (i, spec) in self.subscriptions.iter().enumerate() {
             let sub_id = i as u32 + 1;
-            let mut resume: Vec<TopicPosition> = self
-                .state
-                .positions
-                .iter()
-                .filter(|(topic, _)| pattern_matches(&spec.pattern, topic))
-                .map(|(topic, &last_seq)| TopicPosition {
-                    topic: topic.clone(),
-                    last_seq,
-                })
-                .collect();
-            resume.sort_by(|a, b| a.topic.cmp(&b.topic));
-            if resuming && resume.is_empty() {
-                // "Resuming, nothing seen yet": the engine replays topics that appeared while we
-                // were away from their first message instead of sending only their last value.
-                resume.push(TopicPosition {
-                    topic: String::new(),
-                    last_seq: 0,
-                });
-            }
-            if self.opts.durable_session {
-                // Positions the engine kept for our id fill in what this process never saw.
-                resume.push(TopicPosition {
-                    topic: String::new(),
-                    last_seq: SESSION_MARKER_SEQ,
-                });
-            }
+            let resume = resume_list(
+                self.state.positions.iter().map(|(t, &s)| (t.as_str(), s)),
+                &spec.pattern,
+                resuming,
+                self.opts.durable_session,
+            );
             encode_control(
                 &mut out,
                 &Frame::Subscribe(Subscribe {
@@ -647,6 +627,40 @@ fn drain(
     }
     conn.consume(used);
     (delivered, stop)
+}
+
+/// SUBSCRIBE's resume list for `pattern` (docs/PROTOCOL.md §8): the positions of the topics it
+/// matches, sorted; when resuming with none of them, the "resuming, nothing seen yet" marker
+/// (the engine then replays topics that appeared while we were away from their first message
+/// instead of sending only their last value); and with a durable session, the marker that lets
+/// the positions the engine kept for our id fill in what this process never saw.
+pub(crate) fn resume_list<'a>(
+    positions: impl Iterator<Item = (&'a str, u64)>,
+    pattern: &str,
+    resuming: bool,
+    durable_session: bool,
+) -> Vec<TopicPosition> {
+    let mut resume: Vec<TopicPosition> = positions
+        .filter(|(topic, _)| pattern_matches(pattern, topic))
+        .map(|(topic, last_seq)| TopicPosition {
+            topic: topic.to_string(),
+            last_seq,
+        })
+        .collect();
+    resume.sort_by(|a, b| a.topic.cmp(&b.topic));
+    if resuming && resume.is_empty() {
+        resume.push(TopicPosition {
+            topic: String::new(),
+            last_seq: 0,
+        });
+    }
+    if durable_session {
+        resume.push(TopicPosition {
+            topic: String::new(),
+            last_seq: SESSION_MARKER_SEQ,
+        });
+    }
+    resume
 }
 
 /// What [`Subscriber`] and [`super::McastSubscriber`] share: a `pump` that hands one poll round's
