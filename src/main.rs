@@ -239,9 +239,42 @@ struct SubArgs {
     /// exit. Reconnects as without it: channels joined again, subscriptions resumed.
     #[arg(long)]
     multicast: bool,
-    /// With --multicast: the address of the interface to join the groups on.
-    #[arg(long, value_name = "ADDR", default_value = "0.0.0.0")]
-    multicast_interface: std::net::Ipv4Addr,
+    /// With --multicast: the interface to join the groups on, by its address: ADDR for every
+    /// group, GROUP=ADDR for one group (a host whose channels arrive on different networks).
+    /// Repeatable; default: the kernel's route for each group.
+    #[arg(long, value_name = "[GROUP=]ADDR", value_parser = parse_join_interface)]
+    multicast_interface: Vec<JoinInterface>,
+}
+
+/// One `--multicast-interface`: the group it is for (all when `None`) and the address.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct JoinInterface {
+    group: Option<std::net::Ipv4Addr>,
+    addr: std::net::Ipv4Addr,
+}
+
+fn parse_join_interface(s: &str) -> Result<JoinInterface, String> {
+    let addr = |a: &str| {
+        a.parse::<std::net::Ipv4Addr>()
+            .map_err(|_| format!("{a:?} is not an IPv4 interface address"))
+    };
+    match s.split_once('=') {
+        None => Ok(JoinInterface {
+            group: None,
+            addr: addr(s)?,
+        }),
+        Some((g, a)) => {
+            let group = g
+                .parse::<std::net::Ipv4Addr>()
+                .ok()
+                .filter(|g| g.is_multicast())
+                .ok_or_else(|| format!("{g:?} is not an IPv4 multicast group"))?;
+            Ok(JoinInterface {
+                group: Some(group),
+                addr: addr(a)?,
+            })
+        }
+    }
 }
 
 #[derive(Args)]
@@ -914,8 +947,14 @@ fn subscribe_multicast(
     timeout: Option<Duration>,
 ) -> Result<(), CliError> {
     let started = Instant::now();
+    let j = &args.multicast_interface;
     let mcast = McastOptions {
-        interface: args.multicast_interface,
+        interface: j
+            .iter()
+            .rev()
+            .find(|j| j.group.is_none())
+            .map_or(std::net::Ipv4Addr::UNSPECIFIED, |j| j.addr),
+        group_interfaces: j.iter().filter_map(|j| Some((j.group?, j.addr))).collect(),
         ..McastOptions::default()
     };
     let mut sub = McastSubscriber::connect(opts, mcast, args.patterns.clone(), mode)?;

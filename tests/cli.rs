@@ -87,6 +87,18 @@ fn client_commands_fail_with_a_message() {
     assert_fails_with(&out, "not-an-address");
     let out = run(&["pub", "a/b", "v", "--count", "3"], None, STEP);
     assert_fails_with(&out, "cannot be used with");
+    for (value, says) in [
+        ("10.0.0.1=10.0.0.2", "not an IPv4 multicast group"),
+        ("239.1.1.1=eth0", "not an IPv4 interface address"),
+        ("eth0", "not an IPv4 interface address"),
+    ] {
+        let out = run(
+            &["sub", "--multicast", "--multicast-interface", value, "a/#"],
+            None,
+            STEP,
+        );
+        assert_fails_with(&out, says);
+    }
 }
 
 #[test]

@@ -851,3 +851,71 @@ fn a_channel_without_loopback_reaches_other_hosts_and_not_its_own() {
     assert!(seqs.is_empty(), "{seqs:?}");
     assert_eq!(c.receiver.datagrams, 0, "{c:?}");
 }
+
+/// A receiving host whose channels come on two networks: `--multicast-interface GROUP=ADDR`
+/// joins the second channel's group on its own interface (a veth end in the test's namespace,
+/// where the engine sends that channel); the first stays on the route's (loopback). Joined on
+/// the wrong interface, the second channel's datagrams would never arrive. (The first channel
+/// names 127.0.0.1: with the veth's address in the namespace, the kernel would otherwise send
+/// it from 10.9.0.1 over loopback, a source the receiving side drops.)
+#[test]
+fn each_group_is_joined_on_the_interface_named_for_it() {
+    if !in_private_netns("each_group_is_joined_on_the_interface_named_for_it") {
+        return;
+    }
+    for args in [
+        &[
+            "link", "add", "lpva", "type", "veth", "peer", "name", "lpvb",
+        ][..],
+        &["addr", "add", "10.9.0.1/24", "dev", "lpva"],
+        &["link", "set", "lpva", "multicast", "on", "up"],
+        &["link", "set", "lpvb", "up"],
+    ] {
+        let out = Command::new("ip").args(args).output().expect("run ip");
+        assert!(out.status.success(), "ip {args:?}: {out:?}");
+    }
+    let config = util::TempFile::new(
+        "two-nets.toml",
+        "[[multicast.channels]]\ngroup = \"239.192.0.1\"\nport = 7420\n\
+         interface = \"127.0.0.1\"\npatterns = [\"plant/line1/#\"]\n\
+         [[multicast.channels]]\ngroup = \"239.192.0.2\"\nport = 7421\n\
+         interface = \"10.9.0.1\"\npatterns = [\"plant/line2/#\"]\n",
+    );
+    let server = serve(&config.path);
+    let addr = server.addr_string();
+    let sub = Cli::spawn(&[
+        "sub",
+        "--server",
+        &addr,
+        "--multicast",
+        "--multicast-interface",
+        "239.192.0.2=10.9.0.1",
+        "--json",
+        "--count",
+        "200",
+        "--timeout",
+        "30",
+        "plant/#",
+    ]);
+    let line = sub.wait_stderr_line("subscribed:", STEP);
+    assert!(line.contains("2 channel(s) joined"), "{line}");
+    publish(&server, 100, "plant/line1/a");
+    publish(&server, 100, "plant/line2/b");
+    let out = sub.finish(STEP * 3);
+    assert!(out.status.success(), "{}", out.stderr);
+    let got = seqs(&out.stdout);
+    for topic in ["plant/line1/a", "plant/line2/b"] {
+        let s: Vec<u64> = got
+            .iter()
+            .filter(|(t, _, _)| t == topic)
+            .map(|(_, s, _)| *s)
+            .collect();
+        assert_eq!(s, (1..=100).collect::<Vec<_>>(), "{topic}");
+    }
+    let c = counters(&out.stderr);
+    assert_eq!(
+        (c["messages"], c["tcp_messages"]),
+        (200, 0),
+        "both channels by their groups: {c:?}"
+    );
+}

@@ -51,6 +51,9 @@ const TCP_QUIET: Duration = Duration::from_millis(1);
 pub struct McastOptions {
     /// Address of the interface to join the groups on (`0.0.0.0`: the route's).
     pub interface: Ipv4Addr,
+    /// Groups joined on another interface than `interface`: (group, interface address), for a
+    /// host whose channels arrive on different networks.
+    pub group_interfaces: Vec<(Ipv4Addr, Ipv4Addr)>,
     pub recv_buffer_bytes: usize,
     /// Random NAK delay ceiling and the retry interval.
     pub nak_delay: Duration,
@@ -61,6 +64,7 @@ impl Default for McastOptions {
     fn default() -> Self {
         McastOptions {
             interface: Ipv4Addr::UNSPECIFIED,
+            group_interfaces: Vec::new(),
             recv_buffer_bytes: DEFAULT_RECV_BUFFER_BYTES,
             nak_delay: Duration::from_millis(5),
             nak_retry: Duration::from_millis(60),
@@ -795,7 +799,19 @@ fn await_channels(conn: &mut Conn, budget: Duration) -> Result<Vec<ChannelInfo>,
     }
 }
 
-/// Joins the group `info` names, on the configured interface.
+impl McastOptions {
+    /// The interface `group` is joined on: its own entry in `group_interfaces`, else
+    /// `interface`.
+    pub fn interface_for(&self, group: Ipv4Addr) -> Ipv4Addr {
+        self.group_interfaces
+            .iter()
+            .rev()
+            .find(|(g, _)| *g == group)
+            .map_or(self.interface, |(_, i)| *i)
+    }
+}
+
+/// Joins the group `info` names, on the interface configured for it.
 fn join_channel(info: &ChannelInfo, opts: &McastOptions) -> Result<Channel, ClientError> {
     let group: Ipv4Addr = info
         .group
@@ -806,7 +822,12 @@ fn join_channel(info: &ChannelInfo, opts: &McastOptions) -> Result<Channel, Clie
             "CHANNELS named {group}, not a multicast group"
         )));
     }
-    let socket = join(group, info.port, opts.interface, opts.recv_buffer_bytes)?;
+    let socket = join(
+        group,
+        info.port,
+        opts.interface_for(group),
+        opts.recv_buffer_bytes,
+    )?;
     Ok(Channel { socket, drops: 0 })
 }
 
@@ -841,5 +862,25 @@ mod tests {
         assert!(tcp_due(3, true, soon, false), "poll saw it readable");
         assert!(tcp_due(3, false, soon, true), "a repair is awaited");
         assert!(tcp_due(3, false, TCP_QUIET, false), "quiet long enough");
+    }
+
+    #[test]
+    fn a_group_is_joined_on_its_own_interface_else_the_common_one() {
+        let ip = |s: &str| s.parse::<Ipv4Addr>().unwrap();
+        let opts = McastOptions {
+            interface: ip("10.0.0.5"),
+            group_interfaces: vec![
+                (ip("239.192.0.2"), ip("10.1.0.5")),
+                (ip("239.192.0.2"), ip("10.2.0.5")),
+            ],
+            ..McastOptions::default()
+        };
+        assert_eq!(opts.interface_for(ip("239.192.0.1")), ip("10.0.0.5"));
+        // The last entry for a group wins, as the last of repeated flags.
+        assert_eq!(opts.interface_for(ip("239.192.0.2")), ip("10.2.0.5"));
+        assert_eq!(
+            McastOptions::default().interface_for(ip("239.192.0.1")),
+            Ipv4Addr::UNSPECIFIED
+        );
     }
 }
