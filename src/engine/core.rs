@@ -654,7 +654,10 @@ impl FanoutCore {
             CoreMsg::Publish(batch) => self.handle_publish_batch(&batch),
             CoreMsg::Deliver { from, frames } => {
                 for frame in &frames {
-                    self.deliver(from, frame);
+                    // From another shard: its bytes are all there is of the topic here.
+                    if let Some(topic) = data_frame_topic(frame) {
+                        self.deliver(from, topic, frame);
+                    }
                 }
             }
             CoreMsg::SnapshotRequest {
@@ -1662,15 +1665,13 @@ impl FanoutCore {
                 }),
             }
         }
-        self.deliver(self.id, &frame);
+        // The topic as the PUBLISH decoder validated it, not read back out of the frame.
+        self.deliver(self.id, publish.topic, &frame);
     }
 
-    /// Queues a DATA frame from owner `from` to every matching local subscription, once per
-    /// connection however many of its subscriptions match.
-    fn deliver(&mut self, from: u16, frame: &SharedFrame) {
-        let Some(topic) = data_frame_topic(frame) else {
-            return;
-        };
+    /// Queues a DATA frame of `topic` from owner `from` to every matching local subscription,
+    /// once per connection however many of its subscriptions match.
+    fn deliver(&mut self, from: u16, topic: &str, frame: &SharedFrame) {
         let mut matches = std::mem::take(&mut self.matches);
         matches.clear();
         self.index.collect_matches(topic, &mut matches);
