@@ -1614,19 +1614,24 @@ impl FanoutCore {
     /// Sends a validated publish to its topic's owner (maybe this shard). `None`: a new topic
     /// past `limits.max_topics`, not taken; else whether the topic's pacing gate is closed.
     fn route_publish(&mut self, publish: &PublishRef<'_>, ingest_ts_ns: u64) -> Option<bool> {
-        let Some((owner, held)) =
-            self.owners
-                .for_publish(&self.shared.owners, publish.topic, self.id)
-        else {
+        // One lookup by name: the owner, its gate and, if it is this shard, the store's id.
+        let store = &mut self.store;
+        let Some(route) = self.owners.route(
+            &self.shared.owners,
+            publish.topic,
+            self.id,
+            |topic| store.topic_id(topic),
+        ) else {
             self.counters.topics_refused += 1;
             return None;
         };
         self.counters.publishes_in += 1;
-        if owner == self.id {
-            self.ingest(publish, ingest_ts_ns);
+        let held = route.held;
+        if let Some(id) = route.local_id {
+            self.ingest(id, publish, ingest_ts_ns);
             return Some(held);
         }
-        let queue = &mut self.outgoing[owner as usize];
+        let queue = &mut self.outgoing[route.owner as usize];
         if !matches!(queue.last(), Some(CoreMsg::Publish(_))) {
             queue.push(CoreMsg::Publish(Vec::with_capacity(16 * 1024)));
         }
@@ -1643,7 +1648,8 @@ impl FanoutCore {
             let ingest_ts_ns = u64::from_le_bytes(ts.try_into().expect("split at 8"));
             match decode_frame(rest, usize::MAX) {
                 Ok(Decoded::Frame(Frame::Publish(publish), used)) => {
-                    self.ingest(&publish, ingest_ts_ns);
+                    let id = self.store.topic_id(publish.topic);
+                    self.ingest(id, &publish, ingest_ts_ns);
                     buf = &rest[used..];
                 }
                 // Batches are built by shards and the local publisher from validated frames.
@@ -1652,9 +1658,10 @@ impl FanoutCore {
         }
     }
 
-    /// The owner's half of a publish: sequence, encode once, retain, fan out.
-    fn ingest(&mut self, publish: &PublishRef<'_>, ingest_ts_ns: u64) {
-        let (frame, id) = self.store.ingest(publish, ingest_ts_ns);
+    /// The owner's half of a publish of topic `id` (this shard's store's): sequence, encode
+    /// once, retain, fan out.
+    fn ingest(&mut self, id: u32, publish: &PublishRef<'_>, ingest_ts_ns: u64) {
+        let frame = self.store.ingest_as(id, publish, ingest_ts_ns);
         self.mcast_ingest(publish.topic, &frame, ingest_ts_ns);
         // Only to the shards that have a subscription it can match.
         let mut peers = if self.n_shards > 1 {
