@@ -42,11 +42,11 @@ use ahash::HashMap;
 use super::audit::AuditKind;
 use super::durable;
 use super::guard::{quote, ShardGuard};
+use super::matches::{LocalSubs, TopicKey};
 use super::mqtt_session;
 use super::native::{self, Op, Reply};
 use super::outbox::SharedFrame;
 use super::owners::OwnerCache;
-use super::matches::{LocalSubs, TopicKey};
 use super::pacing::{PaceBook, Release};
 use super::session::{
     DeliveryCounters, Enqueued, Fatal, Lag, Outgoing, Phase, Session, Sub, SubRef, Timeout,
@@ -791,8 +791,9 @@ impl FanoutCore {
         match msg {
             CoreMsg::Publish(batch) => batch.len(),
             CoreMsg::Deliver { frames: f, .. } => f.iter().map(|(_, f)| f.len()).sum(),
-            CoreMsg::SnapshotReply { frames: f, .. }
-            | CoreMsg::ReplayReply { frames: f, .. } => frames(f),
+            CoreMsg::SnapshotReply { frames: f, .. } | CoreMsg::ReplayReply { frames: f, .. } => {
+                frames(f)
+            }
             _ => 64,
         }
     }
@@ -1616,12 +1617,12 @@ impl FanoutCore {
     fn route_publish(&mut self, publish: &PublishRef<'_>, ingest_ts_ns: u64) -> Option<bool> {
         // One lookup by name: the owner, its gate and, if it is this shard, the store's id.
         let store = &mut self.store;
-        let Some(route) = self.owners.route(
-            &self.shared.owners,
-            publish.topic,
-            self.id,
-            |topic| store.topic_id(topic),
-        ) else {
+        let Some(route) = self
+            .owners
+            .route(&self.shared.owners, publish.topic, self.id, |topic| {
+                store.topic_id(topic)
+            })
+        else {
             self.counters.topics_refused += 1;
             return None;
         };

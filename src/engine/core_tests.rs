@@ -1134,7 +1134,11 @@ fn the_match_cache_follows_subscribe_unsubscribe_and_disconnect() {
     c.publish(publisher, "u/y", b"v");
     c.run();
     assert_eq!(live(&c.recv(a)), [t(4)]);
-    assert_eq!(live(&c.recv(b)), [t(4)], "a new subscription on a cached topic");
+    assert_eq!(
+        live(&c.recv(b)),
+        [t(4)],
+        "a new subscription on a cached topic"
+    );
     assert_eq!(
         live(&c.recv(local)),
         [t(4), ("u/y".to_string(), 4)],

@@ -120,7 +120,12 @@ impl TopicStore {
     /// Takes a publish of topic `id` ([`TopicStore::topic_id`] of `publish.topic`) in: next
     /// sequence number, the DATA frame encoded once straight into one shared allocation,
     /// retained and put in the ring. No lookup by name. Returns the shared frame.
-    pub fn ingest_as(&mut self, id: u32, publish: &PublishRef<'_>, ingest_ts_ns: u64) -> SharedFrame {
+    pub fn ingest_as(
+        &mut self,
+        id: u32,
+        publish: &PublishRef<'_>,
+        ingest_ts_ns: u64,
+    ) -> SharedFrame {
         debug_assert_eq!(self.by_name.get(publish.topic), Some(&id));
         let entry = &mut self.topics[id as usize];
         entry.seq += 1;
