@@ -32,7 +32,8 @@
 # Environment (defaults in brackets):
 #   ROWS      "path:receivers:rate ..." [tcp:100:10000 mcast:100:10000 tcp:1000:10000
 #             mcast:1000:10000 tcp:8000:10 mcast:8000:10]; path tcp, mcast, or mcast@US: the
-#             channel with linger_us = US (bench/multicast.toml has none)
+#             channel with linger_us = US (bench/multicast.toml has none); floor or floor@K:
+#             no engine, lanpush-bench mcast-floor (plain sockets; K messages per datagram)
 #   DURATION [5] measured seconds   WARMUP [2]   SIZE [64] payload bytes
 #   ENGINE_CPU [0]  RECV_CPU [1]   the CPUs the engine and lanpush-bench are pinned to
 #   BIN       directory of lanpush and lanpush-bench [$CARGO_TARGET_DIR/release or target/release]
@@ -120,6 +121,10 @@ inside() {
             { cat "$ROOT/bench/multicast.toml"; echo "linger_us = ${path#mcast@}"; } >"$base.toml"
             config=(--config "$base.toml") ;;
         esac
+        if [[ $path == floor* ]]; then
+            floor_row "$name" "$base" "$subs" "$rate" "${path#floor}"
+            continue
+        fi
         log "$name: engine on CPU $ENGINE_CPU, receivers on CPU $RECV_CPU"
         taskset -c "$ENGINE_CPU" "$BIN/lanpush" serve --listen 10.77.0.1:0 --threads 1 \
             "${config[@]}" >"$base.engine.out" 2>"$base.engine.err" &
@@ -153,6 +158,37 @@ inside() {
         epid=""
         log "$name: exit $rc; $(grep -E '^(expected|intended|engine)' "$base.txt" | tr '\n' ' ')"
     done
+}
+
+# A `floor` row: no engine. lanpush-bench mcast-floor's receivers (plain group sockets, one
+# minimal loop) in namespace B on RECV_CPU, its sender in namespace A on ENGINE_CPU writing
+# straight to the group: the least any multicast fan-out can cost on this topology.
+# `floor@K` puts K messages in each datagram (a broker's batch at high rates).
+floor_row() {
+    local name=$1 base=$2 subs=$3 rate=$4 per=${5#@}
+    local group=239.192.0.9:7429 i
+    log "$name: floor sender on CPU $ENGINE_CPU, $subs plain receivers on CPU $RECV_CPU"
+    grep '^cpu[0-9]' /proc/stat >"$base.stat-before"
+    timeout --kill-after=10 "$RUN_TIMEOUT" nsenter --target "$holder" --net --mount -- \
+        taskset -c "$RECV_CPU" "$BIN/lanpush-bench" mcast-floor recv --group "$group" \
+        --interface 10.77.0.2 --receivers "$subs" --size "$SIZE" --json "$base.json" \
+        --max-seconds "$((RUN_TIMEOUT - 15))" >"$base.txt" 2>"$base.err" &
+    run_pid=$!
+    for ((i = 0; i < 600; i++)); do
+        grep -q '^ready' "$base.txt" 2>/dev/null && break
+        kill -0 "$run_pid" 2>/dev/null || break
+        sleep 0.1
+    done
+    timeout --kill-after=10 "$RUN_TIMEOUT" taskset -c "$ENGINE_CPU" "$BIN/lanpush-bench" \
+        mcast-floor send --group "$group" --interface 10.77.0.1 --rate "$rate" \
+        --per-datagram "${per:-1}" --size "$SIZE" --warmup "$WARMUP" --duration "$DURATION" \
+        2>>"$base.err" || log "$name: the floor sender failed (see $base.err)"
+    local rc=0
+    wait "$run_pid" || rc=$?
+    run_pid=""
+    grep '^cpu[0-9]' /proc/stat >"$base.stat-after"
+    echo "$rc" >"$base.rc"
+    log "$name: exit $rc; $(grep '^mcast-floor' "$base.txt")"
 }
 
 if [[ ${1:-} == --inside ]]; then
@@ -206,6 +242,11 @@ for row in rows:
         r = json.load(open(base + ".json"))
     except Exception:
         print(f"| {subs} × {rate} | {path} | run failed (see {base}.err) | | | | | | | | | | |")
+        continue
+    if path.startswith("floor"):
+        lost = f'{r["lost"]:,} ({r["receivers_without_end"]} without the end)' if r["lost"] else "0"
+        print(f'| {int(subs):,} × {int(rate):,} | {path} (no broker) | {r["msg_per_s"]:,.0f} | {lost} | '
+              f'{us(r["latency_us"]["p50"])} | {us(r["latency_us"]["p99"])} | – | – | – | – | – | – | {softirq(base)} |')
         continue
     d, p, e = r["deliver"], r["publish"], r.get("engine") or {}
     st = e.get("stats") or {}

@@ -627,3 +627,98 @@ fn lingering_datagrams_carry_several_turns_and_lose_nothing() {
         );
     }
 }
+
+#[test]
+fn the_tcp_session_may_be_tls_and_the_group_still_carries_the_data() {
+    if !in_private_netns("the_tcp_session_may_be_tls_and_the_group_still_carries_the_data") {
+        return;
+    }
+    let ca = util::tls::Ca::new("mcast");
+    let (cert, key) = ca.issue("mcast-engine", &["localhost", "127.0.0.1"], None);
+    let tls = format!(
+        "[tls]\nlisten = \"127.0.0.1:0\"\ncert_path = {:?}\nkey_path = {:?}\n",
+        cert.path_str(),
+        key.path_str()
+    );
+    let cfg = config("tls", &tls);
+    let server = serve(&cfg);
+    let tls_addr = server.line_addr("tls").to_string();
+    let sub = Cli::spawn(&[
+        "sub",
+        "--server",
+        &tls_addr,
+        "--tls",
+        "--ca",
+        ca.pem.path_str(),
+        "--server-name",
+        "localhost",
+        "--multicast",
+        "--json",
+        "--count",
+        "100",
+        "--timeout",
+        "30",
+        "plant/line1/#",
+    ]);
+    let line = sub.wait_stderr_line("subscribed:", STEP);
+    assert!(line.contains("1 channel(s) joined"), "{line}");
+    publish(&server, 100, "plant/line1/t1");
+    let out = sub.finish(STEP * 3);
+    assert!(out.status.success(), "{}", out.stderr);
+    let got: Vec<u64> = seqs(&out.stdout).into_iter().map(|(_, s, _)| s).collect();
+    assert_eq!(got, (1..=100).collect::<Vec<_>>());
+    let c = counters(&out.stderr);
+    assert_eq!(
+        (c["messages"], c["tcp_messages"]),
+        (100, 0),
+        "the session over TLS, the data by the group: {c:?}"
+    );
+    let _ = std::fs::remove_file(cfg);
+}
+
+/// Waits until `fd` is readable or `timeout` passed (the caller's own poll, as lanpush-bench's
+/// epoll over thousands of receivers).
+fn readable(fd: std::os::fd::RawFd, timeout: Duration) {
+    let mut p = libc::pollfd {
+        fd,
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd, alive for the call.
+    unsafe { libc::poll(&mut p, 1, timeout.as_millis() as libc::c_int) };
+}
+
+#[test]
+fn a_receiver_polled_on_its_group_socket_gets_the_uncarried_topics_too() {
+    if !in_private_netns("a_receiver_polled_on_its_group_socket_gets_the_uncarried_topics_too") {
+        return;
+    }
+    let cfg = config("groupfd", "");
+    let server = serve(&cfg);
+    let addr = server.addr_string();
+    let mut sub = mcast_lib_sub(&addr);
+    // line1 goes by the group, line9 by the TCP session only; the caller watches the group
+    // socket alone and polls with a zero timeout, at least every 5 ms.
+    const TOPICS: &[&str] = &["plant/line1/t1", "plant/line9/y"];
+    let publisher = thread::spawn(move || publish_rounds(addr, TOPICS, 400));
+    let mut ledger = Ledger::default();
+    let deadline = Instant::now() + STEP * 3;
+    while TOPICS.iter().any(|t| ledger.last(t) < 400) && Instant::now() < deadline {
+        if let Some(fd) = sub.group_fd() {
+            readable(fd, Duration::from_millis(5));
+        }
+        sub.next_batch(Duration::ZERO, |e| ledger.take(e)).unwrap();
+    }
+    publisher.join().unwrap();
+    for t in TOPICS {
+        assert_eq!(
+            ledger.seqs.get(*t).cloned().unwrap_or_default(),
+            (1..=400).collect::<Vec<u64>>(),
+            "{t}"
+        );
+    }
+    assert!(ledger.gaps.is_empty(), "{:?}", ledger.gaps);
+    let c = sub.counters();
+    assert!(c.receiver.messages >= 400, "line1 by the group: {c:?}");
+    let _ = std::fs::remove_file(cfg);
+}

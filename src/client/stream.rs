@@ -28,6 +28,25 @@ impl Write for DontWait<'_> {
     }
 }
 
+/// One `recv` that does not wait: `WouldBlock` when nothing is there.
+fn recv_dontwait(socket: &TcpStream, buf: &mut [u8]) -> io::Result<usize> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: `buf` is valid for writes of `buf.len()` bytes for the duration of the call, and
+    // recv writes at most that many.
+    let n = unsafe {
+        libc::recv(
+            socket.as_raw_fd(),
+            buf.as_mut_ptr().cast::<libc::c_void>(),
+            buf.len(),
+            libc::MSG_DONTWAIT,
+        )
+    };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(n as usize)
+}
+
 /// The rustls error inside an I/O error, if it is one (a TLS alert, a bad record).
 pub(crate) fn tls_cause(e: &io::Error) -> Option<&rustls::Error> {
     e.get_ref()
@@ -138,12 +157,17 @@ impl Stream {
     /// end of the stream.
     pub(crate) fn read(&mut self, buf: &mut [u8], timeout: Option<Duration>) -> io::Result<usize> {
         match timeout {
-            None => {
-                self.socket().set_nonblocking(true)?;
-                let r = self.read_now(buf);
-                self.socket().set_nonblocking(false)?;
-                r
-            }
+            // Plain TCP: one `recv` with MSG_DONTWAIT (a flag on the call, as `DontWait` does
+            // for writes), not three syscalls that switch the socket to non-blocking and back.
+            None => match self {
+                Stream::Plain(s) => recv_dontwait(s, buf),
+                Stream::Tls(_) => {
+                    self.socket().set_nonblocking(true)?;
+                    let r = self.read_now(buf);
+                    self.socket().set_nonblocking(false)?;
+                    r
+                }
+            },
             Some(t) => {
                 // A zero read timeout means "block forever" to the OS: never pass one.
                 self.socket()
@@ -163,5 +187,51 @@ impl Stream {
                 other => other,
             },
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::TcpListener;
+
+    /// A non-blocking read of a plain stream says `WouldBlock` when nothing waits, takes what
+    /// came, and leaves the socket blocking for the timed reads.
+    #[test]
+    fn a_plain_read_without_timeout_does_not_wait_and_leaves_the_socket_blocking() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let mut peer = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (socket, _) = listener.accept().unwrap();
+        let mut stream = Stream::Plain(socket);
+        let mut buf = [0u8; 16];
+        let started = Instant::now();
+        let e = stream.read(&mut buf, None).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::WouldBlock);
+        assert!(started.elapsed() < Duration::from_secs(1));
+        peer.write_all(b"hello").unwrap();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let n = loop {
+            match stream.read(&mut buf, None) {
+                Ok(n) => break n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock && Instant::now() < deadline => {
+                    std::thread::yield_now()
+                }
+                Err(e) => panic!("{e}"),
+            }
+        };
+        assert_eq!(&buf[..n], b"hello");
+        // Still blocking: a timed read waits its timeout instead of failing at once.
+        let started = Instant::now();
+        let e = stream
+            .read(&mut buf, Some(Duration::from_millis(50)))
+            .unwrap_err();
+        assert!(
+            matches!(
+                e.kind(),
+                io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+            ),
+            "{e}"
+        );
+        assert!(started.elapsed() >= Duration::from_millis(40));
     }
 }

@@ -16,6 +16,7 @@ mod engine_probe;
 mod error;
 mod hgrm;
 mod lanpush_driver;
+mod mcast_floor;
 mod params;
 mod peers;
 mod plot;
@@ -69,6 +70,11 @@ enum Command {
         #[command(flatten)]
         args: RunArgs,
     },
+    /// The multicast floor, no broker: a sender writing timestamped datagrams straight to a
+    /// group and N plain group sockets read by a minimal loop (bench/multicast.sh's `floor`
+    /// rows; the counterpart of the TCP ceiling).
+    #[command(name = "mcast-floor", subcommand)]
+    McastFloor(mcast_floor::Role),
     /// Plots saved results (--json files) into one latency-by-percentile chart.
     Plot {
         /// Result files written by --json.
@@ -214,6 +220,7 @@ fn main() -> ExitCode {
             out,
             title,
         } => plot_command(&results, &out, &title),
+        Command::McastFloor(role) => mcast_floor::run(&role).map_err(BenchError::io("mcast-floor")),
     };
     match outcome {
         Ok(()) => ExitCode::SUCCESS,
