@@ -35,6 +35,7 @@
 #             channel with linger_us = US (bench/multicast.toml has none); floor or floor@K:
 #             no engine, lanpush-bench mcast-floor (plain sockets; K messages per datagram)
 #   DURATION [5] measured seconds   WARMUP [2]   SIZE [64] payload bytes
+#   MCAST_EXTRA  TOML lines appended to the channel of every mcast row, e.g. "loopback = false"
 #   ENGINE_CPU [0]  RECV_CPU [1]   the CPUs the engine and lanpush-bench are pinned to
 #   BIN       directory of lanpush and lanpush-bench [$CARGO_TARGET_DIR/release or target/release]
 #   RUN_TIMEOUT [DURATION + WARMUP + 120] seconds per run   MAX_TOTAL [1800] for the whole script
@@ -59,7 +60,7 @@ MAX_TOTAL=${MAX_TOTAL:-1800}
 STAMP=${STAMP:-$(date -u +%Y-%m-%d-%H%M)}
 OUT=${OUT:-$ROOT/bench/results/multicast-$STAMP.md}
 RAW=${OUT%.md}
-export ROWS DURATION WARMUP SIZE ENGINE_CPU RECV_CPU BIN RUN_TIMEOUT MAX_TOTAL OUT RAW ROOT
+export MCAST_EXTRA="${MCAST_EXTRA:-}" ROWS DURATION WARMUP SIZE ENGINE_CPU RECV_CPU BIN RUN_TIMEOUT MAX_TOTAL OUT RAW ROOT
 
 # ---------------------------------------------------------------------------------------------
 # Inside namespace A (made by the outer run below, with its own mount namespace).
@@ -115,10 +116,12 @@ inside() {
         base="$RAW/$name"
         config=()
         case $path in
-        mcast) config=(--config "$ROOT/bench/multicast.toml") ;;
-        mcast@*)
-            # The channel's linger_us, appended to its table.
-            { cat "$ROOT/bench/multicast.toml"; echo "linger_us = ${path#mcast@}"; } >"$base.toml"
+        mcast | mcast@*)
+            # The channel's linger_us and MCAST_EXTRA, appended to its table.
+            { cat "$ROOT/bench/multicast.toml"
+              [[ $path == mcast@* ]] && echo "linger_us = ${path#mcast@}"
+              [[ -n ${MCAST_EXTRA:-} ]] && echo "$MCAST_EXTRA"
+              true; } >"$base.toml"
             config=(--config "$base.toml") ;;
         esac
         if [[ $path == floor* ]]; then

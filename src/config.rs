@@ -917,6 +917,10 @@ mod tests {
         assert_eq!(m.channels[0].group, std::net::Ipv4Addr::new(239, 192, 0, 1));
         assert_eq!(m.channels[0].datagram_bytes, 1472);
         assert_eq!(m.channels[0].ttl, 1);
+        assert!(
+            m.channels[0].loopback,
+            "local receivers hear the group by default"
+        );
         let channel = |extra: &str| {
             format!("[[multicast.channels]]\ngroup = \"239.1.1.1\"\nport = 7000\npatterns = [\"a/#\"]\n{extra}")
         };
@@ -930,6 +934,7 @@ mod tests {
             (channel("").replace("[\"a/#\"]", "[]"), "patterns is empty"),
             (channel("").replace("a/#", "a/#/b"), "patterns"),
             (channel("").replace("7000", "0"), "port"),
+            (channel("loopback = \"no\""), "loopback"),
             (
                 "[multicast.test_loss]\npercent = 101.0\n".to_string(),
                 "test_loss",

@@ -722,3 +722,132 @@ fn a_receiver_polled_on_its_group_socket_gets_the_uncarried_topics_too() {
     assert!(c.receiver.messages >= 400, "line1 by the group: {c:?}");
     let _ = std::fs::remove_file(cfg);
 }
+
+/// What one receiver got in [`a_channel_without_loopback_reaches_other_hosts_and_not_its_own`]:
+/// seqs in order, and its counters.
+type Heard = (Vec<u64>, lanpush::client::McastCounters);
+
+/// A library receiver made in namespace `ns`, joined on `interface`, polled until it has
+/// `want` messages or `stop` is set.
+fn receiver_in(
+    ns: &str,
+    addr: String,
+    interface: std::net::Ipv4Addr,
+    want: usize,
+    ready: std::sync::mpsc::Sender<()>,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+) -> thread::JoinHandle<Heard> {
+    util::netns::NetnsPair::run_in(ns, move || {
+        let mut sub = lanpush::client::McastSubscriber::connect(
+            ClientOptions::new(addr),
+            lanpush::client::McastOptions {
+                interface,
+                ..Default::default()
+            },
+            vec!["plant/#".to_string()],
+            lanpush::proto::DeliveryMode::All,
+        )
+        .expect("connect the multicast subscriber");
+        assert_eq!(sub.channels_joined(), 1);
+        ready.send(()).unwrap();
+        let mut ledger = Ledger::default();
+        let deadline = Instant::now() + STEP * 3;
+        while ledger.seqs.values().map(Vec::len).sum::<usize>() < want
+            && !stop.load(Ordering::Relaxed)
+            && Instant::now() < deadline
+        {
+            sub.next_batch(Duration::from_millis(20), |e| ledger.take(e))
+                .unwrap();
+        }
+        let seqs = ledger.seqs.remove("plant/line1/t1").unwrap_or_default();
+        (seqs, sub.counters())
+    })
+}
+
+/// `loopback = false`: a receiver on another host (namespace, over a veth pair) gets every
+/// message from the group; one on the engine's own host hears no datagram at all, the kernel
+/// having skipped its local copy.
+#[test]
+fn a_channel_without_loopback_reaches_other_hosts_and_not_its_own() {
+    use util::netns::{NetnsPair, CLIENT_IP, ENGINE_IP};
+    let pair = match NetnsPair::create("mcloop") {
+        Ok(pair) => pair,
+        Err(why) => {
+            eprintln!(
+                "SKIPPED a_channel_without_loopback_reaches_other_hosts_and_not_its_own: \
+                 network namespaces cannot be made here ({why}); multicast tests need root"
+            );
+            return;
+        }
+    };
+    for (ns, dev) in [
+        (&pair.engine_ns, &pair.engine_if),
+        (&pair.client_ns, &pair.client_if),
+    ] {
+        for args in [
+            &["link", "set", dev.as_str(), "multicast", "on"][..],
+            &["route", "add", "224.0.0.0/4", "dev", dev.as_str()],
+        ] {
+            let out = Command::new("ip")
+                .args(["-n", ns.as_str()])
+                .args(args)
+                .output()
+                .expect("run ip");
+            assert!(out.status.success(), "ip {args:?}: {out:?}");
+        }
+    }
+    let config = util::TempFile::new(
+        "mcloop.toml",
+        &format!(
+            "[[multicast.channels]]\ngroup = \"239.192.0.7\"\nport = 7427\n\
+             interface = \"{ENGINE_IP}\"\nloopback = false\npatterns = [\"plant/#\"]\n"
+        ),
+    );
+    let server = Server::start_via(
+        &["ip", "netns", "exec", &pair.engine_ns],
+        &format!("{ENGINE_IP}:0"),
+        &["--threads", "2", "--config", config.path_str()],
+    );
+    let addr = server.addr.to_string();
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (ready, subscribed) = std::sync::mpsc::channel();
+    let far = receiver_in(
+        &pair.client_ns,
+        addr.clone(),
+        CLIENT_IP,
+        100,
+        ready.clone(),
+        stop.clone(),
+    );
+    let near = receiver_in(
+        &pair.engine_ns,
+        addr.clone(),
+        ENGINE_IP,
+        100,
+        ready,
+        stop.clone(),
+    );
+    for _ in 0..2 {
+        subscribed
+            .recv_timeout(STEP)
+            .expect("both receivers subscribed");
+    }
+    NetnsPair::run_in(&pair.engine_ns, move || {
+        let mut p = Publisher::connect(ClientOptions::new(addr)).unwrap();
+        for i in 1..=100u32 {
+            p.publish("plant/line1/t1", &i.to_le_bytes()).unwrap();
+        }
+        p.confirm(STEP).unwrap();
+    })
+    .join()
+    .unwrap();
+    let (seqs, c) = far.join().unwrap();
+    assert_eq!(seqs, (1..=100).collect::<Vec<u64>>(), "{c:?}");
+    assert!(c.receiver.datagrams > 0 && c.tcp_messages == 0, "{c:?}");
+    // A heartbeat (100 ms) would have reached the near receiver by now if anything could.
+    thread::sleep(Duration::from_millis(300));
+    stop.store(true, Ordering::Relaxed);
+    let (seqs, c) = near.join().unwrap();
+    assert!(seqs.is_empty(), "{seqs:?}");
+    assert_eq!(c.receiver.datagrams, 0, "{c:?}");
+}

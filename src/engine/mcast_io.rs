@@ -82,8 +82,9 @@ impl McastSockets {
             let socket = Socket::new(Domain::IPV4, Type::DGRAM, Some(Protocol::UDP))?;
             socket.set_multicast_if_v4(&c.interface)?;
             socket.set_multicast_ttl_v4(c.ttl)?;
-            // Receivers on this host (and the tests' namespace) hear the group too.
-            socket.set_multicast_loop_v4(true)?;
+            // Receivers on this host (and the tests' namespace) hear the group too, unless the
+            // channel says none run here.
+            socket.set_multicast_loop_v4(c.loopback)?;
             socket.set_send_buffer_size(4 << 20)?;
             socket.set_nonblocking(true)?;
             let group = SocketAddr::V4(SocketAddrV4::new(c.group, c.port));

@@ -16,6 +16,7 @@ fn cluster() -> Cluster {
             max_rate_bytes_per_s: 0,
             datagram_bytes: 1472,
             linger_us: 0,
+            loopback: true,
             patterns: vec!["plant/#".into()],
         }];
     })

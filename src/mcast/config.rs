@@ -55,6 +55,11 @@ pub struct ChannelConfig {
     /// (0: sent at the end of every turn). See [`crate::mcast::SenderConfig::linger`].
     #[serde(default)]
     pub linger_us: u64,
+    /// Whether receivers on the engine's own host hear the channel (IP_MULTICAST_LOOP). Off,
+    /// the kernel skips the local copy of every datagram: for an engine whose receivers are
+    /// all on other hosts.
+    #[serde(default = "yes")]
+    pub loopback: bool,
     /// Topic patterns whose messages the channel carries.
     pub patterns: Vec<String>,
 }
@@ -68,6 +73,10 @@ fn unspecified() -> Ipv4Addr {
 
 fn one() -> u32 {
     1
+}
+
+fn yes() -> bool {
+    true
 }
 
 fn default_datagram_bytes() -> usize {
