@@ -42,6 +42,7 @@ use ahash::HashMap;
 use super::audit::AuditKind;
 use super::durable;
 use super::guard::{quote, ShardGuard};
+use super::matches::{LocalSubs, TopicKey};
 use super::mqtt_session;
 use super::native::{self, Op, Reply};
 use super::outbox::SharedFrame;
@@ -133,8 +134,12 @@ impl std::fmt::Display for Peer {
 pub(crate) enum CoreMsg {
     /// PUBLISH frames for topics the receiver owns, each preceded by its ingest time (u64 LE ns).
     Publish(Vec<u8>),
-    /// DATA frames from owner shard `from`, in the owner's order.
-    Deliver { from: u16, frames: Vec<SharedFrame> },
+    /// DATA frames from owner shard `from`, in the owner's order, each with its topic's id at
+    /// the owner (`store.rs`), the key of the receiver's match cache (`matches.rs`).
+    Deliver {
+        from: u16,
+        frames: Vec<(u32, SharedFrame)>,
+    },
     /// Send the retained values matching `pattern` (or, with `resume`, the messages after the
     /// given positions) back to shard `from` for subscription `sub`.
     SnapshotRequest {
@@ -270,7 +275,8 @@ pub(crate) struct FanoutCore {
     /// so memory comes back after a mass disconnect (`trim.rs`).
     sessions: Vec<Option<Box<Session>>>,
     live: usize,
-    index: TopicIndex<SubRef>,
+    /// The local subscriptions, with their match cache (`matches.rs`).
+    index: LocalSubs<SubRef>,
     store: TopicStore,
     owners: OwnerCache,
     /// Messages for each peer shard, in order.
@@ -283,6 +289,8 @@ pub(crate) struct FanoutCore {
     /// Session deadlines (time, slot, connection id); stale entries are skipped when popped.
     deadlines: BinaryHeap<Reverse<(Instant, u32, u64)>>,
     matches: Vec<SubRef>,
+    /// `deliver`'s copy of a topic name the match cache gave (kept for its capacity).
+    topic_name: String,
     scratch: Vec<u8>,
     next_sub_key: u64,
     stamp: u64,
@@ -353,7 +361,7 @@ impl FanoutCore {
             shared,
             sessions: Vec::new(),
             live: 0,
-            index: TopicIndex::new(),
+            index: LocalSubs::default(),
             owners: OwnerCache::default(),
             outgoing: (0..n_shards).map(|_| Vec::new()).collect(),
             dirty: Vec::new(),
@@ -361,6 +369,7 @@ impl FanoutCore {
             closed: Vec::new(),
             deadlines: BinaryHeap::new(),
             matches: Vec::new(),
+            topic_name: String::new(),
             scratch: Vec::with_capacity(4096),
             next_sub_key: 1,
             stamp: 0,
@@ -653,8 +662,12 @@ impl FanoutCore {
         match msg {
             CoreMsg::Publish(batch) => self.handle_publish_batch(&batch),
             CoreMsg::Deliver { from, frames } => {
-                for frame in &frames {
-                    self.deliver(from, frame);
+                for (id, frame) in &frames {
+                    let key = TopicKey {
+                        owner: from,
+                        id: *id,
+                    };
+                    self.deliver(key, None, frame);
                 }
             }
             CoreMsg::SnapshotRequest {
@@ -777,9 +790,10 @@ impl FanoutCore {
         let frames = |f: &[SharedFrame]| f.iter().map(|f| f.len()).sum::<usize>();
         match msg {
             CoreMsg::Publish(batch) => batch.len(),
-            CoreMsg::Deliver { frames: f, .. }
-            | CoreMsg::SnapshotReply { frames: f, .. }
-            | CoreMsg::ReplayReply { frames: f, .. } => frames(f),
+            CoreMsg::Deliver { frames: f, .. } => f.iter().map(|(_, f)| f.len()).sum(),
+            CoreMsg::SnapshotReply { frames: f, .. } | CoreMsg::ReplayReply { frames: f, .. } => {
+                frames(f)
+            }
             _ => 64,
         }
     }
@@ -1601,19 +1615,24 @@ impl FanoutCore {
     /// Sends a validated publish to its topic's owner (maybe this shard). `None`: a new topic
     /// past `limits.max_topics`, not taken; else whether the topic's pacing gate is closed.
     fn route_publish(&mut self, publish: &PublishRef<'_>, ingest_ts_ns: u64) -> Option<bool> {
-        let Some((owner, held)) =
-            self.owners
-                .for_publish(&self.shared.owners, publish.topic, self.id)
+        // One lookup by name: the owner, its gate and, if it is this shard, the store's id.
+        let store = &mut self.store;
+        let Some(route) = self
+            .owners
+            .route(&self.shared.owners, publish.topic, self.id, |topic| {
+                store.topic_id(topic)
+            })
         else {
             self.counters.topics_refused += 1;
             return None;
         };
         self.counters.publishes_in += 1;
-        if owner == self.id {
-            self.ingest(publish, ingest_ts_ns);
+        let held = route.held;
+        if let Some(id) = route.local_id {
+            self.ingest(id, publish, ingest_ts_ns);
             return Some(held);
         }
-        let queue = &mut self.outgoing[owner as usize];
+        let queue = &mut self.outgoing[route.owner as usize];
         if !matches!(queue.last(), Some(CoreMsg::Publish(_))) {
             queue.push(CoreMsg::Publish(Vec::with_capacity(16 * 1024)));
         }
@@ -1630,7 +1649,8 @@ impl FanoutCore {
             let ingest_ts_ns = u64::from_le_bytes(ts.try_into().expect("split at 8"));
             match decode_frame(rest, usize::MAX) {
                 Ok(Decoded::Frame(Frame::Publish(publish), used)) => {
-                    self.ingest(&publish, ingest_ts_ns);
+                    let id = self.store.topic_id(publish.topic);
+                    self.ingest(id, &publish, ingest_ts_ns);
                     buf = &rest[used..];
                 }
                 // Batches are built by shards and the local publisher from validated frames.
@@ -1639,9 +1659,10 @@ impl FanoutCore {
         }
     }
 
-    /// The owner's half of a publish: sequence, encode once, retain, fan out.
-    fn ingest(&mut self, publish: &PublishRef<'_>, ingest_ts_ns: u64) {
-        let (frame, id) = self.store.ingest(publish, ingest_ts_ns);
+    /// The owner's half of a publish of topic `id` (this shard's store's): sequence, encode
+    /// once, retain, fan out.
+    fn ingest(&mut self, id: u32, publish: &PublishRef<'_>, ingest_ts_ns: u64) {
+        let frame = self.store.ingest_as(id, publish, ingest_ts_ns);
         self.mcast_ingest(publish.topic, &frame, ingest_ts_ns);
         // Only to the shards that have a subscription it can match.
         let mut peers = if self.n_shards > 1 {
@@ -1655,31 +1676,54 @@ impl FanoutCore {
             self.counters.frames_to_peers += 1;
             let queue = &mut self.outgoing[peer as usize];
             match queue.last_mut() {
-                Some(CoreMsg::Deliver { frames, .. }) => frames.push(frame.clone()),
+                Some(CoreMsg::Deliver { frames, .. }) => frames.push((id, frame.clone())),
                 _ => queue.push(CoreMsg::Deliver {
                     from: self.id,
-                    frames: vec![frame.clone()],
+                    frames: vec![(id, frame.clone())],
                 }),
             }
         }
-        self.deliver(self.id, &frame);
+        // The topic as the PUBLISH decoder validated it, not read back out of the frame.
+        let key = TopicKey { owner: self.id, id };
+        self.deliver(key, Some(publish.topic), &frame);
     }
 
-    /// Queues a DATA frame from owner `from` to every matching local subscription, once per
-    /// connection however many of its subscriptions match.
-    fn deliver(&mut self, from: u16, frame: &SharedFrame) {
-        let Some(topic) = data_frame_topic(frame) else {
-            return;
-        };
+    /// Queues a DATA frame of topic `key` from its owner to every matching local subscription,
+    /// once per connection however many of its subscriptions match. `topic` is the topic's
+    /// name if the caller has it; else it comes from the match cache or, on a miss, the frame.
+    fn deliver(&mut self, key: TopicKey, topic: Option<&str>, frame: &SharedFrame) {
         let mut matches = std::mem::take(&mut self.matches);
+        let mut name = std::mem::take(&mut self.topic_name);
         matches.clear();
-        self.index.collect_matches(topic, &mut matches);
+        // A hit costs no walk of the trie, and no read (nor UTF-8 check) of the frame's topic.
+        let topic = match (self.index.cached(key), topic) {
+            (Some((_, subs)), Some(topic)) => {
+                matches.extend_from_slice(subs);
+                topic
+            }
+            (Some((cached, subs)), None) => {
+                matches.extend_from_slice(subs);
+                name.clear();
+                name.push_str(cached);
+                &name
+            }
+            (None, topic) => {
+                let Some(topic) = topic.or_else(|| data_frame_topic(frame)) else {
+                    self.matches = matches;
+                    self.topic_name = name;
+                    return;
+                };
+                self.index.collect_matches(key, topic, &mut matches);
+                topic
+            }
+        };
         if matches.is_empty() {
             self.matches = matches;
+            self.topic_name = name;
             return;
         }
         self.stamp += 1;
-        let from_bit = 1u64 << from;
+        let from_bit = 1u64 << key.owner;
         // MQTT encodings of this message, made at most once on this shard and shared by every
         // MQTT subscriber here (mqtt_session.rs): the QoS 0 packet, the QoS 1 payload.
         let mut mqtt_qos0: Option<SharedFrame> = None;
@@ -1746,6 +1790,7 @@ impl FanoutCore {
             }
         }
         self.matches = matches;
+        self.topic_name = name;
     }
 
     // ----- pacing (pacing.rs) -----

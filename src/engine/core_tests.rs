@@ -1094,3 +1094,82 @@ fn the_sans_io_files_touch_no_socket_and_read_no_clock() {
         );
     }
 }
+
+/// Live messages (not snapshots) of `got`, as (topic, seq).
+fn live(got: &[Got]) -> Vec<(String, u64)> {
+    data(got)
+        .into_iter()
+        .filter(|(_, _, snapshot)| !snapshot)
+        .map(|(topic, seq, _)| (topic, seq))
+        .collect()
+}
+
+#[test]
+fn the_match_cache_follows_subscribe_unsubscribe_and_disconnect() {
+    // Topics owned by shard 0 and delivered on both shards: each shard's cache holds the
+    // answers for them after the first message, and every change of its index must show.
+    let mut c = Cluster::new(2, |_| {});
+    let publisher = c.connect(0, "gw");
+    let a = c.connect(1, "a");
+    c.subscribe(a, 1, "t/+", DeliveryMode::All);
+    c.run();
+    c.recv(a);
+    let t = |i: u64| ("t/x".to_string(), i);
+    for _ in 0..3 {
+        c.publish(publisher, "t/x", b"v");
+        c.publish(publisher, "u/y", b"v");
+    }
+    c.run();
+    assert_eq!(live(&c.recv(a)), [t(1), t(2), t(3)]);
+
+    // Subscribe on the delivering shard, and on the owner (whose cache said "nobody").
+    let b = c.connect(1, "b");
+    c.subscribe(b, 1, "t/x", DeliveryMode::All);
+    let local = c.connect(0, "local");
+    c.subscribe(local, 1, "#", DeliveryMode::All);
+    c.run();
+    c.recv(b);
+    c.recv(local);
+    c.publish(publisher, "t/x", b"v");
+    c.publish(publisher, "u/y", b"v");
+    c.run();
+    assert_eq!(live(&c.recv(a)), [t(4)]);
+    assert_eq!(
+        live(&c.recv(b)),
+        [t(4)],
+        "a new subscription on a cached topic"
+    );
+    assert_eq!(
+        live(&c.recv(local)),
+        [t(4), ("u/y".to_string(), 4)],
+        "a new subscription on the owner's shard"
+    );
+
+    // Unsubscribe: gone at once, the others unaffected.
+    c.unsubscribe(a, 1);
+    c.run();
+    c.recv(a);
+    c.publish(publisher, "t/x", b"v");
+    c.run();
+    assert_eq!(live(&c.recv(a)), []);
+    assert_eq!(live(&c.recv(b)), [t(5)]);
+
+    // A disconnect, then a newcomer taking the same slot with a subscription at the same
+    // position: it gets what it subscribed to, the dead one's cached match notwithstanding.
+    c.hang_up(b);
+    let newcomer = c.connect(1, "newcomer");
+    c.subscribe(newcomer, 1, "t/#", DeliveryMode::All);
+    c.run();
+    c.recv(newcomer);
+    c.publish(publisher, "t/x", b"v");
+    c.run();
+    assert_eq!(live(&c.recv(newcomer)), [t(6)]);
+    assert_eq!(live(&c.recv(local)), [t(5), t(6)]);
+    // Every message once, in order, to each: the cache added no duplicate.
+    c.unsubscribe(local, 1);
+    c.run();
+    c.publish(publisher, "t/x", b"v");
+    c.run();
+    assert_eq!(live(&c.recv(local)), []);
+    assert_eq!(live(&c.recv(newcomer)), [t(7)]);
+}

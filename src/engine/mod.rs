@@ -31,6 +31,7 @@ mod handle_tests;
 mod harness;
 mod http_auth;
 pub mod limits;
+mod matches;
 mod mcast_io;
 #[cfg(test)]
 mod mcast_tests;

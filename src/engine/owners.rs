@@ -102,64 +102,118 @@ impl OwnerTable {
 }
 
 /// One shard's copy of the answers it has had from the [`OwnerTable`].
+///
+/// A shard keeps its own id of each topic it owns here too (its store's, `store.rs`), so that a
+/// PUBLISH costs one lookup by topic name however many per-topic tables it touches.
 #[derive(Default)]
 pub(crate) struct OwnerCache {
-    known: HashMap<Box<str>, Owned>,
+    known: HashMap<Box<str>, Known>,
+}
+
+struct Known {
+    owned: Owned,
+    /// The topic's id in this shard's store, set at the first publish while this shard owns it.
+    local_id: Option<u32>,
+}
+
+impl Known {
+    fn route(&self) -> Route {
+        Route {
+            owner: self.owned.owner,
+            held: self.owned.gate.load(Ordering::Relaxed) != 0,
+            local_id: self.local_id,
+        }
+    }
+}
+
+/// Where a PUBLISH on a shard goes ([`OwnerCache::route`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Route {
+    pub owner: u16,
+    /// The topic's pacing gate is closed: a subscriber holds it back (`pacing.rs`).
+    pub held: bool,
+    /// The topic's id in this shard's store when this shard owns it (`None` otherwise).
+    pub local_id: Option<u32>,
 }
 
 impl OwnerCache {
-    /// The owner of a topic this shard is about to publish: `me` if nobody owns it yet; `None`
-    /// if it is a new topic past the engine's limit.
-    ///
-    /// With it, whether the topic's gate is closed (a subscriber holds it back: pacing).
+    /// Where a topic this shard is about to publish goes: its owner, `me` if nobody owns it
+    /// yet; `None` if it is a new topic past the engine's limit. When the owner is `me`, the
+    /// topic's id in this shard's store, asked of `store_id` once per topic.
+    pub(crate) fn route(
+        &mut self,
+        table: &OwnerTable,
+        topic: &str,
+        me: u16,
+        store_id: impl FnOnce(&str) -> u32,
+    ) -> Option<Route> {
+        if let Some(known) = self.known.get_mut(topic) {
+            if known.owned.owner == me && known.local_id.is_none() {
+                known.local_id = Some(store_id(topic));
+            }
+            return Some(known.route());
+        }
+        let owned = table.claim_owned(topic, me)?;
+        let local_id = (owned.owner == me).then(|| store_id(topic));
+        let known = Known { owned, local_id };
+        let route = known.route();
+        self.known.insert(topic.into(), known);
+        Some(route)
+    }
+
+    /// [`OwnerCache::route`]'s owner and gate, for tests.
+    #[cfg(test)]
     pub(crate) fn for_publish(
         &mut self,
         table: &OwnerTable,
         topic: &str,
         me: u16,
     ) -> Option<(u16, bool)> {
-        if let Some(owned) = self.known.get(topic) {
-            return Some((owned.owner, owned.gate.load(Ordering::Relaxed) != 0));
-        }
-        let owned = table.claim_owned(topic, me)?;
-        let answer = (owned.owner, owned.gate.load(Ordering::Relaxed) != 0);
-        self.known.insert(topic.into(), owned);
-        Some(answer)
+        self.route(table, topic, me, |_| 0)
+            .map(|r| (r.owner, r.held))
+    }
+
+    fn remember(&mut self, topic: &str, owned: Owned) {
+        let known = Known {
+            owned,
+            local_id: None,
+        };
+        self.known.insert(topic.into(), known);
     }
 
     /// The pacing gate of a topic some shard has claimed (asked of the table once per topic).
     pub(crate) fn gate(&mut self, table: &OwnerTable, topic: &str) -> Option<Gate> {
-        if let Some(owned) = self.known.get(topic) {
-            return Some(owned.gate.clone());
+        if let Some(known) = self.known.get(topic) {
+            return Some(known.owned.gate.clone());
         }
         let owned = table.get(topic)?;
         let gate = owned.gate.clone();
-        self.known.insert(topic.into(), owned);
+        self.remember(topic, owned);
         Some(gate)
     }
 
     /// The owner of a topic an in-process publisher is about to publish: the hash owner if
     /// nobody owns it yet ([`OwnerTable::claim_for_local`]). Asks the table once per topic.
     pub(crate) fn for_local_publish(&mut self, table: &OwnerTable, topic: &str) -> Option<u16> {
-        if let Some(owned) = self.known.get(topic) {
-            return Some(owned.owner);
+        if let Some(known) = self.known.get(topic) {
+            return Some(known.owned.owner);
         }
         let owned = table.claim_for_local(topic)?;
         let owner = owned.owner;
-        self.known.insert(topic.into(), owned);
+        self.remember(topic, owned);
         Some(owner)
     }
 
     /// The owner of a topic this shard needs something from (a replay). A topic nobody has
     /// published has no messages to replay; its hash owner answers for it, and is not cached.
     pub(crate) fn lookup(&mut self, table: &OwnerTable, topic: &str) -> u16 {
-        if let Some(owned) = self.known.get(topic) {
-            return owned.owner;
+        if let Some(known) = self.known.get(topic) {
+            return known.owned.owner;
         }
         match table.get(topic) {
             Some(owned) => {
                 let owner = owned.owner;
-                self.known.insert(topic.into(), owned);
+                self.remember(topic, owned);
                 owner
             }
             None => owner_of(topic, table.n_shards),
@@ -252,6 +306,42 @@ mod tests {
         // Repeats come from the cache (`handle_tests.rs` shows they take no lock).
         assert_eq!(local.for_local_publish(&table, "gw/t"), Some(other));
         assert_eq!(local.for_local_publish(&table, "local/x"), Some(hashed));
+    }
+
+    #[test]
+    fn a_route_carries_the_store_id_of_owned_topics_asked_once() {
+        let table = OwnerTable::new(2, 1000);
+        let mut cache = OwnerCache::default();
+        let mut asked = 0;
+        let route = cache.route(&table, "mine", 0, |t| {
+            assert_eq!(t, "mine");
+            asked += 1;
+            7
+        });
+        assert_eq!(
+            route,
+            Some(Route {
+                owner: 0,
+                held: false,
+                local_id: Some(7)
+            })
+        );
+        let again = cache.route(&table, "mine", 0, |_| panic!("asked twice"));
+        assert_eq!(again, route);
+        // Another shard's topic has no id here, and the store is not asked.
+        assert_eq!(table.claim("theirs", 1), Some(1));
+        let theirs = cache.route(&table, "theirs", 0, |_| panic!("not owned here"));
+        assert_eq!(theirs.map(|r| (r.owner, r.local_id)), Some((1, None)));
+        // Known first through a lookup (a replay, a pacing gate), then published: asked then.
+        assert_eq!(table.claim("looked-up", 0), Some(0));
+        assert_eq!(cache.lookup(&table, "looked-up"), 0);
+        let route = cache.route(&table, "looked-up", 0, |t| {
+            assert_eq!(t, "looked-up");
+            asked += 1;
+            9
+        });
+        assert_eq!(route.and_then(|r| r.local_id), Some(9));
+        assert_eq!(asked, 2);
     }
 
     #[test]

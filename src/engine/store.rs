@@ -109,11 +109,24 @@ impl TopicStore {
         self.retained_evicted
     }
 
-    /// Takes a publish in: next sequence number, the DATA frame encoded once straight into one
-    /// shared allocation, retained and put in the ring. Returns the shared frame and the topic's
-    /// id.
+    /// [`TopicStore::ingest_as`] by topic name; returns the topic's id too. For tests: the
+    /// engine keeps each topic's id (`owners.rs`) and asks it once.
+    #[cfg(test)]
     pub fn ingest(&mut self, publish: &PublishRef<'_>, ingest_ts_ns: u64) -> (SharedFrame, u32) {
         let id = self.topic_id(publish.topic);
+        (self.ingest_as(id, publish, ingest_ts_ns), id)
+    }
+
+    /// Takes a publish of topic `id` ([`TopicStore::topic_id`] of `publish.topic`) in: next
+    /// sequence number, the DATA frame encoded once straight into one shared allocation,
+    /// retained and put in the ring. No lookup by name. Returns the shared frame.
+    pub fn ingest_as(
+        &mut self,
+        id: u32,
+        publish: &PublishRef<'_>,
+        ingest_ts_ns: u64,
+    ) -> SharedFrame {
+        debug_assert_eq!(self.by_name.get(publish.topic), Some(&id));
         let entry = &mut self.topics[id as usize];
         entry.seq += 1;
         let seq = entry.seq;
@@ -132,11 +145,13 @@ impl TopicStore {
         self.lru.push_back((id, self.next_stamp));
         self.next_stamp += 1;
         self.evict_retained();
-        (frame, id)
+        frame
     }
 
-    /// The id of `topic`, a new entry (no message yet) if it has none.
-    fn topic_id(&mut self, topic: &str) -> u32 {
+    /// The id of `topic`, a new entry (no message yet) if it has none. Ids are dense, from 0,
+    /// and name the same topic for the engine's life (the match caches rely on it,
+    /// `matches.rs`).
+    pub fn topic_id(&mut self, topic: &str) -> u32 {
         if let Some(&id) = self.by_name.get(topic) {
             return id;
         }
