@@ -96,22 +96,22 @@ fn serve(config: &std::path::Path) -> Server {
 }
 
 fn mcast_sub(server: &Server, count: u64, pattern: &str) -> Cli {
-    let addr = server.addr_string();
+    mcast_sub_with(&server.addr_string(), &[], count, pattern, 1)
+}
+
+/// `lanpush sub --multicast --json` at `addr` with `extra` flags, once it has subscribed and
+/// joined `channels` channels.
+fn mcast_sub_with(addr: &str, extra: &[&str], count: u64, pattern: &str, channels: usize) -> Cli {
     let count = count.to_string();
-    let cli = Cli::spawn(&[
-        "sub",
-        "--server",
-        &addr,
-        "--multicast",
-        "--json",
-        "--count",
-        &count,
-        "--timeout",
-        "30",
-        pattern,
-    ]);
+    let mut args = vec!["sub", "--server", addr, "--multicast", "--json"];
+    args.extend_from_slice(extra);
+    args.extend(["--count", &count, "--timeout", "30", pattern]);
+    let cli = Cli::spawn(&args);
     let line = cli.wait_stderr_line("subscribed:", STEP);
-    assert!(line.contains("1 channel(s) joined"), "{line}");
+    assert!(
+        line.contains(&format!("{channels} channel(s) joined")),
+        "{line}"
+    );
     cli
 }
 
@@ -643,25 +643,14 @@ fn the_tcp_session_may_be_tls_and_the_group_still_carries_the_data() {
     let cfg = config("tls", &tls);
     let server = serve(&cfg);
     let tls_addr = server.line_addr("tls").to_string();
-    let sub = Cli::spawn(&[
-        "sub",
-        "--server",
-        &tls_addr,
+    let tls_args = [
         "--tls",
         "--ca",
         ca.pem.path_str(),
         "--server-name",
         "localhost",
-        "--multicast",
-        "--json",
-        "--count",
-        "100",
-        "--timeout",
-        "30",
-        "plant/line1/#",
-    ]);
-    let line = sub.wait_stderr_line("subscribed:", STEP);
-    assert!(line.contains("1 channel(s) joined"), "{line}");
+    ];
+    let sub = mcast_sub_with(&tls_addr, &tls_args, 100, "plant/line1/#", 1);
     publish(&server, 100, "plant/line1/t1");
     let out = sub.finish(STEP * 3);
     assert!(out.status.success(), "{}", out.stderr);
@@ -882,23 +871,13 @@ fn each_group_is_joined_on_the_interface_named_for_it() {
          interface = \"10.9.0.1\"\npatterns = [\"plant/line2/#\"]\n",
     );
     let server = serve(&config.path);
-    let addr = server.addr_string();
-    let sub = Cli::spawn(&[
-        "sub",
-        "--server",
-        &addr,
-        "--multicast",
-        "--multicast-interface",
-        "239.192.0.2=10.9.0.1",
-        "--json",
-        "--count",
-        "200",
-        "--timeout",
-        "30",
+    let sub = mcast_sub_with(
+        &server.addr_string(),
+        &["--multicast-interface", "239.192.0.2=10.9.0.1"],
+        200,
         "plant/#",
-    ]);
-    let line = sub.wait_stderr_line("subscribed:", STEP);
-    assert!(line.contains("2 channel(s) joined"), "{line}");
+        2,
+    );
     publish(&server, 100, "plant/line1/a");
     publish(&server, 100, "plant/line2/b");
     let out = sub.finish(STEP * 3);
