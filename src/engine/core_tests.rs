@@ -1063,6 +1063,7 @@ fn the_sans_io_files_touch_no_socket_and_read_no_clock() {
         ("durable_core.rs", include_str!("durable_core.rs")),
         ("mcast_core.rs", include_str!("mcast_core.rs")),
         ("auth_core.rs", include_str!("auth_core.rs")),
+        ("matches.rs", include_str!("matches.rs")),
     ];
     let forbidden = [
         "mio::",
