@@ -29,12 +29,7 @@ fn in_private_netns(test: &str) -> bool {
             &["link", "set", "lo", "multicast", "on"],
             &["route", "add", "224.0.0.0/4", "dev", "lo"],
         ] {
-            let out = Command::new("ip").args(args).output().expect("run ip");
-            assert!(
-                out.status.success(),
-                "ip {args:?}: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
+            util::netns::ip(args).unwrap();
         }
         return true;
     }
@@ -773,16 +768,12 @@ fn a_channel_without_loopback_reaches_other_hosts_and_not_its_own() {
         (&pair.engine_ns, &pair.engine_if),
         (&pair.client_ns, &pair.client_if),
     ] {
+        let (ns, dev) = (ns.as_str(), dev.as_str());
         for args in [
-            &["link", "set", dev.as_str(), "multicast", "on"][..],
-            &["route", "add", "224.0.0.0/4", "dev", dev.as_str()],
+            &["-n", ns, "link", "set", dev, "multicast", "on"][..],
+            &["-n", ns, "route", "add", "224.0.0.0/4", "dev", dev],
         ] {
-            let out = Command::new("ip")
-                .args(["-n", ns.as_str()])
-                .args(args)
-                .output()
-                .expect("run ip");
-            assert!(out.status.success(), "ip {args:?}: {out:?}");
+            util::netns::ip(args).unwrap();
         }
     }
     let config = util::TempFile::new(
@@ -860,8 +851,7 @@ fn each_group_is_joined_on_the_interface_named_for_it() {
         &["link", "set", "lpva", "multicast", "on", "up"],
         &["link", "set", "lpvb", "up"],
     ] {
-        let out = Command::new("ip").args(args).output().expect("run ip");
-        assert!(out.status.success(), "ip {args:?}: {out:?}");
+        util::netns::ip(args).unwrap();
     }
     let config = util::TempFile::new(
         "two-nets.toml",

@@ -14,8 +14,10 @@ const MAX_UDP_PAYLOAD: usize = 65_507;
 /// Control bytes per datagram: one cmsg holding a u32 (SO_RXQ_OVFL), 8-aligned, with room.
 const CONTROL_WORDS: usize = 8;
 
-/// A socket bound to the group's port and joined to the group, non-blocking.
-pub(super) fn join(
+/// A socket bound to the group's port and joined to the group, non-blocking: what every
+/// [`super::McastSubscriber`] channel reads (also `lanpush-bench mcast-floor`'s receivers, so
+/// the floor's sockets are set up as the engine's receivers' are).
+pub fn join(
     group: Ipv4Addr,
     port: u16,
     interface: Ipv4Addr,

@@ -41,6 +41,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 pub use error::ClientError;
 pub use mcast::{McastCounters, McastOptions, McastSubscriber, DEFAULT_RECV_BUFFER_BYTES};
+pub use mcast_socket::join as join_multicast_group;
 pub use options::{Backoff, ClientOptions, Token, DEFAULT_SERVER};
 pub use publisher::{Publisher, PublisherCounters, FLUSH_AT_BYTES, QUALITY_GOOD};
 pub use subscriber::{

@@ -709,6 +709,14 @@ fn a_persistent_session_resumes_from_what_the_client_acknowledged() {
     );
 }
 
+/// One reactor with the `[auth]` section `text`.
+fn auth_cluster(text: &str) -> Cluster {
+    let auth = crate::config::Config::from_toml_str(text, "test")
+        .unwrap()
+        .auth;
+    Cluster::new(1, |c| c.auth = auth)
+}
+
 #[test]
 fn connect_credentials_go_to_the_same_authentication_and_acls_as_native_clients() {
     let hash = crate::auth::hash_password(b"gw-pw").unwrap();
@@ -716,10 +724,7 @@ fn connect_credentials_go_to_the_same_authentication_and_acls_as_native_clients(
         "[auth]\nanonymous = false\nanonymous_roles = []\n[[auth.users]]\nname = \"gw\"\n\
          secret_hash = \"{hash}\"\npublish = [\"plant/#\"]\nsubscribe = [\"plant/#\"]\n"
     );
-    let auth = crate::config::Config::from_toml_str(&text, "test")
-        .unwrap()
-        .auth;
-    let mut cluster = Cluster::new(1, |c| c.auth = auth);
+    let mut cluster = auth_cluster(&text);
     let mut m = Mqtt {
         cluster: &mut cluster,
     };
@@ -769,10 +774,7 @@ fn a_connect_waiting_for_argon2_keeps_its_will_and_the_packets_behind_it() {
          [[auth.users]]\nname = \"gw\"\nsecret_hash = \"{gw}\"\npublish = [\"plant/#\", \"status/#\"]\n\
          [[auth.users]]\nname = \"watch\"\nsecret_hash = \"{watch}\"\nsubscribe = [\"#\"]\n"
     );
-    let auth = crate::config::Config::from_toml_str(&text, "test")
-        .unwrap()
-        .auth;
-    let mut cluster = Cluster::new(1, |c| c.auth = auth);
+    let mut cluster = auth_cluster(&text);
     let mut m = Mqtt {
         cluster: &mut cluster,
     };

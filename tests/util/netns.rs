@@ -26,7 +26,8 @@ pub struct NetnsPair {
     pub client_if: String,
 }
 
-fn ip(args: &[&str]) -> Result<(), String> {
+/// Runs `ip ARGS`; `Err` with its stderr if it fails.
+pub fn ip(args: &[&str]) -> Result<(), String> {
     let out = Command::new("ip")
         .args(args)
         .output()

@@ -32,8 +32,6 @@ const MEASURED: u8 = 1;
 const END: u8 = 2;
 /// End datagrams sent, 10 ms apart (one may be dropped by a full receive buffer).
 const END_REPEATS: usize = 5;
-/// Receive buffer of each group socket, as the client library's default.
-const RECV_BUFFER_BYTES: usize = 4 << 20;
 
 /// What the sender sends.
 #[derive(Debug, Clone, clap::Args)]
@@ -287,14 +285,12 @@ pub fn recv(args: &RecvArgs) -> io::Result<FloorResult> {
     let mut sockets = Vec::with_capacity(args.receivers);
     let epoll = Epoll::new()?;
     for i in 0..args.receivers {
-        let socket = Socket::new(Domain::IPV4, Type::DGRAM, Some(Protocol::UDP))?;
-        socket.set_reuse_address(true)?;
-        socket.set_reuse_port(true)?;
-        socket.set_recv_buffer_size(RECV_BUFFER_BYTES)?;
-        socket.bind(&args.group.into())?;
-        socket.join_multicast_v4(args.group.ip(), &args.interface)?;
-        socket.set_nonblocking(true)?;
-        let socket: UdpSocket = socket.into();
+        let socket = lanpush::client::join_multicast_group(
+            *args.group.ip(),
+            args.group.port(),
+            args.interface,
+            lanpush::client::DEFAULT_RECV_BUFFER_BYTES,
+        )?;
         epoll.add(socket.as_raw_fd(), i as u64)?;
         sockets.push(socket);
     }
